@@ -1,0 +1,19 @@
+//! The core of userseg: what a (user_id, segment, ts) pair is, which pairs are valid, and the
+//! window arithmetic that decides which memberships are live at a given time.
+//!
+//! This crate does no I/O and knows nothing about async runtimes, so every rule here is a plain
+//! function that is tested exhaustively.
+
+mod error;
+mod pair;
+mod window;
+
+pub use error::ErrorKind;
+pub use pair::{
+    validate_batch, validate_segment, validate_user_id, BatchError, Limits, Pair, PairError,
+    RawPair, MAX_FUTURE_SKEW_SECS, MAX_SEGMENT_CHARS, MAX_USER_ID_BYTES,
+};
+pub use window::{Bucketing, Window, WindowError};
+
+/// Seconds since the Unix epoch.
+pub type UnixSeconds = i64;

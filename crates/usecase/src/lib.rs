@@ -1,0 +1,23 @@
+//! userseg's use cases and the ports (traits) through which they reach the outside world.
+//!
+//! Adapters (the embedded WAL and store, Kafka, ClickHouse) implement the ports; the delivery
+//! layer calls the use cases. Nothing here knows which adapters are wired in.
+
+pub mod clock;
+pub mod estimate;
+pub mod ingest;
+pub mod ports;
+pub mod processor;
+#[cfg(feature = "testsuite")]
+pub mod store_suite;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use estimate::{Estimate, EstimateList, Estimation, EstimationError};
+pub use ingest::{Ingest, IngestError};
+pub use ports::{
+    Content, DeadLetter, DeadLetterSink, DeadPayload, Message, Mode, PairPublisher, PairSource,
+    PortError, SegmentCount, SegmentCounter, SegmentWriter,
+};
+pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
+#[cfg(test)]
+mod processor_tests;

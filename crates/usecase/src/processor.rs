@@ -1,0 +1,318 @@
+//! The batch processor: consumes a [`PairSource`], buffers pairs into batches (by size and by
+//! time), writes each batch to a [`SegmentWriter`], and commits positions only after the write
+//! was confirmed. Transient store failures are retried without limit (consumption pauses, lag
+//! grows); permanent rejections are retried `retry_attempts` times and then dead-lettered, and
+//! only then committed. Nothing is ever dropped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use userseg_domain::Pair;
+
+use crate::{Content, DeadLetter, DeadLetterSink, DeadPayload, PairSource, PortError, SegmentWriter};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Flush once this many pairs are buffered.
+    pub batch_size: usize,
+    /// Flush at the latest this long after the first message of a batch arrived.
+    pub flush_interval: Duration,
+    /// How many times a batch the store rejects for good is retried before it is dead-lettered.
+    pub retry_attempts: u32,
+    /// First backoff between retries; doubles up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// On shutdown, how long to keep trying to flush the last batch before abandoning it
+    /// (abandoned batches are not committed, so they are delivered again after a restart).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            batch_size: 1000,
+            flush_interval: Duration::from_secs(30),
+            retry_attempts: 3,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the processor reports to readiness checks and operators.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessorHealth(Arc<HealthInner>);
+
+#[derive(Debug, Default)]
+struct HealthInner {
+    store_failing: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    pairs_written: AtomicU64,
+    batches_written: AtomicU64,
+    dead_letters: AtomicU64,
+}
+
+impl ProcessorHealth {
+    /// False while the store keeps failing transiently.
+    pub fn store_ok(&self) -> bool {
+        !self.0.store_failing.load(Ordering::Relaxed)
+    }
+    pub fn last_error(&self) -> Option<String> {
+        self.0
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    pub fn pairs_written(&self) -> u64 {
+        self.0.pairs_written.load(Ordering::Relaxed)
+    }
+    pub fn batches_written(&self) -> u64 {
+        self.0.batches_written.load(Ordering::Relaxed)
+    }
+    pub fn dead_letters(&self) -> u64 {
+        self.0.dead_letters.load(Ordering::Relaxed)
+    }
+    fn failing(&self, error: &PortError) {
+        self.0.store_failing.store(true, Ordering::Relaxed);
+        *self.0.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+    }
+    fn recovered(&self) {
+        self.0.store_failing.store(false, Ordering::Relaxed);
+    }
+}
+
+pub struct BatchProcessor {
+    writer: Arc<dyn SegmentWriter>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    config: BatchConfig,
+    health: ProcessorHealth,
+}
+
+/// The batch was given up because the processor is stopping; it stays uncommitted.
+struct Abandoned;
+
+impl BatchProcessor {
+    pub fn new(
+        writer: Arc<dyn SegmentWriter>,
+        dead_letters: Arc<dyn DeadLetterSink>,
+        config: BatchConfig,
+    ) -> Self {
+        BatchProcessor {
+            writer,
+            dead_letters,
+            config,
+            health: ProcessorHealth::default(),
+        }
+    }
+
+    pub fn health(&self) -> ProcessorHealth {
+        self.health.clone()
+    }
+
+    /// Runs until `cancel` fires (then flushes what is buffered, within the shutdown grace) or
+    /// the source closes.
+    pub async fn run<S: PairSource>(&self, mut source: S, cancel: CancellationToken) {
+        let mut pairs: Vec<Pair> = Vec::new();
+        let mut positions: Vec<S::Position> = Vec::new();
+        let mut deadline: Option<Instant> = None;
+        let mut source_backoff = self.config.backoff_initial;
+        loop {
+            let timer = tokio::time::sleep_until(
+                deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
+            );
+            let flush_now = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = timer, if deadline.is_some() => true,
+                next = source.next() => match next {
+                    Ok(Some(msg)) => {
+                        source_backoff = self.config.backoff_initial;
+                        positions.push(msg.position);
+                        match msg.content {
+                            Content::Pairs(p) => pairs.extend(p),
+                            Content::Invalid { payload, reason } => {
+                                let kind = if reason.starts_with("undecodable") {
+                                    "undecodable"
+                                } else {
+                                    "invalid_pair"
+                                };
+                                let letter = DeadLetter {
+                                    payload: DeadPayload::Raw(payload),
+                                    reason,
+                                    kind,
+                                    attempts: 0,
+                                };
+                                if self.dead_letter(&mut source, letter, &cancel).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        pairs.len() >= self.config.batch_size
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "source failed; retrying");
+                        source.idle(source_backoff).await;
+                        source_backoff = (source_backoff * 2).min(self.config.backoff_max);
+                        false
+                    }
+                },
+            };
+            if flush_now {
+                if self
+                    .flush(&mut source, &mut pairs, &mut positions, &cancel)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                deadline = None;
+            } else if deadline.is_none() && !positions.is_empty() {
+                deadline = Some(Instant::now() + self.config.flush_interval);
+            }
+        }
+        if !positions.is_empty() {
+            // Shutting down: one last flush, bounded by the grace period.
+            let grace = CancellationToken::new();
+            let timer = {
+                let grace = grace.clone();
+                let wait = self.config.shutdown_grace;
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    grace.cancel();
+                })
+            };
+            let n = pairs.len();
+            match self
+                .flush(&mut source, &mut pairs, &mut positions, &grace)
+                .await
+            {
+                Ok(()) => tracing::info!(pairs = n, "flushed the last batch on shutdown"),
+                Err(Abandoned) => tracing::warn!(
+                    pairs = n,
+                    "abandoned the last batch on shutdown; it stays uncommitted and is delivered again"
+                ),
+            }
+            timer.abort();
+        }
+    }
+
+    async fn flush<S: PairSource>(
+        &self,
+        source: &mut S,
+        pairs: &mut Vec<Pair>,
+        positions: &mut Vec<S::Position>,
+        stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        if !pairs.is_empty() {
+            let batch: Arc<[Pair]> = std::mem::take(pairs).into();
+            self.write_batch(source, batch, stop).await?;
+        }
+        if !positions.is_empty() {
+            let done = std::mem::take(positions);
+            if let Err(e) = source.commit(done).await {
+                // The batch is written; an uncommitted position only means it is delivered and
+                // written again later, which idempotent writes make harmless.
+                tracing::warn!(error = %e, "commit failed; those messages will be redelivered");
+                metrics::counter!("userseg_processor_commit_failures_total").increment(1);
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_batch<S: PairSource>(
+        &self,
+        source: &mut S,
+        batch: Arc<[Pair]>,
+        stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let mut backoff = self.config.backoff_initial;
+        let mut rejections: u32 = 0;
+        loop {
+            let started = std::time::Instant::now();
+            let result = self.writer.write(batch.clone()).await;
+            match result {
+                Ok(()) => {
+                    self.health.recovered();
+                    self.health
+                        .0
+                        .pairs_written
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.health.0.batches_written.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("userseg_processor_pairs_written_total")
+                        .increment(batch.len() as u64);
+                    metrics::counter!("userseg_processor_batches_written_total").increment(1);
+                    metrics::histogram!("userseg_processor_batch_pairs").record(batch.len() as f64);
+                    metrics::histogram!("userseg_processor_write_seconds")
+                        .record(started.elapsed());
+                    return Ok(());
+                }
+                Err(PortError::Permanent(reason)) => {
+                    rejections += 1;
+                    metrics::counter!("userseg_processor_write_failures_total", "kind" => "permanent")
+                        .increment(1);
+                    if rejections > self.config.retry_attempts {
+                        tracing::error!(
+                            pairs = batch.len(),
+                            attempts = rejections,
+                            %reason,
+                            "store rejected the batch for good; dead-lettering it"
+                        );
+                        let letter = DeadLetter {
+                            payload: DeadPayload::Pairs(batch),
+                            reason,
+                            kind: "rejected_by_store",
+                            attempts: rejections,
+                        };
+                        return self.dead_letter(source, letter, stop).await;
+                    }
+                    tracing::warn!(attempt = rejections, %reason, "store rejected the batch; retrying");
+                }
+                Err(e) => {
+                    metrics::counter!("userseg_processor_write_failures_total", "kind" => "transient")
+                        .increment(1);
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "store unavailable; pausing consumption");
+                    self.health.failing(&e);
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Err(Abandoned),
+                _ = source.idle(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.config.backoff_max);
+        }
+    }
+
+    async fn dead_letter<S: PairSource>(
+        &self,
+        source: &mut S,
+        letter: DeadLetter,
+        stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let mut backoff = self.config.backoff_initial;
+        loop {
+            match self.dead_letters.send(letter.clone()).await {
+                Ok(()) => {
+                    self.health.0.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("userseg_dead_letters_total", "kind" => letter.kind)
+                        .increment(1);
+                    tracing::warn!(kind = letter.kind, reason = %letter.reason, "dead-lettered a message");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead-letter sink failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Err(Abandoned),
+                _ = source.idle(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.config.backoff_max);
+        }
+    }
+}

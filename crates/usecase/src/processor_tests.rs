@@ -1,0 +1,248 @@
+//! Unit tests of the batch processor against in-memory fakes of its ports.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use userseg_domain::Pair;
+
+use crate::*;
+
+struct FakeSource {
+    rx: mpsc::Receiver<Message<u64>>,
+    committed: Arc<Mutex<Vec<u64>>>,
+}
+
+impl PairSource for FakeSource {
+    type Position = u64;
+    async fn next(&mut self) -> Result<Option<Message<u64>>, PortError> {
+        Ok(self.rx.recv().await)
+    }
+    async fn commit(&mut self, positions: Vec<u64>) -> Result<(), PortError> {
+        self.committed.lock().unwrap().extend(positions);
+        Ok(())
+    }
+}
+
+/// A writer that replays a script of results, then succeeds.
+#[derive(Default)]
+struct ScriptedWriter {
+    script: Mutex<VecDeque<PortError>>,
+    written: Mutex<Vec<Vec<Pair>>>,
+    attempts: Mutex<u32>,
+}
+
+#[async_trait]
+impl SegmentWriter for ScriptedWriter {
+    async fn write(&self, pairs: Arc<[Pair]>) -> Result<(), PortError> {
+        *self.attempts.lock().unwrap() += 1;
+        if let Some(e) = self.script.lock().unwrap().pop_front() {
+            return Err(e);
+        }
+        self.written.lock().unwrap().push(pairs.to_vec());
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Dlq(Mutex<Vec<DeadLetter>>);
+
+#[async_trait]
+impl DeadLetterSink for Dlq {
+    async fn send(&self, letter: DeadLetter) -> Result<(), PortError> {
+        self.0.lock().unwrap().push(letter);
+        Ok(())
+    }
+}
+
+fn pair(i: usize) -> Pair {
+    Pair {
+        user_id: format!("u{i}"),
+        segment: "s".into(),
+        ts: 1_000,
+    }
+}
+
+fn msg(pos: u64, pairs: Vec<Pair>) -> Message<u64> {
+    Message {
+        position: pos,
+        content: Content::Pairs(pairs),
+    }
+}
+
+struct Rig {
+    tx: mpsc::Sender<Message<u64>>,
+    committed: Arc<Mutex<Vec<u64>>>,
+    writer: Arc<ScriptedWriter>,
+    dlq: Arc<Dlq>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    health: ProcessorHealth,
+}
+
+fn rig(config: BatchConfig, script: Vec<PortError>) -> Rig {
+    let (tx, rx) = mpsc::channel(64);
+    let committed = Arc::new(Mutex::new(Vec::new()));
+    let writer = Arc::new(ScriptedWriter {
+        script: Mutex::new(script.into()),
+        ..Default::default()
+    });
+    let dlq = Arc::new(Dlq::default());
+    let processor = BatchProcessor::new(writer.clone(), dlq.clone(), config);
+    let health = processor.health();
+    let cancel = CancellationToken::new();
+    let source = FakeSource {
+        rx,
+        committed: committed.clone(),
+    };
+    let c = cancel.clone();
+    let task = tokio::spawn(async move { processor.run(source, c).await });
+    Rig {
+        tx,
+        committed,
+        writer,
+        dlq,
+        cancel,
+        task,
+        health,
+    }
+}
+
+fn config(batch_size: usize) -> BatchConfig {
+    BatchConfig {
+        batch_size,
+        flush_interval: Duration::from_secs(30),
+        retry_attempts: 3,
+        backoff_initial: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(80),
+        shutdown_grace: Duration::from_secs(1),
+    }
+}
+
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..100_000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn flushes_when_batch_is_full_and_commits_after_write() {
+    let r = rig(config(3), vec![]);
+    r.tx.send(msg(1, vec![pair(1), pair(2)])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(r.writer.written.lock().unwrap().is_empty(), "not full yet");
+    assert!(r.committed.lock().unwrap().is_empty());
+    r.tx.send(msg(2, vec![pair(3)])).await.unwrap();
+    until("the batch is committed", || r.committed.lock().unwrap().len() == 2).await;
+    assert_eq!(r.writer.written.lock().unwrap().len(), 1);
+    assert_eq!(r.writer.written.lock().unwrap()[0].len(), 3);
+    assert_eq!(*r.committed.lock().unwrap(), vec![1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn flushes_after_the_interval() {
+    let r = rig(config(1000), vec![]);
+    r.tx.send(msg(7, vec![pair(1)])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert!(r.writer.written.lock().unwrap().is_empty());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    until("the interval flush", || r.committed.lock().unwrap().len() == 1).await;
+    assert_eq!(r.writer.written.lock().unwrap()[0], vec![pair(1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_retry_forever_and_never_dead_letter() {
+    let script = (0..20)
+        .map(|_| PortError::Transient("connection refused".into()))
+        .collect();
+    let r = rig(config(1), script);
+    r.tx.send(msg(1, vec![pair(1)])).await.unwrap();
+    until("the store failure is visible", || !r.health.store_ok()).await;
+    assert!(r.committed.lock().unwrap().is_empty(), "nothing committed while failing");
+    until("the batch is finally written", || {
+        r.committed.lock().unwrap().len() == 1
+    })
+    .await;
+    assert_eq!(*r.writer.attempts.lock().unwrap(), 21);
+    assert!(r.dlq.0.lock().unwrap().is_empty());
+    assert!(r.health.store_ok());
+    assert!(r.health.last_error().unwrap().contains("connection refused"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_rejection_is_retried_then_dead_lettered_then_committed() {
+    let script = (0..10)
+        .map(|_| PortError::Permanent("type mismatch".into()))
+        .collect();
+    let r = rig(config(2), script);
+    r.tx.send(msg(1, vec![pair(1), pair(2)])).await.unwrap();
+    until("the batch is committed", || r.committed.lock().unwrap().len() == 1).await;
+    // One attempt plus three retries.
+    assert_eq!(*r.writer.attempts.lock().unwrap(), 4);
+    let dlq = r.dlq.0.lock().unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].kind, "rejected_by_store");
+    assert_eq!(dlq[0].attempts, 4);
+    assert!(dlq[0].reason.contains("type mismatch"));
+    match &dlq[0].payload {
+        DeadPayload::Pairs(p) => assert_eq!(p.len(), 2),
+        other => panic!("unexpected payload {other:?}"),
+    }
+    assert!(r.writer.written.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_messages_are_dead_lettered_and_committed_with_the_next_flush() {
+    let r = rig(config(2), vec![]);
+    r.tx.send(msg(1, vec![pair(1)])).await.unwrap();
+    r.tx.send(Message {
+        position: 2,
+        content: Content::Invalid {
+            payload: b"garbage".to_vec(),
+            reason: "undecodable: bad protobuf".into(),
+        },
+    })
+    .await
+    .unwrap();
+    until("the dead letter", || r.dlq.0.lock().unwrap().len() == 1).await;
+    assert!(
+        r.committed.lock().unwrap().is_empty(),
+        "position 2 must wait for position 1's batch"
+    );
+    r.tx.send(msg(3, vec![pair(3)])).await.unwrap();
+    until("the flush", || r.committed.lock().unwrap().len() == 3).await;
+    assert_eq!(*r.committed.lock().unwrap(), vec![1, 2, 3]);
+    assert_eq!(r.dlq.0.lock().unwrap()[0].kind, "undecodable");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_flushes_the_pending_batch() {
+    let r = rig(config(1000), vec![]);
+    r.tx.send(msg(1, vec![pair(1), pair(2)])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    r.cancel.cancel();
+    r.task.await.unwrap();
+    assert_eq!(*r.committed.lock().unwrap(), vec![1]);
+    assert_eq!(r.writer.written.lock().unwrap()[0].len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_with_the_store_down_abandons_without_committing() {
+    let script = (0..1000)
+        .map(|_| PortError::Transient("down".into()))
+        .collect();
+    let r = rig(config(1000), script);
+    r.tx.send(msg(1, vec![pair(1)])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    r.cancel.cancel();
+    r.task.await.unwrap();
+    assert!(r.committed.lock().unwrap().is_empty());
+    assert!(r.writer.written.lock().unwrap().is_empty());
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh Debian machine: protoc, ClickHouse (Debian package),
+# and the tansu Kafka-protocol broker (built once with cargo, cached afterwards).
+# Idempotent: every step is skipped when its result is already present.
+set -euo pipefail
+
+TOOLS_DIR="${USERSEG_TOOLS_DIR:-$HOME/.cache/userseg}"
+TANSU_VERSION="${TANSU_VERSION:-0.6.0}"
+TANSU_BIN="$TOOLS_DIR/tansu-$TANSU_VERSION/bin/tansu"
+
+need_apt=()
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+command -v clickhouse-server >/dev/null 2>&1 || [ -x /usr/bin/clickhouse ] || need_apt+=(clickhouse-server clickhouse-client)
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install-deps: apt-get install ${need_apt[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x "$TANSU_BIN" ]; then
+  echo "install-deps: building tansu $TANSU_VERSION (first run only, about 11 minutes)"
+  mkdir -p "$TOOLS_DIR"
+  CARGO_TARGET_DIR="$TOOLS_DIR/tansu-build" cargo install tansu --version "$TANSU_VERSION" \
+    --features dynostore,libsql --root "$TOOLS_DIR/tansu-$TANSU_VERSION" --quiet
+  rm -rf "$TOOLS_DIR/tansu-build"
+fi
+echo "install-deps: ok (tansu at $TANSU_BIN)"
