@@ -1,1 +1,16 @@
+//! Standalone-mode adapters: everything userseg needs in one process, no external service.
+//!
+//! - [`wal`]: the write-ahead log (the embedded counterpart of Kafka): durable, group-committed.
+//! - [`store`]: the exact in-memory segment store (the embedded counterpart of ClickHouse).
+//! - [`checkpoint`]: snapshots of the store so the log can be truncated and restarts are fast.
+//! - [`dlq`]: dead letters appended to a file.
 
+pub mod checkpoint;
+pub mod dlq;
+pub mod store;
+pub mod wal;
+
+pub use checkpoint::{open_standalone, CheckpointConfig, Checkpointer, OpenError, Recovery, Standalone};
+pub use dlq::FileDeadLetters;
+pub use store::{EmbeddedStore, MemStore, MemoryStats};
+pub use wal::{WalConfig, WalHandle, WalLog, WalSource};

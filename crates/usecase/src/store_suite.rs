@@ -228,7 +228,7 @@ pub async fn random_streams_match_brute_force_model(s: SuiteStore, seed: u64, st
 /// steps each are run.
 #[macro_export]
 macro_rules! store_test_suite {
-    ($make:path, seeds = $seeds:expr, steps = $steps:expr) => {
+    ($make:ident, seeds = $seeds:expr, steps = $steps:expr) => {
         mod store_suite {
             use $crate::store_suite as suite;
 
