@@ -1,1 +1,100 @@
+//! Delivery: the gRPC service `userseg.v1.Segments` (plus gRPC health and reflection) and the
+//! HTTP/JSON API, served together on one port.
 
+mod error;
+mod grpc;
+mod http;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use userseg_usecase::{Estimation, Ingest};
+
+pub use error::ApiError;
+
+/// A named readiness check (the broker, ClickHouse, the batch processor...).
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// What the API serves. A USS has only `ingest`, an ES only `estimation`, standalone both.
+#[derive(Clone)]
+pub struct ApiState {
+    pub ingest: Option<Ingest>,
+    pub estimation: Option<Estimation>,
+    pub ready_checks: Vec<(String, ReadyCheck)>,
+    pub metrics: Option<PrometheusHandle>,
+    /// When set, `/v1/*` and the `Segments` gRPC service need `Authorization: Bearer <token>`.
+    pub auth_token: Option<Arc<str>>,
+    /// Largest request body (HTTP) or message (gRPC), in bytes.
+    pub max_request_bytes: usize,
+    /// Request bytes being decoded at once, at most (bounds memory under load).
+    pub inflight_bytes: Arc<Semaphore>,
+    /// How long a request waits for room before answering overloaded.
+    pub overload_wait: Duration,
+    /// Batches of one PushStream call being made durable at once.
+    pub stream_pipeline: usize,
+}
+
+impl ApiState {
+    pub fn new(ingest: Option<Ingest>, estimation: Option<Estimation>) -> Self {
+        let max_request_bytes = ingest
+            .as_ref()
+            .map_or(16 << 20, |i| i.limits().max_request_bytes);
+        ApiState {
+            ingest,
+            estimation,
+            ready_checks: Vec::new(),
+            metrics: None,
+            auth_token: None,
+            max_request_bytes,
+            inflight_bytes: Arc::new(Semaphore::new(
+                (max_request_bytes * 16).min(Semaphore::MAX_PERMITS),
+            )),
+            overload_wait: Duration::from_secs(5),
+            stream_pipeline: 8,
+        }
+    }
+}
+
+/// The whole API as one router: HTTP routes plus the gRPC services.
+pub fn router(state: ApiState) -> Router {
+    let grpc = grpc::routes(state.clone());
+    // gRPC requests (by content type) go to the tonic services; anything else unmatched gets
+    // a JSON 404.
+    let fallback = tower::service_fn(move |req: axum::extract::Request| {
+        let grpc = grpc.clone();
+        async move {
+            let is_grpc = req
+                .headers()
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc"));
+            if is_grpc {
+                tower::ServiceExt::oneshot(grpc, req).await
+            } else {
+                Ok(http::not_found(req).await)
+            }
+        }
+    });
+    http::routes(state.clone())
+        .fallback_service(fallback)
+        .layer(axum::middleware::from_fn_with_state(state, http::auth))
+}
+
+/// Serves `router` on `listener` until `shutdown` fires, then stops accepting and lets
+/// in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,1 +1,52 @@
-fn main() {}
+//! The userseg binary: one command per role, wiring config → adapters → use cases → API.
+
+mod config;
+mod observability;
+mod standalone;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "userseg",
+    version,
+    about = "Counts users per segment over a sliding window (standalone, or USS → Kafka → ES → ClickHouse)."
+)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process on the embedded durable store (no external service).
+    Standalone(config::StandaloneArgs),
+    /// Print the version.
+    Version,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Command::Version = cli.command {
+        println!("userseg {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    observability::init_logging(&cli.log_format)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Standalone(args) => standalone::run(args.validate()?).await,
+            Command::Version => Ok(()),
+        }
+    });
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "userseg stopped with an error");
+    }
+    result
+}

@@ -1,0 +1,128 @@
+//! One error type for both protocols: the error kind decides the HTTP status and the gRPC code.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use userseg_domain::ErrorKind;
+use userseg_usecase::{EstimationError, IngestError};
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// Index of the offending pair in the request.
+    pub index: Option<usize>,
+    /// Line of the offending NDJSON line (1-based).
+    pub line: Option<usize>,
+    /// A more precise HTTP status than the kind's, when HTTP has one (415).
+    pub status: Option<StatusCode>,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+            index: None,
+            line: None,
+            status: None,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+
+    pub fn with_index(mut self, index: Option<usize>) -> Self {
+        self.index = index;
+        self
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        if let Some(s) = self.status {
+            return s;
+        }
+        match self.kind {
+            ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::Overloaded | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self.kind {
+            ErrorKind::InvalidArgument | ErrorKind::PayloadTooLarge => tonic::Code::InvalidArgument,
+            ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
+            ErrorKind::Overloaded => tonic::Code::ResourceExhausted,
+            ErrorKind::Unavailable => tonic::Code::Unavailable,
+            ErrorKind::Internal => tonic::Code::Internal,
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        let mut error = serde_json::json!({
+            "code": self.kind.as_str(),
+            "message": self.message,
+        });
+        if let Some(i) = self.index {
+            error["index"] = i.into();
+        }
+        if let Some(l) = self.line {
+            error["line"] = l.into();
+        }
+        serde_json::json!({ "error": error })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.http_status(), axum::Json(self.body())).into_response();
+        if matches!(self.kind, ErrorKind::Overloaded | ErrorKind::Unavailable) {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        tonic::Status::new(e.grpc_code(), e.message)
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        ApiError::new(e.kind(), e.to_string()).with_index(e.index())
+    }
+}
+
+impl From<EstimationError> for ApiError {
+    fn from(e: EstimationError) -> Self {
+        ApiError::new(e.kind(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_maps_to_both_protocols() {
+        let cases = [
+            (ErrorKind::InvalidArgument, 400, tonic::Code::InvalidArgument),
+            (ErrorKind::PayloadTooLarge, 413, tonic::Code::InvalidArgument),
+            (ErrorKind::Unauthenticated, 401, tonic::Code::Unauthenticated),
+            (ErrorKind::Overloaded, 503, tonic::Code::ResourceExhausted),
+            (ErrorKind::Unavailable, 503, tonic::Code::Unavailable),
+            (ErrorKind::Internal, 500, tonic::Code::Internal),
+        ];
+        for (kind, status, code) in cases {
+            let e = ApiError::new(kind, "x");
+            assert_eq!(e.http_status().as_u16(), status, "{kind}");
+            assert_eq!(e.grpc_code(), code, "{kind}");
+            assert_eq!(e.body()["error"]["code"], kind.as_str());
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Command-line flags (each also an environment variable) and their validation into typed
+//! configuration, once, at start-up. Every error names the variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use userseg_domain::{Limits, Window};
+use userseg_usecase::BatchConfig;
+
+pub fn duration(var: &str, value: &str) -> Result<Duration> {
+    humantime::parse_duration(value.trim())
+        .with_context(|| format!("{var}: {value:?} is not a duration (write e.g. 200ms, 30s, 5m, 14d)"))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServiceArgs {
+    /// Address to listen on (gRPC and HTTP share the port).
+    #[arg(long, env = "SERVICE_HOST", default_value = "127.0.0.1")]
+    pub service_host: String,
+    /// Port to listen on.
+    #[arg(long, env = "SERVICE_PORT", default_value_t = 8080)]
+    pub service_port: u16,
+    /// When set, the API requires `Authorization: Bearer <API_TOKEN>` (probes and /metrics do not).
+    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// How long a membership lives after the latest ts of its pair.
+    #[arg(long, env = "WINDOW", default_value = "14d")]
+    pub window: String,
+    /// Most pairs in one request.
+    #[arg(long, env = "MAX_PAIRS_PER_REQUEST", default_value_t = 100_000)]
+    pub max_pairs_per_request: usize,
+    /// Largest request body or gRPC message, e.g. 16MiB.
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value = "16MiB")]
+    pub max_request_bytes: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// Pairs per batch written to the store (1 to 2,000,000).
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: usize,
+    /// Longest time a pair waits in a batch before the batch is written [default: standalone 1s, es 30s].
+    #[arg(long, env = "FLUSH_INTERVAL")]
+    pub flush_interval: Option<String>,
+    /// Retries of a batch the store rejects for good, before it is dead-lettered.
+    #[arg(long, env = "RETRY_ATTEMPTS", default_value_t = 3)]
+    pub retry_attempts: u32,
+    /// First retry backoff (doubles each retry up to RETRY_BACKOFF_MAX).
+    #[arg(long, env = "RETRY_BACKOFF", default_value = "100ms")]
+    pub retry_backoff: String,
+    /// Longest retry backoff.
+    #[arg(long, env = "RETRY_BACKOFF_MAX", default_value = "10s")]
+    pub retry_backoff_max: String,
+}
+
+pub struct ServiceConfig {
+    pub addr: SocketAddr,
+    pub api_token: Option<String>,
+    pub window: Window,
+    pub limits: Limits,
+}
+
+fn bytes(var: &str, value: &str) -> Result<usize> {
+    let v = value.trim();
+    let (num, mult) = if let Some(n) = v.strip_suffix("GiB") {
+        (n, 1 << 30)
+    } else if let Some(n) = v.strip_suffix("MiB") {
+        (n, 1 << 20)
+    } else if let Some(n) = v.strip_suffix("KiB") {
+        (n, 1 << 10)
+    } else if let Some(n) = v.strip_suffix('B') {
+        (n, 1)
+    } else {
+        (v, 1)
+    };
+    let n: usize = num
+        .trim()
+        .parse()
+        .with_context(|| format!("{var}: {value:?} is not a size (write e.g. 16MiB or 1048576)"))?;
+    n.checked_mul(mult)
+        .with_context(|| format!("{var}: {value:?} is too large"))
+}
+
+impl ServiceArgs {
+    pub fn validate(&self) -> Result<ServiceConfig> {
+        let ip: std::net::IpAddr = self
+            .service_host
+            .parse()
+            .or_else(|_| {
+                if self.service_host == "localhost" {
+                    Ok("127.0.0.1".parse().expect("literal"))
+                } else {
+                    Err(())
+                }
+            })
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "SERVICE_HOST: {:?} is not an IP address (use e.g. 127.0.0.1 or 0.0.0.0)",
+                    self.service_host
+                )
+            })?;
+        if self.service_port == 0 {
+            // Port 0 is fine for tests: the OS picks one and the log says which.
+        }
+        let w = duration("WINDOW", &self.window)?;
+        if w.subsec_nanos() != 0 {
+            bail!("WINDOW: {:?} must be a whole number of seconds", self.window);
+        }
+        let window = Window::from_secs(w.as_secs()).map_err(|e| anyhow::anyhow!("WINDOW: {e}"))?;
+        if !(1..=1_000_000).contains(&self.max_pairs_per_request) {
+            bail!(
+                "MAX_PAIRS_PER_REQUEST: {} must be between 1 and 1000000",
+                self.max_pairs_per_request
+            );
+        }
+        let max_request_bytes = bytes("MAX_REQUEST_BYTES", &self.max_request_bytes)?;
+        if !(1024..=(256 << 20)).contains(&max_request_bytes) {
+            bail!("MAX_REQUEST_BYTES: must be between 1KiB and 256MiB");
+        }
+        if let Some(t) = &self.api_token {
+            if t.len() < 16 {
+                bail!("API_TOKEN: must be at least 16 characters");
+            }
+        }
+        Ok(ServiceConfig {
+            addr: SocketAddr::new(ip, self.service_port),
+            api_token: self.api_token.clone(),
+            window,
+            limits: Limits {
+                max_pairs_per_request: self.max_pairs_per_request,
+                max_request_bytes,
+            },
+        })
+    }
+}
+
+impl BatchArgs {
+    pub fn validate(&self, default_flush: Duration) -> Result<BatchConfig> {
+        if !(1..=2_000_000).contains(&self.batch_size) {
+            bail!(
+                "BATCH_SIZE: {} must be between 1 and 2000000",
+                self.batch_size
+            );
+        }
+        let flush_interval = match &self.flush_interval {
+            Some(v) => duration("FLUSH_INTERVAL", v)?,
+            None => default_flush,
+        };
+        if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
+            bail!("FLUSH_INTERVAL: must be more than 0 and at most 1h");
+        }
+        if self.retry_attempts > 100 {
+            bail!("RETRY_ATTEMPTS: {} must be at most 100", self.retry_attempts);
+        }
+        let backoff_initial = duration("RETRY_BACKOFF", &self.retry_backoff)?;
+        let backoff_max = duration("RETRY_BACKOFF_MAX", &self.retry_backoff_max)?;
+        if backoff_initial.is_zero() || backoff_max < backoff_initial {
+            bail!("RETRY_BACKOFF / RETRY_BACKOFF_MAX: need 0 < RETRY_BACKOFF <= RETRY_BACKOFF_MAX");
+        }
+        Ok(BatchConfig {
+            batch_size: self.batch_size,
+            flush_interval,
+            retry_attempts: self.retry_attempts,
+            backoff_initial,
+            backoff_max,
+            ..BatchConfig::default()
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StandaloneArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    /// Where the log and snapshots live.
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Pairs accepted but not yet counted, at most (bounds memory; ingest answers 503 past it).
+    #[arg(long, env = "MAX_INFLIGHT_PAIRS")]
+    pub max_inflight_pairs: Option<usize>,
+    /// Snapshot at least this often while there is new data.
+    #[arg(long, env = "CHECKPOINT_INTERVAL", default_value = "5m")]
+    pub checkpoint_interval: String,
+    /// Snapshot once this much log is not covered by a snapshot.
+    #[arg(long, env = "CHECKPOINT_LOG_BYTES", default_value = "256MiB")]
+    pub checkpoint_log_bytes: String,
+}
+
+pub struct StandaloneConfig {
+    pub service: ServiceConfig,
+    pub batch: BatchConfig,
+    pub data_dir: PathBuf,
+    pub max_inflight_pairs: usize,
+    pub checkpoint_interval: Duration,
+    pub checkpoint_log_bytes: u64,
+}
+
+impl StandaloneArgs {
+    pub fn validate(&self) -> Result<StandaloneConfig> {
+        let service = self.service.validate()?;
+        let batch = self.batch.validate(Duration::from_secs(1))?;
+        let max_inflight_pairs = self
+            .max_inflight_pairs
+            .unwrap_or_else(|| (2 * batch.batch_size).max(1_000_000));
+        if max_inflight_pairs < service.limits.max_pairs_per_request {
+            bail!(
+                "MAX_INFLIGHT_PAIRS: {max_inflight_pairs} must be at least MAX_PAIRS_PER_REQUEST ({})",
+                service.limits.max_pairs_per_request
+            );
+        }
+        if max_inflight_pairs > u32::MAX as usize / 2 {
+            bail!("MAX_INFLIGHT_PAIRS: {max_inflight_pairs} is too large");
+        }
+        let checkpoint_interval = duration("CHECKPOINT_INTERVAL", &self.checkpoint_interval)?;
+        if checkpoint_interval < Duration::from_secs(1) {
+            bail!("CHECKPOINT_INTERVAL: must be at least 1s");
+        }
+        let checkpoint_log_bytes =
+            bytes("CHECKPOINT_LOG_BYTES", &self.checkpoint_log_bytes)? as u64;
+        if checkpoint_log_bytes < 1 << 20 {
+            bail!("CHECKPOINT_LOG_BYTES: must be at least 1MiB");
+        }
+        Ok(StandaloneConfig {
+            service,
+            batch,
+            data_dir: self.data_dir.clone(),
+            max_inflight_pairs,
+            checkpoint_interval,
+            checkpoint_log_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        s: StandaloneArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<StandaloneConfig> {
+        let mut v = vec!["t"];
+        v.extend_from_slice(args);
+        T::try_parse_from(v)?.s.validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.service.window.secs(), 14 * 86_400);
+        assert_eq!(c.batch.batch_size, 1000);
+        assert_eq!(c.batch.flush_interval, Duration::from_secs(1));
+        assert_eq!(c.batch.retry_attempts, 3);
+        assert_eq!(c.service.limits.max_request_bytes, 16 << 20);
+        assert_eq!(c.service.addr.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn human_durations() {
+        let c = parse(&["--window", "2s", "--flush-interval", "200ms"]).unwrap();
+        assert_eq!(c.service.window.secs(), 2);
+        assert_eq!(c.batch.flush_interval, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--window", "soon"], "WINDOW"),
+            (&["--window", "0s"], "WINDOW"),
+            (&["--window", "1500ms"], "WINDOW"),
+            (&["--batch-size", "0"], "BATCH_SIZE"),
+            (&["--batch-size", "2000001"], "BATCH_SIZE"),
+            (&["--flush-interval", "0s"], "FLUSH_INTERVAL"),
+            (&["--service-host", "my host"], "SERVICE_HOST"),
+            (&["--max-request-bytes", "lots"], "MAX_REQUEST_BYTES"),
+            (&["--max-inflight-pairs", "10"], "MAX_INFLIGHT_PAIRS"),
+            (&["--api-token", "short"], "API_TOKEN"),
+            (&["--retry-attempts", "1000"], "RETRY_ATTEMPTS"),
+        ];
+        for (args, var) in cases {
+            let err = match parse(args) {
+                Ok(_) => panic!("{args:?} should fail"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.starts_with(var), "{args:?}: {err}");
+        }
+        assert!(parse(&["--batch-size", "2000000"]).is_ok());
+    }
+}
