@@ -1,0 +1,325 @@
+//! A minimal client for ClickHouse's HTTP interface, plus the RowBinary encoding it uses.
+//!
+//! Data never goes into SQL text: inserts send rows in a RowBinary body, reads come back as
+//! RowBinary. The only values put into SQL are integers this crate formats, validated
+//! identifiers, and string literals escaped by [`quote_string`].
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::{StatusCode, Url};
+
+use crate::config::ClickHouseConfig;
+use crate::error::{parse_exception_code, ClickHouseError};
+
+/// Longest error body kept in an error message.
+const MAX_ERROR_BODY: usize = 2048;
+
+/// A cheap-to-clone handle on one ClickHouse server's HTTP interface.
+#[derive(Clone, Debug)]
+pub struct ClickHouseClient {
+    http: reqwest::Client,
+    base: Url,
+    user: String,
+    password: String,
+    max_execution_secs: u64,
+}
+
+impl ClickHouseClient {
+    /// Validates the config and builds the HTTP client; does not connect.
+    pub fn new(config: &ClickHouseConfig) -> Result<Self, ClickHouseError> {
+        config.validate()?;
+        let base = Url::parse(&config.addr).map_err(|e| {
+            ClickHouseError::Config(crate::ConfigError {
+                var: crate::config::env::ADDR,
+                reason: e.to_string(),
+            })
+        })?;
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(2)) // below the server's keep_alive_timeout (3 s)
+            .build()
+            .map_err(|e| ClickHouseError::Unreachable {
+                addr: config.addr.clone(),
+                detail: format!("cannot build the http client: {e}"),
+            })?;
+        Ok(ClickHouseClient {
+            http,
+            base,
+            user: config.user.clone(),
+            password: config.password.clone(),
+            max_execution_secs: config.request_timeout.as_secs().max(1),
+        })
+    }
+
+    /// The server's address, for messages.
+    pub fn addr(&self) -> &str {
+        self.base.as_str()
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> ClickHouseError {
+        let what = if e.is_timeout() {
+            "timed out"
+        } else if e.is_connect() {
+            "cannot connect"
+        } else {
+            "request failed"
+        };
+        // The full source chain holds the useful part ("Connection refused").
+        let mut detail = format!("{what}: {e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            source = s.source();
+        }
+        ClickHouseError::Unreachable {
+            addr: self.base.to_string(),
+            detail,
+        }
+    }
+
+    /// `GET /ping`: is the server up?
+    pub async fn ping(&self) -> Result<(), ClickHouseError> {
+        let mut url = self.base.clone();
+        url.set_path("/ping");
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.read_ok(resp).await.map(|_| ())
+    }
+
+    /// Runs a statement that returns nothing useful (DDL, `INSERT ... SELECT`).
+    pub async fn execute(&self, sql: &str) -> Result<(), ClickHouseError> {
+        self.post(&[], sql.as_bytes().to_vec()).await.map(|_| ())
+    }
+
+    /// Runs a query and returns its whole body. The server buffers the result before answering
+    /// (`wait_end_of_query`), so an error in the middle of a query is an error status, never a
+    /// truncated 200.
+    pub async fn query(&self, sql: &str) -> Result<Bytes, ClickHouseError> {
+        let max = self.max_execution_secs.to_string();
+        self.post(
+            &[
+                ("wait_end_of_query", "1"),
+                ("max_execution_time", max.as_str()),
+            ],
+            sql.as_bytes().to_vec(),
+        )
+        .await
+    }
+
+    /// Sends `insert` (e.g. `INSERT INTO db.t (a, b) FORMAT RowBinary`) with `body` as its data.
+    pub async fn insert(&self, insert: &str, body: Vec<u8>) -> Result<(), ClickHouseError> {
+        self.post(&[("query", insert)], body).await.map(|_| ())
+    }
+
+    async fn post(&self, params: &[(&str, &str)], body: Vec<u8>) -> Result<Bytes, ClickHouseError> {
+        let mut url = self.base.clone();
+        if url.path().is_empty() {
+            url.set_path("/");
+        }
+        if !params.is_empty() {
+            url.query_pairs_mut().extend_pairs(params);
+        }
+        let resp = self
+            .http
+            .post(url)
+            .basic_auth(&self.user, Some(&self.password))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.read_ok(resp).await
+    }
+
+    async fn read_ok(&self, resp: reqwest::Response) -> Result<Bytes, ClickHouseError> {
+        let status = resp.status();
+        let header_code = resp
+            .headers()
+            .get("x-clickhouse-exception-code")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        let body = resp.bytes().await.map_err(|e| self.unreachable(e))?;
+        if status == StatusCode::OK {
+            return Ok(body);
+        }
+        let text = String::from_utf8_lossy(&body);
+        let code = header_code.or_else(|| parse_exception_code(&text));
+        let mut message = text.trim().to_string();
+        if message.len() > MAX_ERROR_BODY {
+            let mut cut = MAX_ERROR_BODY;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
+        }
+        if message.is_empty() {
+            message = status.canonical_reason().unwrap_or("no body").to_string();
+        }
+        Err(ClickHouseError::Server {
+            status: status.as_u16(),
+            code,
+            message,
+        })
+    }
+}
+
+/// Times an operation for a histogram.
+pub(crate) struct Timer(Instant);
+
+impl Timer {
+    pub(crate) fn start() -> Self {
+        Timer(Instant::now())
+    }
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// Quotes a string as a ClickHouse string literal: `'` and `\` are backslash-escaped, and every
+/// control character becomes `\xHH`, so no input can end the literal or hide in a log line.
+pub fn quote_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02X}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Quotes an identifier that the caller has already validated as `[A-Za-z_][A-Za-z0-9_]*`.
+pub(crate) fn quote_ident(ident: &str) -> String {
+    debug_assert!(ident.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    format!("`{ident}`")
+}
+
+/// Appends values in ClickHouse's RowBinary encoding.
+pub(crate) mod rowbinary {
+    pub fn put_string(buf: &mut Vec<u8>, s: &str) {
+        put_varint(buf, s.len() as u64);
+        buf.extend_from_slice(s.as_bytes());
+    }
+
+    pub fn put_u32(buf: &mut Vec<u8>, v: u32) {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        buf.push(v as u8);
+    }
+
+    /// Reads RowBinary values off a response body.
+    pub struct Reader<'a> {
+        buf: &'a [u8],
+    }
+
+    impl<'a> Reader<'a> {
+        pub fn new(buf: &'a [u8]) -> Self {
+            Reader { buf }
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.buf.is_empty()
+        }
+
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+            if self.buf.len() < n {
+                return Err(format!(
+                    "rowbinary: needed {n} more bytes, {} left",
+                    self.buf.len()
+                ));
+            }
+            let (head, tail) = self.buf.split_at(n);
+            self.buf = tail;
+            Ok(head)
+        }
+
+        pub fn u64(&mut self) -> Result<u64, String> {
+            let b = self.take(8)?;
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            Ok(u64::from_le_bytes(a))
+        }
+
+        pub fn u32(&mut self) -> Result<u32, String> {
+            let b = self.take(4)?;
+            let mut a = [0u8; 4];
+            a.copy_from_slice(b);
+            Ok(u32::from_le_bytes(a))
+        }
+
+        fn varint(&mut self) -> Result<u64, String> {
+            let mut v = 0u64;
+            for shift in (0..64).step_by(7) {
+                let b = self.take(1)?[0];
+                v |= u64::from(b & 0x7f) << shift;
+                if b & 0x80 == 0 {
+                    return Ok(v);
+                }
+            }
+            Err("rowbinary: varint longer than 10 bytes".into())
+        }
+
+        pub fn string(&mut self) -> Result<String, String> {
+            let len = usize::try_from(self.varint()?)
+                .map_err(|_| "rowbinary: string length overflows".to_string())?;
+            let bytes = self.take(len)?;
+            String::from_utf8(bytes.to_vec())
+                .map_err(|e| format!("rowbinary: string is not utf-8: {e}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rowbinary::*;
+    use super::*;
+
+    #[test]
+    fn quoting_escapes_everything_that_could_end_a_literal() {
+        assert_eq!(quote_string("plain"), "'plain'");
+        assert_eq!(quote_string("o'brien"), r"'o\'brien'");
+        assert_eq!(quote_string(r"back\slash"), r"'back\\slash'");
+        assert_eq!(quote_string("\\'"), r"'\\\''");
+        assert_eq!(quote_string("a\nb\0c\u{7f}"), r"'a\x0Ab\x00c\x7F'");
+        assert_eq!(quote_string("用户 é"), "'用户 é'");
+        assert_eq!(quote_ident("userseg_1"), "`userseg_1`");
+    }
+
+    #[test]
+    fn rowbinary_round_trip() {
+        let mut buf = Vec::new();
+        let long = "é".repeat(200); // 400 bytes: a two-byte varint
+        put_string(&mut buf, "");
+        put_string(&mut buf, &long);
+        put_u32(&mut buf, 1_763_942_400);
+        buf.extend_from_slice(&42u64.to_le_bytes());
+        let mut r = Reader::new(&buf);
+        assert_eq!(r.string().unwrap(), "");
+        assert_eq!(r.string().unwrap(), long);
+        assert_eq!(r.u32().unwrap(), 1_763_942_400);
+        assert_eq!(r.u64().unwrap(), 42);
+        assert!(r.is_empty());
+        assert!(r.u64().is_err());
+        assert!(Reader::new(&[0x05, b'a']).string().is_err());
+        assert!(Reader::new(&[0x01, 0xff]).string().is_err());
+    }
+}

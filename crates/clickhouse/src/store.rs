@@ -1,0 +1,583 @@
+//! The segment store on ClickHouse: [`SegmentWriter`] and [`SegmentCounter`] over the tables of
+//! the embedded migrations, and partition retention.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use userseg_domain::{Pair, UnixSeconds, Window};
+use userseg_usecase::{Mode, PortError, SegmentCount, SegmentCounter, SegmentWriter};
+
+use crate::client::{quote_ident, quote_string, rowbinary, ClickHouseClient, Timer};
+use crate::config::ClickHouseConfig;
+use crate::error::ClickHouseError;
+use crate::migrate::{current_version, latest_version};
+
+const DAY: i64 = 86_400;
+/// ClickHouse refuses an INSERT block touching more than `max_partitions_per_insert_block`
+/// (default 100) partitions, with `TOO_MANY_PARTS`; a write spanning more days is split below it.
+const MAX_DAYS_PER_INSERT: i64 = 90;
+/// Sketch bucket sizes, as in migration 0002.
+const MINUTE: i64 = 60;
+const HOUR: i64 = 3600;
+
+/// The tables that retention drops day partitions from.
+pub const PARTITIONED_TABLES: &[&str] = &["pairs", "agg_minute", "agg_hour"];
+
+/// A day partition removed by [`ClickHouseStore::drop_expired_partitions`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DroppedPartition {
+    pub table: &'static str,
+    /// ClickHouse's partition id, `YYYYMMDD` (UTC day).
+    pub partition_id: String,
+    /// Start of that day, in Unix seconds.
+    pub day_start: UnixSeconds,
+}
+
+/// The ClickHouse segment store. Cheap to share: wrap it in an `Arc` and hand it out as both
+/// writer and counter.
+#[derive(Clone, Debug)]
+pub struct ClickHouseStore {
+    client: ClickHouseClient,
+    database: String,
+    db: String,
+    window: Window,
+    max_rows_per_insert: usize,
+}
+
+/// The lower bound of live event times at some instant.
+enum Since {
+    /// Everything is live (the bound is before 1970).
+    Always,
+    /// Live iff ts is at least this (a non-negative time that fits DateTime).
+    From(u32),
+    /// Nothing can be live (the bound is past DateTime's range, year 2106).
+    Never,
+}
+
+fn since(bound: i64) -> Since {
+    if bound <= 0 {
+        Since::Always
+    } else {
+        u32::try_from(bound).map_or(Since::Never, Since::From)
+    }
+}
+
+impl ClickHouseStore {
+    /// Validates the config and builds the store; does not connect (see
+    /// [`check_ready`](SegmentCounter::check_ready)). The schema must have been created with
+    /// [`migrate`](crate::migrate).
+    pub fn new(config: ClickHouseConfig, window: Window) -> Result<Self, ClickHouseError> {
+        let client = ClickHouseClient::new(&config)?;
+        Ok(ClickHouseStore {
+            client,
+            db: quote_ident(&config.database),
+            database: config.database,
+            window,
+            max_rows_per_insert: config.max_rows_per_insert,
+        })
+    }
+
+    pub fn window(&self) -> Window {
+        self.window
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The underlying HTTP client.
+    pub fn client(&self) -> &ClickHouseClient {
+        &self.client
+    }
+
+    fn window_secs(&self) -> i64 {
+        // Window is bounded to 10 years, so this fits.
+        i64::try_from(self.window.secs()).unwrap_or(i64::MAX)
+    }
+
+    /// Inserts pairs, in as few INSERTs as the row and partition limits allow.
+    pub async fn insert_pairs(&self, pairs: &[Pair]) -> Result<(), ClickHouseError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        if let Some(p) = pairs.iter().find(|p| u32::try_from(p.ts).is_err()) {
+            return Err(ClickHouseError::Unstorable(format!(
+                "ts {} of user {:?} in segment {:?} is outside 1970..2106, the range of ClickHouse's DateTime",
+                p.ts, p.user_id, p.segment
+            )));
+        }
+        let (min_ts, max_ts) = pairs.iter().fold((i64::MAX, i64::MIN), |(lo, hi), p| {
+            (lo.min(p.ts), hi.max(p.ts))
+        });
+        if max_ts.div_euclid(DAY) - min_ts.div_euclid(DAY) < MAX_DAYS_PER_INSERT {
+            for chunk in pairs.chunks(self.max_rows_per_insert) {
+                self.insert_chunk(chunk.iter()).await?;
+            }
+            return Ok(());
+        }
+        // A long backfill: sort by time and cut so that no INSERT spans too many days.
+        let mut sorted: Vec<&Pair> = pairs.iter().collect();
+        sorted.sort_unstable_by_key(|p| p.ts);
+        let mut start = 0;
+        while start < sorted.len() {
+            let first_day = sorted[start].ts.div_euclid(DAY);
+            let mut end = start;
+            while end < sorted.len()
+                && end - start < self.max_rows_per_insert
+                && sorted[end].ts.div_euclid(DAY) - first_day < MAX_DAYS_PER_INSERT
+            {
+                end += 1;
+            }
+            self.insert_chunk(sorted[start..end].iter().copied())
+                .await?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    async fn insert_chunk<'a>(
+        &self,
+        pairs: impl ExactSizeIterator<Item = &'a Pair>,
+    ) -> Result<(), ClickHouseError> {
+        let rows = pairs.len();
+        let mut body = Vec::with_capacity(rows * 48);
+        for p in pairs {
+            rowbinary::put_string(&mut body, &p.segment);
+            rowbinary::put_string(&mut body, &p.user_id);
+            // Range checked by insert_pairs.
+            rowbinary::put_u32(&mut body, u32::try_from(p.ts).unwrap_or(0));
+        }
+        let bytes = body.len();
+        let timer = Timer::start();
+        self.client
+            .insert(
+                &format!(
+                    "INSERT INTO {}.pairs (segment, user_id, ts) FORMAT RowBinary",
+                    self.db
+                ),
+                body,
+            )
+            .await?;
+        let elapsed = timer.elapsed();
+        metrics::counter!("userseg_clickhouse_insert_rows_total").increment(rows as u64);
+        metrics::counter!("userseg_clickhouse_inserts_total").increment(1);
+        metrics::histogram!("userseg_clickhouse_insert_seconds").record(elapsed);
+        tracing::debug!(
+            database = %self.database,
+            rows,
+            bytes,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "inserted pairs"
+        );
+        Ok(())
+    }
+
+    async fn query_counts(
+        &self,
+        sql: String,
+        labelled: &'static str,
+        mode: Mode,
+    ) -> Result<Vec<SegmentCount>, ClickHouseError> {
+        let timer = Timer::start();
+        let body = self.client.query(&sql).await?;
+        let elapsed = timer.elapsed();
+        metrics::histogram!(
+            "userseg_clickhouse_query_seconds",
+            "query" => labelled,
+            "mode" => mode_label(mode)
+        )
+        .record(elapsed);
+        let mut r = rowbinary::Reader::new(&body);
+        let mut out = Vec::new();
+        while !r.is_empty() {
+            let segment = r.string().map_err(ClickHouseError::Decode)?;
+            let users = r.u64().map_err(ClickHouseError::Decode)?;
+            if users > 0 {
+                out.push(SegmentCount { segment, users });
+            }
+        }
+        // ClickHouse orders Strings bytewise, as Rust does; sort anyway so the contract holds
+        // whatever the server's collation.
+        out.sort_unstable_by(|a, b| a.segment.cmp(&b.segment));
+        tracing::debug!(
+            database = %self.database,
+            query = labelled,
+            mode = mode_label(mode),
+            segments = out.len(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "counted"
+        );
+        Ok(out)
+    }
+
+    async fn query_one(
+        &self,
+        sql: String,
+        labelled: &'static str,
+        mode: Mode,
+    ) -> Result<u64, ClickHouseError> {
+        let timer = Timer::start();
+        let body = self.client.query(&sql).await?;
+        let elapsed = timer.elapsed();
+        metrics::histogram!(
+            "userseg_clickhouse_query_seconds",
+            "query" => labelled,
+            "mode" => mode_label(mode)
+        )
+        .record(elapsed);
+        let mut r = rowbinary::Reader::new(&body);
+        let users = if r.is_empty() {
+            0
+        } else {
+            r.u64().map_err(ClickHouseError::Decode)?
+        };
+        if !r.is_empty() {
+            return Err(ClickHouseError::Decode(
+                "a single-count query returned more than one value".into(),
+            ));
+        }
+        tracing::debug!(
+            database = %self.database,
+            query = labelled,
+            mode = mode_label(mode),
+            users,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "counted"
+        );
+        Ok(users)
+    }
+
+    /// Distinct users of `segment` whose latest ts is after `at - window`, exactly.
+    pub async fn count_exact(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+    ) -> Result<u64, ClickHouseError> {
+        let time = match since(at.saturating_sub(self.window_secs())) {
+            Since::Never => return Ok(0),
+            Since::Always => String::new(),
+            Since::From(lo) => format!(" AND ts > toDateTime({lo})"),
+        };
+        let sql = format!(
+            "SELECT toUInt64(uniqExact(user_id)) FROM {db}.pairs WHERE segment = {seg}{time} FORMAT RowBinary",
+            db = self.db,
+            seg = quote_string(segment),
+        );
+        self.query_one(sql, "count", Mode::Exact).await
+    }
+
+    /// Every segment with live users at `at`, exactly.
+    pub async fn count_all_exact(
+        &self,
+        at: UnixSeconds,
+    ) -> Result<Vec<SegmentCount>, ClickHouseError> {
+        let time = match since(at.saturating_sub(self.window_secs())) {
+            Since::Never => return Ok(Vec::new()),
+            Since::Always => String::new(),
+            Since::From(lo) => format!(" WHERE ts > toDateTime({lo})"),
+        };
+        let sql = format!(
+            "SELECT segment, toUInt64(uniqExact(user_id)) FROM {db}.pairs{time} \
+             GROUP BY segment ORDER BY segment FORMAT RowBinary",
+            db = self.db,
+        );
+        self.query_counts(sql, "count_all", Mode::Exact).await
+    }
+
+    /// The sub-queries selecting the sketches live at `at` (optionally of one segment): hour
+    /// buckets wholly inside the window, and minute buckets for the partial hour at its start.
+    /// `None` when nothing can be live.
+    fn sketch_sources(
+        &self,
+        at: UnixSeconds,
+        columns: &str,
+        segment: Option<&str>,
+    ) -> Option<String> {
+        // Minute buckets strictly after the one holding `at - window` are live: a pair expires
+        // at the end of its minute bucket's window, less than 60 s before its exact expiry.
+        let first_minute = (at.saturating_sub(self.window_secs()))
+            .div_euclid(MINUTE)
+            .saturating_mul(MINUTE)
+            .saturating_add(MINUTE);
+        let seg = segment.map(|s| format!("segment = {} AND ", quote_string(s)));
+        let seg = seg.as_deref().unwrap_or("");
+        let db = &self.db;
+        match since(first_minute) {
+            Since::Never => None,
+            Since::Always => Some(format!("SELECT {columns} FROM {db}.agg_hour WHERE {seg}1")),
+            Since::From(s) => {
+                let s = i64::from(s);
+                let first_hour = s.div_euclid(HOUR) * HOUR + if s % HOUR == 0 { 0 } else { HOUR };
+                // The sketch of the last hour of 2106 is not worth a special case.
+                let h = u32::try_from(first_hour).ok()?;
+                Some(format!(
+                    "SELECT {columns} FROM {db}.agg_hour WHERE {seg}bucket >= toDateTime({h}) \
+                     UNION ALL \
+                     SELECT {columns} FROM {db}.agg_minute WHERE {seg}bucket >= toDateTime({s}) AND bucket < toDateTime({h})"
+                ))
+            }
+        }
+    }
+
+    /// Approximate distinct users of `segment` at `at`, from the sketches.
+    pub async fn count_approx(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+    ) -> Result<u64, ClickHouseError> {
+        let Some(sources) = self.sketch_sources(at, "users", Some(segment)) else {
+            return Ok(0);
+        };
+        let sql =
+            format!("SELECT toUInt64(uniqCombinedMerge(users)) FROM ({sources}) FORMAT RowBinary");
+        self.query_one(sql, "count", Mode::Approx).await
+    }
+
+    /// Approximate counts of every segment at `at`, from the sketches.
+    pub async fn count_all_approx(
+        &self,
+        at: UnixSeconds,
+    ) -> Result<Vec<SegmentCount>, ClickHouseError> {
+        let Some(sources) = self.sketch_sources(at, "segment, users", None) else {
+            return Ok(Vec::new());
+        };
+        let sql = format!(
+            "SELECT segment, toUInt64(uniqCombinedMerge(users)) AS n FROM ({sources}) \
+             GROUP BY segment HAVING n > 0 ORDER BY segment FORMAT RowBinary"
+        );
+        self.query_counts(sql, "count_all", Mode::Approx).await
+    }
+
+    /// Is the server up, and is the schema at the version this binary needs?
+    pub async fn ready(&self) -> Result<(), ClickHouseError> {
+        let version = current_version(&self.client, &self.database).await?;
+        let latest = latest_version();
+        if version < latest {
+            return Err(ClickHouseError::Migration(format!(
+                "database {} is at schema version {version}, this binary needs {latest}: run `userseg migrate`",
+                self.database
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drops every day partition of `pairs`, `agg_minute` and `agg_hour` whose whole day has
+    /// expired at `now` (its last second is at or before `now - window`). ClickHouse 18.16 has
+    /// no TTL, so the service calls this periodically. Counts never change: queries already
+    /// ignore expired rows, and only partitions holding nothing but expired rows are dropped.
+    pub async fn drop_expired_partitions(
+        &self,
+        now: UnixSeconds,
+    ) -> Result<Vec<DroppedPartition>, ClickHouseError> {
+        let horizon = now.saturating_sub(self.window_secs());
+        let tables = PARTITIONED_TABLES
+            .iter()
+            .map(|t| quote_string(t))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let body = self
+            .client
+            .query(&format!(
+                "SELECT table, partition_id FROM system.parts \
+                 WHERE database = {} AND active AND table IN ({tables}) \
+                 GROUP BY table, partition_id ORDER BY table, partition_id FORMAT RowBinary",
+                quote_string(&self.database)
+            ))
+            .await?;
+        let mut r = rowbinary::Reader::new(&body);
+        let mut expired = Vec::new();
+        while !r.is_empty() {
+            let table = r.string().map_err(ClickHouseError::Decode)?;
+            let partition_id = r.string().map_err(ClickHouseError::Decode)?;
+            let Some(table) = PARTITIONED_TABLES.iter().copied().find(|t| *t == table) else {
+                continue;
+            };
+            let Some(day_start) = day_of_partition_id(&partition_id) else {
+                tracing::warn!(database = %self.database, table, partition_id = %partition_id, "skipping a partition whose id is not a yyyymmdd day");
+                continue;
+            };
+            if day_start + DAY - 1 <= horizon {
+                expired.push(DroppedPartition {
+                    table,
+                    partition_id,
+                    day_start,
+                });
+            }
+        }
+        for p in &expired {
+            // The id was checked to be eight digits; quote it all the same.
+            self.client
+                .execute(&format!(
+                    "ALTER TABLE {}.{} DROP PARTITION ID {}",
+                    self.db,
+                    quote_ident(p.table),
+                    quote_string(&p.partition_id)
+                ))
+                .await?;
+            metrics::counter!("userseg_clickhouse_dropped_partitions_total", "table" => p.table)
+                .increment(1);
+            tracing::info!(
+                database = %self.database,
+                table = p.table,
+                partition_id = %p.partition_id,
+                day_start = p.day_start,
+                "dropped expired partition"
+            );
+        }
+        Ok(expired)
+    }
+}
+
+fn mode_label(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Exact => "exact",
+        Mode::Approx => "approx",
+    }
+}
+
+/// `YYYYMMDD` → the Unix time of that UTC day's start.
+fn day_of_partition_id(id: &str) -> Option<UnixSeconds> {
+    if id.len() != 8 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let y: i64 = id[0..4].parse().ok()?;
+    let m: i64 = id[4..6].parse().ok()?;
+    let d: i64 = id[6..8].parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    Some(days_from_civil(y, m, d) * DAY)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn port_error(op: &'static str, e: ClickHouseError) -> PortError {
+    metrics::counter!("userseg_clickhouse_errors_total", "op" => op, "kind" => e.kind())
+        .increment(1);
+    if e.is_misconfiguration() {
+        tracing::error!(op, error = %e, "clickhouse is misconfigured or not migrated");
+    } else {
+        tracing::warn!(op, error = %e, kind = e.kind(), "clickhouse request failed");
+    }
+    e.into()
+}
+
+#[async_trait]
+impl SegmentWriter for ClickHouseStore {
+    async fn write(&self, pairs: Arc<[Pair]>) -> Result<(), PortError> {
+        self.insert_pairs(&pairs)
+            .await
+            .map_err(|e| port_error("write", e))
+    }
+}
+
+#[async_trait]
+impl SegmentCounter for ClickHouseStore {
+    async fn count(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+        mode: Mode,
+    ) -> Result<(u64, bool), PortError> {
+        match mode {
+            Mode::Exact => self.count_exact(segment, at).await.map(|n| (n, true)),
+            Mode::Approx => self.count_approx(segment, at).await.map(|n| (n, false)),
+        }
+        .map_err(|e| port_error("count", e))
+    }
+
+    async fn count_all(
+        &self,
+        at: UnixSeconds,
+        mode: Mode,
+    ) -> Result<(Vec<SegmentCount>, bool), PortError> {
+        match mode {
+            Mode::Exact => self.count_all_exact(at).await.map(|l| (l, true)),
+            Mode::Approx => self.count_all_approx(at).await.map(|l| (l, false)),
+        }
+        .map_err(|e| port_error("count_all", e))
+    }
+
+    async fn check_ready(&self) -> Result<(), PortError> {
+        self.ready().await.map_err(|e| match e {
+            // Not migrated yet: the service should stay unready, not give up.
+            ClickHouseError::Migration(m) => PortError::Transient(m),
+            e => port_error("check_ready", e),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_ids_are_utc_days() {
+        assert_eq!(day_of_partition_id("19700101"), Some(0));
+        assert_eq!(day_of_partition_id("20251124"), Some(1_763_942_400));
+        assert_eq!(day_of_partition_id("20240229"), Some(1_709_164_800));
+        assert_eq!(day_of_partition_id("2025112"), None);
+        assert_eq!(day_of_partition_id("2025-11-"), None);
+        assert_eq!(day_of_partition_id("20251324"), None);
+        assert_eq!(day_of_partition_id("tuple()"), None);
+    }
+
+    #[test]
+    fn since_clamps_to_datetime_range() {
+        assert!(matches!(since(-5), Since::Always));
+        assert!(matches!(since(0), Since::Always));
+        assert!(matches!(since(7), Since::From(7)));
+        assert!(matches!(since(i64::from(u32::MAX) + 1), Since::Never));
+    }
+
+    fn store() -> ClickHouseStore {
+        ClickHouseStore::new(
+            ClickHouseConfig::default().with_database("d"),
+            Window::from_secs(14 * DAY as u64).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sketch_buckets_cover_the_window_once() {
+        let s = store();
+        // at - window = 1_000_000_030: first live minute 1_000_000_080, first whole hour
+        // 1_000_000_800.
+        let at = 1_000_000_030 + 14 * DAY;
+        let sql = s.sketch_sources(at, "users", Some("x")).unwrap();
+        assert!(
+            sql.contains("agg_hour WHERE segment = 'x' AND bucket >= toDateTime(1000000800)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("bucket >= toDateTime(1000000080) AND bucket < toDateTime(1000000800)"),
+            "{sql}"
+        );
+        // Hour-aligned start: the minute range is empty.
+        let at = 1_000_000_800 - 60 + 14 * DAY;
+        let sql = s.sketch_sources(at, "users", None).unwrap();
+        assert!(
+            sql.contains("agg_hour WHERE bucket >= toDateTime(1000000800)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(">= toDateTime(1000000800) AND bucket < toDateTime(1000000800)"),
+            "{sql}"
+        );
+        // Early times: every hour bucket.
+        assert!(s
+            .sketch_sources(1000, "users", None)
+            .unwrap()
+            .ends_with("WHERE 1"));
+        assert!(s.sketch_sources(i64::MAX, "users", None).is_none());
+    }
+}

@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# Runs a throwaway ClickHouse server for tests, as an ordinary background process with its own
+# generated config, data and logs under one directory. Every port is bound to 127.0.0.1 only.
+#
+#   scripts/clickhouse.sh start DIR [HTTP_PORT]   start (or restart with the same data); waits for /ping
+#   scripts/clickhouse.sh stop DIR                stop and wait for the process to exit
+#   scripts/clickhouse.sh status DIR              exit 0 when the server in DIR answers /ping
+#
+# `start` writes DIR/clickhouse.env holding USERSEG_TEST_CLICKHOUSE_URL=http://127.0.0.1:PORT.
+# Without HTTP_PORT a restart reuses the ports of the previous run in DIR when they are still
+# free, otherwise it picks free ones. The native TCP and interserver ports are always distinct
+# free ports.
+set -euo pipefail
+
+die() {
+  echo "clickhouse.sh: $*" >&2
+  exit 1
+}
+
+usage() {
+  die "usage: $0 start DIR [HTTP_PORT] | stop DIR | status DIR"
+}
+
+find_server() {
+  if [ -n "${CLICKHOUSE_SERVER_BIN:-}" ]; then
+    echo "$CLICKHOUSE_SERVER_BIN"
+  elif command -v clickhouse-server >/dev/null 2>&1; then
+    command -v clickhouse-server
+  elif [ -x /usr/sbin/clickhouse-server ]; then
+    echo /usr/sbin/clickhouse-server
+  elif [ -x /usr/bin/clickhouse ]; then
+    echo "/usr/bin/clickhouse server"
+  else
+    die "clickhouse-server not found: run scripts/install-deps.sh (or set CLICKHOUSE_SERVER_BIN)"
+  fi
+}
+
+# Is anything listening on 127.0.0.1:PORT (or on a wildcard address with that port)?
+port_in_use() {
+  local port=$1
+  ss -Hltn 2>/dev/null | awk '{print $4}' | grep -Eq "[:.]${port}\$"
+}
+
+# Prints a free TCP port that is not among the ports given as arguments.
+free_port() {
+  local port taken
+  for _ in $(seq 1 200); do
+    port=$((20000 + RANDOM % 40000))
+    taken=0
+    for other in "$@"; do
+      [ "$other" = "$port" ] && taken=1
+    done
+    [ "$taken" = 0 ] || continue
+    port_in_use "$port" && continue
+    echo "$port"
+    return 0
+  done
+  die "no free port found"
+}
+
+ping_ok() {
+  curl -fsS --max-time 2 "http://127.0.0.1:$1/ping" 2>/dev/null | grep -q '^Ok'
+}
+
+pid_alive() {
+  [ -n "$1" ] && kill -0 "$1" 2>/dev/null
+}
+
+read_pid() {
+  [ -f "$1/clickhouse.pid" ] && cat "$1/clickhouse.pid" || true
+}
+
+write_config() {
+  local dir=$1 http=$2 tcp=$3 inter=$4
+  mkdir -p "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/format_schemas" "$dir/log"
+  cat >"$dir/config.xml" <<EOF
+<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>information</level>
+        <log>$dir/log/clickhouse-server.log</log>
+        <errorlog>$dir/log/clickhouse-server.err.log</errorlog>
+        <size>100M</size>
+        <count>2</count>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>$http</http_port>
+    <tcp_port>$tcp</tcp_port>
+    <interserver_http_port>$inter</interserver_http_port>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <max_connections>1024</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <mark_cache_size>268435456</mark_cache_size>
+    <path>$dir/data/</path>
+    <tmp_path>$dir/tmp/</tmp_path>
+    <user_files_path>$dir/user_files/</user_files_path>
+    <format_schema_path>$dir/format_schemas/</format_schema_path>
+    <users_config>$dir/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <umask>022</umask>
+    <mlock_executable>false</mlock_executable>
+    <max_table_size_to_drop>0</max_table_size_to_drop>
+    <max_partition_size_to_drop>0</max_partition_size_to_drop>
+    <builtin_dictionaries_reload_interval>3600</builtin_dictionaries_reload_interval>
+    <max_session_timeout>3600</max_session_timeout>
+    <default_session_timeout>60</default_session_timeout>
+</yandex>
+EOF
+  cat >"$dir/users.xml" <<'EOF'
+<?xml version="1.0"?>
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>4000000000</max_memory_usage>
+            <use_uncompressed_cache>0</use_uncompressed_cache>
+            <load_balancing>random</load_balancing>
+        </default>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks replace="replace">
+                <ip>127.0.0.1</ip>
+                <ip>::1</ip>
+            </networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+EOF
+}
+
+cmd_start() {
+  local dir=$1 http=${2:-}
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+
+  local old_pid
+  old_pid=$(read_pid "$dir")
+  if pid_alive "$old_pid"; then
+    die "a server is already running from $dir (pid $old_pid); stop it first"
+  fi
+
+  # Ports of a previous run in this directory, reused when still free.
+  local prev_http="" prev_tcp="" prev_inter=""
+  if [ -f "$dir/ports" ]; then
+    # shellcheck disable=SC1091
+    . "$dir/ports"
+    prev_http=${HTTP_PORT:-}
+    prev_tcp=${TCP_PORT:-}
+    prev_inter=${INTERSERVER_PORT:-}
+  fi
+  if [ -z "$http" ]; then
+    if [ -n "$prev_http" ] && ! port_in_use "$prev_http"; then
+      http=$prev_http
+    else
+      http=$(free_port)
+    fi
+  fi
+  [[ "$http" =~ ^[0-9]+$ ]] || die "HTTP_PORT must be a number, got '$http'"
+  port_in_use "$http" && die "port $http is already in use"
+
+  local tcp inter
+  if [ -n "$prev_tcp" ] && [ "$prev_tcp" != "$http" ] && ! port_in_use "$prev_tcp"; then
+    tcp=$prev_tcp
+  else
+    tcp=$(free_port "$http")
+  fi
+  if [ -n "$prev_inter" ] && [ "$prev_inter" != "$http" ] && [ "$prev_inter" != "$tcp" ] &&
+    ! port_in_use "$prev_inter"; then
+    inter=$prev_inter
+  else
+    inter=$(free_port "$http" "$tcp")
+  fi
+  printf 'HTTP_PORT=%s\nTCP_PORT=%s\nINTERSERVER_PORT=%s\n' "$http" "$tcp" "$inter" >"$dir/ports"
+  write_config "$dir" "$http" "$tcp" "$inter"
+
+  local server
+  server=$(find_server)
+  # The server runs as whoever starts it (root included: 18.16 does not refuse). Its data is
+  # owned by that user, so restarts must use the same user.
+  # shellcheck disable=SC2086
+  (cd "$dir" && exec setsid $server --config-file="$dir/config.xml" \
+    >"$dir/log/stdout.log" 2>"$dir/log/stderr.log" </dev/null) &
+  local pid=$!
+  echo "$pid" >"$dir/clickhouse.pid"
+
+  local deadline=$((SECONDS + 60))
+  until ping_ok "$http"; do
+    if ! pid_alive "$pid"; then
+      echo "clickhouse.sh: the server exited during start; last log lines:" >&2
+      tail -n 20 "$dir/log/clickhouse-server.err.log" "$dir/log/stderr.log" 2>/dev/null >&2 || true
+      rm -f "$dir/clickhouse.pid"
+      exit 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      kill "$pid" 2>/dev/null || true
+      die "the server did not answer /ping on port $http within 60 s (see $dir/log)"
+    fi
+    sleep 0.2
+  done
+  echo "USERSEG_TEST_CLICKHOUSE_URL=http://127.0.0.1:$http" >"$dir/clickhouse.env"
+  echo "clickhouse.sh: started pid $pid, http://127.0.0.1:$http (tcp $tcp, interserver $inter), data in $dir/data"
+}
+
+cmd_stop() {
+  local dir=$1
+  [ -d "$dir" ] || die "no such directory: $dir"
+  local pid
+  pid=$(read_pid "$dir")
+  if ! pid_alive "$pid"; then
+    rm -f "$dir/clickhouse.pid"
+    echo "clickhouse.sh: not running"
+    return 0
+  fi
+  kill -TERM "$pid"
+  local deadline=$((SECONDS + 60))
+  while pid_alive "$pid"; do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "clickhouse.sh: pid $pid did not exit within 60 s of SIGTERM; sending SIGKILL" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    sleep 0.1
+  done
+  rm -f "$dir/clickhouse.pid"
+  echo "clickhouse.sh: stopped pid $pid"
+}
+
+cmd_status() {
+  local dir=$1
+  [ -f "$dir/ports" ] || die "no server was started in $dir"
+  # shellcheck disable=SC1091
+  . "$dir/ports"
+  if ping_ok "$HTTP_PORT"; then
+    echo "clickhouse.sh: running, http://127.0.0.1:$HTTP_PORT"
+  else
+    echo "clickhouse.sh: not answering on port $HTTP_PORT"
+    return 1
+  fi
+}
+
+[ $# -ge 2 ] || usage
+case "$1" in
+start) [ $# -le 3 ] || usage; cmd_start "$2" "${3:-}" ;;
+stop) [ $# -eq 2 ] || usage; cmd_stop "$2" ;;
+status) [ $# -eq 2 ] || usage; cmd_status "$2" ;;
+*) usage ;;
+esac
