@@ -1,0 +1,514 @@
+//! HTTP and gRPC API tests against the real API stack in process: axum + tonic on one port,
+//! ingest into the real write-ahead log, the batch processor, the embedded store.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use userseg_api::{ApiState, ReadyCheck};
+use userseg_domain::{Limits, Window};
+use userseg_embedded::{open_standalone, EmbeddedStore, FileDeadLetters, WalConfig};
+use userseg_proto::v1::segments_client::SegmentsClient;
+use userseg_proto::v1::{
+    EstimateRequest, ListEstimatesRequest, Mode as PbMode, Pair as PbPair, PushRequest,
+};
+use userseg_usecase::{BatchConfig, BatchProcessor, Estimation, Ingest, SystemClock};
+
+struct Server {
+    base: String,
+    _dir: tempfile::TempDir,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct Options {
+    token: Option<&'static str>,
+    limits: Limits,
+    max_inflight: usize,
+    run_processor: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            token: None,
+            limits: Limits::default(),
+            max_inflight: 1_000_000,
+            run_processor: true,
+        }
+    }
+}
+
+async fn start(opts: Options) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let window = Window::DEFAULT;
+    let mut wal = WalConfig::new(dir.path().join("wal"));
+    wal.max_inflight_pairs = opts.max_inflight;
+    wal.enqueue_timeout = Duration::from_millis(100);
+    let opened = open_standalone(dir.path(), window, wal).unwrap();
+    let store = EmbeddedStore(opened.store.clone());
+    let stop = CancellationToken::new();
+    if opts.run_processor {
+        let processor = BatchProcessor::new(
+            Arc::new(store.clone()),
+            Arc::new(FileDeadLetters::new(dir.path().join("dlq"))),
+            BatchConfig {
+                batch_size: 1000,
+                flush_interval: Duration::from_millis(20),
+                ..BatchConfig::default()
+            },
+        );
+        let s = stop.clone();
+        tokio::spawn(async move { processor.run(opened.source, s).await });
+    } else {
+        // Keep the source alive (and unread) so nothing is ever applied.
+        let source = opened.source;
+        let s = stop.clone();
+        tokio::spawn(async move {
+            s.cancelled().await;
+            drop(source);
+        });
+    }
+    let clock = Arc::new(SystemClock);
+    let ingest = Ingest::new(Arc::new(opened.log), clock.clone(), window, opts.limits);
+    let estimation = Estimation::new(Arc::new(store), clock, window, Duration::ZERO);
+    let mut state = ApiState::new(Some(ingest), Some(estimation));
+    state.auth_token = opts.token.map(Arc::from);
+    state.overload_wait = Duration::from_millis(100);
+    let always: ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+    state.ready_checks.push(("test".into(), always));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(userseg_api::serve(
+        listener,
+        userseg_api::router(state),
+        stop.clone(),
+    ));
+    Server {
+        base: format!("http://{addr}"),
+        _dir: dir,
+        stop,
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn post(s: &Server, body: Value) -> (u16, Value) {
+    post_raw(s, "application/json", body.to_string().into_bytes()).await
+}
+
+async fn post_raw(s: &Server, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/pairs", s.base))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(s: &Server, path: &str) -> (u16, Value) {
+    let r = reqwest::get(format!("{}{path}", s.base)).await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until `GET /v1/segments` shows exactly `want` (pairs are applied a moment after the
+/// acknowledgement).
+async fn until_counts(s: &Server, want: Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(s, "/v1/segments").await;
+        assert_eq!(status, 200);
+        if body["segments"] == want {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counts never became {want}; last {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_push_and_estimate() {
+    let s = start(Options::default()).await;
+    let (status, body) = post(
+        &s,
+        json!({"pairs": [
+            {"user_id": "u1", "segment": "sports"},
+            {"user_id": "u2", "segment": "sports", "ts": now() - 60},
+            {"user_id": "u1", "segment": "sports"},
+            {"user_id": "u1", "segment": "news", "ts": now() + 60},
+        ]}),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({"accepted": 4})));
+    let (status, body) = post_raw(
+        &s,
+        "application/x-ndjson",
+        b"{\"user_id\":\"u3\",\"segment\":\"news\"}\n\n{\"user_id\":\"u3\",\"segment\":\"news\"}\n"
+            .to_vec(),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({"accepted": 2})));
+    let list = until_counts(
+        &s,
+        json!([{"segment": "news", "users": 2}, {"segment": "sports", "users": 2}]),
+    )
+    .await;
+    assert_eq!(list["exact"], true);
+    assert_eq!(list["window_seconds"], 1_209_600);
+    assert!((list["as_of"].as_i64().unwrap() - now()).abs() <= 2);
+    let (status, one) = get(&s, "/v1/segments/sports").await;
+    assert_eq!(status, 200);
+    assert_eq!(one["segment"], "sports");
+    assert_eq!(one["users"], 2);
+    assert_eq!(one["exact"], true);
+    let (status, unknown) = get(&s, "/v1/segments/nobody?mode=approx").await;
+    assert_eq!(status, 200);
+    assert_eq!(unknown["users"], 0);
+}
+
+/// Every class of bad input gets a specific 4xx with a JSON error body, and nothing of a
+/// rejected request is stored, even its valid pairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_bad_input_is_rejected_whole_with_specific_errors() {
+    let limits = Limits {
+        max_pairs_per_request: 3,
+        max_request_bytes: 4096,
+    };
+    let s = start(Options {
+        limits,
+        ..Options::default()
+    })
+    .await;
+    let ok = json!({"user_id": "good", "segment": "kept-out"});
+    let n = now();
+    let cases: Vec<(&str, Value, u16, &str, Option<u64>)> = vec![
+        ("empty user", json!({"pairs": [ok, {"user_id": "", "segment": "s"}]}), 400, "user_id is empty", Some(1)),
+        ("long user", json!({"pairs": [ok, {"user_id": "x".repeat(257), "segment": "s"}]}), 400, "257 bytes", Some(1)),
+        ("control char", json!({"pairs": [ok, {"user_id": "a\u{1}b", "segment": "s"}]}), 400, "control character U+0001", Some(1)),
+        ("bad segment", json!({"pairs": [ok, {"user_id": "u", "segment": "a/b"}]}), 400, "segment contains '/'", Some(1)),
+        ("long segment", json!({"pairs": [ok, {"user_id": "u", "segment": "s".repeat(129)}]}), 400, "129 characters", Some(1)),
+        ("future ts", json!({"pairs": [ok, {"user_id": "u", "segment": "s", "ts": n + 3600}]}), 400, "ahead of the server clock", Some(1)),
+        ("expired ts", json!({"pairs": [ok, {"user_id": "u", "segment": "s", "ts": n - 15 * 86_400}]}), 400, "already expired", Some(1)),
+        ("wrong type", json!({"pairs": [ok, {"user_id": "u", "segment": "s", "ts": "soon"}]}), 400, "pairs[1].ts: invalid type", Some(1)),
+        ("number user", json!({"pairs": [ok, {"user_id": 7, "segment": "s"}]}), 400, "pairs[1].user_id: invalid type", Some(1)),
+        ("unknown field", json!({"pairs": [ok, {"user_id": "u", "segment": "s", "extra": 1}]}), 400, "unknown field `extra`", Some(1)),
+        ("missing field", json!({"pairs": [ok, {"user_id": "u"}]}), 400, "missing field `segment`", Some(1)),
+        ("unknown top field", json!({"pairs": [ok], "more": true}), 400, "unknown field `more`", None),
+        ("no pairs field", json!({}), 400, "missing field `pairs`", None),
+        ("too many pairs", json!({"pairs": [ok, ok, ok, ok]}), 413, "at most 3 are allowed", None),
+    ];
+    for (name, body, status, needle, index) in cases {
+        let (got, err) = post(&s, body).await;
+        assert_eq!(got, status, "{name}: {err}");
+        let msg = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
+        let code = if status == 413 { "payload_too_large" } else { "invalid_argument" };
+        assert_eq!(err["error"]["code"], code, "{name}");
+        assert_eq!(err["error"]["index"].as_u64(), index, "{name}: {err}");
+    }
+    // Malformed JSON, trailing garbage, a body over the byte limit, a bad NDJSON line, a wrong
+    // content type.
+    let (st, err) = post_raw(&s, "application/json", b"{\"pairs\": [".to_vec()).await;
+    assert_eq!(st, 400);
+    assert!(err["error"]["message"].as_str().unwrap().contains("invalid JSON body"));
+    let (st, _) = post_raw(&s, "application/json", b"{\"pairs\": []} x".to_vec()).await;
+    assert_eq!(st, 400);
+    let one = json!({"user_id": "u".repeat(256), "segment": "s"});
+    let big = json!({ "pairs": vec![one; 20] }).to_string();
+    let (st, err) = post_raw(&s, "application/json", big.into_bytes()).await;
+    assert_eq!(st, 413);
+    assert_eq!(err["error"]["code"], "payload_too_large");
+    let nd = b"{\"user_id\":\"good\",\"segment\":\"kept-out\"}\n{\"user_id\":\"u\",\"segment\":\"s\"\n".to_vec();
+    let (st, err) = post_raw(&s, "application/x-ndjson", nd).await;
+    assert_eq!(st, 400);
+    assert_eq!(err["error"]["line"], 2);
+    assert_eq!(err["error"]["index"], 1);
+    let (st, err) = post_raw(&s, "text/csv", b"u,s".to_vec()).await;
+    assert_eq!(st, 415);
+    assert!(err["error"]["message"].as_str().unwrap().contains("application/x-ndjson"));
+    // Bad estimate queries.
+    let (st, err) = get(&s, "/v1/segments/bad%20name").await;
+    assert_eq!(st, 400);
+    assert!(err["error"]["message"].as_str().unwrap().contains("invalid segment name"));
+    let (st, _) = get(&s, "/v1/segments?mode=fuzzy").await;
+    assert_eq!(st, 400);
+    let (st, err) = get(&s, "/v2/nothing").await;
+    assert_eq!(st, 404);
+    assert_eq!(err["error"]["code"], "not_found");
+    // A valid request afterwards is counted, and nothing of the rejected ones is.
+    let (st, _) = post(&s, json!({"pairs": [{"user_id": "late", "segment": "after"}]})).await;
+    assert_eq!(st, 200);
+    until_counts(&s, json!([{"segment": "after", "users": 1}])).await;
+}
+
+fn pb(user: &str, segment: &str, ts: Option<i64>) -> PbPair {
+    PbPair {
+        user_id: user.into(),
+        segment: segment.into(),
+        ts,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_push_stream_and_estimates() {
+    let s = start(Options::default()).await;
+    let mut client = SegmentsClient::connect(s.base.clone()).await.unwrap();
+    let r = client
+        .push(PushRequest {
+            pairs: vec![pb("a", "g1", None), pb("b", "g1", Some(now() - 10))],
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().accepted, 2);
+    let batches: Vec<PushRequest> = (0..50)
+        .map(|i| PushRequest {
+            pairs: (0..100)
+                .map(|j| pb(&format!("user-{}", i * 100 + j), "g2", None))
+                .collect(),
+        })
+        .collect();
+    let r = client
+        .push_stream(tokio_stream::iter(batches))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().accepted, 5000);
+    until_counts(
+        &s,
+        json!([{"segment": "g1", "users": 2}, {"segment": "g2", "users": 5000}]),
+    )
+    .await;
+    let e = client
+        .estimate(EstimateRequest {
+            segment: "g2".into(),
+            mode: PbMode::Exact as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((e.segment.as_str(), e.users, e.exact), ("g2", 5000, true));
+    assert_eq!(e.window_seconds, 1_209_600);
+    let l = client
+        .list_estimates(ListEstimatesRequest {
+            mode: PbMode::Approx as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = l.segments.iter().map(|s| (s.segment.as_str(), s.users)).collect();
+    assert_eq!(names, [("g1", 2), ("g2", 5000)]);
+    assert!(l.exact, "the embedded store always answers exactly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_bad_input_is_invalid_argument() {
+    let s = start(Options {
+        limits: Limits {
+            max_pairs_per_request: 10,
+            max_request_bytes: 2048,
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut client = SegmentsClient::connect(s.base.clone()).await.unwrap();
+    let err = client
+        .push(PushRequest {
+            pairs: vec![pb("a", "ok", None), pb("b", "not ok", None)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("pair 1: segment contains ' '"), "{}", err.message());
+    let err = client
+        .push(PushRequest {
+            pairs: vec![pb("a", "ok", Some(now() + 600))],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = client
+        .push(PushRequest {
+            pairs: (0..11).map(|i| pb(&i.to_string(), "ok", None)).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("at most 10"));
+    let err = client
+        .push(PushRequest {
+            pairs: (0..10).map(|i| pb(&format!("{i}{}", "x".repeat(250)), "ok", None)).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok, "an oversized message must be refused");
+    let err = client
+        .estimate(EstimateRequest {
+            segment: "".into(),
+            mode: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = client
+        .list_estimates(ListEstimatesRequest { mode: 99 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // A stream with a bad third batch: the first two stay accepted and are counted.
+    let batches = vec![
+        PushRequest { pairs: vec![pb("s1", "stream", None)] },
+        PushRequest { pairs: vec![pb("s2", "stream", None)] },
+        PushRequest { pairs: vec![pb("s3", "bad seg", None)] },
+    ];
+    let err = client
+        .push_stream(tokio_stream::iter(batches))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("batch 2"), "{}", err.message());
+    until_counts(&s, json!([{"segment": "stream", "users": 2}])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_answers_503_and_resource_exhausted() {
+    let s = start(Options {
+        max_inflight: 5,
+        run_processor: false,
+        ..Options::default()
+    })
+    .await;
+    let five: Vec<Value> = (0..5).map(|i| json!({"user_id": format!("u{i}"), "segment": "s"})).collect();
+    let (st, _) = post(&s, json!({ "pairs": five })).await;
+    assert_eq!(st, 200);
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/pairs", s.base))
+        .json(&json!({"pairs": [{"user_id": "x", "segment": "s"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "overloaded");
+    let mut client = SegmentsClient::connect(s.base.clone()).await.unwrap();
+    let e = client
+        .push(PushRequest { pairs: vec![pb("x", "s", None)] })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_token_guards_the_api_but_not_probes() {
+    let token = "0123456789abcdef-secret";
+    let s = start(Options {
+        token: Some(token),
+        ..Options::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/v1/pairs", s.base))
+        .json(&json!({"pairs": [{"user_id": "u", "segment": "s"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "unauthenticated");
+    let r = http
+        .get(format!("{}/v1/segments", s.base))
+        .bearer_auth("wrong-token-wrong-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http
+        .get(format!("{}/v1/segments", s.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(get(&s, "/healthz").await.0, 200);
+    assert_eq!(get(&s, "/readyz").await.0, 200);
+
+    let channel = tonic::transport::Endpoint::from_shared(s.base.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut anon = SegmentsClient::new(channel.clone());
+    let e = anon
+        .list_estimates(ListEstimatesRequest { mode: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let mut authed = SegmentsClient::with_interceptor(channel.clone(), move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    });
+    authed
+        .list_estimates(ListEstimatesRequest { mode: 0 })
+        .await
+        .unwrap();
+    // The gRPC health service stays open for load balancers.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "userseg.v1.Segments".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let s = start(Options::default()).await;
+    let channel = tonic::transport::Endpoint::from_shared(s.base.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"userseg.v1.Segments"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
