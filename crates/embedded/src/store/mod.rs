@@ -8,7 +8,7 @@
 
 mod dict;
 mod ring;
-pub(crate) mod snapshot;
+pub mod snapshot;
 
 use std::collections::HashMap as StdHashMap;
 use std::sync::{Arc, Mutex, RwLock};
