@@ -1,1 +1,38 @@
+//! Kafka adapters for userseg (see docs/MESSAGE_FORMAT.md for the wire format):
+//!
+//! - [`KafkaPublisher`]: the [`PairPublisher`](userseg_usecase::PairPublisher) ingest writes to.
+//!   Pairs are grouped by partition (Kafka's murmur2 partitioner on `user_id`), one
+//!   `PairBatch` message per partition per request, and `publish` resolves only once the broker
+//!   acknowledged every message (`acks=all`, idempotent producer).
+//! - [`KafkaSource`]: the [`PairSource`](userseg_usecase::PairSource) the batch processor
+//!   consumes, a consumer-group member with manual, synchronous offset commits.
+//! - [`KafkaDeadLetters`]: the [`DeadLetterSink`](userseg_usecase::DeadLetterSink) writing to the
+//!   DLQ topic with `userseg-*` headers.
+//! - [`ensure_topics`]: creates the topic and the DLQ topic when missing.
+//!
+//! Configuration flows config → validate → build: [`KafkaConfig`] is a plain struct (the binary
+//! fills it from flags and environment), [`KafkaConfig::validate`] names the offending variable,
+//! and each adapter's constructor validates before it builds its librdkafka client.
 
+mod admin;
+mod codec;
+pub mod config;
+mod context;
+mod dlq;
+mod error;
+mod partitioner;
+mod producer;
+mod publisher;
+mod source;
+
+pub use admin::ensure_topics;
+pub use codec::{decode_batch, encode_batch, DecodeError};
+pub use config::{Compression, ConfigError, KafkaConfig};
+pub use dlq::{
+    KafkaDeadLetters, HEADER_ATTEMPTS, HEADER_KIND, HEADER_PAIRS, HEADER_PART, HEADER_REASON,
+    HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
+};
+pub use error::SetupError;
+pub use partitioner::{murmur2, partition_for};
+pub use publisher::KafkaPublisher;
+pub use source::{KafkaSource, Origin, Position, Provenance};

@@ -1,0 +1,120 @@
+//! The consumer's librdkafka callbacks: logs, rebalances (logged, and paused again while the
+//! source idles), statistics (consumer lag gauges).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
+use rdkafka::TopicPartitionList;
+
+use crate::context::{forward_error, forward_log};
+
+/// State shared by the source and its callbacks.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// The source is idling: partitions assigned meanwhile are paused right away.
+    pub paused: AtomicBool,
+    /// Per partition, the highest offset this member committed since it was assigned the
+    /// partition; commits never move backwards from it.
+    pub committed: Mutex<HashMap<i32, i64>>,
+}
+
+pub(crate) struct SourceContext {
+    pub topic: String,
+    pub shared: std::sync::Arc<Shared>,
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut v: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    v.sort_unstable();
+    v
+}
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        forward_log("consumer", level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        forward_error("consumer", &error, reason);
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        for (partition, p) in &topic.partitions {
+            // -1 is librdkafka's internal UA partition; lag is -1 where it is unknown.
+            if *partition >= 0 && p.consumer_lag >= 0 {
+                metrics::gauge!("userseg_kafka_consumer_lag", "partition" => partition.to_string())
+                    .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked = partitions(tpl);
+                tracing::info!(
+                    topic = %self.topic,
+                    partitions = ?revoked,
+                    "kafka partitions revoked; their uncommitted messages go to the next owner"
+                );
+                let mut committed = self
+                    .shared
+                    .committed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                for p in &revoked {
+                    committed.remove(p);
+                    metrics::gauge!("userseg_kafka_consumer_lag", "partition" => p.to_string())
+                        .set(0.0);
+                }
+                metrics::counter!("userseg_kafka_rebalances_total", "event" => "revoke")
+                    .increment(1);
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(topic = %self.topic, error = %e, "kafka rebalance failed");
+                metrics::counter!("userseg_kafka_rebalances_total", "event" => "error")
+                    .increment(1);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let paused = self.shared.paused.load(Ordering::Acquire);
+            tracing::info!(
+                topic = %self.topic,
+                partitions = ?partitions(tpl),
+                paused,
+                "kafka partitions assigned"
+            );
+            metrics::counter!("userseg_kafka_rebalances_total", "event" => "assign").increment(1);
+            if paused && tpl.count() > 0 {
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "pausing newly assigned kafka partitions failed");
+                }
+            }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, partitions = ?partitions(offsets), "kafka offset commit callback failed");
+        }
+    }
+}

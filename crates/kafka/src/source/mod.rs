@@ -1,0 +1,408 @@
+//! [`KafkaSource`]: the batch processor's view of the pair topic, as a member of the consumer
+//! group KAFKA_GROUP_ID.
+
+mod context;
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use userseg_usecase::{Content, Message, PairSource, PortError};
+
+use crate::codec::decode_batch;
+use crate::config::{consumer_config, KafkaConfig};
+use crate::error::{port_error, SetupError};
+use context::{Shared, SourceContext};
+
+/// Where a message sits in the topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Where an invalid message came from, so that the dead-letter sink can name it in headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Remembers the origin of the last invalid messages the source handed out. Give it to
+/// [`crate::KafkaDeadLetters::with_provenance`] and dead letters of raw payloads carry their
+/// source topic, partition and offset. Matching is by payload content.
+#[derive(Clone, Debug, Default)]
+pub struct Provenance(Arc<Mutex<VecDeque<(u64, Origin)>>>);
+
+/// Invalid messages are dead-lettered right after they are read, so a short memory suffices.
+const PROVENANCE_CAPACITY: usize = 256;
+
+fn fingerprint(payload: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    payload.hash(&mut h);
+    h.finish()
+}
+
+impl Provenance {
+    fn record(&self, payload: &[u8], origin: Origin) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= PROVENANCE_CAPACITY {
+            q.pop_front();
+        }
+        q.push_back((fingerprint(payload), origin));
+    }
+
+    /// The origin of a payload the source reported as invalid (oldest match first), forgotten
+    /// once returned.
+    pub fn take(&self, payload: &[u8]) -> Option<Origin> {
+        let key = fingerprint(payload);
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let at = q.iter().position(|(k, _)| *k == key)?;
+        q.remove(at).map(|(_, o)| o)
+    }
+}
+
+/// Consumes KAFKA_TOPIC in the consumer group KAFKA_GROUP_ID with manual offset management:
+/// nothing is committed automatically, [`PairSource::commit`] commits synchronously (on a
+/// blocking thread) the highest offset + 1 per partition, and only for partitions this member
+/// still owns. After a rebalance the new owner therefore re-reads the revoked partitions from
+/// their last committed offset: messages this member read but had not committed are delivered
+/// again, which is safe because store writes are idempotent.
+///
+/// Must be created inside a tokio runtime.
+pub struct KafkaSource {
+    /// Only `None` once dropped (the consumer is closed on a separate thread).
+    consumer: Option<Arc<StreamConsumer<SourceContext>>>,
+    shared: Arc<Shared>,
+    topic: String,
+    /// Messages read while idling, handed out before new ones.
+    pending: VecDeque<Message<Position>>,
+    paused: bool,
+    provenance: Provenance,
+}
+
+impl KafkaSource {
+    /// Validates the configuration, creates the consumer and subscribes to the topic. Joining
+    /// the group happens in the background while `next` is polled.
+    pub fn new(config: &KafkaConfig) -> Result<Self, SetupError> {
+        config.validate()?;
+        let shared = Arc::new(Shared::default());
+        let context = SourceContext {
+            topic: config.topic.clone(),
+            shared: shared.clone(),
+        };
+        let consumer: StreamConsumer<SourceContext> =
+            StreamConsumer::from_config_and_context(&consumer_config(config), context)
+                .map_err(SetupError::Client)?;
+        consumer
+            .subscribe(&[&config.topic])
+            .map_err(|source| SetupError::Subscribe {
+                topic: config.topic.clone(),
+                source,
+            })?;
+        tracing::info!(topic = %config.topic, group = %config.group_id, "kafka consumer subscribed");
+        Ok(KafkaSource {
+            consumer: Some(Arc::new(consumer)),
+            shared,
+            topic: config.topic.clone(),
+            pending: VecDeque::new(),
+            paused: false,
+            provenance: Provenance::default(),
+        })
+    }
+
+    /// The origins of invalid messages, for [`crate::KafkaDeadLetters::with_provenance`].
+    pub fn provenance(&self) -> Provenance {
+        self.provenance.clone()
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The partitions of the topic currently assigned to this member, sorted.
+    pub fn assigned_partitions(&self) -> Result<Vec<i32>, PortError> {
+        let tpl = self
+            .consumer()
+            .assignment()
+            .map_err(|e| port_error("reading the kafka assignment", &e))?;
+        let mut v: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// Leaves the group now (instead of when dropped), so its partitions move to the other
+    /// members without waiting for the session timeout. Uncommitted messages are redelivered.
+    pub async fn close(mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        }
+    }
+
+    fn consumer(&self) -> &StreamConsumer<SourceContext> {
+        match &self.consumer {
+            Some(c) => c,
+            None => unreachable!("the consumer is only taken when the source is dropped"),
+        }
+    }
+
+    fn pause(&mut self) {
+        self.shared.paused.store(true, Ordering::Release);
+        self.paused = true;
+        let consumer = self.consumer();
+        match consumer.assignment() {
+            Ok(tpl) if tpl.count() > 0 => {
+                if let Err(e) = consumer.pause(&tpl) {
+                    tracing::warn!(error = %e, "pausing kafka partitions failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the kafka assignment failed"),
+        }
+    }
+
+    fn resume(&mut self) {
+        self.shared.paused.store(false, Ordering::Release);
+        self.paused = false;
+        let consumer = self.consumer();
+        match consumer.assignment() {
+            Ok(tpl) if tpl.count() > 0 => {
+                if let Err(e) = consumer.resume(&tpl) {
+                    tracing::warn!(error = %e, "resuming kafka partitions failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the kafka assignment failed"),
+        }
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            // Closing leaves the group and blocks until done: keep it off the async workers.
+            std::thread::spawn(move || drop(consumer));
+        }
+    }
+}
+
+/// Turns a Kafka message into what the processor consumes.
+fn convert(topic: &str, provenance: &Provenance, m: &BorrowedMessage<'_>) -> Message<Position> {
+    let position = Position {
+        partition: m.partition(),
+        offset: m.offset(),
+    };
+    let decoded = match m.payload() {
+        None => Err((
+            "undecodable: the message has no value".to_string(),
+            Vec::new(),
+        )),
+        Some(bytes) => decode_batch(bytes).map_err(|e| (e.to_string(), bytes.to_vec())),
+    };
+    metrics::counter!("userseg_kafka_consumed_messages_total").increment(1);
+    let content = match decoded {
+        Ok(pairs) => {
+            metrics::counter!("userseg_kafka_consumed_pairs_total").increment(pairs.len() as u64);
+            Content::Pairs(pairs)
+        }
+        Err((reason, payload)) => {
+            tracing::warn!(
+                topic,
+                partition = position.partition,
+                offset = position.offset,
+                %reason,
+                "invalid message in the pair log"
+            );
+            metrics::counter!("userseg_kafka_invalid_messages_total").increment(1);
+            provenance.record(
+                &payload,
+                Origin {
+                    topic: topic.to_string(),
+                    partition: position.partition,
+                    offset: position.offset,
+                },
+            );
+            Content::Invalid { payload, reason }
+        }
+    };
+    Message { position, content }
+}
+
+/// The highest offset + 1 to commit per partition.
+fn commit_offsets(positions: &[Position]) -> BTreeMap<i32, i64> {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for p in positions {
+        let e = next.entry(p.partition).or_insert(p.offset + 1);
+        *e = (*e).max(p.offset + 1);
+    }
+    next
+}
+
+fn commit_blocking(
+    consumer: &StreamConsumer<SourceContext>,
+    shared: &Shared,
+    topic: &str,
+    offsets: BTreeMap<i32, i64>,
+) -> Result<(), PortError> {
+    let assignment = consumer
+        .assignment()
+        .map_err(|e| port_error("reading the kafka assignment", &e))?;
+    let lost = consumer.assignment_lost();
+    let assigned: HashSet<i32> = assignment
+        .elements_for_topic(topic)
+        .iter()
+        .map(|e| e.partition())
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut not_owned = Vec::new();
+    {
+        let committed = shared.committed.lock().unwrap_or_else(|e| e.into_inner());
+        for (&partition, &next) in &offsets {
+            if lost || !assigned.contains(&partition) {
+                not_owned.push(partition);
+                continue;
+            }
+            if committed.get(&partition).is_some_and(|&c| c >= next) {
+                continue; // already committed as far (a redelivered message): never go back
+            }
+            tpl.add_partition_offset(topic, partition, Offset::Offset(next))
+                .map_err(|e| port_error("preparing the kafka commit", &e))?;
+        }
+    }
+    if !not_owned.is_empty() {
+        tracing::info!(
+            topic,
+            partitions = ?not_owned,
+            "not committing partitions this consumer no longer owns; their new owner reads them again"
+        );
+        metrics::counter!("userseg_kafka_commits_skipped_total").increment(not_owned.len() as u64);
+    }
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .map_err(|e| port_error("committing kafka offsets", &e))?;
+    let mut committed = shared.committed.lock().unwrap_or_else(|e| e.into_inner());
+    for e in tpl.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            let c = committed.entry(e.partition()).or_insert(o);
+            *c = (*c).max(o);
+        }
+    }
+    metrics::counter!("userseg_kafka_commits_total").increment(1);
+    tracing::trace!(topic, offsets = ?offsets, "committed kafka offsets");
+    Ok(())
+}
+
+impl PairSource for KafkaSource {
+    type Position = Position;
+
+    /// Cancel-safe: the only await is librdkafka's cancel-safe `recv`; a message is converted
+    /// synchronously once received.
+    async fn next(&mut self) -> Result<Option<Message<Position>>, PortError> {
+        if let Some(m) = self.pending.pop_front() {
+            return Ok(Some(m));
+        }
+        if self.paused {
+            // An idle() was cancelled before it resumed.
+            self.resume();
+        }
+        let Some(consumer) = &self.consumer else {
+            return Ok(None);
+        };
+        match consumer.recv().await {
+            Ok(m) => Ok(Some(convert(&self.topic, &self.provenance, &m))),
+            Err(e) => Err(port_error("consuming from kafka", &e)),
+        }
+    }
+
+    async fn commit(&mut self, positions: Vec<Position>) -> Result<(), PortError> {
+        let offsets = commit_offsets(&positions);
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let Some(consumer) = self.consumer.clone() else {
+            return Err(PortError::Transient("the kafka consumer is closed".into()));
+        };
+        let shared = self.shared.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || commit_blocking(&consumer, &shared, &topic, offsets))
+            .await
+            .map_err(|e| PortError::Transient(format!("committing kafka offsets: {e}")))?
+    }
+
+    /// Pauses fetching for the whole assignment but keeps polling the consumer, so it keeps its
+    /// group membership (heartbeats, `max.poll.interval.ms`) and serves rebalances; partitions
+    /// assigned meanwhile are paused too. Anything already fetched is kept for `next`.
+    async fn idle(&mut self, pause: Duration) {
+        let deadline = tokio::time::Instant::now() + pause;
+        self.pause();
+        while let Some(consumer) = &self.consumer {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Err(_) => break,
+                Ok(Ok(m)) => {
+                    let msg = convert(&self.topic, &self.provenance, &m);
+                    drop(m);
+                    self.pending.push_back(msg);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "kafka consumer error while idle");
+                    // Errors are reported once per state change; do not spin on a repeated one.
+                    let step = tokio::time::Instant::now() + Duration::from_millis(100);
+                    tokio::time::sleep_until(step.min(deadline)).await;
+                }
+            }
+        }
+        self.resume();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_offsets_take_the_max_plus_one_per_partition() {
+        let p = |partition, offset| Position { partition, offset };
+        let got = commit_offsets(&[p(0, 5), p(1, 2), p(0, 3), p(0, 9), p(1, 1)]);
+        assert_eq!(got, BTreeMap::from([(0, 10), (1, 3)]));
+        assert!(commit_offsets(&[]).is_empty());
+    }
+
+    #[test]
+    fn provenance_matches_by_payload() {
+        let prov = Provenance::default();
+        let origin = |offset| Origin {
+            topic: "t".into(),
+            partition: 1,
+            offset,
+        };
+        prov.record(b"abc", origin(7));
+        prov.record(b"xyz", origin(8));
+        assert_eq!(prov.take(b"nope"), None);
+        assert_eq!(prov.take(b"xyz"), Some(origin(8)));
+        assert_eq!(prov.take(b"xyz"), None);
+        assert_eq!(prov.take(b"abc"), Some(origin(7)));
+        for i in 0..(PROVENANCE_CAPACITY as i64 + 10) {
+            prov.record(&i.to_le_bytes(), origin(i));
+        }
+        assert_eq!(prov.take(&0i64.to_le_bytes()), None);
+        assert_eq!(
+            prov.take(&200i64.to_le_bytes()).map(|o| o.offset),
+            Some(200)
+        );
+    }
+}
