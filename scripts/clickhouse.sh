@@ -155,7 +155,17 @@ cmd_start() {
   local old_pid
   old_pid=$(read_pid "$dir")
   if pid_alive "$old_pid"; then
-    die "a server is already running from $dir (pid $old_pid); stop it first"
+    # Already running: fine when it is the server asked for (start is idempotent).
+    # shellcheck disable=SC1091
+    . "$dir/ports"
+    if [ -z "$http" ] || [ "$http" = "$HTTP_PORT" ]; then
+      if ping_ok "$HTTP_PORT"; then
+        echo "USERSEG_TEST_CLICKHOUSE_URL=http://127.0.0.1:$HTTP_PORT" >"$dir/clickhouse.env"
+        echo "clickhouse.sh: already running, pid $old_pid, http://127.0.0.1:$HTTP_PORT"
+        return 0
+      fi
+    fi
+    die "a server is already running from $dir (pid $old_pid, http port $HTTP_PORT); stop it first"
   fi
 
   # Ports of a previous run in this directory, reused when still free.

@@ -126,15 +126,28 @@ impl ClickHouseClient {
         if !params.is_empty() {
             url.query_pairs_mut().extend_pairs(params);
         }
-        let resp = self
-            .http
-            .post(url)
-            .basic_auth(&self.user, Some(&self.password))
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        self.read_ok(resp).await
+        let body = Bytes::from(body);
+        let mut retried = false;
+        loop {
+            let sent = self
+                .http
+                .post(url.clone())
+                .basic_auth(&self.user, Some(&self.password))
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(resp) => return self.read_ok(resp).await,
+                // A pooled keep-alive connection the server closed just as it was reused fails
+                // without a timeout or a connect error. Every request this crate sends is
+                // idempotent, so one immediate retry on a fresh connection is safe.
+                Err(e) if !retried && !e.is_timeout() && !e.is_connect() => {
+                    tracing::debug!(error = %e, "request failed on a pooled connection; retrying once");
+                    retried = true;
+                }
+                Err(e) => return Err(self.unreachable(e)),
+            }
+        }
     }
 
     async fn read_ok(&self, resp: reqwest::Response) -> Result<Bytes, ClickHouseError> {

@@ -16,12 +16,12 @@ const DAY: i64 = 86_400;
 /// ClickHouse refuses an INSERT block touching more than `max_partitions_per_insert_block`
 /// (default 100) partitions, with `TOO_MANY_PARTS`; a write spanning more days is split below it.
 const MAX_DAYS_PER_INSERT: i64 = 90;
-/// Sketch bucket sizes, as in migration 0002.
+/// Sketch bucket sizes, as in migration 0002 (the third is `DAY`).
 const MINUTE: i64 = 60;
 const HOUR: i64 = 3600;
 
 /// The tables that retention drops day partitions from.
-pub const PARTITIONED_TABLES: &[&str] = &["pairs", "agg_minute", "agg_hour"];
+pub const PARTITIONED_TABLES: &[&str] = &["pairs", "agg_minute", "agg_hour", "agg_day"];
 
 /// A day partition removed by [`ClickHouseStore::drop_expired_partitions`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -284,9 +284,9 @@ impl ClickHouseStore {
         self.query_counts(sql, "count_all", Mode::Exact).await
     }
 
-    /// The sub-queries selecting the sketches live at `at` (optionally of one segment): hour
-    /// buckets wholly inside the window, and minute buckets for the partial hour at its start.
-    /// `None` when nothing can be live.
+    /// The sub-queries selecting the sketches live at `at` (optionally of one segment): day
+    /// buckets wholly inside the window, hour buckets of its first partial day, and minute buckets
+    /// of its first partial hour. `None` when nothing can be live.
     fn sketch_sources(
         &self,
         at: UnixSeconds,
@@ -304,16 +304,19 @@ impl ClickHouseStore {
         let db = &self.db;
         match since(first_minute) {
             Since::Never => None,
-            Since::Always => Some(format!("SELECT {columns} FROM {db}.agg_hour WHERE {seg}1")),
-            Since::From(s) => {
-                let s = i64::from(s);
-                let first_hour = s.div_euclid(HOUR) * HOUR + if s % HOUR == 0 { 0 } else { HOUR };
-                // The sketch of the last hour of 2106 is not worth a special case.
-                let h = u32::try_from(first_hour).ok()?;
+            Since::Always => Some(format!("SELECT {columns} FROM {db}.agg_day WHERE {seg}1")),
+            Since::From(m) => {
+                let m = i64::from(m);
+                let h = ceil_to(m, HOUR);
+                let d = ceil_to(m, DAY);
+                // The sketches of 2106's last day are not worth a special case.
+                let (h, d) = (u32::try_from(h).ok()?, u32::try_from(d).ok()?);
                 Some(format!(
-                    "SELECT {columns} FROM {db}.agg_hour WHERE {seg}bucket >= toDateTime({h}) \
+                    "SELECT {columns} FROM {db}.agg_day WHERE {seg}bucket >= toDateTime({d}) \
                      UNION ALL \
-                     SELECT {columns} FROM {db}.agg_minute WHERE {seg}bucket >= toDateTime({s}) AND bucket < toDateTime({h})"
+                     SELECT {columns} FROM {db}.agg_hour WHERE {seg}bucket >= toDateTime({h}) AND bucket < toDateTime({d}) \
+                     UNION ALL \
+                     SELECT {columns} FROM {db}.agg_minute WHERE {seg}bucket >= toDateTime({m}) AND bucket < toDateTime({h})"
                 ))
             }
         }
@@ -361,7 +364,7 @@ impl ClickHouseStore {
         Ok(())
     }
 
-    /// Drops every day partition of `pairs`, `agg_minute` and `agg_hour` whose whole day has
+    /// Drops every day partition of `pairs` and the sketch tables whose whole day has
     /// expired at `now` (its last second is at or before `now - window`). ClickHouse 18.16 has
     /// no TTL, so the service calls this periodically. Counts never change: queries already
     /// ignore expired rows, and only partitions holding nothing but expired rows are dropped.
@@ -426,6 +429,11 @@ impl ClickHouseStore {
         }
         Ok(expired)
     }
+}
+
+/// The smallest multiple of `unit` at or after `t` (`t` non-negative).
+fn ceil_to(t: i64, unit: i64) -> i64 {
+    t.div_euclid(unit) * unit + if t.rem_euclid(unit) == 0 { 0 } else { unit }
 }
 
 fn mode_label(mode: Mode) -> &'static str {
@@ -550,34 +558,40 @@ mod tests {
     #[test]
     fn sketch_buckets_cover_the_window_once() {
         let s = store();
-        // at - window = 1_000_000_030: first live minute 1_000_000_080, first whole hour
-        // 1_000_000_800.
+        // at - window = 1_000_000_030 (2001-09-09T01:47:10Z): first live minute 1_000_000_080,
+        // first whole hour 1_000_000_800, first whole day 1_000_080_000.
         let at = 1_000_000_030 + 14 * DAY;
         let sql = s.sketch_sources(at, "users", Some("x")).unwrap();
         assert!(
-            sql.contains("agg_hour WHERE segment = 'x' AND bucket >= toDateTime(1000000800)"),
+            sql.contains("agg_day WHERE segment = 'x' AND bucket >= toDateTime(1000080000)"),
             "{sql}"
         );
-        assert!(
-            sql.contains("bucket >= toDateTime(1000000080) AND bucket < toDateTime(1000000800)"),
-            "{sql}"
-        );
-        // Hour-aligned start: the minute range is empty.
-        let at = 1_000_000_800 - 60 + 14 * DAY;
+        assert!(sql.contains("agg_hour WHERE segment = 'x' AND bucket >= toDateTime(1000000800) AND bucket < toDateTime(1000080000)"), "{sql}");
+        assert!(sql.contains("agg_minute WHERE segment = 'x' AND bucket >= toDateTime(1000000080) AND bucket < toDateTime(1000000800)"), "{sql}");
+        // Day-aligned start: the hour and minute ranges are empty.
+        let at = 1_000_080_000 - 60 + 14 * DAY;
         let sql = s.sketch_sources(at, "users", None).unwrap();
         assert!(
-            sql.contains("agg_hour WHERE bucket >= toDateTime(1000000800)"),
+            sql.contains("agg_day WHERE bucket >= toDateTime(1000080000)"),
             "{sql}"
         );
         assert!(
-            sql.contains(">= toDateTime(1000000800) AND bucket < toDateTime(1000000800)"),
+            sql.contains(">= toDateTime(1000080000) AND bucket < toDateTime(1000080000)"),
             "{sql}"
         );
-        // Early times: every hour bucket.
+        // Early times: every day bucket.
         assert!(s
             .sketch_sources(1000, "users", None)
             .unwrap()
-            .ends_with("WHERE 1"));
+            .ends_with("agg_day WHERE 1"));
         assert!(s.sketch_sources(i64::MAX, "users", None).is_none());
+    }
+
+    #[test]
+    fn ceil_to_rounds_up() {
+        assert_eq!(ceil_to(0, 60), 0);
+        assert_eq!(ceil_to(1, 60), 60);
+        assert_eq!(ceil_to(60, 60), 60);
+        assert_eq!(ceil_to(86_399, DAY), DAY);
     }
 }

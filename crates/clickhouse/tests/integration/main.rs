@@ -10,5 +10,6 @@ mod approx;
 mod errors;
 mod migrations;
 mod names;
+mod perf;
 mod retention;
 mod suite;

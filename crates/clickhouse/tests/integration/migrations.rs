@@ -70,6 +70,8 @@ async fn migrations_are_applied_once_recorded_and_idempotent() {
     assert_eq!(
         tables(&store).await,
         vec![
+            "agg_day",
+            "agg_day_mv",
             "agg_hour",
             "agg_hour_mv",
             "agg_minute",

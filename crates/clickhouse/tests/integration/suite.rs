@@ -15,4 +15,4 @@ async fn make_store(window: Window) -> SuiteStore {
     }
 }
 
-userseg_usecase::store_test_suite!(make_store, seeds = 4, steps = 40);
+userseg_usecase::store_test_suite!(make_store, seeds = 6, steps = 50);
