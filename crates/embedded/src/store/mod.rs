@@ -157,12 +157,11 @@ impl MemStore {
             return Ok(());
         }
         // Intern users and group by segment under one dictionary lock.
-        let mut by_segment: StdHashMap<&str, Vec<(u32, i64)>> = StdHashMap::new();
+        let mut group_of: StdHashMap<&str, usize, FixedState> = StdHashMap::default();
+        let mut groups: Vec<(&str, Vec<(u32, i64)>)> = Vec::new();
         {
             let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
             let mut last: Option<(&str, usize)> = None;
-            let mut groups: Vec<Vec<(u32, i64)>> = Vec::new();
-            let mut names: Vec<&str> = Vec::new();
             for p in pairs {
                 let Some(bucket) = bucket_u32(self.bucketing.bucket_of(p.ts)) else {
                     continue;
@@ -173,22 +172,18 @@ impl MemStore {
                 let g = match last {
                     Some((name, g)) if name == p.segment => g,
                     _ => {
-                        let g = match names.iter().position(|n| *n == p.segment) {
-                            Some(g) => g,
-                            None => {
-                                names.push(&p.segment);
-                                groups.push(Vec::new());
-                                groups.len() - 1
-                            }
-                        };
+                        let g = *group_of.entry(p.segment.as_str()).or_insert_with(|| {
+                            groups.push((p.segment.as_str(), Vec::new()));
+                            groups.len() - 1
+                        });
                         last = Some((&p.segment, g));
                         g
                     }
                 };
-                groups[g].push((user, bucket));
+                groups[g].1.push((user, bucket));
             }
-            by_segment.extend(names.into_iter().zip(groups));
         }
+        let by_segment = groups;
         for (name, members) in by_segment {
             let seg = self.segment(name);
             let mut seg = write(&seg);
