@@ -7,6 +7,10 @@
 #                                       USERSEG_TEST_KAFKA=127.0.0.1:PORT
 #   scripts/tansu.sh stop DIR           stops the broker started with DIR
 #
+# A restart (stop, then start with the same DIR) reuses the previous port and storage unless
+# given again, so clients keep their address; with TANSU_STORAGE=sqlite the topics, messages and
+# committed offsets survive it.
+#
 # Environment:
 #   TANSU_BIN       the tansu binary (default: $HOME/.cache/userseg/tansu-0.6.0/bin/tansu)
 #   TANSU_STORAGE   memory (default, fast, lost on stop) or sqlite (DIR/tansu.db, survives a
@@ -67,25 +71,34 @@ start() {
     echo "tansu.sh: already running in $dir (pid $pid)" >&2
     exit 1
   fi
+  if [ -z "$port" ] && [ -f "$dir/tansu.env" ]; then
+    port="$(sed -n 's/^USERSEG_TEST_KAFKA=127\.0\.0\.1://p' "$dir/tansu.env")"
+  fi
   [ -n "$port" ] || port="$(free_port)"
   if port_open "$port"; then
     echo "tansu.sh: port $port is already in use" >&2
     exit 1
   fi
 
-  local storage
-  case "${TANSU_STORAGE:-memory}" in
+  local storage kind="${TANSU_STORAGE:-}"
+  if [ -z "$kind" ] && [ -f "$dir/tansu.storage" ]; then
+    kind="$(cat "$dir/tansu.storage")"
+  fi
+  kind="${kind:-memory}"
+  echo "$kind" >"$dir/tansu.storage"
+  case "$kind" in
     memory) storage="memory://tansu/" ;;
-    sqlite) storage="sqlite://$dir/tansu.db" ;;
-    *) storage="$TANSU_STORAGE" ;;
+    # tansu resolves the sqlite path relative to its working directory, which is DIR.
+    sqlite) storage="sqlite://tansu.db" ;;
+    *) storage="$kind" ;;
   esac
 
   # setsid: the broker outlives this script and is not hit by the caller's Ctrl-C.
-  setsid "$TANSU_BIN" broker \
+  (cd "$dir" && exec setsid "$TANSU_BIN" broker \
     --listener-url "tcp://127.0.0.1:$port" \
     --advertised-listener-url "tcp://127.0.0.1:$port" \
     --storage-engine "$storage" \
-    >"$dir/tansu.log" 2>&1 </dev/null &
+    >"$dir/tansu.log" 2>&1 </dev/null) &
   local pid=$!
   echo "$pid" >"$dir/tansu.pid"
 

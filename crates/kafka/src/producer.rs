@@ -2,7 +2,7 @@
 //! then wait until the broker acknowledged every one of them, bounded by the ack timeout.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -50,9 +50,26 @@ impl Failure {
 pub(crate) struct ProducerHandle {
     config: KafkaConfig,
     name: &'static str,
-    /// Replaced when the idempotent producer hits a fatal error (it then refuses every send).
-    current: Mutex<Arc<Client>>,
+    /// Replaced when the idempotent producer becomes unusable (see `check_fatal`).
+    current: Mutex<Current>,
 }
+
+struct Current {
+    client: Arc<Client>,
+    created: Instant,
+}
+
+impl Current {
+    fn new(client: Client) -> Self {
+        Current {
+            client: Arc::new(client),
+            created: Instant::now(),
+        }
+    }
+}
+
+/// A producer is replaced at most this often.
+const MIN_PRODUCER_AGE: Duration = Duration::from_secs(1);
 
 fn build(config: &KafkaConfig, name: &'static str) -> Result<Client, KafkaError> {
     FutureProducer::from_config_and_context(&producer_config(config), LogContext { client: name })
@@ -65,7 +82,7 @@ impl ProducerHandle {
         Ok(ProducerHandle {
             config: config.clone(),
             name,
-            current: Mutex::new(Arc::new(client)),
+            current: Mutex::new(Current::new(client)),
         })
     }
 
@@ -77,37 +94,50 @@ impl ProducerHandle {
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .client
             .clone()
     }
 
-    /// After an error: an idempotent producer that raised a fatal error is unusable, so it is
-    /// replaced by a fresh one (its unacknowledged messages have failed and were reported).
+    /// After an error: an idempotent producer that raised a fatal error, or whose producer id
+    /// the broker fenced or forgot, refuses every later send; it is replaced by a fresh one
+    /// (a new producer id). Its unacknowledged messages have failed and were reported.
     pub fn check_fatal(&self, failed: &Arc<Client>, error: &KafkaError) {
-        let fatal = error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
-            || failed.client().fatal_error().is_some();
-        if !fatal {
+        let unusable = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+            )
+        ) || failed.client().fatal_error().is_some();
+        if !unusable {
             return;
         }
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if !Arc::ptr_eq(&current, failed) {
-            return; // someone replaced it already
+        if !Arc::ptr_eq(&current.client, failed) {
+            return; // replaced already
+        }
+        if current.created.elapsed() < MIN_PRODUCER_AGE {
+            return; // a fresh producer failing again: do not churn producer ids
         }
         match build(&self.config, self.name) {
             Ok(fresh) => {
-                tracing::error!(
+                tracing::warn!(
                     client = self.name,
                     error = %error,
                     fatal = ?failed.client().fatal_error(),
-                    "kafka producer hit a fatal error; replaced it with a new one"
+                    "kafka producer became unusable; replaced it with a new one"
                 );
-                let old = std::mem::replace(&mut *current, Arc::new(fresh));
-                // Dropping a producer flushes and joins its thread: not on an async worker.
+                metrics::counter!("userseg_kafka_producer_replacements_total").increment(1);
+                let old = std::mem::replace(&mut *current, Current::new(fresh));
+                // Dropping a producer purges and flushes it: not on an async worker.
                 std::thread::spawn(move || drop(old));
             }
             Err(e) => tracing::error!(
                 client = self.name,
                 error = %e,
-                "kafka producer hit a fatal error and could not be recreated"
+                "kafka producer became unusable and could not be recreated"
             ),
         }
     }
