@@ -238,6 +238,6 @@ mod tests {
             "{}",
             s[0]
         );
-        assert_eq!(MIGRATIONS[1].statements("d").len(), 9);
+        assert_eq!(MIGRATIONS[1].statements("d").len(), 3);
     }
 }

@@ -16,12 +16,9 @@ const DAY: i64 = 86_400;
 /// ClickHouse refuses an INSERT block touching more than `max_partitions_per_insert_block`
 /// (default 100) partitions, with `TOO_MANY_PARTS`; a write spanning more days is split below it.
 const MAX_DAYS_PER_INSERT: i64 = 90;
-/// Sketch bucket sizes, as in migration 0002 (the third is `DAY`).
-const MINUTE: i64 = 60;
-const HOUR: i64 = 3600;
 
 /// The tables that retention drops day partitions from.
-pub const PARTITIONED_TABLES: &[&str] = &["pairs", "agg_minute", "agg_hour", "agg_day"];
+pub const PARTITIONED_TABLES: &[&str] = &["pairs", "agg_day"];
 
 /// A day partition removed by [`ClickHouseStore::drop_expired_partitions`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -284,40 +281,37 @@ impl ClickHouseStore {
         self.query_counts(sql, "count_all", Mode::Exact).await
     }
 
-    /// The sub-queries selecting the sketches live at `at` (optionally of one segment): day
-    /// buckets wholly inside the window, hour buckets of its first partial day, and minute buckets
-    /// of its first partial hour. `None` when nothing can be live.
-    fn sketch_sources(
-        &self,
-        at: UnixSeconds,
-        columns: &str,
-        segment: Option<&str>,
-    ) -> Option<String> {
-        // Minute buckets strictly after the one holding `at - window` are live: a pair expires
-        // at the end of its minute bucket's window, less than 60 s before its exact expiry.
-        let first_minute = (at.saturating_sub(self.window_secs()))
-            .div_euclid(MINUTE)
-            .saturating_mul(MINUTE)
-            .saturating_add(MINUTE);
-        let seg = segment.map(|s| format!("segment = {} AND ", quote_string(s)));
-        let seg = seg.as_deref().unwrap_or("");
+    /// A `UNION ALL` of the sketches live at `at` (optionally of one segment): the stored day
+    /// sketches of the days wholly inside the window, and a sketch computed from the pairs of
+    /// its first, partial day. With `segment` it yields a `users` column, without it `segment,
+    /// users` rows. `None` when nothing can be live.
+    fn sketch_sources(&self, at: UnixSeconds, segment: Option<&str>) -> Option<String> {
         let db = &self.db;
-        match since(first_minute) {
+        let (seg_where, seg_col, group) = match segment {
+            Some(s) => (format!("segment = {} AND ", quote_string(s)), "", ""),
+            None => (String::new(), "segment, ", " GROUP BY segment"),
+        };
+        match since(at.saturating_sub(self.window_secs())) {
             Since::Never => None,
-            Since::Always => Some(format!("SELECT {columns} FROM {db}.agg_day WHERE {seg}1")),
-            Since::From(m) => {
-                let m = i64::from(m);
-                let h = ceil_to(m, HOUR);
-                let d = ceil_to(m, DAY);
-                // The sketches of 2106's last day are not worth a special case.
-                let (h, d) = (u32::try_from(h).ok()?, u32::try_from(d).ok()?);
-                Some(format!(
-                    "SELECT {columns} FROM {db}.agg_day WHERE {seg}bucket >= toDateTime({d}) \
-                     UNION ALL \
-                     SELECT {columns} FROM {db}.agg_hour WHERE {seg}bucket >= toDateTime({h}) AND bucket < toDateTime({d}) \
-                     UNION ALL \
-                     SELECT {columns} FROM {db}.agg_minute WHERE {seg}bucket >= toDateTime({m}) AND bucket < toDateTime({h})"
-                ))
+            Since::Always => Some(format!(
+                "SELECT {seg_col}users FROM {db}.agg_day WHERE {seg_where}1"
+            )),
+            Since::From(lo) => {
+                let raw = format!(
+                    "SELECT {seg_col}uniqCombinedState(user_id) AS users FROM {db}.pairs \
+                     WHERE {seg_where}ts > toDateTime({lo})"
+                );
+                // Day buckets starting after `lo` hold only live pairs.
+                let first_day = ceil_to(i64::from(lo) + 1, DAY);
+                Some(match u32::try_from(first_day) {
+                    Ok(d) => format!(
+                        "SELECT {seg_col}users FROM {db}.agg_day WHERE {seg_where}bucket >= toDateTime({d}) \
+                         UNION ALL \
+                         {raw} AND ts < toDateTime({d}){group}"
+                    ),
+                    // The last day of 2106: no whole day is left.
+                    Err(_) => format!("{raw}{group}"),
+                })
             }
         }
     }
@@ -328,7 +322,7 @@ impl ClickHouseStore {
         segment: &str,
         at: UnixSeconds,
     ) -> Result<u64, ClickHouseError> {
-        let Some(sources) = self.sketch_sources(at, "users", Some(segment)) else {
+        let Some(sources) = self.sketch_sources(at, Some(segment)) else {
             return Ok(0);
         };
         let sql =
@@ -341,7 +335,7 @@ impl ClickHouseStore {
         &self,
         at: UnixSeconds,
     ) -> Result<Vec<SegmentCount>, ClickHouseError> {
-        let Some(sources) = self.sketch_sources(at, "segment, users", None) else {
+        let Some(sources) = self.sketch_sources(at, None) else {
             return Ok(Vec::new());
         };
         let sql = format!(
@@ -556,35 +550,38 @@ mod tests {
     }
 
     #[test]
-    fn sketch_buckets_cover_the_window_once() {
+    fn sketches_cover_the_window_once() {
         let s = store();
-        // at - window = 1_000_000_030 (2001-09-09T01:47:10Z): first live minute 1_000_000_080,
-        // first whole hour 1_000_000_800, first whole day 1_000_080_000.
+        // at - window = 1_000_000_030: pairs with ts > 1_000_000_030 before the first whole
+        // day 1_000_080_000 are read raw, later ones from the day sketches.
         let at = 1_000_000_030 + 14 * DAY;
-        let sql = s.sketch_sources(at, "users", Some("x")).unwrap();
-        assert!(
-            sql.contains("agg_day WHERE segment = 'x' AND bucket >= toDateTime(1000080000)"),
-            "{sql}"
+        let sql = s.sketch_sources(at, Some("x")).unwrap();
+        assert_eq!(
+            sql,
+            "SELECT users FROM `d`.agg_day WHERE segment = 'x' AND bucket >= toDateTime(1000080000) \
+             UNION ALL \
+             SELECT uniqCombinedState(user_id) AS users FROM `d`.pairs \
+             WHERE segment = 'x' AND ts > toDateTime(1000000030) AND ts < toDateTime(1000080000)"
         );
-        assert!(sql.contains("agg_hour WHERE segment = 'x' AND bucket >= toDateTime(1000000800) AND bucket < toDateTime(1000080000)"), "{sql}");
-        assert!(sql.contains("agg_minute WHERE segment = 'x' AND bucket >= toDateTime(1000000080) AND bucket < toDateTime(1000000800)"), "{sql}");
-        // Day-aligned start: the hour and minute ranges are empty.
-        let at = 1_000_080_000 - 60 + 14 * DAY;
-        let sql = s.sketch_sources(at, "users", None).unwrap();
-        assert!(
-            sql.contains("agg_day WHERE bucket >= toDateTime(1000080000)"),
-            "{sql}"
+        // A day-aligned bound: that day is expired, the next is whole.
+        let sql = s.sketch_sources(1_000_080_000 + 14 * DAY, None).unwrap();
+        assert_eq!(
+            sql,
+            "SELECT segment, users FROM `d`.agg_day WHERE bucket >= toDateTime(1000166400) \
+             UNION ALL \
+             SELECT segment, uniqCombinedState(user_id) AS users FROM `d`.pairs \
+             WHERE ts > toDateTime(1000080000) AND ts < toDateTime(1000166400) GROUP BY segment"
         );
-        assert!(
-            sql.contains(">= toDateTime(1000080000) AND bucket < toDateTime(1000080000)"),
-            "{sql}"
+        // Early times: every day sketch.
+        assert_eq!(
+            s.sketch_sources(1000, None).unwrap(),
+            "SELECT segment, users FROM `d`.agg_day WHERE 1"
         );
-        // Early times: every day bucket.
-        assert!(s
-            .sketch_sources(1000, "users", None)
-            .unwrap()
-            .ends_with("agg_day WHERE 1"));
-        assert!(s.sketch_sources(i64::MAX, "users", None).is_none());
+        assert!(s.sketch_sources(i64::MAX, None).is_none());
+        let late = s
+            .sketch_sources(i64::from(u32::MAX) - 10 + 14 * DAY, Some("x"))
+            .unwrap();
+        assert!(!late.contains("agg_day"), "{late}");
     }
 
     #[test]

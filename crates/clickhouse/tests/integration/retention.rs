@@ -82,17 +82,13 @@ async fn drops_expired_days_and_keeps_live_ones() {
         vec![
             want("agg_day", "20251124", 0),
             want("agg_day", "20251129", 5),
-            want("agg_hour", "20251124", 0),
-            want("agg_hour", "20251129", 5),
-            want("agg_minute", "20251124", 0),
-            want("agg_minute", "20251129", 5),
             want("pairs", "20251124", 0),
             want("pairs", "20251129", 5),
         ]
     );
 
     let left = partitions(&store).await;
-    for table in ["pairs", "agg_minute", "agg_hour", "agg_day"] {
+    for table in ["pairs", "agg_day"] {
         let ids: Vec<&str> = left
             .iter()
             .filter(|(t, _)| t == table)
@@ -113,7 +109,7 @@ async fn drops_expired_days_and_keeps_live_ones() {
     // A day later the straddling day has expired too.
     let later = now + DAY;
     let dropped = store.drop_expired_partitions(later).await.unwrap();
-    assert_eq!(dropped.len(), 4);
+    assert_eq!(dropped.len(), 2);
     assert!(dropped.iter().all(|d| d.partition_id == "20251130"));
     assert_eq!(
         store.count("s", later, Mode::Exact).await.unwrap(),
