@@ -205,7 +205,9 @@ cmd_start() {
   local server
   server=$(find_server)
   # The server runs as whoever starts it (root included: 18.16 does not refuse). Its data is
-  # owned by that user, so restarts must use the same user.
+  # owned by that user, so restarts must use the same user. setsid detaches it from the
+  # caller's process group; it does not fork here (a background subshell of a script is not a
+  # group leader), so $! is the server's pid, which is checked against the listening socket.
   # shellcheck disable=SC2086
   (cd "$dir" && exec setsid $server --config-file="$dir/config.xml" \
     >"$dir/log/stdout.log" 2>"$dir/log/stderr.log" </dev/null) &
@@ -226,6 +228,11 @@ cmd_start() {
     fi
     sleep 0.2
   done
+  local listener
+  listener=$(ss -Hltnp "sport = :$http" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
+  if [ -n "$listener" ] && [ "$listener" != "$pid" ]; then
+    die "port $http is served by pid $listener, not by the server started as pid $pid"
+  fi
   echo "USERSEG_TEST_CLICKHOUSE_URL=http://127.0.0.1:$http" >"$dir/clickhouse.env"
   echo "clickhouse.sh: started pid $pid, http://127.0.0.1:$http (tcp $tcp, interserver $inter), data in $dir/data"
 }

@@ -20,6 +20,7 @@ const MAX_ERROR_BODY: usize = 2048;
 pub struct ClickHouseClient {
     http: reqwest::Client,
     base: Url,
+    ping_url: Url,
     user: String,
     password: String,
     max_execution_secs: u64,
@@ -30,6 +31,13 @@ impl ClickHouseClient {
     pub fn new(config: &ClickHouseConfig) -> Result<Self, ClickHouseError> {
         config.validate()?;
         let base = Url::parse(&config.addr).map_err(|e| {
+            ClickHouseError::Config(crate::ConfigError {
+                var: crate::config::env::ADDR,
+                reason: e.to_string(),
+            })
+        })?;
+        // Relative, so a base URL behind a path prefix (`http://proxy/ch/`) keeps it.
+        let ping_url = base.join("ping").map_err(|e| {
             ClickHouseError::Config(crate::ConfigError {
                 var: crate::config::env::ADDR,
                 reason: e.to_string(),
@@ -47,6 +55,7 @@ impl ClickHouseClient {
         Ok(ClickHouseClient {
             http,
             base,
+            ping_url,
             user: config.user.clone(),
             password: config.password.clone(),
             max_execution_secs: config.request_timeout.as_secs().max(1),
@@ -82,8 +91,7 @@ impl ClickHouseClient {
 
     /// `GET /ping`: is the server up?
     pub async fn ping(&self) -> Result<(), ClickHouseError> {
-        let mut url = self.base.clone();
-        url.set_path("/ping");
+        let url = self.ping_url.clone();
         let resp = self
             .http
             .get(url)

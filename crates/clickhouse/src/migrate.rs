@@ -10,6 +10,9 @@ use crate::client::{quote_ident, rowbinary, ClickHouseClient};
 use crate::config::ClickHouseConfig;
 use crate::error::ClickHouseError;
 
+/// The least request timeout for migration statements.
+const MIGRATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// One embedded migration.
 #[derive(Clone, Copy, Debug)]
 pub struct Migration {
@@ -80,7 +83,10 @@ pub async fn migrate_to(
     config: &ClickHouseConfig,
     target: u32,
 ) -> Result<Vec<AppliedMigration>, ClickHouseError> {
-    let client = ClickHouseClient::new(config)?;
+    // Backfilling sketches from a large pairs table can take minutes: allow it.
+    let mut long = config.clone();
+    long.request_timeout = long.request_timeout.max(MIGRATION_TIMEOUT);
+    let client = ClickHouseClient::new(&long)?;
     let db = quote_ident(&config.database);
     client
         .execute(&format!("CREATE DATABASE IF NOT EXISTS {db}"))

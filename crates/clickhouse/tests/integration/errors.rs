@@ -52,6 +52,8 @@ async fn nothing_listening_is_transient() {
     let store = ClickHouseStore::new(config, Window::DEFAULT).unwrap();
     let m = assert_all_transient(&store).await;
     assert!(m.contains("unreachable"), "{m}");
+    let e = store.client().ping().await.expect_err("nothing to ping");
+    assert!(e.is_transient(), "{e}");
 }
 
 #[tokio::test]
@@ -199,6 +201,7 @@ async fn a_stopped_server_is_transient_and_a_restart_keeps_the_data() {
     assert_all_transient(&store).await;
 
     run_script(&["start", &dir_s, &port]);
+    store.client().ping().await.expect("ping after restart");
     store.check_ready().await.expect("ready after restart");
     assert_eq!(store.count("s", T0, Mode::Exact).await.unwrap(), (1, true));
     store.write(vec![pair("u2", "s", T0)].into()).await.unwrap();
