@@ -44,18 +44,47 @@ impl ClientContext for SourceContext {
         forward_error("consumer", &error, reason);
     }
 
+    fn stats_raw(&self, statistics: &[u8]) {
+        match serde_json::from_slice::<Statistics>(statistics) {
+            Ok(s) => self.stats(s),
+            Err(e) => tracing::debug!(error = %e, "unreadable librdkafka statistics"),
+        }
+    }
+
     fn stats(&self, statistics: Statistics) {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
-        for (partition, p) in &topic.partitions {
-            // -1 is librdkafka's internal UA partition; lag is -1 where it is unknown.
-            if *partition >= 0 && p.consumer_lag >= 0 {
+        for (&partition, p) in &topic.partitions {
+            // -1 is librdkafka's internal UA partition; offsets below 0 are unknown.
+            if partition < 0 || !p.desired {
+                continue;
+            }
+            if let Some(lag) = commit_lag(p) {
+                tracing::trace!(partition, lag, "kafka consumer lag");
                 metrics::gauge!("userseg_kafka_consumer_lag", "partition" => partition.to_string())
-                    .set(p.consumer_lag as f64);
+                    .set(lag as f64);
             }
         }
     }
+}
+
+/// Messages of an assigned partition not yet committed by the group: librdkafka's
+/// `consumer_lag` (end offset - committed offset), or, before the first commit, everything
+/// from the log start (the group starts at the earliest offset).
+fn commit_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.consumer_lag >= 0 {
+        return Some(p.consumer_lag);
+    }
+    let end = if p.ls_offset >= 0 {
+        p.ls_offset
+    } else {
+        p.hi_offset
+    };
+    if end >= 0 && p.committed_offset < 0 && p.lo_offset >= 0 {
+        return Some((end - p.lo_offset).max(0));
+    }
+    None
 }
 
 impl ConsumerContext for SourceContext {
@@ -116,5 +145,33 @@ impl ConsumerContext for SourceContext {
         if let Err(e) = result {
             tracing::debug!(error = %e, partitions = ?partitions(offsets), "kafka offset commit callback failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::statistics::Partition;
+
+    fn partition(lag: i64, lo: i64, ls: i64, hi: i64, committed: i64) -> Partition {
+        Partition {
+            consumer_lag: lag,
+            lo_offset: lo,
+            ls_offset: ls,
+            hi_offset: hi,
+            committed_offset: committed,
+            ..Partition::default()
+        }
+    }
+
+    #[test]
+    fn lag_counts_what_the_group_has_not_committed() {
+        // librdkafka knows it (something was committed).
+        assert_eq!(commit_lag(&partition(7, 0, 10, 10, 3)), Some(7));
+        // Nothing committed yet: everything from the log start.
+        assert_eq!(commit_lag(&partition(-1, 4, 10, 10, -1001)), Some(6));
+        assert_eq!(commit_lag(&partition(-1, 0, -1001, 12, -1001)), Some(12));
+        // Offsets not known yet.
+        assert_eq!(commit_lag(&partition(-1, -1001, -1001, -1001, -1001)), None);
     }
 }
