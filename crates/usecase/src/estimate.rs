@@ -56,8 +56,11 @@ pub struct Estimation {
     clock: Arc<dyn Clock>,
     window: Window,
     cache_ttl: Duration,
-    cache: Arc<Mutex<HashMap<(Mode, Option<String>), (Instant, UnixSeconds, Cached)>>>,
+    cache: Arc<Mutex<HashMap<CacheKey, CacheEntry>>>,
 }
+
+type CacheKey = (Mode, Option<String>);
+type CacheEntry = (Instant, UnixSeconds, Cached);
 
 /// Upper bound on cached entries; the cache is cleared when it would grow past it.
 const MAX_CACHE_ENTRIES: usize = 10_000;

@@ -115,8 +115,8 @@ impl BatchProcessor {
     }
 
     /// Runs until `cancel` fires (then flushes what is buffered, within the shutdown grace) or
-    /// the source closes.
-    pub async fn run<S: PairSource>(&self, mut source: S, cancel: CancellationToken) {
+    /// the source closes; hands the source back so the caller can close it cleanly.
+    pub async fn run<S: PairSource>(&self, mut source: S, cancel: CancellationToken) -> S {
         let mut pairs: Vec<Pair> = Vec::new();
         let mut positions: Vec<S::Position> = Vec::new();
         let mut deadline: Option<Instant> = None;
@@ -200,6 +200,7 @@ impl BatchProcessor {
             }
             timer.abort();
         }
+        source
     }
 
     async fn flush<S: PairSource>(

@@ -99,7 +99,9 @@ fn rig(config: BatchConfig, script: Vec<PortError>) -> Rig {
         committed: committed.clone(),
     };
     let c = cancel.clone();
-    let task = tokio::spawn(async move { processor.run(source, c).await });
+    let task = tokio::spawn(async move {
+        processor.run(source, c).await;
+    });
     Rig {
         tx,
         committed,

@@ -1,6 +1,7 @@
 //! The userseg binary: one command per role, wiring config → adapters → use cases → API.
 
 mod config;
+mod distributed;
 mod observability;
 mod standalone;
 
@@ -25,6 +26,12 @@ struct Cli {
 enum Command {
     /// Everything in one process on the embedded durable store (no external service).
     Standalone(config::StandaloneArgs),
+    /// Stateless ingest service: validates pairs and publishes them to Kafka.
+    Uss(distributed::UssArgs),
+    /// Estimation service: consumes Kafka in batches into ClickHouse and serves estimates.
+    Es(Box<distributed::EsArgs>),
+    /// Apply the ClickHouse schema migrations.
+    Migrate(distributed::MigrateArgs),
     /// Print the version.
     Version,
 }
@@ -42,6 +49,9 @@ fn main() -> Result<()> {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Standalone(args) => standalone::run(args.validate()?).await,
+            Command::Uss(args) => distributed::run_uss(args).await,
+            Command::Es(args) => distributed::run_es(*args).await,
+            Command::Migrate(args) => distributed::run_migrate(args).await,
             Command::Version => Ok(()),
         }
     });

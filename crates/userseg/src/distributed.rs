@@ -1,0 +1,321 @@
+//! Distributed mode: `uss` (ingest → Kafka), `es` (Kafka → batch processor → ClickHouse, and
+//! estimates from ClickHouse), `migrate` (ClickHouse schema). The use cases are the same as in
+//! standalone mode; only the adapters differ.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use userseg_api::{ApiState, ReadyCheck};
+use userseg_clickhouse::{ClickHouseConfig, ClickHouseStore};
+use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaPublisher, KafkaSource};
+use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, SystemClock};
+
+use crate::config::{duration, BatchArgs, ServiceArgs, ServiceConfig};
+use crate::observability;
+
+#[derive(Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Bootstrap brokers, host:port[,host:port].
+    #[arg(long, env = "KAFKA_BROKER_URL", default_value = "localhost:9092")]
+    pub kafka_broker_url: String,
+    /// Topic of the pair log.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "user-segments")]
+    pub kafka_topic: String,
+    /// Dead-letter topic.
+    #[arg(long, env = "KAFKA_DLQ_TOPIC", default_value = "user-segments-dlq")]
+    pub kafka_dlq_topic: String,
+    /// Partitions of the topics when userseg creates them.
+    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 6)]
+    pub kafka_partitions: i32,
+    /// Replication factor of the topics when userseg creates them.
+    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", default_value_t = 1)]
+    pub kafka_replication_factor: i32,
+    /// Create missing topics at start.
+    #[arg(long, env = "KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kafka_create_topics: bool,
+    /// Longest wait for the broker to acknowledge a publish (then 503 / UNAVAILABLE).
+    #[arg(long, env = "KAFKA_ACK_TIMEOUT", default_value = "10s")]
+    pub kafka_ack_timeout: String,
+    /// Producer linger (batching delay).
+    #[arg(long, env = "KAFKA_LINGER", default_value = "5ms")]
+    pub kafka_linger: String,
+    /// Producer compression: none, gzip, snappy, lz4, zstd.
+    #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4")]
+    pub kafka_compression: String,
+    /// Extra librdkafka properties, key=value,key=value (e.g. security settings).
+    #[arg(long, env = "KAFKA_EXTRA", default_value = "")]
+    pub kafka_extra: String,
+}
+
+impl KafkaArgs {
+    pub fn validate(&self, group_id: Option<&str>) -> Result<KafkaConfig> {
+        let mut c = KafkaConfig::new(self.kafka_broker_url.clone());
+        c.topic = self.kafka_topic.clone();
+        c.dlq_topic = self.kafka_dlq_topic.clone();
+        if let Some(g) = group_id {
+            c.group_id = g.to_owned();
+        }
+        c.partitions = self.kafka_partitions;
+        c.replication_factor = self.kafka_replication_factor;
+        c.ack_timeout = duration("KAFKA_ACK_TIMEOUT", &self.kafka_ack_timeout)?;
+        c.linger = duration("KAFKA_LINGER", &self.kafka_linger)?;
+        c.compression = self.kafka_compression.parse()?;
+        c.extra = KafkaConfig::parse_extra(&self.kafka_extra)?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClickHouseArgs {
+    /// ClickHouse HTTP interface.
+    #[arg(long, env = "CLICKHOUSE_ADDR", default_value = "http://127.0.0.1:8123")]
+    pub clickhouse_addr: String,
+    #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "userseg")]
+    pub clickhouse_database: String,
+    #[arg(long, env = "CLICKHOUSE_USER", default_value = "default")]
+    pub clickhouse_user: String,
+    #[arg(long, env = "CLICKHOUSE_PASSWORD", default_value = "", hide_env_values = true)]
+    pub clickhouse_password: String,
+    /// Timeout of one ClickHouse request.
+    #[arg(long, env = "CLICKHOUSE_REQUEST_TIMEOUT", default_value = "30s")]
+    pub clickhouse_request_timeout: String,
+}
+
+impl ClickHouseArgs {
+    pub fn validate(&self) -> Result<ClickHouseConfig> {
+        let c = ClickHouseConfig {
+            addr: self.clickhouse_addr.clone(),
+            database: self.clickhouse_database.clone(),
+            user: self.clickhouse_user.clone(),
+            password: self.clickhouse_password.clone(),
+            request_timeout: duration("CLICKHOUSE_REQUEST_TIMEOUT", &self.clickhouse_request_timeout)?,
+            ..ClickHouseConfig::default()
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UssArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EsArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Consumer group of the estimation services.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "userseg-es")]
+    pub kafka_group_id: String,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+    /// How long an estimate is served from cache (0s disables the cache).
+    #[arg(long, env = "ESTIMATE_CACHE_TTL", default_value = "1s")]
+    pub estimate_cache_ttl: String,
+    /// How often expired day partitions are dropped.
+    #[arg(long, env = "RETENTION_INTERVAL", default_value = "1h")]
+    pub retention_interval: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+fn bind_check(service: &ServiceConfig) -> Result<()> {
+    if service.limits.max_request_bytes == 0 {
+        bail!("MAX_REQUEST_BYTES: must be positive");
+    }
+    Ok(())
+}
+
+async fn serve(
+    state: ApiState,
+    service: &ServiceConfig,
+    role: &str,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(service.addr)
+        .await
+        .with_context(|| format!("SERVICE_HOST/SERVICE_PORT: cannot listen on {}", service.addr))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, role, window_seconds = service.window.secs(), "userseg listening");
+    Ok(tokio::spawn(userseg_api::serve(
+        listener,
+        userseg_api::router(state),
+        shutdown,
+    )))
+}
+
+async fn stop_server(server: tokio::task::JoinHandle<std::io::Result<()>>) {
+    match tokio::time::timeout(Duration::from_secs(10), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
+        Err(_) => tracing::warn!("in-flight requests did not finish in 10 s; closing them"),
+    }
+}
+
+/// `userseg uss`: validates and publishes to Kafka; stateless.
+pub async fn run_uss(args: UssArgs) -> Result<()> {
+    let service = args.service.validate()?;
+    bind_check(&service)?;
+    let kafka = args.kafka.validate(None)?;
+    let metrics = observability::init_metrics()?;
+    let shutdown = observability::shutdown_on_signals()?;
+    if args.kafka.kafka_create_topics {
+        if let Err(e) = userseg_kafka::ensure_topics(&kafka).await {
+            // The broker may come later; publishing will say UNAVAILABLE until then.
+            tracing::warn!(error = %e, "could not ensure topics at start");
+        }
+    }
+    let publisher = Arc::new(KafkaPublisher::new(&kafka)?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ingest = Ingest::new(publisher.clone(), clock, service.window, service.limits);
+    let mut state = ApiState::new(Some(ingest), None);
+    state.metrics = Some(metrics);
+    state.auth_token = service.api_token.as_deref().map(Arc::from);
+    let server = serve(state, &service, "uss", shutdown.clone()).await?;
+    shutdown.cancelled().await;
+    stop_server(server).await;
+    if let Err(e) = publisher.flush(Duration::from_secs(10)).await {
+        tracing::warn!(error = %e, "producer flush on shutdown failed");
+    }
+    tracing::info!("userseg uss stopped");
+    Ok(())
+}
+
+/// `userseg es`: consumes the pair log in batches into ClickHouse and serves estimates.
+pub async fn run_es(args: EsArgs) -> Result<()> {
+    let service = args.service.validate()?;
+    let batch = args.batch.validate(Duration::from_secs(30))?;
+    if args.kafka_group_id.trim().is_empty() {
+        bail!("KAFKA_GROUP_ID: must not be empty");
+    }
+    let kafka = args.kafka.validate(Some(&args.kafka_group_id))?;
+    let clickhouse = args.clickhouse.validate()?;
+    let cache_ttl = duration("ESTIMATE_CACHE_TTL", &args.estimate_cache_ttl)?;
+    let retention_interval = duration("RETENTION_INTERVAL", &args.retention_interval)?;
+    if retention_interval < Duration::from_secs(1) {
+        bail!("RETENTION_INTERVAL: must be at least 1s");
+    }
+    let metrics = observability::init_metrics()?;
+    let shutdown = observability::shutdown_on_signals()?;
+    if args.kafka.kafka_create_topics {
+        if let Err(e) = userseg_kafka::ensure_topics(&kafka).await {
+            tracing::warn!(error = %e, "could not ensure topics at start");
+        }
+    }
+    let store = ClickHouseStore::new(clickhouse, service.window)?;
+    let source = KafkaSource::new(&kafka)?;
+    let dlq = KafkaDeadLetters::new(&kafka)?.with_provenance(source.provenance());
+    let processor = BatchProcessor::new(Arc::new(store.clone()), Arc::new(dlq), batch);
+    let health = processor.health();
+    let processor_stop = CancellationToken::new();
+    let processor_task = {
+        let stop = processor_stop.clone();
+        tokio::spawn(async move { processor.run(source, stop).await })
+    };
+
+    let retention_stop = CancellationToken::new();
+    let retention_task = {
+        let store = store.clone();
+        let stop = retention_stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(retention_interval);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match store.drop_expired_partitions(SystemClock.now()).await {
+                    Ok(dropped) if !dropped.is_empty() => {
+                        tracing::info!(partitions = dropped.len(), "dropped expired partitions")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "retention failed; will retry"),
+                }
+            }
+        })
+    };
+
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let estimation = Estimation::new(Arc::new(store), clock, service.window, cache_ttl);
+    let mut state = ApiState::new(None, Some(estimation));
+    state.metrics = Some(metrics);
+    state.auth_token = service.api_token.as_deref().map(Arc::from);
+    let h = health.clone();
+    let processor_check: ReadyCheck = Arc::new(move || {
+        let h = h.clone();
+        Box::pin(async move {
+            if h.store_ok() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "writes to clickhouse are failing, consumption paused: {}",
+                    h.last_error().unwrap_or_default()
+                ))
+            }
+        })
+    });
+    state.ready_checks.push(("processor".into(), processor_check));
+    // Broker reachability, through a metadata request of an idle producer client.
+    let broker_probe = Arc::new(KafkaPublisher::new(&kafka)?);
+    let kafka_check: ReadyCheck = Arc::new(move || {
+        let probe = broker_probe.clone();
+        Box::pin(async move {
+            userseg_usecase::PairPublisher::check_ready(probe.as_ref())
+                .await
+                .map_err(|e| e.to_string())
+        })
+    });
+    state.ready_checks.push(("kafka".into(), kafka_check));
+
+    let server = serve(state, &service, "es", shutdown.clone()).await?;
+    shutdown.cancelled().await;
+    // Stop consuming: the processor flushes its batch (bounded by the shutdown grace) and
+    // commits; then the consumer leaves the group so partitions move at once.
+    processor_stop.cancel();
+    match processor_task.await {
+        Ok(source) => source.close().await,
+        Err(e) => tracing::warn!(error = %e, "processor task failed"),
+    }
+    retention_stop.cancel();
+    let _ = retention_task.await;
+    stop_server(server).await;
+    tracing::info!("userseg es stopped");
+    Ok(())
+}
+
+/// `userseg migrate`: applies the ClickHouse migrations.
+pub async fn run_migrate(args: MigrateArgs) -> Result<()> {
+    let config = args.clickhouse.validate()?;
+    let applied = userseg_clickhouse::migrate(&config)
+        .await
+        .with_context(|| format!("migrating {} at {}", config.database, config.addr))?;
+    if applied.is_empty() {
+        println!(
+            "database {} is up to date (schema version {})",
+            config.database,
+            userseg_clickhouse::latest_version()
+        );
+    } else {
+        for m in applied {
+            println!("applied {:04} {}", m.version, m.name);
+        }
+    }
+    Ok(())
+}
