@@ -1,0 +1,93 @@
+//! ClickHouse stopped while ES consumes, then started again: ES pauses (readiness says so,
+//! nothing is dead-lettered), the backlog drains, nothing is lost. In its own test binary
+//! because it stops the shared ClickHouse server.
+
+mod common;
+
+use std::process::Command;
+
+use common::{required_env, seg, until, Cluster};
+use userseg_proto::v1::segments_client::SegmentsClient;
+use userseg_proto::v1::{Pair, PushRequest};
+
+fn clickhouse(cmd: &str, port: Option<&str>) {
+    let dir = required_env("USERSEG_TEST_CLICKHOUSE_DIR");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/clickhouse.sh");
+    let mut c = Command::new("bash");
+    c.arg(script).arg(cmd).arg(&dir);
+    if let Some(p) = port {
+        c.arg(p);
+    }
+    let out = c.output().expect("run scripts/clickhouse.sh");
+    assert!(
+        out.status.success(),
+        "clickhouse.sh {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn push(client: &mut SegmentsClient<tonic::transport::Channel>, from: u64, n: u64) -> u64 {
+    let pairs: Vec<Pair> = (from..from + n)
+        .map(|i| Pair {
+            user_id: format!("o{i}"),
+            segment: "outage".into(),
+            ts: None,
+        })
+        .collect();
+    client
+        .push(PushRequest { pairs })
+        .await
+        .expect("USS does not depend on ClickHouse")
+        .into_inner()
+        .accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_outage_pauses_es_and_the_backlog_drains() {
+    let c = Cluster::new("outage");
+    let port = c
+        .clickhouse
+        .rsplit(':')
+        .next()
+        .map(str::to_owned)
+        .expect("a port in USERSEG_TEST_CLICKHOUSE_URL");
+    c.migrate();
+    let mut uss = c.spawn("uss", &[]);
+    let mut es = c.spawn("es", &[("BATCH_SIZE", "300"), ("CLICKHOUSE_REQUEST_TIMEOUT", "3s")]);
+    uss.ready().await;
+    es.ready().await;
+    let mut client = SegmentsClient::connect(uss.base.clone()).await.unwrap();
+    let mut sent = push(&mut client, 0, 1000).await;
+    until("the first pairs are counted", 30, async || {
+        es.counts().await == vec![seg("outage", 1000)]
+    })
+    .await;
+
+    // Make sure ClickHouse comes back even if an assertion below fails.
+    struct Restart(String);
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            clickhouse("start", Some(&self.0));
+        }
+    }
+    clickhouse("stop", None);
+    let guard = Restart(port.clone());
+    for _ in 0..10 {
+        sent += push(&mut client, sent, 500).await;
+    }
+    until("readiness reports the failing store", 60, async || {
+        let (status, body) = es.readyz().await;
+        status == 503 && body["checks"]["processor"].as_str().is_some_and(|s| s.contains("clickhouse"))
+    })
+    .await;
+    // Lag grows, nothing is dead-lettered.
+    assert_eq!(es.metric("userseg_dead_letters_total").await, 0.0);
+    drop(guard); // starts ClickHouse again on the same port with the same data
+    until("the backlog drains", 120, async || {
+        es.counts().await == vec![seg("outage", sent)]
+    })
+    .await;
+    until("ES is ready again", 30, async || es.readyz().await.0 == 200).await;
+    assert_eq!(es.metric("userseg_dead_letters_total").await, 0.0);
+    assert_eq!(sent, 6000);
+}
