@@ -32,7 +32,12 @@ fn bench(c: &mut Criterion) {
                     ts: p.ts,
                 })
                 .collect();
-            black_box(validate_batch(raw, now, Window::DEFAULT, &Limits::default()))
+            black_box(validate_batch(
+                raw,
+                now,
+                Window::DEFAULT,
+                &Limits::default(),
+            ))
         })
     });
     g.finish();

@@ -111,9 +111,21 @@ mod tests {
     #[test]
     fn every_kind_maps_to_both_protocols() {
         let cases = [
-            (ErrorKind::InvalidArgument, 400, tonic::Code::InvalidArgument),
-            (ErrorKind::PayloadTooLarge, 413, tonic::Code::InvalidArgument),
-            (ErrorKind::Unauthenticated, 401, tonic::Code::Unauthenticated),
+            (
+                ErrorKind::InvalidArgument,
+                400,
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                ErrorKind::PayloadTooLarge,
+                413,
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                ErrorKind::Unauthenticated,
+                401,
+                tonic::Code::Unauthenticated,
+            ),
             (ErrorKind::Overloaded, 503, tonic::Code::ResourceExhausted),
             (ErrorKind::Unavailable, 503, tonic::Code::Unavailable),
             (ErrorKind::Internal, 500, tonic::Code::Internal),

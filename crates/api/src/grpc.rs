@@ -126,9 +126,15 @@ impl Segments for GrpcApi {
                 Ok(None) => break,
                 Err(status) => {
                     // The client went away or sent garbage: what was acknowledged stays.
-                    failure = Some((batch_no, userseg_usecase::IngestError::Publish(
-                        userseg_usecase::PortError::Permanent(format!("stream error: {}", status.message())),
-                    )));
+                    failure = Some((
+                        batch_no,
+                        userseg_usecase::IngestError::Publish(
+                            userseg_usecase::PortError::Permanent(format!(
+                                "stream error: {}",
+                                status.message()
+                            )),
+                        ),
+                    ));
                     break;
                 }
             }

@@ -384,7 +384,11 @@ mod tests {
         let err = parse_ndjson(body, 10).map(|_| ()).unwrap_err();
         assert_eq!(err.line, Some(3));
         assert_eq!(err.index, Some(1));
-        assert!(err.message.starts_with("line 3: invalid pair"), "{}", err.message);
+        assert!(
+            err.message.starts_with("line 3: invalid pair"),
+            "{}",
+            err.message
+        );
         let ok = parse_ndjson(b"{\"user_id\":\"a\",\"segment\":\"s\",\"ts\":5}\r\n", 10).unwrap();
         assert_eq!(ok.len(), 1);
         assert_eq!(ok[0].ts, Some(5));

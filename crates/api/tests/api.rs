@@ -200,27 +200,115 @@ async fn http_bad_input_is_rejected_whole_with_specific_errors() {
     let ok = json!({"user_id": "good", "segment": "kept-out"});
     let n = now();
     let cases: Vec<(&str, Value, u16, &str, Option<u64>)> = vec![
-        ("empty user", json!({"pairs": [ok, {"user_id": "", "segment": "s"}]}), 400, "user_id is empty", Some(1)),
-        ("long user", json!({"pairs": [ok, {"user_id": "x".repeat(257), "segment": "s"}]}), 400, "257 bytes", Some(1)),
-        ("control char", json!({"pairs": [ok, {"user_id": "a\u{1}b", "segment": "s"}]}), 400, "control character U+0001", Some(1)),
-        ("bad segment", json!({"pairs": [ok, {"user_id": "u", "segment": "a/b"}]}), 400, "segment contains '/'", Some(1)),
-        ("long segment", json!({"pairs": [ok, {"user_id": "u", "segment": "s".repeat(129)}]}), 400, "129 characters", Some(1)),
-        ("future ts", json!({"pairs": [ok, {"user_id": "u", "segment": "s", "ts": n + 3600}]}), 400, "ahead of the server clock", Some(1)),
-        ("expired ts", json!({"pairs": [ok, {"user_id": "u", "segment": "s", "ts": n - 15 * 86_400}]}), 400, "already expired", Some(1)),
-        ("wrong type", json!({"pairs": [ok, {"user_id": "u", "segment": "s", "ts": "soon"}]}), 400, "pairs[1].ts: invalid type", Some(1)),
-        ("number user", json!({"pairs": [ok, {"user_id": 7, "segment": "s"}]}), 400, "pairs[1].user_id: invalid type", Some(1)),
-        ("unknown field", json!({"pairs": [ok, {"user_id": "u", "segment": "s", "extra": 1}]}), 400, "unknown field `extra`", Some(1)),
-        ("missing field", json!({"pairs": [ok, {"user_id": "u"}]}), 400, "missing field `segment`", Some(1)),
-        ("unknown top field", json!({"pairs": [ok], "more": true}), 400, "unknown field `more`", None),
-        ("no pairs field", json!({}), 400, "missing field `pairs`", None),
-        ("too many pairs", json!({"pairs": [ok, ok, ok, ok]}), 413, "at most 3 are allowed", None),
+        (
+            "empty user",
+            json!({"pairs": [ok, {"user_id": "", "segment": "s"}]}),
+            400,
+            "user_id is empty",
+            Some(1),
+        ),
+        (
+            "long user",
+            json!({"pairs": [ok, {"user_id": "x".repeat(257), "segment": "s"}]}),
+            400,
+            "257 bytes",
+            Some(1),
+        ),
+        (
+            "control char",
+            json!({"pairs": [ok, {"user_id": "a\u{1}b", "segment": "s"}]}),
+            400,
+            "control character U+0001",
+            Some(1),
+        ),
+        (
+            "bad segment",
+            json!({"pairs": [ok, {"user_id": "u", "segment": "a/b"}]}),
+            400,
+            "segment contains '/'",
+            Some(1),
+        ),
+        (
+            "long segment",
+            json!({"pairs": [ok, {"user_id": "u", "segment": "s".repeat(129)}]}),
+            400,
+            "129 characters",
+            Some(1),
+        ),
+        (
+            "future ts",
+            json!({"pairs": [ok, {"user_id": "u", "segment": "s", "ts": n + 3600}]}),
+            400,
+            "ahead of the server clock",
+            Some(1),
+        ),
+        (
+            "expired ts",
+            json!({"pairs": [ok, {"user_id": "u", "segment": "s", "ts": n - 15 * 86_400}]}),
+            400,
+            "already expired",
+            Some(1),
+        ),
+        (
+            "wrong type",
+            json!({"pairs": [ok, {"user_id": "u", "segment": "s", "ts": "soon"}]}),
+            400,
+            "pairs[1].ts: invalid type",
+            Some(1),
+        ),
+        (
+            "number user",
+            json!({"pairs": [ok, {"user_id": 7, "segment": "s"}]}),
+            400,
+            "pairs[1].user_id: invalid type",
+            Some(1),
+        ),
+        (
+            "unknown field",
+            json!({"pairs": [ok, {"user_id": "u", "segment": "s", "extra": 1}]}),
+            400,
+            "unknown field `extra`",
+            Some(1),
+        ),
+        (
+            "missing field",
+            json!({"pairs": [ok, {"user_id": "u"}]}),
+            400,
+            "missing field `segment`",
+            Some(1),
+        ),
+        (
+            "unknown top field",
+            json!({"pairs": [ok], "more": true}),
+            400,
+            "unknown field `more`",
+            None,
+        ),
+        (
+            "no pairs field",
+            json!({}),
+            400,
+            "missing field `pairs`",
+            None,
+        ),
+        (
+            "too many pairs",
+            json!({"pairs": [ok, ok, ok, ok]}),
+            413,
+            "at most 3 are allowed",
+            None,
+        ),
     ];
     for (name, body, status, needle, index) in cases {
         let (got, err) = post(&s, body).await;
         assert_eq!(got, status, "{name}: {err}");
         let msg = err["error"]["message"].as_str().unwrap_or_default();
         assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
-        let code = if status == 413 { "payload_too_large" } else { "invalid_argument" };
+        let code = if status == 413 {
+            "payload_too_large"
+        } else {
+            "invalid_argument"
+        };
         assert_eq!(err["error"]["code"], code, "{name}");
         assert_eq!(err["error"]["index"].as_u64(), index, "{name}: {err}");
     }
@@ -228,7 +316,10 @@ async fn http_bad_input_is_rejected_whole_with_specific_errors() {
     // content type.
     let (st, err) = post_raw(&s, "application/json", b"{\"pairs\": [".to_vec()).await;
     assert_eq!(st, 400);
-    assert!(err["error"]["message"].as_str().unwrap().contains("invalid JSON body"));
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid JSON body"));
     let (st, _) = post_raw(&s, "application/json", b"{\"pairs\": []} x".to_vec()).await;
     assert_eq!(st, 400);
     let one = json!({"user_id": "u".repeat(256), "segment": "s"});
@@ -236,25 +327,37 @@ async fn http_bad_input_is_rejected_whole_with_specific_errors() {
     let (st, err) = post_raw(&s, "application/json", big.into_bytes()).await;
     assert_eq!(st, 413);
     assert_eq!(err["error"]["code"], "payload_too_large");
-    let nd = b"{\"user_id\":\"good\",\"segment\":\"kept-out\"}\n{\"user_id\":\"u\",\"segment\":\"s\"\n".to_vec();
+    let nd =
+        b"{\"user_id\":\"good\",\"segment\":\"kept-out\"}\n{\"user_id\":\"u\",\"segment\":\"s\"\n"
+            .to_vec();
     let (st, err) = post_raw(&s, "application/x-ndjson", nd).await;
     assert_eq!(st, 400);
     assert_eq!(err["error"]["line"], 2);
     assert_eq!(err["error"]["index"], 1);
     let (st, err) = post_raw(&s, "text/csv", b"u,s".to_vec()).await;
     assert_eq!(st, 415);
-    assert!(err["error"]["message"].as_str().unwrap().contains("application/x-ndjson"));
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("application/x-ndjson"));
     // Bad estimate queries.
     let (st, err) = get(&s, "/v1/segments/bad%20name").await;
     assert_eq!(st, 400);
-    assert!(err["error"]["message"].as_str().unwrap().contains("invalid segment name"));
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid segment name"));
     let (st, _) = get(&s, "/v1/segments?mode=fuzzy").await;
     assert_eq!(st, 400);
     let (st, err) = get(&s, "/v2/nothing").await;
     assert_eq!(st, 404);
     assert_eq!(err["error"]["code"], "not_found");
     // A valid request afterwards is counted, and nothing of the rejected ones is.
-    let (st, _) = post(&s, json!({"pairs": [{"user_id": "late", "segment": "after"}]})).await;
+    let (st, _) = post(
+        &s,
+        json!({"pairs": [{"user_id": "late", "segment": "after"}]}),
+    )
+    .await;
     assert_eq!(st, 200);
     until_counts(&s, json!([{"segment": "after", "users": 1}])).await;
 }
@@ -312,7 +415,11 @@ async fn grpc_push_stream_and_estimates() {
         .await
         .unwrap()
         .into_inner();
-    let names: Vec<_> = l.segments.iter().map(|s| (s.segment.as_str(), s.users)).collect();
+    let names: Vec<_> = l
+        .segments
+        .iter()
+        .map(|s| (s.segment.as_str(), s.users))
+        .collect();
     assert_eq!(names, [("g1", 2), ("g2", 5000)]);
     assert!(l.exact, "the embedded store always answers exactly");
 }
@@ -335,7 +442,11 @@ async fn grpc_bad_input_is_invalid_argument() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().starts_with("pair 1: segment contains ' '"), "{}", err.message());
+    assert!(
+        err.message().starts_with("pair 1: segment contains ' '"),
+        "{}",
+        err.message()
+    );
     let err = client
         .push(PushRequest {
             pairs: vec![pb("a", "ok", Some(now() + 600))],
@@ -353,11 +464,17 @@ async fn grpc_bad_input_is_invalid_argument() {
     assert!(err.message().contains("at most 10"));
     let err = client
         .push(PushRequest {
-            pairs: (0..10).map(|i| pb(&format!("{i}{}", "x".repeat(250)), "ok", None)).collect(),
+            pairs: (0..10)
+                .map(|i| pb(&format!("{i}{}", "x".repeat(250)), "ok", None))
+                .collect(),
         })
         .await
         .unwrap_err();
-    assert_ne!(err.code(), tonic::Code::Ok, "an oversized message must be refused");
+    assert_ne!(
+        err.code(),
+        tonic::Code::Ok,
+        "an oversized message must be refused"
+    );
     let err = client
         .estimate(EstimateRequest {
             segment: "".into(),
@@ -373,9 +490,15 @@ async fn grpc_bad_input_is_invalid_argument() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     // A stream with a bad third batch: the first two stay accepted and are counted.
     let batches = vec![
-        PushRequest { pairs: vec![pb("s1", "stream", None)] },
-        PushRequest { pairs: vec![pb("s2", "stream", None)] },
-        PushRequest { pairs: vec![pb("s3", "bad seg", None)] },
+        PushRequest {
+            pairs: vec![pb("s1", "stream", None)],
+        },
+        PushRequest {
+            pairs: vec![pb("s2", "stream", None)],
+        },
+        PushRequest {
+            pairs: vec![pb("s3", "bad seg", None)],
+        },
     ];
     let err = client
         .push_stream(tokio_stream::iter(batches))
@@ -394,7 +517,9 @@ async fn overload_answers_503_and_resource_exhausted() {
         ..Options::default()
     })
     .await;
-    let five: Vec<Value> = (0..5).map(|i| json!({"user_id": format!("u{i}"), "segment": "s"})).collect();
+    let five: Vec<Value> = (0..5)
+        .map(|i| json!({"user_id": format!("u{i}"), "segment": "s"}))
+        .collect();
     let (st, _) = post(&s, json!({ "pairs": five })).await;
     assert_eq!(st, 200);
     let r = reqwest::Client::new()
@@ -409,7 +534,9 @@ async fn overload_answers_503_and_resource_exhausted() {
     assert_eq!(err["error"]["code"], "overloaded");
     let mut client = SegmentsClient::connect(s.base.clone()).await.unwrap();
     let e = client
-        .push(PushRequest { pairs: vec![pb("x", "s", None)] })
+        .push(PushRequest {
+            pairs: vec![pb("x", "s", None)],
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted);
@@ -462,10 +589,11 @@ async fn auth_token_guards_the_api_but_not_probes() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    let mut authed = SegmentsClient::with_interceptor(channel.clone(), move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
-        Ok(req)
-    });
+    let mut authed =
+        SegmentsClient::with_interceptor(channel.clone(), move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
     authed
         .list_estimates(ListEstimatesRequest { mode: 0 })
         .await
@@ -479,7 +607,10 @@ async fn auth_token_guards_the_api_but_not_probes() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

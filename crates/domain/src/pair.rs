@@ -82,10 +82,7 @@ pub fn validate_user_id(user_id: &str) -> Result<(), PairError> {
         return Ok(());
     }
     match user_id.char_indices().find(|(_, c)| c.is_control()) {
-        Some((at, c)) => Err(PairError::UserIdControlChar {
-            code: c as u32,
-            at,
-        }),
+        Some((at, c)) => Err(PairError::UserIdControlChar { code: c as u32, at }),
         None => Ok(()),
     }
 }
@@ -283,7 +280,10 @@ mod tests {
                 error: PairError::SegmentBadChar { ch: ' ', at: 3 }
             }
         );
-        assert_eq!(err.to_string(), "pair 1: segment contains ' ' at position 3; only A-Z a-z 0-9 _ . : - are allowed");
+        assert_eq!(
+            err.to_string(),
+            "pair 1: segment contains ' ' at position 3; only A-Z a-z 0-9 _ . : - are allowed"
+        );
     }
 
     #[test]

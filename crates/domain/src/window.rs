@@ -19,9 +19,7 @@ const MAX_WINDOW_SECS: u64 = 10 * 366 * 86_400;
 
 impl Window {
     /// Two weeks, the product's default.
-    pub const DEFAULT: Window = Window {
-        secs: 14 * 86_400,
-    };
+    pub const DEFAULT: Window = Window { secs: 14 * 86_400 };
 
     pub fn from_secs(secs: u64) -> Result<Window, WindowError> {
         if secs == 0 {

@@ -7,7 +7,8 @@ pub mod v1 {
 }
 
 /// The encoded file descriptor set, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/userseg_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/userseg_descriptor.bin"));
 
 /// Current version of [`v1::PairBatch`] written to the log.
 pub const PAIR_BATCH_VERSION: u32 = 1;

@@ -12,7 +12,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use userseg_domain::Pair;
 
-use crate::{Content, DeadLetter, DeadLetterSink, DeadPayload, PairSource, PortError, SegmentWriter};
+use crate::{
+    Content, DeadLetter, DeadLetterSink, DeadPayload, PairSource, PortError, SegmentWriter,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchConfig {
@@ -244,7 +246,10 @@ impl BatchProcessor {
                         .0
                         .pairs_written
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    self.health.0.batches_written.fetch_add(1, Ordering::Relaxed);
+                    self.health
+                        .0
+                        .batches_written
+                        .fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("userseg_processor_pairs_written_total")
                         .increment(batch.len() as u64);
                     metrics::counter!("userseg_processor_batches_written_total").increment(1);

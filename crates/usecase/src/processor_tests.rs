@@ -142,7 +142,10 @@ async fn flushes_when_batch_is_full_and_commits_after_write() {
     assert!(r.writer.written.lock().unwrap().is_empty(), "not full yet");
     assert!(r.committed.lock().unwrap().is_empty());
     r.tx.send(msg(2, vec![pair(3)])).await.unwrap();
-    until("the batch is committed", || r.committed.lock().unwrap().len() == 2).await;
+    until("the batch is committed", || {
+        r.committed.lock().unwrap().len() == 2
+    })
+    .await;
     assert_eq!(r.writer.written.lock().unwrap().len(), 1);
     assert_eq!(r.writer.written.lock().unwrap()[0].len(), 3);
     assert_eq!(*r.committed.lock().unwrap(), vec![1, 2]);
@@ -155,7 +158,10 @@ async fn flushes_after_the_interval() {
     tokio::time::sleep(Duration::from_secs(29)).await;
     assert!(r.writer.written.lock().unwrap().is_empty());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    until("the interval flush", || r.committed.lock().unwrap().len() == 1).await;
+    until("the interval flush", || {
+        r.committed.lock().unwrap().len() == 1
+    })
+    .await;
     assert_eq!(r.writer.written.lock().unwrap()[0], vec![pair(1)]);
 }
 
@@ -167,7 +173,10 @@ async fn transient_failures_retry_forever_and_never_dead_letter() {
     let r = rig(config(1), script);
     r.tx.send(msg(1, vec![pair(1)])).await.unwrap();
     until("the store failure is visible", || !r.health.store_ok()).await;
-    assert!(r.committed.lock().unwrap().is_empty(), "nothing committed while failing");
+    assert!(
+        r.committed.lock().unwrap().is_empty(),
+        "nothing committed while failing"
+    );
     until("the batch is finally written", || {
         r.committed.lock().unwrap().len() == 1
     })
@@ -175,7 +184,11 @@ async fn transient_failures_retry_forever_and_never_dead_letter() {
     assert_eq!(*r.writer.attempts.lock().unwrap(), 21);
     assert!(r.dlq.0.lock().unwrap().is_empty());
     assert!(r.health.store_ok());
-    assert!(r.health.last_error().unwrap().contains("connection refused"));
+    assert!(r
+        .health
+        .last_error()
+        .unwrap()
+        .contains("connection refused"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -185,7 +198,10 @@ async fn permanent_rejection_is_retried_then_dead_lettered_then_committed() {
         .collect();
     let r = rig(config(2), script);
     r.tx.send(msg(1, vec![pair(1), pair(2)])).await.unwrap();
-    until("the batch is committed", || r.committed.lock().unwrap().len() == 1).await;
+    until("the batch is committed", || {
+        r.committed.lock().unwrap().len() == 1
+    })
+    .await;
     // One attempt plus three retries.
     assert_eq!(*r.writer.attempts.lock().unwrap(), 4);
     let dlq = r.dlq.0.lock().unwrap();

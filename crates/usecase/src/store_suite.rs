@@ -259,10 +259,8 @@ macro_rules! store_test_suite {
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn list_is_sorted_and_omits_empty_segments() {
-                suite::list_is_sorted_and_omits_empty_segments(
-                    super::$make(suite::window()).await,
-                )
-                .await;
+                suite::list_is_sorted_and_omits_empty_segments(super::$make(suite::window()).await)
+                    .await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn odd_but_valid_names_round_trip() {

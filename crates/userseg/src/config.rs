@@ -11,8 +11,9 @@ use userseg_domain::{Limits, Window};
 use userseg_usecase::BatchConfig;
 
 pub fn duration(var: &str, value: &str) -> Result<Duration> {
-    humantime::parse_duration(value.trim())
-        .with_context(|| format!("{var}: {value:?} is not a duration (write e.g. 200ms, 30s, 5m, 14d)"))
+    humantime::parse_duration(value.trim()).with_context(|| {
+        format!("{var}: {value:?} is not a duration (write e.g. 200ms, 30s, 5m, 14d)")
+    })
 }
 
 #[derive(Args, Debug, Clone)]
@@ -107,7 +108,10 @@ impl ServiceArgs {
         }
         let w = duration("WINDOW", &self.window)?;
         if w.subsec_nanos() != 0 {
-            bail!("WINDOW: {:?} must be a whole number of seconds", self.window);
+            bail!(
+                "WINDOW: {:?} must be a whole number of seconds",
+                self.window
+            );
         }
         let window = Window::from_secs(w.as_secs()).map_err(|e| anyhow::anyhow!("WINDOW: {e}"))?;
         if !(1..=1_000_000).contains(&self.max_pairs_per_request) {
@@ -153,7 +157,10 @@ impl BatchArgs {
             bail!("FLUSH_INTERVAL: must be more than 0 and at most 1h");
         }
         if self.retry_attempts > 100 {
-            bail!("RETRY_ATTEMPTS: {} must be at most 100", self.retry_attempts);
+            bail!(
+                "RETRY_ATTEMPTS: {} must be at most 100",
+                self.retry_attempts
+            );
         }
         let backoff_initial = duration("RETRY_BACKOFF", &self.retry_backoff)?;
         let backoff_max = duration("RETRY_BACKOFF_MAX", &self.retry_backoff_max)?;

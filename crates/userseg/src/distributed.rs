@@ -78,7 +78,12 @@ pub struct ClickHouseArgs {
     pub clickhouse_database: String,
     #[arg(long, env = "CLICKHOUSE_USER", default_value = "default")]
     pub clickhouse_user: String,
-    #[arg(long, env = "CLICKHOUSE_PASSWORD", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CLICKHOUSE_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub clickhouse_password: String,
     /// Timeout of one ClickHouse request.
     #[arg(long, env = "CLICKHOUSE_REQUEST_TIMEOUT", default_value = "30s")]
@@ -92,7 +97,10 @@ impl ClickHouseArgs {
             database: self.clickhouse_database.clone(),
             user: self.clickhouse_user.clone(),
             password: self.clickhouse_password.clone(),
-            request_timeout: duration("CLICKHOUSE_REQUEST_TIMEOUT", &self.clickhouse_request_timeout)?,
+            request_timeout: duration(
+                "CLICKHOUSE_REQUEST_TIMEOUT",
+                &self.clickhouse_request_timeout,
+            )?,
             ..ClickHouseConfig::default()
         };
         c.validate()?;
@@ -150,7 +158,12 @@ async fn serve(
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let listener = tokio::net::TcpListener::bind(service.addr)
         .await
-        .with_context(|| format!("SERVICE_HOST/SERVICE_PORT: cannot listen on {}", service.addr))?;
+        .with_context(|| {
+            format!(
+                "SERVICE_HOST/SERVICE_PORT: cannot listen on {}",
+                service.addr
+            )
+        })?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, role, window_seconds = service.window.secs(), "userseg listening");
     Ok(tokio::spawn(userseg_api::serve(
@@ -271,7 +284,9 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
             }
         })
     });
-    state.ready_checks.push(("processor".into(), processor_check));
+    state
+        .ready_checks
+        .push(("processor".into(), processor_check));
     // Broker reachability, through a metadata request of an idle producer client.
     let broker_probe = Arc::new(KafkaPublisher::new(&kafka)?);
     let kafka_check: ReadyCheck = Arc::new(move || {

@@ -29,7 +29,9 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
 
     let processor = BatchProcessor::new(
         Arc::new(store.clone()),
-        Arc::new(FileDeadLetters::new(cfg.data_dir.join("dead-letters.ndjson"))),
+        Arc::new(FileDeadLetters::new(
+            cfg.data_dir.join("dead-letters.ndjson"),
+        )),
         cfg.batch.clone(),
     );
     let health = processor.health();
@@ -77,11 +79,18 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
             }
         })
     });
-    state.ready_checks.push(("processor".into(), processor_check));
+    state
+        .ready_checks
+        .push(("processor".into(), processor_check));
 
     let listener = tokio::net::TcpListener::bind(cfg.service.addr)
         .await
-        .with_context(|| format!("SERVICE_HOST/SERVICE_PORT: cannot listen on {}", cfg.service.addr))?;
+        .with_context(|| {
+            format!(
+                "SERVICE_HOST/SERVICE_PORT: cannot listen on {}",
+                cfg.service.addr
+            )
+        })?;
     let addr = listener.local_addr()?;
     tracing::info!(
         %addr,
@@ -125,7 +134,9 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
     match tokio::task::spawn_blocking(move || cp.checkpoint()).await {
         Ok(Ok(Some(offset))) => tracing::info!(offset, "final snapshot written"),
         Ok(Ok(None)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "final snapshot failed; the log still has everything"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "final snapshot failed; the log still has everything")
+        }
         Err(e) => tracing::error!(error = %e, "final snapshot task failed"),
     }
     tracing::info!("userseg standalone stopped");

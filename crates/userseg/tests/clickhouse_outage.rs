@@ -53,7 +53,10 @@ async fn clickhouse_outage_pauses_es_and_the_backlog_drains() {
         .expect("a port in USERSEG_TEST_CLICKHOUSE_URL");
     c.migrate();
     let mut uss = c.spawn("uss", &[]);
-    let mut es = c.spawn("es", &[("BATCH_SIZE", "300"), ("CLICKHOUSE_REQUEST_TIMEOUT", "3s")]);
+    let mut es = c.spawn(
+        "es",
+        &[("BATCH_SIZE", "300"), ("CLICKHOUSE_REQUEST_TIMEOUT", "3s")],
+    );
     uss.ready().await;
     es.ready().await;
     let mut client = SegmentsClient::connect(uss.base.clone()).await.unwrap();
@@ -77,7 +80,10 @@ async fn clickhouse_outage_pauses_es_and_the_backlog_drains() {
     }
     until("readiness reports the failing store", 60, async || {
         let (status, body) = es.readyz().await;
-        status == 503 && body["checks"]["processor"].as_str().is_some_and(|s| s.contains("clickhouse"))
+        status == 503
+            && body["checks"]["processor"]
+                .as_str()
+                .is_some_and(|s| s.contains("clickhouse"))
     })
     .await;
     // Lag grows, nothing is dead-lettered.

@@ -38,20 +38,37 @@ async fn pushed_pairs_are_counted_exactly_and_expire() {
     es.ready().await;
 
     let mut grpc = SegmentsClient::connect(uss.base.clone()).await.unwrap();
-    let users: Vec<Pair> = (0..40).map(|i| pair(&format!("g{i}"), "grpc", None)).collect();
+    let users: Vec<Pair> = (0..40)
+        .map(|i| pair(&format!("g{i}"), "grpc", None))
+        .collect();
     for _ in 0..3 {
         // Re-sends never inflate.
-        let r = grpc.push(PushRequest { pairs: users.clone() }).await.unwrap();
+        let r = grpc
+            .push(PushRequest {
+                pairs: users.clone(),
+            })
+            .await
+            .unwrap();
         assert_eq!(r.into_inner().accepted, 40);
     }
     let t = now();
     let http = reqwest::Client::new();
     let body = json!({"pairs": (0..25).map(|i| json!({"user_id": format!("h{i}"), "segment": "http", "ts": t - 2})).collect::<Vec<_>>()});
-    let r = http.post(format!("{}/v1/pairs", uss.base)).json(&body).send().await.unwrap();
+    let r = http
+        .post(format!("{}/v1/pairs", uss.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     // Backfilled, older pairs for the same users do not change anything.
     let body = json!({"pairs": (0..25).map(|i| json!({"user_id": format!("h{i}"), "segment": "http", "ts": t - 5})).collect::<Vec<_>>()});
-    let r = http.post(format!("{}/v1/pairs", uss.base)).json(&body).send().await.unwrap();
+    let r = http
+        .post(format!("{}/v1/pairs", uss.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     // Invalid input is refused by USS with the same errors as standalone.
     let r = http
@@ -66,20 +83,27 @@ async fn pushed_pairs_are_counted_exactly_and_expire() {
         es.counts().await == vec![seg("grpc", 40), seg("http", 25)]
     })
     .await;
-    let approx: serde_json::Value = reqwest::get(format!("{}/v1/segments/grpc?mode=approx", es.base))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let approx: serde_json::Value =
+        reqwest::get(format!("{}/v1/segments/grpc?mode=approx", es.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
     assert_eq!(approx["exact"], false);
-    assert_eq!(approx["users"], 40, "small segments are exact even in approx mode");
+    assert_eq!(
+        approx["users"], 40,
+        "small segments are exact even in approx mode"
+    );
     // The http pairs are 2 s older: they expire first, then the grpc ones.
     until("the backfilled segment expires", 30, async || {
         es.counts().await == vec![seg("grpc", 40)]
     })
     .await;
-    until("everything expires", 30, async || es.counts().await.is_empty()).await;
+    until("everything expires", 30, async || {
+        es.counts().await.is_empty()
+    })
+    .await;
 }
 
 /// Messages that cannot be decoded or hold an invalid pair go to the DLQ with their reason;
@@ -174,7 +198,11 @@ async fn invalid_messages_on_the_topic_go_to_the_dlq() {
 
 /// A pusher that sends batches of unique users to USS until told to stop; returns how many
 /// pairs were acknowledged.
-fn pusher(base: String, segment: &'static str, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+fn pusher(
+    base: String,
+    segment: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let mut client = SegmentsClient::connect(base).await.unwrap();
         let mut acked = 0u64;
@@ -219,9 +247,11 @@ async fn es_killed_mid_stream_loses_and_doubles_nothing() {
     stop.store(true, Ordering::SeqCst);
     let acked = task.await.unwrap();
     assert!(acked >= 2000, "only {acked} pairs were pushed");
-    until("every acknowledged pair is counted exactly once", 60, async || {
-        es.counts().await == vec![seg("k", acked)]
-    })
+    until(
+        "every acknowledged pair is counted exactly once",
+        60,
+        async || es.counts().await == vec![seg("k", acked)],
+    )
     .await;
 }
 
@@ -246,7 +276,8 @@ async fn two_es_in_one_group_split_the_partitions() {
     stop.store(true, Ordering::SeqCst);
     let acked = task.await.unwrap();
     until("both report the exact count", 60, async || {
-        es1.counts().await == vec![seg("two", acked)] && es2.counts().await == vec![seg("two", acked)]
+        es1.counts().await == vec![seg("two", acked)]
+            && es2.counts().await == vec![seg("two", acked)]
     })
     .await;
     let log1 = std::fs::read_to_string(&es1.log).unwrap_or_default();
@@ -280,11 +311,12 @@ async fn uss_without_a_broker_answers_unavailable_in_bounded_time() {
     let mut grpc = SegmentsClient::connect(uss.base.clone()).await.unwrap();
     let started = Instant::now();
     let e = grpc
-        .push(PushRequest { pairs: vec![pair("u", "s", None)] })
+        .push(PushRequest {
+            pairs: vec![pair("u", "s", None)],
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(6));
     assert_eq!(uss.readyz().await.0, 503);
 }
-

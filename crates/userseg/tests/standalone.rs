@@ -192,7 +192,10 @@ async fn every_acknowledged_pair_survives_sigkill() {
         .await
         .unwrap();
     until("the new pair is counted", 10, async || {
-        counts(&p.base).await.iter().any(|(s, n)| s == "restart" && *n == 1)
+        counts(&p.base)
+            .await
+            .iter()
+            .any(|(s, n)| s == "restart" && *n == 1)
     })
     .await;
 }
@@ -219,10 +222,14 @@ async fn memberships_expire_after_the_window() {
         {"user_id": "c", "segment": "short", "ts": t0 - 2},
     ]}))
     .await;
-    until("all three are counted or c already expired", 5, async || {
-        let c = counts(&p.base).await;
-        c == vec![("short".to_string(), 3)] || c == vec![("short".to_string(), 2)]
-    })
+    until(
+        "all three are counted or c already expired",
+        5,
+        async || {
+            let c = counts(&p.base).await;
+            c == vec![("short".to_string(), 3)] || c == vec![("short".to_string(), 2)]
+        },
+    )
     .await;
     let started = Instant::now();
     until("c (sent 2 s old) expires first", 5, async || {
@@ -235,7 +242,10 @@ async fn memberships_expire_after_the_window() {
         counts(&p.base).await == vec![("short".to_string(), 1)]
     })
     .await;
-    until("everything expires", 8, async || counts(&p.base).await.is_empty()).await;
+    until("everything expires", 8, async || {
+        counts(&p.base).await.is_empty()
+    })
+    .await;
     assert!(started.elapsed() >= Duration::from_secs(2));
     // The expired pair can no longer be pushed with its old ts.
     let r = http
@@ -265,7 +275,11 @@ async fn sigterm_shuts_down_gracefully() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let pid = p.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = p.child.try_wait().unwrap() {
@@ -284,7 +298,11 @@ async fn sigterm_shuts_down_gracefully() {
 
 #[test]
 fn invalid_config_fails_fast_naming_the_variable() {
-    for (var, value) in [("WINDOW", "fortnight"), ("BATCH_SIZE", "0"), ("SERVICE_HOST", "not a host")] {
+    for (var, value) in [
+        ("WINDOW", "fortnight"),
+        ("BATCH_SIZE", "0"),
+        ("SERVICE_HOST", "not a host"),
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_userseg"))
             .arg("standalone")
             .env("DATA_DIR", "/nonexistent/never-created")
