@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# `make bench`: runs the benchmark scenarios on this machine and writes docs/BENCHMARKS.md.
+# Every figure in that file comes from this script's runs; nothing is typed by hand.
+#
+# Sizes can be lowered for a quick run, e.g. BENCH_SCALE_PAIRS=5000000 BENCH_INGEST_SECS=10.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+INGEST_SECS="${BENCH_INGEST_SECS:-30}"          # (1) and (5): seconds of sustained ingest
+SCALE_PAIRS="${BENCH_SCALE_PAIRS:-50000000}"     # (2) and (4): live pairs in the store
+SCALE_USERS="${BENCH_SCALE_USERS:-10000000}"
+SEGMENTS="${BENCH_SEGMENTS:-500}"
+DIST_PAIRS="${BENCH_DIST_PAIRS:-5000000}"        # (3): pairs through USS → broker → ES
+OUT="${BENCH_OUT:-docs/BENCHMARKS.md}"
+
+echo "bench: building release binaries"
+cargo build --release --quiet -p userseg
+cargo build --release --quiet -p userseg-embedded --example scale
+BIN="$PWD/target/release/userseg"
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  scripts/tansu.sh stop "$WORK/tansu" >/dev/null 2>&1 || true
+  scripts/clickhouse.sh stop "$WORK/clickhouse" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_ready() {
+  for _ in $(seq 1 600); do
+    curl -fsS "$1/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "bench: $1 never became ready" >&2; return 1
+}
+# p50/p99/max latency in ms of N GETs of a URL (keep-alive), as JSON.
+http_latency() {
+  python3 - "$1" "${2:-500}" <<'PY'
+import http.client, json, sys, time, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1]); n = int(sys.argv[2])
+c = http.client.HTTPConnection(u.hostname, u.port)
+lat = []
+for _ in range(n):
+    path = u.path + ("?" + u.query if u.query else "")
+    t = time.perf_counter(); c.request("GET", path); r = c.getresponse(); r.read()
+    lat.append((time.perf_counter() - t) * 1e3)
+lat.sort()
+print(json.dumps({"p50_ms": lat[len(lat)//2], "p99_ms": lat[int(len(lat)*0.99)-1], "max_ms": lat[-1], "samples": n}))
+PY
+}
+
+COMMANDS=()
+run() { COMMANDS+=("$*"); "$@"; }
+
+# (1) and (5): standalone ingest, durable (fdatasync before every acknowledgement).
+PORT=$(free_port); URL="http://127.0.0.1:$PORT"
+DATA_DIR="$WORK/standalone" SERVICE_PORT=$PORT BATCH_SIZE=100000 FLUSH_INTERVAL=200ms \
+  "$BIN" standalone 2>"$WORK/standalone.log" & PIDS+=($!)
+wait_ready "$URL"
+echo "bench: (1) standalone ingest over gRPC streaming, ${INGEST_SECS}s"
+run "$BIN" load --target "$URL" --protocol grpc --users 5000000 --segments "$SEGMENTS" \
+  --duration "${INGEST_SECS}s" --batch 10000 --concurrency 4 --segment-prefix grpc- --json >"$WORK/s1.json"
+echo "bench: (5) the same workload over HTTP/JSON"
+run "$BIN" load --target "$URL" --protocol http --users 5000000 --segments "$SEGMENTS" \
+  --duration "${INGEST_SECS}s" --batch 10000 --concurrency 4 --segment-prefix http- --json >"$WORK/s5.json"
+echo "bench: estimate latency over HTTP on the loaded standalone server"
+sleep 1
+http_latency "$URL/v1/segments" 500 >"$WORK/s2_http_all.json"
+http_latency "$URL/v1/segments/grpc-0" 500 >"$WORK/s2_http_one.json"
+RSS_KB=$(ps -o rss= -p "${PIDS[0]}" | tr -d ' ')
+echo "{\"rss_kb\": $RSS_KB}" >"$WORK/s1_rss.json"
+kill -TERM "${PIDS[0]}"; wait "${PIDS[0]}" || true; PIDS=()
+
+# (2) and (4): the store at scale, in process: memory per live pair, estimates, restart.
+echo "bench: (2)+(4) embedded store with $SCALE_PAIRS live pairs"
+SCALE_DIR="$WORK/scale" run target/release/examples/scale "$SCALE_PAIRS" "$SEGMENTS" "$SCALE_USERS" >"$WORK/scale.json"
+
+# (3): distributed ingest through USS -> broker -> ES -> ClickHouse.
+echo "bench: (3) distributed, $DIST_PAIRS pairs"
+scripts/install-deps.sh >/dev/null
+mkdir -p "$WORK/tansu" "$WORK/clickhouse"
+scripts/tansu.sh start "$WORK/tansu" >/dev/null
+scripts/clickhouse.sh start "$WORK/clickhouse" >/dev/null
+set -a; . "$WORK/tansu/tansu.env"; . "$WORK/clickhouse/clickhouse.env"; set +a
+export KAFKA_BROKER_URL="$USERSEG_TEST_KAFKA" CLICKHOUSE_ADDR="$USERSEG_TEST_CLICKHOUSE_URL" \
+  CLICKHOUSE_DATABASE=bench KAFKA_TOPIC=bench KAFKA_DLQ_TOPIC=bench-dlq KAFKA_GROUP_ID=bench
+"$BIN" migrate >/dev/null
+USS_PORT=$(free_port); ES_PORT=$(free_port)
+SERVICE_PORT=$USS_PORT "$BIN" uss 2>"$WORK/uss.log" & PIDS+=($!)
+SERVICE_PORT=$ES_PORT BATCH_SIZE=200000 FLUSH_INTERVAL=1s ESTIMATE_CACHE_TTL=0s \
+  "$BIN" es 2>"$WORK/es.log" & PIDS+=($!)
+wait_ready "http://127.0.0.1:$USS_PORT"; wait_ready "http://127.0.0.1:$ES_PORT"
+# The load generator pushes to USS and verifies against ES: waited_secs is the end-to-end lag
+# after the last acknowledgement.
+run "$BIN" load --target "http://127.0.0.1:$USS_PORT" --verify-target "http://127.0.0.1:$ES_PORT" \
+  --protocol grpc --users 2000000 --segments "$SEGMENTS" --pairs "$DIST_PAIRS" --batch 10000 \
+  --concurrency 4 --verify --verify-timeout 600s --json >"$WORK/s3.json" || true
+http_latency "http://127.0.0.1:$ES_PORT/v1/segments" 50 >"$WORK/s3_est_exact.json"
+http_latency "http://127.0.0.1:$ES_PORT/v1/segments?mode=approx" 50 >"$WORK/s3_est_approx.json" || true
+
+printf '%s\n' "${COMMANDS[@]}" >"$WORK/commands.txt"
+python3 scripts/bench_report.py "$WORK" "$OUT"
+echo "bench: wrote $OUT"
