@@ -1,0 +1,356 @@
+//! Talking to the server: pushing pre-encoded batches over gRPC (PushStream or Push) or HTTP, and
+//! listing the counts (ListEstimates or `GET /v1/segments`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes};
+use serde::Deserialize;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use userseg_proto::v1::segments_client::SegmentsClient;
+use userseg_proto::v1::{ListEstimatesRequest, Mode, PushResponse};
+
+/// Why a request failed, and whether trying again later may help.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendError {
+    /// The gRPC code (e.g. `RESOURCE_EXHAUSTED`), `http_<status>`, or `transport`.
+    pub kind: String,
+    pub message: String,
+    /// Overload or unavailability: back off and send the same batch again.
+    pub retryable: bool,
+}
+
+/// The upper-snake name of a gRPC code, as in the gRPC spec.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl From<Status> for SendError {
+    fn from(s: Status) -> Self {
+        SendError {
+            kind: code_name(s.code()).to_string(),
+            message: s.message().to_string(),
+            retryable: matches!(s.code(), Code::ResourceExhausted | Code::Unavailable),
+        }
+    }
+}
+
+fn from_reqwest(e: reqwest::Error) -> SendError {
+    SendError {
+        kind: "transport".into(),
+        // Connection refused/reset and timeouts: the server may be restarting or swamped.
+        retryable: e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
+        message: format!("{e}"),
+    }
+}
+
+async fn from_response(resp: reqwest::Response) -> SendError {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            let e = &v["error"];
+            Some(format!(
+                "{}: {}",
+                e["code"].as_str()?,
+                e["message"].as_str()?
+            ))
+        })
+        .unwrap_or_else(|| body.chars().take(500).collect());
+    SendError {
+        kind: format!("http_{}", status.as_u16()),
+        message,
+        retryable: status.as_u16() == 503 || status.as_u16() == 429,
+    }
+}
+
+/// Sends bytes that already are an encoded `PushRequest`, decodes the `PushResponse`.
+#[derive(Clone, Copy, Debug, Default)]
+struct PreEncoded;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct PassThrough;
+
+impl Encoder for PassThrough {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.len());
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Codec for PreEncoded {
+    type Encode = Bytes;
+    type Decode = PushResponse;
+    type Encoder = PassThrough;
+    type Decoder = tonic_prost::ProstDecoder<PushResponse>;
+
+    fn encoder(&mut self) -> PassThrough {
+        PassThrough
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+/// The connection details shared by every client of a run.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `http://host:port`, no trailing slash.
+    pub base: String,
+    /// `Bearer <token>`.
+    pub auth: Option<String>,
+}
+
+impl Target {
+    pub fn new(url: &str, token: Option<&str>) -> Result<Target, String> {
+        let base = url.trim().trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            return Err(format!(
+                "LOAD_TARGET: {url:?} must be an http:// URL like http://127.0.0.1:8080 (TLS is not supported)"
+            ));
+        }
+        if let Some(t) = token {
+            if MetadataValue::try_from(format!("Bearer {t}")).is_err() {
+                return Err("LOAD_TOKEN: the token must be printable ASCII".into());
+            }
+        }
+        Ok(Target {
+            base,
+            auth: token.map(|t| format!("Bearer {t}")),
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        if let Some(a) = &self.auth {
+            if let Ok(v) = MetadataValue::try_from(a.as_str()) {
+                req.metadata_mut().insert("authorization", v);
+            }
+        }
+        req
+    }
+
+    /// A gRPC connection (one HTTP/2 connection per worker, so the server can spread them).
+    pub async fn channel(&self) -> Result<Channel, String> {
+        Endpoint::from_shared(self.base.clone())
+            .map_err(|e| format!("LOAD_TARGET: {e}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg = format!("{msg}: {s}");
+                    src = s.source();
+                }
+                msg
+            })
+    }
+
+    pub fn http_client(&self) -> Result<reqwest::Client, String> {
+        reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))
+    }
+}
+
+/// One worker's connection.
+pub enum Pusher {
+    GrpcStream(tonic::client::Grpc<Channel>),
+    GrpcUnary(tonic::client::Grpc<Channel>),
+    Http {
+        client: reqwest::Client,
+        url: String,
+        content_type: &'static str,
+    },
+}
+
+#[derive(Deserialize)]
+struct Accepted {
+    accepted: u64,
+}
+
+const PUSH: &str = "/userseg.v1.Segments/Push";
+const PUSH_STREAM: &str = "/userseg.v1.Segments/PushStream";
+
+impl Pusher {
+    /// Sends one unit: the bodies of one stream (PushStream), or exactly one body (Push, HTTP).
+    /// Returns the pairs the server accepted.
+    pub async fn send(&mut self, target: &Target, bodies: &[Bytes]) -> Result<u64, SendError> {
+        match self {
+            Pusher::GrpcStream(grpc) => {
+                grpc.ready().await.map_err(transport)?;
+                let stream = futures::stream::iter(bodies.to_vec());
+                let resp = grpc
+                    .client_streaming(
+                        target.request(stream),
+                        PathAndQuery::from_static(PUSH_STREAM),
+                        PreEncoded,
+                    )
+                    .await?;
+                Ok(resp.into_inner().accepted)
+            }
+            Pusher::GrpcUnary(grpc) => {
+                let mut accepted = 0;
+                for body in bodies {
+                    grpc.ready().await.map_err(transport)?;
+                    let resp = grpc
+                        .unary(
+                            target.request(body.clone()),
+                            PathAndQuery::from_static(PUSH),
+                            PreEncoded,
+                        )
+                        .await?;
+                    accepted += resp.into_inner().accepted;
+                }
+                Ok(accepted)
+            }
+            Pusher::Http {
+                client,
+                url,
+                content_type,
+            } => {
+                let mut accepted = 0;
+                for body in bodies {
+                    let mut req = client
+                        .post(url.as_str())
+                        .header(reqwest::header::CONTENT_TYPE, *content_type)
+                        .body(body.clone());
+                    if let Some(a) = &target.auth {
+                        req = req.header(reqwest::header::AUTHORIZATION, a);
+                    }
+                    let resp = req.send().await.map_err(from_reqwest)?;
+                    if !resp.status().is_success() {
+                        return Err(from_response(resp).await);
+                    }
+                    let a: Accepted = resp.json().await.map_err(|e| SendError {
+                        kind: "bad_response".into(),
+                        message: format!("the response is not {{\"accepted\":N}}: {e}"),
+                        retryable: false,
+                    })?;
+                    accepted += a.accepted;
+                }
+                Ok(accepted)
+            }
+        }
+    }
+}
+
+fn transport(e: tonic::transport::Error) -> SendError {
+    SendError {
+        kind: "UNAVAILABLE".into(),
+        message: e.to_string(),
+        retryable: true,
+    }
+}
+
+/// The server's counts of every segment it lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listing {
+    pub segments: HashMap<String, u64>,
+    pub exact: bool,
+    pub window_seconds: u64,
+    pub as_of: i64,
+}
+
+#[derive(Deserialize)]
+struct JsonListing {
+    segments: Vec<JsonSegment>,
+    exact: bool,
+    window_seconds: u64,
+    as_of: i64,
+}
+
+#[derive(Deserialize)]
+struct JsonSegment {
+    segment: String,
+    users: u64,
+}
+
+/// Lists the counts, by gRPC `ListEstimates` or `GET /v1/segments` (exact mode).
+pub enum Lister {
+    Grpc(SegmentsClient<Channel>),
+    Http(reqwest::Client),
+}
+
+impl Lister {
+    pub async fn list(&mut self, target: &Target) -> Result<Listing, SendError> {
+        match self {
+            Lister::Grpc(client) => {
+                let r = client
+                    .list_estimates(target.request(ListEstimatesRequest {
+                        mode: Mode::Exact as i32,
+                    }))
+                    .await?
+                    .into_inner();
+                Ok(Listing {
+                    segments: r
+                        .segments
+                        .into_iter()
+                        .map(|s| (s.segment, s.users))
+                        .collect(),
+                    exact: r.exact,
+                    window_seconds: r.window_seconds,
+                    as_of: r.as_of,
+                })
+            }
+            Lister::Http(client) => {
+                let mut req = client.get(format!("{}/v1/segments?mode=exact", target.base));
+                if let Some(a) = &target.auth {
+                    req = req.header(reqwest::header::AUTHORIZATION, a);
+                }
+                let resp = req.send().await.map_err(from_reqwest)?;
+                if !resp.status().is_success() {
+                    return Err(from_response(resp).await);
+                }
+                let l: JsonListing = resp.json().await.map_err(|e| SendError {
+                    kind: "bad_response".into(),
+                    message: format!("GET /v1/segments: unexpected body: {e}"),
+                    retryable: false,
+                })?;
+                Ok(Listing {
+                    segments: l
+                        .segments
+                        .into_iter()
+                        .map(|s| (s.segment, s.users))
+                        .collect(),
+                    exact: l.exact,
+                    window_seconds: l.window_seconds,
+                    as_of: l.as_of,
+                })
+            }
+        }
+    }
+}

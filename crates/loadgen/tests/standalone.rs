@@ -1,0 +1,237 @@
+//! End to end against the real `userseg standalone` process.
+//!
+//! The binary belongs to another crate, so `CARGO_BIN_EXE_userseg` is not available here. The
+//! test runs `cargo build -p userseg --bin userseg` (same profile as the test; a no-op when up to
+//! date, so the binary is never stale) and starts `<target dir>/<profile>/userseg`. Set
+//! `USERSEG_BIN` to use another binary and skip the build.
+//!
+//! The server gets a free port and a temp DATA_DIR; readiness is polled on `/readyz`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use userseg_loadgen::{run, LoadArgs, LoadError, Summary};
+
+const TOKEN: &str = "loadgen-test-token-0123456789";
+
+fn server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("USERSEG_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let release = !cfg!(debug_assertions);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--quiet", "-p", "userseg", "--bin", "userseg"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build -p userseg");
+    assert!(status.success(), "cargo build -p userseg failed");
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) if Path::new(&t).is_absolute() => PathBuf::from(t),
+        Some(t) => root.join(t),
+        None => root.join("target"),
+    };
+    target
+        .join(if release { "release" } else { "debug" })
+        .join("userseg")
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+async fn start_server(window: &str) -> Server {
+    let bin = server_binary();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let log = dir.path().join("server.log");
+    let log_file = std::fs::File::create(&log).expect("server log");
+    let child = Command::new(&bin)
+        .arg("standalone")
+        .env("DATA_DIR", dir.path().join("data"))
+        .env("SERVICE_HOST", "127.0.0.1")
+        .env("SERVICE_PORT", port.to_string())
+        .env("WINDOW", window)
+        .env("API_TOKEN", TOKEN)
+        .env("FLUSH_INTERVAL", "100ms")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+    let mut server = Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        log,
+        _dir: dir,
+    };
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!(
+                "the server exited ({status}): {}",
+                std::fs::read_to_string(&server.log).unwrap_or_default()
+            );
+        }
+        let ready = client
+            .get(format!("{}/readyz", server.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ready {
+            return server;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server was not ready in 60 s: {}",
+            std::fs::read_to_string(&server.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Flags for a run against `server` (with its token, JSON output), plus `extra`.
+fn args(server: &Server, extra: &str) -> LoadArgs {
+    let mut flags = vec!["--target", &server.url, "--token", TOKEN, "--json"];
+    flags.extend(extra.split_whitespace());
+    LoadArgs::try_from_flags(flags).expect("valid flags")
+}
+
+fn assert_clean(s: &Summary, pairs: u64, segments: usize) {
+    assert!(s.errors.is_empty(), "errors: {:?}", s.errors);
+    assert_eq!(s.fatal, None);
+    assert_eq!(s.pairs_generated, pairs);
+    assert_eq!(s.pairs_accepted, pairs);
+    assert_eq!(s.pairs_sent, pairs);
+    assert!(s.resends > 0, "the default resend ratio is 0.1");
+    let v = s.verify.as_ref().expect("verified");
+    assert!(v.ok, "{v:?}");
+    assert!(v.exact);
+    assert!(v.error.is_none());
+    assert!(
+        v.comparison.mismatches.is_empty(),
+        "{:?}",
+        v.comparison.mismatches
+    );
+    assert_eq!(v.comparison.segments_checked, segments);
+    assert!(v.memberships > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_and_http_runs_verify_exactly() {
+    // A one-minute window: the spread of event times covers all of it, so memberships expire
+    // while the test runs (their edge is checked with the store's 1 s bucket as tolerance).
+    let server = start_server("60s").await;
+
+    // gRPC PushStream, ts spread over the whole window.
+    let s = run(args(
+        &server,
+        "--pairs 200000 --users 500000 --segments 50 --ts-spread 60s --segment-prefix g- --verify",
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("grpc run: {e}"));
+    assert_clean(&s, 200_000, 50);
+    assert_eq!(s.protocol, "grpc");
+    assert_eq!(s.ts_spread_secs, 58, "capped 2 s below the window");
+    let v = s.verify.as_ref().expect("verified");
+    assert_eq!(v.window_seconds, 60);
+    assert_eq!(v.tolerance.expiry, 1, "explicit ts: only the 1 s bucket");
+    assert!(s.latency.samples > 0 && s.latency.p50_ms > 0.0);
+
+    // HTTP JSON, no ts (the server stamps the pairs).
+    let s = run(args(
+        &server,
+        "--protocol http --pairs 200000 --users 300000 --segments 40 --segment-prefix h- --verify",
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("http run: {e}"));
+    assert_clean(&s, 200_000, 40);
+    assert_eq!(s.protocol, "http");
+    assert_eq!(s.requests, 200);
+
+    // Expiry: a timed run over the same spread. The oldest ts a pair gets is 57 s before the
+    // (whole) second it is generated in, so it has expired 3 s later: at as_of, after a 4 s run,
+    // the pairs of the first second or so with the oldest ts are no longer counted, and the
+    // server must agree.
+    let s = run(args(
+        &server,
+        "--duration 4s --users 5000000 --ts-spread 60s --segment-prefix e- --verify",
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("expiry run: {e}"));
+    assert!(s.errors.is_empty() && s.fatal.is_none(), "{s:?}");
+    assert_eq!(s.pairs_accepted, s.pairs_generated);
+    let v = s.verify.as_ref().expect("verified");
+    assert!(v.ok && v.comparison.mismatches.is_empty(), "{v:?}");
+    assert!(
+        v.comparison.expected_users < v.memberships,
+        "some memberships expired: {} live of {}",
+        v.comparison.expected_users,
+        v.memberships
+    );
+
+    // The other encodings: gRPC unary and NDJSON, smaller.
+    for (protocol, prefix) in [("grpc-unary", "u-"), ("http", "n-")] {
+        // (--verify-target is the same server here: it only needs to serve estimates.)
+        let extra = format!(
+            "--protocol {protocol} --http-body ndjson --pairs 20000 --batch 500 --ts-spread 30s \
+             --segment-prefix {prefix} --verify --verify-target {}/",
+            server.url
+        );
+        let s = run(args(&server, &extra))
+            .await
+            .unwrap_or_else(|e| panic!("{protocol} run: {e}"));
+        assert_clean(&s, 20_000, 100);
+    }
+
+    // Verification catches a difference: the h- segments already hold the HTTP run's users,
+    // which this run's model does not know about.
+    let err = run(args(
+        &server,
+        "--protocol http --pairs 1000 --users 300000 --segments 40 --segment-prefix h- \
+         --seed 99 --verify --verify-timeout 2s",
+    ))
+    .await
+    .expect_err("the counts include an earlier run");
+    match &err {
+        LoadError::Verify { summary, .. } => {
+            let v = summary.verify.as_ref().expect("verified");
+            assert!(!v.ok);
+            let m = &v.comparison.mismatches;
+            assert!(!m.is_empty());
+            assert!(m.iter().all(|m| m.actual > m.expected_max), "{m:?}");
+        }
+        other => panic!("expected a verification failure, got {other}"),
+    }
+
+    // A wrong token stops the run at the first request.
+    let mut bad = args(&server, "--pairs 1000");
+    bad.token = Some("wrong-token-wrong-token".into());
+    match run(bad).await {
+        Err(LoadError::Stopped { summary, message }) => {
+            assert!(message.starts_with("UNAUTHENTICATED"), "{message}");
+            assert_eq!(summary.pairs_accepted, 0);
+            assert!(summary.errors.contains_key("UNAUTHENTICATED"));
+        }
+        other => panic!("expected UNAUTHENTICATED, got {other:?}"),
+    }
+}
