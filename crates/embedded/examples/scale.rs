@@ -62,6 +62,7 @@ fn main() {
     let mut rng = Rng(0x9e3779b97f4a7c15);
     let started = Instant::now();
     let mut batch = Vec::with_capacity(100_000);
+    let mut applying = Duration::ZERO;
     for (k, &size) in sizes.iter().enumerate() {
         let segment = format!("segment-{k:03}");
         // Distinct users per segment: a random stride walk over the user space.
@@ -75,12 +76,16 @@ fn main() {
                 ts: now - (rng.next() % (13 * 86_400)) as i64,
             });
             if batch.len() == batch.capacity() {
+                let t = Instant::now();
                 let _ = store.apply(&batch);
+                applying += t.elapsed();
                 batch.clear();
             }
         }
     }
+    let t = Instant::now();
     let _ = store.apply(&batch);
+    applying += t.elapsed();
     drop(batch);
     let ingest = started.elapsed();
     let rss1 = rss_bytes();
@@ -114,7 +119,11 @@ fn main() {
     let t = Instant::now();
     let (loaded, _) = snapshot::load(&path, window).unwrap_or_else(|e| panic!("load: {e}"));
     let snap_load = t.elapsed();
-    assert_eq!(loaded.count_all(now), expected, "restart must reproduce the counts");
+    assert_eq!(
+        loaded.count_all(now),
+        expected,
+        "restart must reproduce the counts"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
     let live = mem.live_pairs;
@@ -129,6 +138,7 @@ fn main() {
             "users": mem.users,
             "ingest_seconds": ingest.as_secs_f64(),
             "ingest_pairs_per_second": total as f64 / ingest.as_secs_f64(),
+            "apply_pairs_per_second": total as f64 / applying.as_secs_f64(),
             "rss_bytes_per_live_pair": (rss1.saturating_sub(rss0)) as f64 / live as f64,
             "accounted_bytes_per_live_pair": (mem.member_bytes + mem.dict_bytes) as f64 / live as f64,
             "member_bytes_per_live_pair": mem.member_bytes as f64 / live as f64,

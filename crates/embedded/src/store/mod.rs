@@ -7,6 +7,7 @@
 //! window of bucket counts and never touches the memberships.
 
 mod dict;
+mod members;
 mod ring;
 pub mod snapshot;
 
@@ -15,79 +16,184 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use foldhash::fast::FixedState;
-use hashbrown::HashMap;
 use userseg_domain::{Bucketing, Pair, UnixSeconds, Window};
 use userseg_usecase::{Mode, PortError, SegmentCount, SegmentCounter, SegmentWriter};
 
 pub use dict::UserDict;
+use members::{Code, Coder, Repr};
 use ring::Ring;
 
-pub(crate) type Members = HashMap<u32, u32, FixedState>;
+/// Memberships with `u16` codes when the ring leaves enough room below `u16::MAX` for sweeps to
+/// be rare (windows up to about 34 days at 60 s buckets), else `u32` codes.
+pub(crate) enum Members {
+    Narrow(Repr<u16>),
+    Wide(Repr<u32>),
+}
+
+/// Buckets the top may move between two sweeps for codes of modulus `C::M`.
+fn sweep_gap<C: Code>(ring_len: i64) -> i64 {
+    C::M - ring_len
+}
+
+fn narrow_fits(ring_len: i64) -> bool {
+    sweep_gap::<u16>(ring_len) >= 1 << 14
+}
 
 pub(crate) struct Segment {
     pub(crate) members: Members,
     pub(crate) ring: Ring,
+    /// Codes are relative to the ring top.
+    coder: Coder,
+    /// Ring top at the last sweep: every entry's bucket is above `epoch - ring.len()`, so codes
+    /// stay unambiguous while the top is below `epoch + sweep_gap`.
+    epoch: i64,
+}
+
+#[inline]
+fn observe_in<C: Code>(repr: &mut Repr<C>, ring: &mut Ring, coder: Coder, user: u32, bucket: i64) {
+    match repr.get(user) {
+        Some(code) => {
+            let old = coder.decode(code);
+            if bucket > old {
+                if ring.holds(old) {
+                    ring.dec(old);
+                }
+                ring.inc(bucket);
+                repr.put(user, coder.encode(bucket), true);
+            }
+        }
+        None => {
+            repr.put(user, coder.encode(bucket), false);
+            ring.inc(bucket);
+        }
+    }
+}
+
+fn expire_in<C: Code>(repr: &mut Repr<C>, ring: &mut Ring, coder: Coder, lo: i64) -> usize {
+    let before = repr.len();
+    repr.retain(|_, c| {
+        let b = coder.decode(c);
+        if b <= lo {
+            if ring.holds(b) {
+                ring.dec(b);
+            }
+            false
+        } else {
+            true
+        }
+    });
+    before - repr.len()
 }
 
 impl Segment {
-    fn new(ring_len: i64) -> Segment {
+    fn new(ring_len: i64, window_buckets: i64) -> Segment {
+        Segment::with_capacity(ring_len, window_buckets, 0, 0)
+    }
+
+    /// A segment sized for `n` members among users below `universe`.
+    fn with_capacity(ring_len: i64, window_buckets: i64, n: usize, universe: usize) -> Segment {
+        let ring = Ring::new(ring_len, window_buckets);
+        let (members, coder) = if narrow_fits(ring.len()) {
+            (
+                Members::Narrow(Repr::with_capacity(n, universe)),
+                Coder::new::<u16>(ring.top()),
+            )
+        } else {
+            (
+                Members::Wide(Repr::with_capacity(n, universe)),
+                Coder::new::<u32>(ring.top()),
+            )
+        };
         Segment {
-            members: Members::default(),
-            ring: Ring::new(ring_len),
+            members,
+            coder,
+            epoch: ring.top(),
+            ring,
         }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match &self.members {
+            Members::Narrow(r) => r.len(),
+            Members::Wide(r) => r.len(),
+        }
+    }
+
+    /// Moves the ring top up to `bucket`, first sweeping out entries whose codes could become
+    /// ambiguous (they are below the new ring anyway).
+    fn advance(&mut self, bucket: i64) {
+        let len = self.ring.len();
+        let coder = self.coder;
+        let keep_above = bucket - len;
+        match &mut self.members {
+            Members::Narrow(r) => {
+                if r.len() == 0 {
+                    self.epoch = bucket;
+                } else if bucket - self.epoch >= sweep_gap::<u16>(len) {
+                    r.retain(|_, c| coder.decode(c) > keep_above);
+                    self.epoch = bucket;
+                }
+                self.coder = Coder::new::<u16>(bucket);
+            }
+            Members::Wide(r) => {
+                if r.len() == 0 {
+                    self.epoch = bucket;
+                } else if bucket - self.epoch >= sweep_gap::<u32>(len) {
+                    r.retain(|_, c| coder.decode(c) > keep_above);
+                    self.epoch = bucket;
+                }
+                self.coder = Coder::new::<u32>(bucket);
+            }
+        }
+        self.ring.advance(bucket);
     }
 
     /// Records that `user` was seen in bucket `bucket`; keeps the latest.
     #[inline]
     fn observe(&mut self, user: u32, bucket: i64) {
         if bucket > self.ring.top() {
-            self.ring.advance(bucket);
+            self.advance(bucket);
         } else if !self.ring.holds(bucket) {
             // Older than anything the ring holds: expired for every estimate we can be asked.
             return;
         }
-        match self.members.entry(user) {
-            hashbrown::hash_map::Entry::Occupied(mut e) => {
-                let old = i64::from(*e.get());
-                if bucket > old {
-                    if self.ring.holds(old) {
-                        self.ring.dec(old);
-                    }
-                    self.ring.inc(bucket);
-                    *e.get_mut() = bucket as u32;
-                }
-            }
-            hashbrown::hash_map::Entry::Vacant(e) => {
-                e.insert(bucket as u32);
-                self.ring.inc(bucket);
-            }
+        match &mut self.members {
+            Members::Narrow(r) => observe_in(r, &mut self.ring, self.coder, user, bucket),
+            Members::Wide(r) => observe_in(r, &mut self.ring, self.coder, user, bucket),
         }
     }
 
     /// Drops memberships whose bucket is at or below `lo`; returns how many.
     fn expire(&mut self, lo: i64) -> usize {
-        let before = self.members.len();
-        let ring = &mut self.ring;
-        self.members.retain(|_, b| {
-            let b = i64::from(*b);
-            if b <= lo {
-                if ring.holds(b) {
-                    ring.dec(b);
-                }
-                false
-            } else {
-                true
-            }
-        });
-        if self.members.capacity() > 64 && self.members.len() < self.members.capacity() / 4 {
-            self.members.shrink_to_fit();
+        match &mut self.members {
+            Members::Narrow(r) => expire_in(r, &mut self.ring, self.coder, lo),
+            Members::Wide(r) => expire_in(r, &mut self.ring, self.coder, lo),
         }
-        before - self.members.len()
+    }
+
+    /// Calls `f(user, bucket)` for every membership.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u32, i64)) {
+        let coder = self.coder;
+        match &self.members {
+            Members::Narrow(r) => r.for_each(|u, c| f(u, coder.decode(c))),
+            Members::Wide(r) => r.for_each(|u, c| f(u, coder.decode(c))),
+        }
+    }
+
+    #[cfg(test)]
+    fn is_dense(&self) -> bool {
+        match &self.members {
+            Members::Narrow(r) => r.is_dense(),
+            Members::Wide(r) => r.is_dense(),
+        }
     }
 
     fn memory_bytes(&self) -> usize {
-        // hashbrown: one control byte plus the entry per bucket.
-        self.members.capacity() * 9 + self.ring.memory_bytes()
+        let m = match &self.members {
+            Members::Narrow(r) => r.memory_bytes(),
+            Members::Wide(r) => r.memory_bytes(),
+        };
+        m + self.ring.memory_bytes()
     }
 }
 
@@ -147,7 +253,12 @@ impl MemStore {
         }
         write(&self.segments)
             .entry(name.into())
-            .or_insert_with(|| Arc::new(RwLock::new(Segment::new(self.ring_len))))
+            .or_insert_with(|| {
+                Arc::new(RwLock::new(Segment::new(
+                    self.ring_len,
+                    self.bucketing.window_buckets(),
+                )))
+            })
             .clone()
     }
 
@@ -241,7 +352,7 @@ impl MemStore {
         };
         for s in segments {
             let s = read(&s);
-            stats.live_pairs += s.members.len() as u64;
+            stats.live_pairs += s.len() as u64;
             stats.member_bytes += s.memory_bytes() as u64;
         }
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
@@ -320,7 +431,9 @@ mod tests {
         let w = Window::from_secs(3600).unwrap();
         let store = MemStore::new(w);
         let now = 1_800_000_000;
-        let pairs: Vec<Pair> = (0..1000).map(|i| p(i, i % 3, now - (i as i64 * 7 % 7200))).collect();
+        let pairs: Vec<Pair> = (0..1000)
+            .map(|i| p(i, i % 3, now - (i as i64 * 7 % 7200)))
+            .collect();
         // Apply in ts order so nothing is older than the ring when it arrives.
         let mut sorted = pairs.clone();
         sorted.sort_by_key(|p| p.ts);
@@ -330,6 +443,123 @@ mod tests {
         assert!(dropped > 0);
         assert_eq!(store.count_all(now), before);
         assert_eq!(store.memory().live_pairs, 1000 - dropped as u64);
+    }
+
+    /// A model of the store at the bucket level: latest bucket per (user, segment), the ring
+    /// top per segment, and the same ring length.
+    struct Model {
+        ring_len: i64,
+        latest: std::collections::HashMap<(u32, u32), i64>,
+        top: std::collections::HashMap<u32, i64>,
+    }
+
+    impl Model {
+        fn observe(&mut self, u: u32, s: u32, b: i64) {
+            let top = self.top.entry(s).or_insert(b);
+            *top = (*top).max(b);
+            if b <= *top - self.ring_len {
+                return;
+            }
+            let e = self.latest.entry((u, s)).or_insert(b);
+            *e = (*e).max(b);
+        }
+        fn expire(&mut self, lo: i64) {
+            self.latest.retain(|_, b| *b > lo);
+        }
+        fn count(&self, s: u32, lo: i64) -> u64 {
+            let Some(top) = self.top.get(&s) else {
+                return 0;
+            };
+            let lo = lo.max(top - self.ring_len);
+            self.latest
+                .iter()
+                .filter(|((_, ss), b)| *ss == s && **b > lo)
+                .count() as u64
+        }
+    }
+
+    proptest! {
+        /// Counts match the bucket-level model through table/dense switches (many users per
+        /// segment), expiry, large jumps of time (sweeps of the modular codes) and narrow and
+        /// wide codes (short and long windows).
+        #[test]
+        fn counts_match_model_across_representations(
+            window_pick in 0usize..3,
+            users in 1u32..600,
+            events in proptest::collection::vec((0u32..600, 0u32..3, 0u8..20, 0i64..1000), 1..1500),
+        ) {
+            let window = [3600u64, 14 * 86_400, 60 * 86_400][window_pick];
+            let w = Window::from_secs(window).unwrap();
+            let store = MemStore::new(w);
+            let b = store.bucketing();
+            let mut model = Model { ring_len: store.ring_len, latest: Default::default(), top: Default::default() };
+            let mut now = 1_700_000_000i64;
+            let mut batch = Vec::new();
+            for (u, s, op, x) in events {
+                let u = u % users;
+                match op {
+                    // Time moves: a little, or by up to ~3 windows and beyond the code modulus.
+                    0 => now += x * 37,
+                    1 => now += x * (window as i64) / 300,
+                    2 => now += 70_000 * 60 * (x % 3),
+                    3 => {
+                        store.apply(&batch).unwrap();
+                        batch.clear();
+                        let (lo, _) = b.live_range(now);
+                        store.expire(now);
+                        model.expire(lo);
+                    }
+                    _ => {
+                        let ts = now - x * (window as i64) / 900;
+                        batch.push(p(u, s, ts));
+                        model.observe(u, s, b.bucket_of(ts));
+                        if batch.len() > 97 {
+                            store.apply(&batch).unwrap();
+                            batch.clear();
+                        }
+                    }
+                }
+                if op == 5 {
+                    store.apply(&batch).unwrap();
+                    batch.clear();
+                    for seg in 0..3u32 {
+                        for at in [now, now - 1000, now + 5000] {
+                            let (lo, _) = b.live_range(at);
+                            prop_assert_eq!(store.count(&format!("s{seg}"), at), model.count(seg, lo));
+                        }
+                    }
+                }
+            }
+            store.apply(&batch).unwrap();
+            // Entries below a segment's ring may be swept early; after expiry none are left.
+            store.expire(now);
+            model.expire(b.live_range(now).0);
+            prop_assert_eq!(store.memory().live_pairs, model.latest.len() as u64);
+        }
+    }
+
+    #[test]
+    fn big_segments_go_dense_and_come_back() {
+        let w = Window::DEFAULT;
+        let store = MemStore::new(w);
+        let now = 1_800_000_000;
+        let pairs: Vec<Pair> = (0..20_000)
+            .map(|i| p(i, if i % 10 == 0 { 1 } else { 0 }, now - i64::from(i) * 50))
+            .collect();
+        store.apply(&pairs).unwrap();
+        let segs = read(&store.segments);
+        assert!(read(&segs["s0"]).is_dense());
+        assert!(!read(&segs["s1"]).is_dense());
+        drop(segs);
+        assert_eq!(store.count("s0", now), 18_000);
+        // Expire most of s0: it becomes a table again and keeps counting exactly.
+        let later = now + (w.secs() as i64) - 60_000;
+        store.expire(later);
+        let want = (0..20_000i64)
+            .filter(|i| i % 10 != 0 && now - i * 50 > later - (w.secs() as i64) + 60)
+            .count() as u64;
+        assert!(!read(&read(&store.segments)["s0"]).is_dense());
+        assert_eq!(store.count("s0", later), want);
     }
 
     proptest! {

@@ -1,6 +1,8 @@
 //! Per-segment counts of members by the time bucket of their latest ts, in a ring that covers
 //! one window plus the accepted future skew. Block sums make a window sum cost about
-//! `ring_len / BLOCK + 2 * BLOCK` additions instead of `ring_len`.
+//! `ring_len / BLOCK + 2 * BLOCK` additions instead of `ring_len`. On top of that the ring keeps
+//! the sum of the last `win` buckets below its top up to date, so an estimate at the time of the
+//! latest data costs O(1) and one at another time only sums the difference.
 
 const BLOCK: usize = 256;
 
@@ -10,10 +12,15 @@ pub struct Ring {
     top: i64,
     blocks: Vec<Option<Box<[u32; BLOCK]>>>,
     block_sums: Vec<u64>,
+    /// Buckets of the cached sum: `(top - win, top]` (`win < len`).
+    win: i64,
+    /// Sum of the counts of `(top - win, top]`.
+    cached: u64,
 }
 
 impl Ring {
-    pub fn new(len: i64) -> Ring {
+    /// A ring of `len` buckets caching the sum of the top `win` of them.
+    pub fn new(len: i64, win: i64) -> Ring {
         let len = len.max(1);
         let nblocks = (len as usize).div_ceil(BLOCK);
         Ring {
@@ -21,7 +28,17 @@ impl Ring {
             top: i64::MIN / 2,
             blocks: (0..nblocks).map(|_| None).collect(),
             block_sums: vec![0; nblocks],
+            win: win.clamp(0, len - 1),
+            cached: 0,
         }
+    }
+
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    fn cached_lo(&self) -> i64 {
+        self.top - self.win
     }
 
     pub fn top(&self) -> i64 {
@@ -46,7 +63,14 @@ impl Ring {
                 *b = None;
                 *s = 0;
             }
+            self.cached = 0;
         } else {
+            // Buckets leaving the cached range, counted while the ring still holds them.
+            let old_lo = self.cached_lo();
+            let new_lo = (bucket - self.win).min(self.top);
+            if new_lo > old_lo {
+                self.cached -= self.sum_range(old_lo, new_lo);
+            }
             for b in self.top + 1..=bucket {
                 let slot = self.slot(b);
                 let (blk, i) = (slot / BLOCK, slot % BLOCK);
@@ -67,6 +91,9 @@ impl Ring {
         let block = self.blocks[blk].get_or_insert_with(|| Box::new([0; BLOCK]));
         block[i] += 1;
         self.block_sums[blk] += 1;
+        if bucket > self.cached_lo() {
+            self.cached += 1;
+        }
     }
 
     /// Removes one member from a held bucket.
@@ -78,6 +105,9 @@ impl Ring {
             if block[i] > 0 {
                 block[i] -= 1;
                 self.block_sums[blk] -= 1;
+                if bucket > self.top - self.win {
+                    self.cached -= 1;
+                }
             }
         }
     }
@@ -113,8 +143,22 @@ impl Ring {
         if lo >= self.top {
             return 0;
         }
+        let c = self.cached_lo();
+        match lo.cmp(&c) {
+            std::cmp::Ordering::Equal => self.cached,
+            std::cmp::Ordering::Greater => self.cached - self.sum_range(c, lo),
+            std::cmp::Ordering::Less => self.cached + self.sum_range(lo, c),
+        }
+    }
+
+    /// Members whose bucket is in `(lo, hi]`, for `top - len <= lo < hi <= top`.
+    fn sum_range(&self, lo: i64, hi: i64) -> u64 {
+        debug_assert!(lo >= self.top - self.len && hi <= self.top);
+        if lo >= hi {
+            return 0;
+        }
         let first = self.slot(lo + 1);
-        let count = (self.top - lo) as usize;
+        let count = (hi - lo) as usize;
         let len = self.len as usize;
         if first + count <= len {
             self.sum_slots(first, first + count)
@@ -137,8 +181,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn matches_a_plain_map(ops in proptest::collection::vec((0u8..4, 0i64..3000), 1..300), len in 1i64..1200) {
-            let mut ring = Ring::new(len);
+        fn matches_a_plain_map(ops in proptest::collection::vec((0u8..4, 0i64..3000), 1..300), len in 1i64..1200, win in 0i64..1200) {
+            let mut ring = Ring::new(len, win);
             let mut model: std::collections::BTreeMap<i64, u64> = Default::default();
             let mut top = i64::MIN / 2;
             for (op, x) in ops {

@@ -19,7 +19,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use super::{MemStore, Members, Segment, UserDict};
+use super::{MemStore, Segment, UserDict};
 use userseg_domain::Window;
 
 const MAGIC: &[u8; 8] = b"USEGSNP1";
@@ -33,7 +33,11 @@ pub enum SnapshotError {
     #[error("snapshot {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("snapshot {path} was written with a window of {found} s but WINDOW is {want} s; move the data directory away or set WINDOW back")]
-    WindowMismatch { path: PathBuf, found: u64, want: u64 },
+    WindowMismatch {
+        path: PathBuf,
+        found: u64,
+        want: u64,
+    },
 }
 
 struct CrcWriter<W> {
@@ -137,7 +141,8 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
             // Copy under the read lock; write it out after releasing it.
             let seg = super::read(&seg);
             entries.clear();
-            entries.extend(seg.members.iter().map(|(u, b)| (*u, *b)));
+            // Buckets are u32 by construction (see `bucket_u32`).
+            seg.for_each(|u, b| entries.push((u, b as u32)));
             seg.ring.top()
         };
         if entries.is_empty() {
@@ -191,10 +196,7 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
     w.write_all(&seg_crc.to_le_bytes()).map_err(io_err)?;
     w.write_all(&dict_crc.to_le_bytes()).map_err(io_err)?;
     w.write_all(END_MAGIC).map_err(io_err)?;
-    let file = w
-        .inner
-        .into_inner()
-        .map_err(|e| io_err(e.into_error()))?;
+    let file = w.inner.into_inner().map_err(|e| io_err(e.into_error()))?;
     file.sync_all().map_err(io_err)?;
     drop(file);
     fs::rename(&tmp, &path).map_err(io_err)?;
@@ -260,13 +262,34 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
         return Err(corrupt(format!("bad dictionary offset {dict_offset}")));
     }
 
-    // Dictionary first: it gives the new, compacted index of every referenced user.
+    // Dictionary first: it gives the new, compacted index of every referenced user. Its
+    // checksum is verified before anything is sized from its contents.
+    file.seek(SeekFrom::Start(dict_offset)).map_err(io_err)?;
+    let dict_len = len - FOOTER_LEN - dict_offset;
+    let mut crc = crc32fast::Hasher::new();
+    {
+        let mut r = (&mut file).take(dict_len);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r.read(&mut buf).map_err(io_err)?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&buf[..n]);
+        }
+    }
+    if crc.finalize() != dict_crc {
+        return Err(corrupt("dictionary checksum mismatch".into()));
+    }
     file.seek(SeekFrom::Start(dict_offset)).map_err(io_err)?;
     let mut r = CrcReader {
-        inner: BufReader::with_capacity(1 << 20, (&mut file).take(len - FOOTER_LEN - dict_offset)),
+        inner: BufReader::with_capacity(1 << 20, (&mut file).take(dict_len)),
         crc: crc32fast::Hasher::new(),
     };
     let count = u64_at(&mut r, path)?;
+    if count > dict_len / 6 {
+        return Err(corrupt(format!("dictionary claims {count} users")));
+    }
     let mut dict = UserDict::with_capacity(count as usize, 0);
     let mut remap: Vec<u32> = Vec::new();
     let mut id = Vec::with_capacity(256);
@@ -284,7 +307,8 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
             .intern(&id)
             .ok_or_else(|| corrupt("too many users".into()))?;
         if old >= remap.len() {
-            remap.resize(old + 1, u32::MAX);
+            // Indices are written in increasing order, so this grows the map gradually.
+            remap.resize((old + 1).max(remap.len() * 9 / 8), u32::MAX);
         }
         remap[old] = new;
     }
@@ -293,17 +317,14 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
     }
 
     file.seek(SeekFrom::Start(0)).map_err(io_err)?;
-    let mut r = CrcReader {
-        inner: BufReader::with_capacity(1 << 20, (&mut file).take(dict_offset)),
-        crc: crc32fast::Hasher::new(),
-    };
-    let mut magic = [0u8; 8];
-    read_exact(&mut r, &mut magic, path)?;
-    if &magic != MAGIC {
+    let mut r = BufReader::with_capacity(1 << 16, &mut file);
+    let mut header = [0u8; 32];
+    read_exact(&mut r, &mut header, path)?;
+    if &header[0..8] != MAGIC {
         return Err(corrupt("not a userseg snapshot".into()));
     }
-    let _bucket_secs = u64_at(&mut r, path)?;
-    let window_secs = u64_at(&mut r, path)?;
+    let field = |i: usize| u64::from_le_bytes(header[i..i + 8].try_into().unwrap_or_default());
+    let window_secs = field(16);
     if window_secs != window.secs() {
         return Err(SnapshotError::WindowMismatch {
             path: path.to_owned(),
@@ -311,9 +332,13 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
             want: window.secs(),
         });
     }
-    let offset = u64_at(&mut r, path)?;
-    let store = MemStore::new(window);
-    let mut buf = vec![0u8; 8 << 16];
+    let offset = field(24);
+
+    // Segment headers first (skipping the bodies), then the bodies in parallel: segments are
+    // independent, and each worker checksums its own records; the checksums are combined in
+    // file order.
+    let mut records = Vec::new();
+    let mut pos = 32u64;
     loop {
         let mut tag = [0u8; 1];
         read_exact(&mut r, &mut tag, path)?;
@@ -327,20 +352,173 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
         let mut name = vec![0u8; u16::from_le_bytes(nl) as usize];
         read_exact(&mut r, &mut name, path)?;
         let name = String::from_utf8(name).map_err(|_| corrupt("segment name not UTF-8".into()))?;
-        let top = u64_at(&mut r, path)? as i64;
-        let n = u64_at(&mut r, path)? as usize;
-        let mut seg = Segment::new(store.ring_len);
-        seg.members = Members::with_capacity_and_hasher(n, Default::default());
-        seg.ring.advance(top);
-        let mut left = n;
+        let top = u64_at(&mut r, path)?;
+        if top > u64::from(u32::MAX) {
+            return Err(corrupt(format!("segment {name} has ring top {top}")));
+        }
+        let n = u64_at(&mut r, path)?;
+        let head_len = 1 + 2 + name.len() as u64 + 8 + 8;
+        let body_start = pos + head_len;
+        let body_end = n
+            .checked_mul(8)
+            .and_then(|b| body_start.checked_add(b))
+            .filter(|&e| e < dict_offset)
+            .ok_or_else(|| corrupt(format!("segment {name} claims {n} members")))?;
+        records.push(Record {
+            name,
+            top: top as i64,
+            n: n as usize,
+            start: pos,
+            body_start,
+            end: body_end,
+        });
+        r.seek(SeekFrom::Start(body_end)).map_err(io_err)?;
+        pos = body_end;
+    }
+    if pos + 1 != dict_offset {
+        return Err(corrupt(
+            "segment region does not end at the dictionary".into(),
+        ));
+    }
+    drop(r);
+
+    let store = MemStore::new(window);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8)
+        .min(records.len().max(1));
+    // Largest first, each to the least loaded worker.
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(records[i].n));
+    let mut work: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); threads];
+    for i in order {
+        if let Some(w) = work.iter_mut().min_by_key(|w| w.0) {
+            w.0 += records[i].n;
+            w.1.push(i);
+        }
+    }
+    let universe = dict.len();
+    let ring_len = store.ring_len;
+    let window_buckets = store.bucketing.window_buckets();
+    let built: Vec<Result<Vec<Built>, SnapshotError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = work
+            .iter()
+            .map(|(_, mine)| {
+                let (records, remap) = (&records, &remap);
+                scope.spawn(move || {
+                    let ctx = LoadCtx {
+                        path,
+                        remap,
+                        universe,
+                        ring_len,
+                        window_buckets,
+                    };
+                    let mut file = File::open(path).map_err(|source| SnapshotError::Io {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                    let mut buf = vec![0u8; 8 << 16];
+                    mine.iter()
+                        .map(|&i| {
+                            let (seg, crc) = ctx.load_segment(&mut file, &records[i], &mut buf)?;
+                            Ok((i, seg, crc))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(corrupt("a load worker panicked".into())))
+            })
+            .collect()
+    });
+    let mut segs: Vec<Option<(Segment, crc32fast::Hasher)>> =
+        (0..records.len()).map(|_| None).collect();
+    for part in built {
+        for (i, seg, crc) in part? {
+            segs[i] = Some((seg, crc));
+        }
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header);
+    let mut segments = super::write(&store.segments);
+    for (rec, seg) in records.into_iter().zip(segs) {
+        let (seg, c) = seg.ok_or_else(|| corrupt("segment not loaded".into()))?;
+        crc.combine(&c);
+        segments.insert(rec.name.into(), Arc::new(RwLock::new(seg)));
+    }
+    drop(segments);
+    crc.update(&[0]);
+    if crc.finalize() != seg_crc {
+        return Err(corrupt("segment checksum mismatch".into()));
+    }
+    *store.users.lock().unwrap_or_else(|e| e.into_inner()) = dict;
+    Ok((store, offset))
+}
+
+/// A loaded segment: its record's index, the segment, the checksum of its record.
+type Built = (usize, Segment, crc32fast::Hasher);
+
+/// Where one segment record lies in the file.
+struct Record {
+    name: String,
+    top: i64,
+    n: usize,
+    /// Offset of the tag byte.
+    start: u64,
+    body_start: u64,
+    end: u64,
+}
+
+struct LoadCtx<'a> {
+    path: &'a Path,
+    remap: &'a [u32],
+    universe: usize,
+    ring_len: i64,
+    window_buckets: i64,
+}
+
+impl LoadCtx<'_> {
+    /// Builds one segment from its record; returns it with the checksum of the record's bytes.
+    fn load_segment(
+        &self,
+        file: &mut File,
+        rec: &Record,
+        buf: &mut [u8],
+    ) -> Result<(Segment, crc32fast::Hasher), SnapshotError> {
+        let path = self.path;
+        let corrupt = |reason: String| SnapshotError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        };
+        file.seek(SeekFrom::Start(rec.start))
+            .map_err(|source| SnapshotError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        let mut r = CrcReader {
+            inner: BufReader::with_capacity(1 << 16, file.take(rec.end - rec.start)),
+            crc: crc32fast::Hasher::new(),
+        };
+        let mut head = vec![0u8; (rec.body_start - rec.start) as usize];
+        read_exact(&mut r, &mut head, path)?;
+        let mut seg =
+            Segment::with_capacity(self.ring_len, self.window_buckets, rec.n, self.universe);
+        seg.advance(rec.top);
+        let mut left = rec.n;
         while left > 0 {
-            let take = left.min(1 << 16);
+            let take = left.min(buf.len() / 8);
             let bytes = &mut buf[..take * 8];
             read_exact(&mut r, bytes, path)?;
             for e in bytes.chunks_exact(8) {
                 let old = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) as usize;
                 let bucket = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
-                let user = *remap
+                let user = *self
+                    .remap
                     .get(old)
                     .filter(|u| **u != u32::MAX)
                     .ok_or_else(|| corrupt(format!("membership of unknown user {old}")))?;
@@ -348,13 +526,8 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
             }
             left -= take;
         }
-        super::write(&store.segments).insert(name.into(), Arc::new(RwLock::new(seg)));
+        Ok((seg, r.crc))
     }
-    if r.crc.finalize() != seg_crc {
-        return Err(corrupt("segment checksum mismatch".into()));
-    }
-    *store.users.lock().unwrap_or_else(|e| e.into_inner()) = dict;
-    Ok((store, offset))
 }
 
 #[cfg(test)]
@@ -417,6 +590,85 @@ mod tests {
         bytes[40] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
         assert!(matches!(load(&path, w), Err(SnapshotError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn round_trip_of_dense_and_table_segments_in_parallel() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Window::DEFAULT;
+        let store = MemStore::new(w);
+        let now = 1_800_000_000;
+        let pairs: Vec<Pair> = (0..30_000u32)
+            .flat_map(|i| {
+                let ts = now - i64::from(i % 5000) * 200;
+                let mut v = vec![Pair {
+                    user_id: format!("user-{i:012}"),
+                    segment: "all".into(),
+                    ts,
+                }];
+                if i % 13 == 0 {
+                    v.push(Pair {
+                        user_id: format!("user-{i:012}"),
+                        segment: format!("few{}", i % 4),
+                        ts: ts - 7,
+                    });
+                }
+                v
+            })
+            .collect();
+        store.apply(&pairs).unwrap();
+        assert!(super::super::read(&super::super::read(&store.segments)["all"]).is_dense());
+        let path = write(&store, dir.path(), 99).unwrap();
+        let (loaded, offset) = load(&path, w).unwrap();
+        assert_eq!(offset, 99);
+        assert!(super::super::read(&super::super::read(&loaded.segments)["all"]).is_dense());
+        for at in [now, now + 100_000, now + 1_000_000, now + 1_300_000] {
+            assert_eq!(loaded.count_all(at), store.count_all(at), "at {at}");
+        }
+        assert_eq!(loaded.memory().live_pairs, store.memory().live_pairs);
+        // Applying the same pairs again changes nothing; newer ones count as in the original.
+        loaded.apply(&pairs).unwrap();
+        assert_eq!(loaded.count_all(now), store.count_all(now));
+    }
+
+    #[test]
+    fn every_flipped_byte_and_truncation_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Window::from_secs(3600).unwrap();
+        let store = MemStore::new(w);
+        let now = 1_800_000_000;
+        let pairs: Vec<Pair> = (0..40u32)
+            .map(|i| Pair {
+                user_id: format!("u{i}"),
+                segment: format!("s{}", i % 3),
+                ts: now - i64::from(i),
+            })
+            .collect();
+        store.apply(&pairs).unwrap();
+        let path = write(&store, dir.path(), 3).unwrap();
+        let good = fs::read(&path).unwrap();
+        let bad = dir.path().join("bad.snap");
+        for i in 0..good.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bytes = good.clone();
+                bytes[i] ^= flip;
+                fs::write(&bad, &bytes).unwrap();
+                assert!(
+                    matches!(
+                        load(&bad, w),
+                        Err(SnapshotError::Corrupt { .. } | SnapshotError::WindowMismatch { .. })
+                    ),
+                    "byte {i} ^ {flip:#x}"
+                );
+            }
+        }
+        for n in 0..good.len() {
+            fs::write(&bad, &good[..n]).unwrap();
+            assert!(
+                matches!(load(&bad, w), Err(SnapshotError::Corrupt { .. })),
+                "first {n} bytes"
+            );
+        }
     }
 
     #[test]

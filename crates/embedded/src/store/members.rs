@@ -1,0 +1,533 @@
+//! The memberships of one segment: user index → bucket of the latest ts.
+//!
+//! Buckets are stored as small *modular codes* relative to the ring top (`u16` when the ring is
+//! short enough, else `u32`; code 0 means "absent"): a code identifies a bucket within
+//! `Code::M` buckets below the top, and [`Members::advance`] sweeps out entries that could become
+//! ambiguous before the top moves that far.
+//!
+//! Two representations, switched by density:
+//! * [`Table`]: open addressing with linear probing and backward-shift deletion, slots packed as
+//!   `(user u32, code)` (6 bytes with `u16` codes), any capacity (growth ×1.5, load ≤ 0.85);
+//! * [`Dense`]: one code per user index, for segments holding a large share of all users.
+
+/// A modular bucket code. Codes are `1..=M`; 0 marks an empty slot.
+pub(crate) trait Code: Copy + Eq + Send + Sync + 'static {
+    const M: i64;
+    const ZERO: Self;
+    fn from_i64(v: i64) -> Self;
+    fn get(self) -> i64;
+}
+
+impl Code for u16 {
+    const M: i64 = u16::MAX as i64;
+    const ZERO: Self = 0;
+    #[inline]
+    fn from_i64(v: i64) -> Self {
+        v as u16
+    }
+    #[inline]
+    fn get(self) -> i64 {
+        i64::from(self)
+    }
+}
+
+impl Code for u32 {
+    const M: i64 = u32::MAX as i64;
+    const ZERO: Self = 0;
+    #[inline]
+    fn from_i64(v: i64) -> Self {
+        v as u32
+    }
+    #[inline]
+    fn get(self) -> i64 {
+        i64::from(self)
+    }
+}
+
+/// Converts between buckets and codes relative to the current top.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Coder {
+    top: i64,
+    top_code: i64,
+}
+
+impl Coder {
+    pub(crate) fn new<C: Code>(top: i64) -> Coder {
+        Coder {
+            top,
+            top_code: top.rem_euclid(C::M) + 1,
+        }
+    }
+
+    /// Code of `bucket`, which must satisfy `top - M < bucket <= top`.
+    #[inline]
+    pub(crate) fn encode<C: Code>(self, bucket: i64) -> C {
+        debug_assert!(bucket <= self.top && self.top - bucket < C::M);
+        let mut c = self.top_code - (self.top - bucket);
+        if c < 1 {
+            c += C::M;
+        }
+        C::from_i64(c)
+    }
+
+    /// Bucket of a non-zero code, assuming it lies within `M` buckets at or below the top.
+    #[inline]
+    pub(crate) fn decode<C: Code>(self, code: C) -> i64 {
+        let mut d = self.top_code - code.get();
+        if d < 0 {
+            d += C::M;
+        }
+        self.top - d
+    }
+}
+
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct Slot<C> {
+    key: u32,
+    code: C,
+}
+
+impl<C: Code> Slot<C> {
+    #[inline]
+    fn key(self) -> u32 {
+        self.key
+    }
+    #[inline]
+    fn code(self) -> C {
+        self.code
+    }
+}
+
+const MAX_LOAD_NUM: usize = 85;
+const MAX_LOAD_DEN: usize = 100;
+/// Below this many members a segment always uses a table (small in tests, to exercise switches).
+const MIN_DENSE: usize = if cfg!(test) { 64 } else { 4096 };
+
+/// Open-addressing map user → code.
+pub(crate) struct Table<C: Code> {
+    slots: Box<[Slot<C>]>,
+    len: usize,
+    max_key: u32,
+}
+
+#[inline]
+fn home(key: u32, cap: usize) -> usize {
+    let h = u64::from(key).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((u128::from(h) * cap as u128) >> 64) as usize
+}
+
+fn max_len(cap: usize) -> usize {
+    cap * MAX_LOAD_NUM / MAX_LOAD_DEN
+}
+
+impl<C: Code> Table<C> {
+    pub(crate) fn with_capacity(n: usize) -> Table<C> {
+        let cap = if n == 0 {
+            0
+        } else {
+            (n * MAX_LOAD_DEN / MAX_LOAD_NUM + 2).max(8)
+        };
+        Table {
+            slots: vec![
+                Slot {
+                    key: 0,
+                    code: C::ZERO
+                };
+                cap
+            ]
+            .into_boxed_slice(),
+            len: 0,
+            max_key: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.slots.len() * std::mem::size_of::<Slot<C>>()
+    }
+
+    /// `Ok(i)`: `key` is at slot `i`; `Err(i)`: absent, `i` is the empty slot to insert at.
+    #[inline]
+    fn find(&self, key: u32) -> Result<usize, usize> {
+        let cap = self.slots.len();
+        debug_assert!(cap > self.len);
+        let mut i = home(key, cap);
+        loop {
+            let s = self.slots[i];
+            if s.code() == C::ZERO {
+                return Err(i);
+            }
+            if s.key() == key {
+                return Ok(i);
+            }
+            i += 1;
+            if i == cap {
+                i = 0;
+            }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, key: u32) -> Option<C> {
+        if self.len == 0 {
+            return None;
+        }
+        self.find(key).ok().map(|i| self.slots[i].code())
+    }
+
+    /// Whether inserting one more entry needs a larger table.
+    #[inline]
+    fn full(&self) -> bool {
+        self.len + 1 > max_len(self.slots.len())
+    }
+
+    /// Capacity after the next growth.
+    fn grown_capacity(&self) -> usize {
+        (self.slots.len() * 3 / 2).max(16)
+    }
+
+    fn rebuild(&mut self, cap: usize) {
+        let old = std::mem::replace(
+            &mut self.slots,
+            vec![
+                Slot {
+                    key: 0,
+                    code: C::ZERO
+                };
+                cap
+            ]
+            .into_boxed_slice(),
+        );
+        for s in old.iter() {
+            if s.code() != C::ZERO {
+                if let Err(i) = self.find(s.key()) {
+                    self.slots[i] = *s;
+                }
+            }
+        }
+    }
+
+    /// Inserts or overwrites; the table must not be [`full`](Self::full) for a new key.
+    #[inline]
+    fn put(&mut self, key: u32, code: C) {
+        match self.find(key) {
+            Ok(i) | Err(i) => {
+                if self.slots[i].code() == C::ZERO {
+                    self.len += 1;
+                    self.max_key = self.max_key.max(key);
+                }
+                self.slots[i] = Slot { key, code };
+            }
+        }
+    }
+
+    /// Removes the entry at slot `i`, shifting later entries of its cluster back.
+    fn remove_at(&mut self, mut hole: usize) {
+        let cap = self.slots.len();
+        let mut j = hole;
+        loop {
+            j += 1;
+            if j == cap {
+                j = 0;
+            }
+            let s = self.slots[j];
+            if s.code() == C::ZERO {
+                break;
+            }
+            let h = home(s.key(), cap);
+            // Move `s` back into the hole if its probe path from `h` to `j` crosses the hole.
+            let dist_entry = (j + cap - h) % cap;
+            let dist_hole = (j + cap - hole) % cap;
+            if dist_hole <= dist_entry {
+                self.slots[hole] = s;
+                hole = j;
+            }
+        }
+        self.slots[hole] = Slot {
+            key: 0,
+            code: C::ZERO,
+        };
+        self.len -= 1;
+    }
+
+    /// Keeps the entries for which `keep` is true. `keep` may be called more than once on an
+    /// entry it keeps.
+    fn retain(&mut self, mut keep: impl FnMut(u32, C) -> bool) {
+        let mut i = 0;
+        while i < self.slots.len() {
+            let s = self.slots[i];
+            if s.code() != C::ZERO && !keep(s.key(), s.code()) {
+                self.remove_at(i);
+                // Another entry may have moved into slot i.
+                continue;
+            }
+            i += 1;
+        }
+    }
+
+    fn for_each(&self, mut f: impl FnMut(u32, C)) {
+        for s in self.slots.iter() {
+            if s.code() != C::ZERO {
+                f(s.key(), s.code());
+            }
+        }
+    }
+}
+
+/// One code per user index.
+pub(crate) struct Dense<C: Code> {
+    codes: Vec<C>,
+    len: usize,
+}
+
+impl<C: Code> Dense<C> {
+    fn with_universe(universe: usize) -> Dense<C> {
+        Dense {
+            codes: vec![C::ZERO; universe],
+            len: 0,
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.codes.capacity() * std::mem::size_of::<C>()
+    }
+
+    #[inline]
+    fn get(&self, key: u32) -> Option<C> {
+        match self.codes.get(key as usize) {
+            Some(&c) if c != C::ZERO => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Sets an entry; grows the array (by at least 1/8) to cover `key`.
+    #[inline]
+    fn put(&mut self, key: u32, code: C) {
+        let k = key as usize;
+        if k >= self.codes.len() {
+            let want = (k + 1).max(self.codes.len() + self.codes.len() / 8);
+            self.codes.reserve_exact(want - self.codes.len());
+            self.codes.resize(want, C::ZERO);
+        }
+        if self.codes[k] == C::ZERO {
+            self.len += 1;
+        }
+        self.codes[k] = code;
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(u32, C) -> bool) {
+        let mut removed = 0;
+        for (k, c) in self.codes.iter_mut().enumerate() {
+            if *c != C::ZERO && !keep(k as u32, *c) {
+                *c = C::ZERO;
+                removed += 1;
+            }
+        }
+        self.len -= removed;
+    }
+
+    fn for_each(&self, mut f: impl FnMut(u32, C)) {
+        for (k, &c) in self.codes.iter().enumerate() {
+            if c != C::ZERO {
+                f(k as u32, c);
+            }
+        }
+    }
+}
+
+pub(crate) enum Repr<C: Code> {
+    Table(Table<C>),
+    Dense(Dense<C>),
+}
+
+/// Bytes a table would take to hold `n` entries at a typical load.
+fn table_bytes_for<C: Code>(n: usize) -> usize {
+    n * std::mem::size_of::<Slot<C>>() * 10 / 7
+}
+
+impl<C: Code> Repr<C> {
+    /// An empty representation sized for `n` entries of users below `universe`.
+    pub(crate) fn with_capacity(n: usize, universe: usize) -> Repr<C> {
+        if n >= MIN_DENSE && universe * std::mem::size_of::<C>() <= table_bytes_for::<C>(n) {
+            Repr::Dense(Dense::with_universe(universe))
+        } else {
+            Repr::Table(Table::with_capacity(n))
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Repr::Table(t) => t.len(),
+            Repr::Dense(d) => d.len,
+        }
+    }
+
+    pub(crate) fn memory_bytes(&self) -> usize {
+        match self {
+            Repr::Table(t) => t.memory_bytes(),
+            Repr::Dense(d) => d.memory_bytes(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_dense(&self) -> bool {
+        matches!(self, Repr::Dense(_))
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, key: u32) -> Option<C> {
+        match self {
+            Repr::Table(t) => t.get(key),
+            Repr::Dense(d) => d.get(key),
+        }
+    }
+
+    /// Inserts or overwrites, switching representation when the table must grow.
+    #[inline]
+    pub(crate) fn put(&mut self, key: u32, code: C, existed: bool) {
+        match self {
+            Repr::Table(t) => {
+                if !existed && t.full() {
+                    self.grow(key);
+                    return self.put(key, code, existed);
+                }
+                t.put(key, code);
+            }
+            Repr::Dense(d) => {
+                let old_len = d.codes.len();
+                d.put(key, code);
+                if d.codes.len() != old_len {
+                    self.maybe_sparse();
+                }
+            }
+        }
+    }
+
+    /// Makes room in a full table: grows it, or turns it dense when that is no bigger.
+    #[cold]
+    fn grow(&mut self, next_key: u32) {
+        let Repr::Table(t) = self else { return };
+        let cap = t.grown_capacity();
+        let universe = t.max_key.max(next_key) as usize + 1;
+        let dense_bytes = universe * std::mem::size_of::<C>();
+        if t.len >= MIN_DENSE && dense_bytes <= cap * std::mem::size_of::<Slot<C>>() {
+            let mut d = Dense::with_universe(universe + universe / 8);
+            t.for_each(|k, c| d.put(k, c));
+            *self = Repr::Dense(d);
+        } else {
+            t.rebuild(cap);
+        }
+    }
+
+    /// Turns a dense representation back into a table when that is much smaller.
+    fn maybe_sparse(&mut self) {
+        let Repr::Dense(d) = self else { return };
+        if d.memory_bytes() > 3 * table_bytes_for::<C>(d.len) || d.len < MIN_DENSE / 2 {
+            let mut t = Table::with_capacity(d.len * 100 / 70);
+            d.for_each(|k, c| t.put(k, c));
+            *self = Repr::Table(t);
+        }
+    }
+
+    /// Keeps the entries for which `keep` is true, then shrinks if worthwhile.
+    pub(crate) fn retain(&mut self, keep: impl FnMut(u32, C) -> bool) {
+        match self {
+            Repr::Table(t) => {
+                t.retain(keep);
+                if t.capacity() > 64 && t.len() * 10 < t.capacity() * 3 {
+                    let cap = (t.len() * 100 / 60).max(8);
+                    t.rebuild(cap);
+                }
+            }
+            Repr::Dense(_) => {
+                if let Repr::Dense(d) = self {
+                    d.retain(keep);
+                }
+                self.maybe_sparse();
+            }
+        }
+    }
+
+    pub(crate) fn for_each(&self, f: impl FnMut(u32, C)) {
+        match self {
+            Repr::Table(t) => t.for_each(f),
+            Repr::Dense(d) => d.for_each(f),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn codes_round_trip_within_the_modulus() {
+        for top in [-5i64, 0, 1, 65534, 65535, 65536, 1_000_000, 28_000_000] {
+            let c = Coder::new::<u16>(top);
+            for back in [0i64, 1, 2, 1000, 65533, 65534] {
+                let code: u16 = c.encode(top - back);
+                assert_ne!(code, 0);
+                assert_eq!(c.decode(code), top - back, "top {top} back {back}");
+            }
+        }
+    }
+
+    proptest! {
+        /// Tables and dense arrays behave like a map through inserts, removals and switches.
+        #[test]
+        fn repr_matches_a_map(
+            ops in proptest::collection::vec((0u8..3, 0u32..20_000, 1u16..100), 1..3000),
+            universe in 0usize..30_000,
+            start in 0usize..6000,
+        ) {
+            let mut r: Repr<u16> = Repr::with_capacity(start, universe);
+            let mut model = std::collections::HashMap::new();
+            for (op, k, c) in ops {
+                match op {
+                    0 | 1 => {
+                        let existed = r.get(k).is_some();
+                        prop_assert_eq!(existed, model.contains_key(&k));
+                        r.put(k, c, existed);
+                        model.insert(k, c);
+                    }
+                    _ => {
+                        r.retain(|kk, cc| (kk ^ u32::from(cc)) % 7 != (k % 7));
+                        model.retain(|kk, cc| (*kk ^ u32::from(*cc)) % 7 != (k % 7));
+                    }
+                }
+                prop_assert_eq!(r.len(), model.len());
+            }
+            for (k, c) in &model {
+                prop_assert_eq!(r.get(*k), Some(*c));
+            }
+            let mut n = 0;
+            r.for_each(|k, c| { n += 1; assert_eq!(model.get(&k), Some(&c)); });
+            prop_assert_eq!(n, model.len());
+        }
+    }
+
+    #[test]
+    fn many_keys_switch_to_dense_and_back() {
+        let mut r: Repr<u16> = Repr::with_capacity(0, 0);
+        for k in 0..50_000u32 {
+            r.put(k, 1 + (k % 1000) as u16, false);
+        }
+        assert!(r.is_dense());
+        assert_eq!(r.len(), 50_000);
+        r.retain(|k, _| k % 100 == 0);
+        assert!(!r.is_dense());
+        assert_eq!(r.len(), 500);
+        for k in 0..50_000u32 {
+            assert_eq!(r.get(k).is_some(), k % 100 == 0);
+        }
+    }
+}
