@@ -13,8 +13,8 @@ use userseg_clickhouse::{ClickHouseConfig, ClickHouseStore};
 use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaPublisher, KafkaSource};
 use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, SystemClock};
 
-use crate::config::{duration, BatchArgs, ServiceArgs, ServiceConfig};
-use crate::observability;
+use crate::config::{duration, BatchArgs, ServiceArgs};
+use crate::{observability, server};
 
 #[derive(Args, Debug, Clone)]
 pub struct KafkaArgs {
@@ -143,49 +143,9 @@ pub struct MigrateArgs {
     pub clickhouse: ClickHouseArgs,
 }
 
-fn bind_check(service: &ServiceConfig) -> Result<()> {
-    if service.limits.max_request_bytes == 0 {
-        bail!("MAX_REQUEST_BYTES: must be positive");
-    }
-    Ok(())
-}
-
-async fn serve(
-    state: ApiState,
-    service: &ServiceConfig,
-    role: &str,
-    shutdown: CancellationToken,
-) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    let listener = tokio::net::TcpListener::bind(service.addr)
-        .await
-        .with_context(|| {
-            format!(
-                "SERVICE_HOST/SERVICE_PORT: cannot listen on {}",
-                service.addr
-            )
-        })?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, role, window_seconds = service.window.secs(), "userseg listening");
-    Ok(tokio::spawn(userseg_api::serve(
-        listener,
-        userseg_api::router(state),
-        shutdown,
-    )))
-}
-
-async fn stop_server(server: tokio::task::JoinHandle<std::io::Result<()>>) {
-    match tokio::time::timeout(Duration::from_secs(10), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
-        Err(_) => tracing::warn!("in-flight requests did not finish in 10 s; closing them"),
-    }
-}
-
 /// `userseg uss`: validates and publishes to Kafka; stateless.
 pub async fn run_uss(args: UssArgs) -> Result<()> {
     let service = args.service.validate()?;
-    bind_check(&service)?;
     let kafka = args.kafka.validate(None)?;
     let metrics = observability::init_metrics()?;
     let shutdown = observability::shutdown_on_signals()?;
@@ -201,9 +161,9 @@ pub async fn run_uss(args: UssArgs) -> Result<()> {
     let mut state = ApiState::new(Some(ingest), None);
     state.metrics = Some(metrics);
     state.auth_token = service.api_token.as_deref().map(Arc::from);
-    let server = serve(state, &service, "uss", shutdown.clone()).await?;
+    let server = server::serve(state, &service, "uss", shutdown.clone()).await?;
     shutdown.cancelled().await;
-    stop_server(server).await;
+    server::stop(server).await;
     if let Err(e) = publisher.flush(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "producer flush on shutdown failed");
     }
@@ -270,23 +230,9 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
     let mut state = ApiState::new(None, Some(estimation));
     state.metrics = Some(metrics);
     state.auth_token = service.api_token.as_deref().map(Arc::from);
-    let h = health.clone();
-    let processor_check: ReadyCheck = Arc::new(move || {
-        let h = h.clone();
-        Box::pin(async move {
-            if h.store_ok() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "writes to clickhouse are failing, consumption paused: {}",
-                    h.last_error().unwrap_or_default()
-                ))
-            }
-        })
-    });
     state
         .ready_checks
-        .push(("processor".into(), processor_check));
+        .push(("processor".into(), server::processor_check(health)));
     // Broker reachability, through a metadata request of an idle producer client.
     let broker_probe = Arc::new(KafkaPublisher::new(&kafka)?);
     let kafka_check: ReadyCheck = Arc::new(move || {
@@ -299,7 +245,7 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
     });
     state.ready_checks.push(("kafka".into(), kafka_check));
 
-    let server = serve(state, &service, "es", shutdown.clone()).await?;
+    let server = server::serve(state, &service, "es", shutdown.clone()).await?;
     shutdown.cancelled().await;
     // Stop consuming: the processor flushes its batch (bounded by the shutdown grace) and
     // commits; then the consumer leaves the group so partitions move at once.
@@ -310,7 +256,7 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
     }
     retention_stop.cancel();
     let _ = retention_task.await;
-    stop_server(server).await;
+    server::stop(server).await;
     tracing::info!("userseg es stopped");
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod config;
 mod distributed;
 mod observability;
+mod server;
 mod standalone;
 
 use anyhow::Result;
@@ -32,6 +33,8 @@ enum Command {
     Es(Box<distributed::EsArgs>),
     /// Apply the ClickHouse schema migrations.
     Migrate(distributed::MigrateArgs),
+    /// Push a synthetic workload to a running server and report throughput (and verify counts).
+    Load(Box<userseg_loadgen::LoadArgs>),
     /// Print the version.
     Version,
 }
@@ -52,6 +55,10 @@ fn main() -> Result<()> {
             Command::Uss(args) => distributed::run_uss(args).await,
             Command::Es(args) => distributed::run_es(*args).await,
             Command::Migrate(args) => distributed::run_migrate(args).await,
+            Command::Load(args) => userseg_loadgen::run(*args)
+                .await
+                .map(|_| ())
+                .map_err(Into::into),
             Command::Version => Ok(()),
         }
     });

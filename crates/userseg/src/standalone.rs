@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use userseg_api::{ApiState, ReadyCheck};
+use userseg_api::ApiState;
 use userseg_embedded::{
     open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, WalConfig,
 };
 use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, SystemClock};
 
 use crate::config::StandaloneConfig;
-use crate::observability;
+use crate::{observability, server};
 
 pub async fn run(cfg: StandaloneConfig) -> Result<()> {
     let metrics = observability::init_metrics()?;
@@ -68,52 +68,20 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
     let mut state = ApiState::new(Some(ingest), Some(estimation));
     state.metrics = Some(metrics);
     state.auth_token = cfg.service.api_token.as_deref().map(Arc::from);
-    let h = health.clone();
-    let processor_check: ReadyCheck = Arc::new(move || {
-        let h = h.clone();
-        Box::pin(async move {
-            if h.store_ok() {
-                Ok(())
-            } else {
-                Err(h.last_error().unwrap_or_else(|| "store failing".into()))
-            }
-        })
-    });
     state
         .ready_checks
-        .push(("processor".into(), processor_check));
-
-    let listener = tokio::net::TcpListener::bind(cfg.service.addr)
-        .await
-        .with_context(|| {
-            format!(
-                "SERVICE_HOST/SERVICE_PORT: cannot listen on {}",
-                cfg.service.addr
-            )
-        })?;
-    let addr = listener.local_addr()?;
+        .push(("processor".into(), server::processor_check(health)));
     tracing::info!(
-        %addr,
         data_dir = %cfg.data_dir.display(),
-        window_seconds = window.secs(),
         recovered_pairs = opened.store.memory().live_pairs,
         recovery_ms = recovery.elapsed.as_millis() as u64,
-        "userseg standalone listening"
+        "recovered standalone state"
     );
-    let server = tokio::spawn(userseg_api::serve(
-        listener,
-        userseg_api::router(state),
-        shutdown.clone(),
-    ));
+    let server = server::serve(state, &cfg.service, "standalone", shutdown.clone()).await?;
 
     shutdown.cancelled().await;
     // 1. Stop accepting; let in-flight requests finish (bounded).
-    match tokio::time::timeout(Duration::from_secs(10), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
-        Err(_) => tracing::warn!("in-flight requests did not finish in 10 s; closing them"),
-    }
+    server::stop(server).await;
     // 2. Close the log: the writer drains, then the processor sees the end and flushes.
     drop(log);
     let wal = opened.wal.clone();

@@ -83,7 +83,7 @@ async fn clickhouse_outage_pauses_es_and_the_backlog_drains() {
         status == 503
             && body["checks"]["processor"]
                 .as_str()
-                .is_some_and(|s| s.contains("clickhouse"))
+                .is_some_and(|s| s.contains("writes to the store are failing"))
     })
     .await;
     // Lag grows, nothing is dead-lettered.
