@@ -7,6 +7,11 @@ mod server;
 mod standalone;
 
 use anyhow::Result;
+
+/// mimalloc: ingest allocates two small strings per pair on one thread and frees them on
+/// another (the batch processor), a pattern where glibc malloc contends.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
