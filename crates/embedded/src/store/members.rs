@@ -175,8 +175,8 @@ impl<C: Code> Table<C> {
         }
     }
 
-    #[inline]
-    pub(crate) fn get(&self, key: u32) -> Option<C> {
+    #[cfg(test)]
+    fn get(&self, key: u32) -> Option<C> {
         if self.len == 0 {
             return None;
         }
@@ -382,7 +382,7 @@ impl<C: Code> Repr<C> {
         matches!(self, Repr::Dense(_))
     }
 
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn get(&self, key: u32) -> Option<C> {
         match self {
             Repr::Table(t) => t.get(key),
@@ -406,6 +406,47 @@ impl<C: Code> Repr<C> {
                 d.put(key, code);
                 if d.codes.len() != old_len {
                     self.maybe_sparse();
+                }
+            }
+        }
+    }
+
+    /// Reads the entry of `key` and, if `f` returns a code, writes it: one probe sequence.
+    #[inline]
+    pub(crate) fn upsert(&mut self, key: u32, f: impl FnOnce(Option<C>) -> Option<C>) {
+        match self {
+            Repr::Table(t) => {
+                if t.len > 0 {
+                    match t.find(key) {
+                        Ok(i) => {
+                            if let Some(code) = f(Some(t.slots[i].code())) {
+                                t.slots[i] = Slot { key, code };
+                            }
+                            return;
+                        }
+                        Err(i) if !t.full() => {
+                            if let Some(code) = f(None) {
+                                t.slots[i] = Slot { key, code };
+                                t.len += 1;
+                                t.max_key = t.max_key.max(key);
+                            }
+                            return;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if let Some(code) = f(None) {
+                    self.put(key, code, false);
+                }
+            }
+            Repr::Dense(d) => {
+                let old = d.get(key);
+                if let Some(code) = f(old) {
+                    if old.is_some() {
+                        d.codes[key as usize] = code;
+                    } else {
+                        self.put(key, code, false);
+                    }
                 }
             }
         }

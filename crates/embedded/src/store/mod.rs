@@ -2,9 +2,10 @@
 //! periodic snapshots (see [`crate::checkpoint`]).
 //!
 //! Layout: user ids are interned into dense `u32`s ([`dict::UserDict`]); each segment maps
-//! user index → bucket of the latest ts (8 bytes per membership in an open-addressing table),
-//! and keeps a [`ring::Ring`] of member counts per bucket, so an estimate sums at most one
-//! window of bucket counts and never touches the memberships.
+//! user index → bucket of the latest ts ([`members`]: a 6-byte-slot open-addressing table, or
+//! for segments holding a large share of all users a dense array of 2-byte codes indexed by
+//! user), and keeps a [`ring::Ring`] of member counts per bucket with the window sum cached, so
+//! an estimate is O(1) at the time of the latest data and never touches the memberships.
 
 mod dict;
 mod members;
@@ -51,7 +52,7 @@ pub(crate) struct Segment {
 
 #[inline]
 fn observe_in<C: Code>(repr: &mut Repr<C>, ring: &mut Ring, coder: Coder, user: u32, bucket: i64) {
-    match repr.get(user) {
+    repr.upsert(user, |code| match code {
         Some(code) => {
             let old = coder.decode(code);
             if bucket > old {
@@ -59,14 +60,16 @@ fn observe_in<C: Code>(repr: &mut Repr<C>, ring: &mut Ring, coder: Coder, user: 
                     ring.dec(old);
                 }
                 ring.inc(bucket);
-                repr.put(user, coder.encode(bucket), true);
+                Some(coder.encode(bucket))
+            } else {
+                None
             }
         }
         None => {
-            repr.put(user, coder.encode(bucket), false);
             ring.inc(bucket);
+            Some(coder.encode(bucket))
         }
-    }
+    });
 }
 
 fn expire_in<C: Code>(repr: &mut Repr<C>, ring: &mut Ring, coder: Coder, lo: i64) -> usize {

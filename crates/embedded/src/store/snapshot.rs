@@ -116,11 +116,15 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
     };
     fs::create_dir_all(dir).map_err(io_err)?;
     let file = File::create(&tmp).map_err(io_err)?;
-    let mut w = CrcWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        crc: crc32fast::Hasher::new(),
-        written: 0,
-    };
+    // Checksums over the buffered 1 MiB writes (fast), not the many small ones.
+    let mut w = BufWriter::with_capacity(
+        1 << 20,
+        CrcWriter {
+            inner: file,
+            crc: crc32fast::Hasher::new(),
+            written: 0,
+        },
+    );
     let b = store.bucketing();
     w.write_all(MAGIC).map_err(io_err)?;
     w.write_all(&(b.bucket_secs() as u64).to_le_bytes())
@@ -171,8 +175,9 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
         }
     }
     w.write_all(&[0]).map_err(io_err)?;
-    let seg_crc = std::mem::take(&mut w.crc).finalize();
-    let dict_offset = w.written;
+    w.flush().map_err(io_err)?;
+    let seg_crc = std::mem::take(&mut w.get_mut().crc).finalize();
+    let dict_offset = w.get_ref().written;
     {
         let users = store.users.lock().unwrap_or_else(|e| e.into_inner());
         let count: u64 = referenced.iter().map(|w| u64::from(w.count_ones())).sum();
@@ -191,12 +196,13 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
             }
         }
     }
-    let dict_crc = std::mem::take(&mut w.crc).finalize();
+    w.flush().map_err(io_err)?;
+    let dict_crc = std::mem::take(&mut w.get_mut().crc).finalize();
     w.write_all(&dict_offset.to_le_bytes()).map_err(io_err)?;
     w.write_all(&seg_crc.to_le_bytes()).map_err(io_err)?;
     w.write_all(&dict_crc.to_le_bytes()).map_err(io_err)?;
     w.write_all(END_MAGIC).map_err(io_err)?;
-    let file = w.inner.into_inner().map_err(|e| io_err(e.into_error()))?;
+    let file = w.into_inner().map_err(|e| io_err(e.into_error()))?.inner;
     file.sync_all().map_err(io_err)?;
     drop(file);
     fs::rename(&tmp, &path).map_err(io_err)?;
@@ -282,10 +288,7 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
         return Err(corrupt("dictionary checksum mismatch".into()));
     }
     file.seek(SeekFrom::Start(dict_offset)).map_err(io_err)?;
-    let mut r = CrcReader {
-        inner: BufReader::with_capacity(1 << 20, (&mut file).take(dict_len)),
-        crc: crc32fast::Hasher::new(),
-    };
+    let mut r = BufReader::with_capacity(1 << 20, (&mut file).take(dict_len));
     let count = u64_at(&mut r, path)?;
     if count > dict_len / 6 {
         return Err(corrupt(format!("dictionary claims {count} users")));
@@ -312,9 +315,7 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
         }
         remap[old] = new;
     }
-    if r.crc.finalize() != dict_crc {
-        return Err(corrupt("dictionary checksum mismatch".into()));
-    }
+    drop(r);
 
     file.seek(SeekFrom::Start(0)).map_err(io_err)?;
     let mut r = BufReader::with_capacity(1 << 16, &mut file);
@@ -500,10 +501,14 @@ impl LoadCtx<'_> {
                 path: path.to_owned(),
                 source,
             })?;
-        let mut r = CrcReader {
-            inner: BufReader::with_capacity(1 << 16, file.take(rec.end - rec.start)),
-            crc: crc32fast::Hasher::new(),
-        };
+        // Checksums over the buffered reads (fast), not the small ones.
+        let mut r = BufReader::with_capacity(
+            1 << 16,
+            CrcReader {
+                inner: file.take(rec.end - rec.start),
+                crc: crc32fast::Hasher::new(),
+            },
+        );
         let mut head = vec![0u8; (rec.body_start - rec.start) as usize];
         read_exact(&mut r, &mut head, path)?;
         let mut seg =
@@ -526,7 +531,7 @@ impl LoadCtx<'_> {
             }
             left -= take;
         }
-        Ok((seg, r.crc))
+        Ok((seg, r.into_inner().crc))
     }
 }
 
