@@ -4,34 +4,31 @@ use foldhash::fast::FixedState;
 use hashbrown::HashTable;
 use std::hash::BuildHasher;
 
-/// Bytes per arena block; an id never straddles two blocks.
+/// Bytes per arena block; an entry never straddles two blocks.
 const BLOCK_BYTES: usize = 1 << 20;
-/// Locations per chunk of the location array.
-const LOC_CHUNK: usize = 1 << 16;
 /// Bits of the in-block position in a packed location.
 const POS_BITS: u32 = 20;
 
 /// Append-only dictionary of user ids.
 ///
-/// Ids live in an arena of fixed 1 MiB blocks, each prefixed by its length as a LEB128 varint;
-/// the location of id `i` is packed into 5 bytes (block index, position), in chunks of 64 Ki
-/// locations; a hash table maps ids to indices. Nothing is ever reallocated by doubling
-/// except the hash table, so about 5 + 1 + len bytes per user plus the table (5 bytes a slot).
+/// Ids live in an arena of fixed 1 MiB blocks, in index order, each entry being the index
+/// (u32), the length of the id as a LEB128 varint and the id. The hash table holds 5-byte packed
+/// locations (block, position) of entries, so a lookup touches the table and one arena entry.
+/// Nothing is reallocated by doubling except the hash table: about 5 + len bytes per user plus
+/// the table (6 bytes a slot).
 #[derive(Default)]
 pub struct UserDict {
     blocks: Vec<Vec<u8>>,
-    locs: Vec<Vec<[u8; 5]>>,
     len: usize,
-    table: HashTable<u32>,
+    table: HashTable<[u8; 5]>,
     hasher: FixedState,
 }
 
-fn id_at<'a>(blocks: &'a [Vec<u8>], locs: &[Vec<[u8; 5]>], idx: u32) -> &'a [u8] {
-    let i = idx as usize;
-    let l = locs[i / LOC_CHUNK][i % LOC_CHUNK];
-    let loc = u64::from_le_bytes([l[0], l[1], l[2], l[3], l[4], 0, 0, 0]);
-    let block = &blocks[(loc >> POS_BITS) as usize];
-    let mut pos = (loc & ((1 << POS_BITS) - 1)) as usize;
+/// The index and id of the entry at `pos` of `block`, and the position after it.
+#[inline]
+fn entry_at(block: &[u8], mut pos: usize) -> (u32, &[u8], usize) {
+    let idx = u32::from_le_bytes([block[pos], block[pos + 1], block[pos + 2], block[pos + 3]]);
+    pos += 4;
     let mut n = 0usize;
     let mut shift = 0;
     loop {
@@ -43,7 +40,15 @@ fn id_at<'a>(blocks: &'a [Vec<u8>], locs: &[Vec<[u8; 5]>], idx: u32) -> &'a [u8]
         }
         shift += 7;
     }
-    &block[pos..pos + n]
+    (idx, &block[pos..pos + n], pos + n)
+}
+
+#[inline]
+fn at(blocks: &[Vec<u8>], loc: [u8; 5]) -> (u32, &[u8]) {
+    let loc = u64::from_le_bytes([loc[0], loc[1], loc[2], loc[3], loc[4], 0, 0, 0]);
+    let block = &blocks[(loc >> POS_BITS) as usize];
+    let (idx, id, _) = entry_at(block, (loc & ((1 << POS_BITS) - 1)) as usize);
+    (idx, id)
 }
 
 impl UserDict {
@@ -62,16 +67,27 @@ impl UserDict {
         self.len == 0
     }
 
-    /// The id of `idx`. Ids are stored from valid `&str`s, so the bytes are UTF-8.
-    pub fn get(&self, idx: u32) -> &[u8] {
-        id_at(&self.blocks, &self.locs, idx)
+    /// Every `(index, id)` in index order. Ids are stored from valid `&str`s, so the bytes are
+    /// UTF-8.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> + '_ {
+        self.blocks.iter().flat_map(|block| {
+            let mut pos = 0;
+            std::iter::from_fn(move || {
+                (pos < block.len()).then(|| {
+                    let (idx, id, next) = entry_at(block, pos);
+                    pos = next;
+                    (idx, id)
+                })
+            })
+        })
     }
 
-    /// Appends `id` to the arena; returns its packed location.
-    fn push_bytes(&mut self, id: &[u8]) -> Option<u64> {
-        let mut head = [0u8; 10];
+    /// Appends the entry of `idx`; returns its packed location.
+    fn push_entry(&mut self, idx: u32, id: &[u8]) -> Option<[u8; 5]> {
+        let mut head = [0u8; 14];
+        head[..4].copy_from_slice(&idx.to_le_bytes());
         let mut n = id.len();
-        let mut h = 0;
+        let mut h = 4;
         loop {
             let b = (n & 0x7f) as u8;
             n >>= 7;
@@ -89,59 +105,65 @@ impl UserDict {
             .last()
             .is_some_and(|b| b.capacity() - b.len() >= need);
         if !fits {
+            if self.blocks.len() >= 1 << (40 - POS_BITS) {
+                return None;
+            }
             // A new block; an id longer than a block gets a block of its own.
             self.blocks.push(Vec::with_capacity(need.max(BLOCK_BYTES)));
         }
         let block_idx = self.blocks.len() - 1;
-        if block_idx >= 1 << (40 - POS_BITS) {
-            return None;
-        }
         let block = self.blocks.last_mut()?;
         let pos = block.len();
         block.extend_from_slice(&head[..h]);
         block.extend_from_slice(id);
-        Some(((block_idx as u64) << POS_BITS) | pos as u64)
+        let l = (((block_idx as u64) << POS_BITS) | pos as u64).to_le_bytes();
+        Some([l[0], l[1], l[2], l[3], l[4]])
     }
 
     /// The index of `id`, adding it if new. Fails only when 2^32 users are interned.
     pub fn intern(&mut self, id: &[u8]) -> Option<u32> {
         let hash = self.hasher.hash_one(id);
-        if let Some(&idx) = self
-            .table
-            .find(hash, |&i| id_at(&self.blocks, &self.locs, i) == id)
-        {
-            return Some(idx);
+        let blocks = &self.blocks;
+        if let Some(&loc) = self.table.find(hash, |&l| at(blocks, l).1 == id) {
+            return Some(at(blocks, loc).0);
         }
         let idx = u32::try_from(self.len).ok()?;
-        let loc = self.push_bytes(id)?;
-        let l = loc.to_le_bytes();
-        if self.len.is_multiple_of(LOC_CHUNK) {
-            self.locs.push(Vec::with_capacity(LOC_CHUNK));
-        }
-        self.locs.last_mut()?.push([l[0], l[1], l[2], l[3], l[4]]);
+        let loc = self.push_entry(idx, id)?;
         self.len += 1;
         let UserDict {
             blocks,
-            locs,
             table,
             hasher,
             ..
         } = self;
-        table.insert_unique(hash, idx, |&i| hasher.hash_one(id_at(blocks, locs, i)));
+        table.insert_unique(hash, loc, |&l| hasher.hash_one(at(blocks, l).1));
         Some(idx)
     }
 
-    /// Bytes of memory held (capacity, not length; the last block counts only as used).
+    /// Bytes of memory held (the arena as used; the table by its buckets).
     pub fn memory_bytes(&self) -> usize {
         let blocks: usize = self.blocks.iter().map(|b| b.len()).sum();
-        let locs: usize = self.locs.iter().map(|c| c.len() * 5).sum();
-        blocks + locs + self.table.capacity() * 5
+        let cap = self.table.capacity();
+        let buckets = if cap == 0 {
+            0
+        } else {
+            (cap * 8 / 7).next_power_of_two()
+        };
+        blocks + buckets * 6
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ids(d: &UserDict) -> Vec<Vec<u8>> {
+        let all: Vec<(u32, Vec<u8>)> = d.iter().map(|(i, id)| (i, id.to_vec())).collect();
+        for (n, (i, _)) in all.iter().enumerate() {
+            assert_eq!(*i as usize, n);
+        }
+        all.into_iter().map(|(_, id)| id).collect()
+    }
 
     #[test]
     fn interning_is_stable_and_dense() {
@@ -150,29 +172,30 @@ mod tests {
         assert_eq!(d.intern(b"bob"), Some(1));
         assert_eq!(d.intern(b"alice"), Some(0));
         assert_eq!(d.intern("é".as_bytes()), Some(2));
-        assert_eq!(d.get(1), b"bob");
-        assert_eq!(d.get(2), "é".as_bytes());
+        assert_eq!(ids(&d)[1], b"bob");
+        assert_eq!(ids(&d)[2], "é".as_bytes());
         assert_eq!(d.len(), 3);
+        let mut want: Vec<(u32, Vec<u8>)> = Vec::new();
         for i in 0..10_000u32 {
             let id = format!("user-{i}");
-            let idx = d.intern(id.as_bytes()).unwrap();
-            assert_eq!(d.get(idx), id.as_bytes());
+            want.push((d.intern(id.as_bytes()).unwrap(), id.into_bytes()));
         }
         assert_eq!(d.intern(b"user-42"), Some(45));
         // Ids longer than a varint byte and than a block.
         let long = "x".repeat(300);
         let huge = "y".repeat(BLOCK_BYTES + 10);
-        let a = d.intern(long.as_bytes()).unwrap();
-        let b = d.intern(huge.as_bytes()).unwrap();
-        let c = d.intern(b"after").unwrap();
-        assert_eq!(d.get(a), long.as_bytes());
-        assert_eq!(d.get(b), huge.as_bytes());
-        assert_eq!(d.get(c), b"after");
-        assert_eq!(d.intern(huge.as_bytes()), Some(b));
+        for id in [long.as_bytes(), huge.as_bytes(), b"after"] {
+            want.push((d.intern(id).unwrap(), id.to_vec()));
+        }
+        assert_eq!(d.intern(huge.as_bytes()), Some(10_004));
         for i in 0..200_000u32 {
             let id = format!("user-{i}");
-            let idx = d.intern(id.as_bytes()).unwrap();
-            assert_eq!(d.get(idx), id.as_bytes());
+            want.push((d.intern(id.as_bytes()).unwrap(), id.into_bytes()));
+        }
+        let all = ids(&d);
+        assert_eq!(all.len(), d.len());
+        for (idx, id) in want {
+            assert_eq!(all[idx as usize], id);
         }
     }
 }

@@ -37,18 +37,22 @@ impl Ring {
         self.len
     }
 
+    #[inline]
     fn cached_lo(&self) -> i64 {
         self.top - self.win
     }
 
+    #[inline]
     pub fn top(&self) -> i64 {
         self.top
     }
 
+    #[inline]
     pub fn holds(&self, bucket: i64) -> bool {
         bucket > self.top - self.len && bucket <= self.top
     }
 
+    #[inline]
     fn slot(&self, bucket: i64) -> usize {
         bucket.rem_euclid(self.len) as usize
     }
@@ -84,6 +88,7 @@ impl Ring {
     }
 
     /// Adds one member to a held bucket.
+    #[inline]
     pub fn inc(&mut self, bucket: i64) {
         debug_assert!(self.holds(bucket));
         let slot = self.slot(bucket);
@@ -97,6 +102,7 @@ impl Ring {
     }
 
     /// Removes one member from a held bucket.
+    #[inline]
     pub fn dec(&mut self, bucket: i64) {
         debug_assert!(self.holds(bucket));
         let slot = self.slot(bucket);

@@ -182,18 +182,16 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
         let users = store.users.lock().unwrap_or_else(|e| e.into_inner());
         let count: u64 = referenced.iter().map(|w| u64::from(w.count_ones())).sum();
         w.write_all(&count.to_le_bytes()).map_err(io_err)?;
-        for (word_idx, word) in referenced.iter().enumerate() {
-            let mut bits = *word;
-            while bits != 0 {
-                let bit = bits.trailing_zeros();
-                bits &= bits - 1;
-                let idx = (word_idx * 64) as u32 + bit;
-                let id = users.get(idx);
-                w.write_all(&idx.to_le_bytes()).map_err(io_err)?;
-                w.write_all(&(id.len() as u16).to_le_bytes())
-                    .map_err(io_err)?;
-                w.write_all(id).map_err(io_err)?;
+        // The dictionary in index order, keeping the referenced users.
+        for (idx, id) in users.iter() {
+            let word = referenced.get(idx as usize / 64).copied().unwrap_or(0);
+            if word & (1 << (idx % 64)) == 0 {
+                continue;
             }
+            w.write_all(&idx.to_le_bytes()).map_err(io_err)?;
+            w.write_all(&(id.len() as u16).to_le_bytes())
+                .map_err(io_err)?;
+            w.write_all(id).map_err(io_err)?;
         }
     }
     w.flush().map_err(io_err)?;
