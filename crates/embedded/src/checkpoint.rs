@@ -163,7 +163,9 @@ impl Checkpointer {
         snapshot::write(&self.store, &self.dir, offset)?;
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = (offset, Instant::now());
         match self.wal.remove_before(offset) {
-            Ok(n) if n > 0 => tracing::debug!(files = n, "removed log files covered by the snapshot"),
+            Ok(n) if n > 0 => {
+                tracing::debug!(files = n, "removed log files covered by the snapshot")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not remove old log files"),
         }
@@ -208,7 +210,9 @@ impl Checkpointer {
                 let me = self.clone();
                 match tokio::task::spawn_blocking(move || me.checkpoint()).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "snapshot failed; the log keeps everything, will retry"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "snapshot failed; the log keeps everything, will retry")
+                    }
                     Err(e) => tracing::error!(error = %e, "snapshot task failed"),
                 }
             }

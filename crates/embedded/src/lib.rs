@@ -10,7 +10,9 @@ pub mod dlq;
 pub mod store;
 pub mod wal;
 
-pub use checkpoint::{open_standalone, CheckpointConfig, Checkpointer, OpenError, Recovery, Standalone};
+pub use checkpoint::{
+    open_standalone, CheckpointConfig, Checkpointer, OpenError, Recovery, Standalone,
+};
 pub use dlq::FileDeadLetters;
 pub use store::{EmbeddedStore, MemStore, MemoryStats};
 pub use wal::{WalConfig, WalHandle, WalLog, WalSource};

@@ -118,12 +118,11 @@ pub fn replay(
                 Frame::Ok(payload, n) => {
                     let start = base + pos as u64;
                     if start >= from {
-                        let pairs = codec::decode_payload(payload).ok_or_else(|| {
-                            WalError::Corrupt {
+                        let pairs =
+                            codec::decode_payload(payload).ok_or_else(|| WalError::Corrupt {
                                 path: path.clone(),
                                 at: pos as u64,
-                            }
-                        })?;
+                            })?;
                         stats.records += 1;
                         stats.pairs += pairs.len() as u64;
                         apply(pairs);
