@@ -3,6 +3,7 @@
 use foldhash::fast::FixedState;
 use hashbrown::HashTable;
 use std::hash::BuildHasher;
+use std::sync::{Mutex, MutexGuard};
 
 /// Bytes per arena block; an entry never straddles two blocks.
 const BLOCK_BYTES: usize = 1 << 20;
@@ -122,7 +123,13 @@ impl UserDict {
 
     /// The index of `id`, adding it if new. Fails only when 2^32 users are interned.
     pub fn intern(&mut self, id: &[u8]) -> Option<u32> {
-        let hash = self.hasher.hash_one(id);
+        self.intern_hashed(self.hasher.hash_one(id), id)
+    }
+
+    /// [`UserDict::intern`] with `hash` = [`hash_id`]`(id)` computed by the caller.
+    #[inline]
+    pub fn intern_hashed(&mut self, hash: u64, id: &[u8]) -> Option<u32> {
+        debug_assert_eq!(hash, self.hasher.hash_one(id));
         let blocks = &self.blocks;
         if let Some(&loc) = self.table.find(hash, |&l| at(blocks, l).1 == id) {
             return Some(at(blocks, loc).0);
@@ -150,6 +157,133 @@ impl UserDict {
             (cap * 8 / 7).next_power_of_two()
         };
         blocks + buckets * 6
+    }
+}
+
+/// The hash of a user id, as [`UserDict`] and [`Users`] use it.
+#[inline]
+pub fn hash_id(id: &[u8]) -> u64 {
+    FixedState::default().hash_one(id)
+}
+
+/// The user dictionary split by id hash into `n` (a power of two) [`UserDict`]s, each behind
+/// its own lock, so that batches are interned by several threads.
+///
+/// The global index of local index `l` of shard `s` is `l * n + s`: shards fill at the same
+/// pace (the hash splits users evenly), so global indices stay dense for the dense member
+/// arrays. Global index `u32::MAX` is never handed out (it marks absent users elsewhere).
+pub struct Users {
+    shards: Box<[Mutex<UserDict>]>,
+}
+
+impl Users {
+    pub fn new(shards: usize) -> Users {
+        Users::with_capacity(shards, 0)
+    }
+
+    /// `shards` is rounded up to a power of two (at most 256); room for `users` users in all.
+    pub fn with_capacity(shards: usize, users: usize) -> Users {
+        let n = shards.clamp(1, 256).next_power_of_two();
+        Users {
+            shards: (0..n)
+                .map(|_| Mutex::new(UserDict::with_capacity(users.div_ceil(n), 0)))
+                .collect(),
+        }
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard of a user of hash `hash`: bits the hash table uses for neither the bucket
+    /// (low bits) nor the tag (top 7 bits).
+    #[inline]
+    pub fn shard_of(&self, hash: u64) -> usize {
+        (hash >> 48) as usize & (self.shards.len() - 1)
+    }
+
+    /// The global index of local index `local` of shard `shard`.
+    #[inline]
+    pub fn global(&self, shard: usize, local: u32) -> Option<u32> {
+        u32::try_from(u64::from(local) * self.shards.len() as u64 + shard as u64)
+            .ok()
+            .filter(|&g| g != u32::MAX)
+    }
+
+    pub fn lock(&self, shard: usize) -> MutexGuard<'_, UserDict> {
+        self.shards[shard].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every shard locked, in shard order (the one order every caller locks several in).
+    pub fn lock_all(&self) -> Vec<MutexGuard<'_, UserDict>> {
+        (0..self.shards.len()).map(|s| self.lock(s)).collect()
+    }
+
+    /// The global index of `id` in shards all locked by [`Users::lock_all`], adding it if new.
+    #[inline]
+    pub fn intern_in(&self, guards: &mut [MutexGuard<'_, UserDict>], id: &[u8]) -> Option<u32> {
+        let hash = hash_id(id);
+        let s = self.shard_of(hash);
+        let local = guards[s].intern_hashed(hash, id)?;
+        self.global(s, local)
+    }
+
+    /// [`Users::intern_in`] for an exclusively held dictionary (no locking).
+    pub fn intern_mut(&mut self, id: &[u8]) -> Option<u32> {
+        let hash = hash_id(id);
+        let s = self.shard_of(hash);
+        let local = self.shards[s]
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .intern_hashed(hash, id)?;
+        self.global(s, local)
+    }
+
+    pub fn len(&self) -> usize {
+        (0..self.shards.len()).map(|s| self.lock(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One more than the largest global index handed out (0 if none).
+    pub fn universe(&self) -> usize {
+        let n = self.shards.len();
+        (0..n)
+            .map(|s| match self.lock(s).len() {
+                0 => 0,
+                len => (len - 1) * n + s + 1,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        (0..self.shards.len())
+            .map(|s| self.lock(s).memory_bytes())
+            .sum()
+    }
+
+    /// Calls `f(global index, id)` for every user in increasing index order, with every
+    /// shard locked.
+    pub fn for_each(&self, mut f: impl FnMut(u32, &[u8])) {
+        let guards = self.lock_all();
+        let mut iters: Vec<_> = guards.iter().map(|g| g.iter()).collect();
+        let n = iters.len() as u64;
+        loop {
+            let mut any = false;
+            for (s, it) in iters.iter_mut().enumerate() {
+                if let Some((local, id)) = it.next() {
+                    any = true;
+                    // Indices of present entries fit: they were handed out.
+                    f((u64::from(local) * n + s as u64) as u32, id);
+                }
+            }
+            if !any {
+                break;
+            }
+        }
     }
 }
 
@@ -196,6 +330,32 @@ mod tests {
         assert_eq!(all.len(), d.len());
         for (idx, id) in want {
             assert_eq!(all[idx as usize], id);
+        }
+    }
+
+    #[test]
+    fn sharded_indices_are_dense_stable_and_ordered() {
+        for shards in [1, 2, 4, 8] {
+            let mut u = Users::new(shards);
+            let mut want = std::collections::HashMap::new();
+            for i in 0..50_000u32 {
+                let id = format!("user-{}", i % 30_000);
+                let g = u.intern_mut(id.as_bytes()).unwrap();
+                assert_eq!(*want.entry(id).or_insert(g), g);
+            }
+            assert_eq!(u.len(), 30_000);
+            let max = want.values().copied().max().unwrap() as usize;
+            // Dense up to the imbalance between shards.
+            assert!(max < 30_000 + 30_000 / 10, "{shards}: max index {max}");
+            let mut seen = Vec::new();
+            u.for_each(|g, id| seen.push((g, String::from_utf8(id.to_vec()).unwrap())));
+            assert_eq!(seen.len(), 30_000);
+            assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
+            for (g, id) in seen {
+                assert_eq!(want[&id], g);
+            }
+            let mut guards = u.lock_all();
+            assert_eq!(u.intern_in(&mut guards, b"user-7"), Some(want["user-7"]));
         }
     }
 }

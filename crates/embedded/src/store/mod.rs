@@ -13,14 +13,15 @@ mod ring;
 pub mod snapshot;
 
 use std::collections::HashMap as StdHashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Barrier, RwLock};
 
 use async_trait::async_trait;
 use foldhash::fast::FixedState;
 use userseg_domain::{Bucketing, Pair, UnixSeconds, Window};
 use userseg_usecase::{Mode, PortError, SegmentCount, SegmentCounter, SegmentWriter};
 
-pub use dict::UserDict;
+pub use dict::{UserDict, Users};
 use members::{Code, Coder, Repr};
 use ring::Ring;
 
@@ -214,9 +215,20 @@ pub struct MemStore {
     window: Window,
     bucketing: Bucketing,
     ring_len: i64,
-    pub(crate) users: Mutex<UserDict>,
+    pub(crate) users: Users,
     pub(crate) segments: RwLock<StdHashMap<Box<str>, Arc<RwLock<Segment>>>>,
+    /// Threads applying a large batch (at most one per dictionary shard).
+    threads: usize,
+    /// Batches of fewer pairs are applied on the calling thread alone.
+    parallel_min: usize,
 }
+
+/// Dictionary shards: a power of two, at least the cores we expect to use.
+const SHARDS: usize = 4;
+/// Below this many pairs a batch is applied on one thread (spawning costs more than it saves).
+const PARALLEL_MIN: usize = 4096;
+/// Marks a pair that is not applied (its ts is out of range) in the per-pair user indices.
+const SKIP: u32 = u32::MAX;
 
 /// Buckets are stored as u32; timestamps before 1970 are treated as expired.
 fn bucket_u32(b: i64) -> Option<i64> {
@@ -230,14 +242,87 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
+fn too_many_users() -> PortError {
+    PortError::Permanent("the embedded store holds 2^32 users".into())
+}
+
+/// A segment and positions of its pairs in a batch.
+type Group<'a> = (&'a str, Vec<u32>);
+
+/// Positions of a batch's pairs grouped by segment, groups in order of first appearance and
+/// positions in batch order.
+#[derive(Default)]
+struct Groups<'a> {
+    index: StdHashMap<&'a str, usize, FixedState>,
+    groups: Vec<Group<'a>>,
+}
+
+impl<'a> Groups<'a> {
+    fn group(pairs: &'a [Pair], range: std::ops::Range<usize>) -> Groups<'a> {
+        let mut g = Groups::default();
+        let mut last: Option<(&str, usize)> = None;
+        for i in range {
+            let seg = pairs[i].segment.as_str();
+            let k = match last {
+                Some((name, k)) if name == seg => k,
+                _ => {
+                    let k = g.slot(seg);
+                    last = Some((seg, k));
+                    k
+                }
+            };
+            g.groups[k].1.push(i as u32);
+        }
+        g
+    }
+
+    fn slot(&mut self, seg: &'a str) -> usize {
+        let groups = &mut self.groups;
+        *self.index.entry(seg).or_insert_with(|| {
+            groups.push((seg, Vec::new()));
+            groups.len() - 1
+        })
+    }
+
+    /// Appends `other`'s positions (all after ours) to the groups.
+    fn merge(&mut self, other: Groups<'a>) {
+        for (seg, pos) in other.groups {
+            let k = self.slot(seg);
+            let mine = &mut self.groups[k].1;
+            if mine.is_empty() {
+                *mine = pos;
+            } else {
+                mine.extend_from_slice(&pos);
+            }
+        }
+    }
+}
+
 impl MemStore {
     pub fn new(window: Window) -> MemStore {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        MemStore::with_parallelism(window, SHARDS, threads, PARALLEL_MIN)
+    }
+
+    /// A store with `shards` dictionary shards (rounded up to a power of two) applying
+    /// batches of at least `parallel_min` pairs on up to `threads` threads.
+    pub(crate) fn with_parallelism(
+        window: Window,
+        shards: usize,
+        threads: usize,
+        parallel_min: usize,
+    ) -> MemStore {
         let bucketing = Bucketing::for_window(window);
+        let users = Users::new(shards);
         MemStore {
             window,
             bucketing,
             ring_len: bucketing.window_buckets() + bucketing.future_buckets() + 1,
-            users: Mutex::new(UserDict::default()),
+            threads: threads.clamp(1, users.shards()),
+            parallel_min: parallel_min.max(1),
+            users,
             segments: RwLock::new(StdHashMap::new()),
         }
     }
@@ -266,23 +351,36 @@ impl MemStore {
     }
 
     /// Applies pairs: idempotent, order-independent (the latest ts per membership wins).
+    ///
+    /// Large batches use several threads: the users are interned shard by shard in parallel,
+    /// then the segments are updated in parallel; each segment still sees its pairs in batch
+    /// order, so the result is the same as on one thread.
     pub fn apply(&self, pairs: &[Pair]) -> Result<(), PortError> {
         if pairs.is_empty() {
             return Ok(());
         }
-        // Intern users and group by segment under one dictionary lock.
+        let threads = self.threads.min(pairs.len().div_ceil(self.parallel_min));
+        if threads <= 1 || pairs.len() >= SKIP as usize {
+            return self.apply_serial(pairs);
+        }
+        self.apply_parallel(pairs, threads)
+    }
+
+    fn apply_serial(&self, pairs: &[Pair]) -> Result<(), PortError> {
+        // Intern users and group by segment under the dictionary locks.
         let mut group_of: StdHashMap<&str, usize, FixedState> = StdHashMap::default();
         let mut groups: Vec<(&str, Vec<(u32, i64)>)> = Vec::new();
         {
-            let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            let mut users = self.users.lock_all();
             let mut last: Option<(&str, usize)> = None;
             for p in pairs {
                 let Some(bucket) = bucket_u32(self.bucketing.bucket_of(p.ts)) else {
                     continue;
                 };
-                let user = users.intern(p.user_id.as_bytes()).ok_or_else(|| {
-                    PortError::Permanent("the embedded store holds 2^32 users".into())
-                })?;
+                let user = self
+                    .users
+                    .intern_in(&mut users, p.user_id.as_bytes())
+                    .ok_or_else(too_many_users)?;
                 let g = match last {
                     Some((name, g)) if name == p.segment => g,
                     _ => {
@@ -297,14 +395,108 @@ impl MemStore {
                 groups[g].1.push((user, bucket));
             }
         }
-        let by_segment = groups;
-        for (name, members) in by_segment {
+        for (name, members) in groups {
             let seg = self.segment(name);
             let mut seg = write(&seg);
             for (user, bucket) in members {
                 seg.observe(user, bucket);
             }
         }
+        Ok(())
+    }
+
+    /// Two phases on `threads` threads. First each thread hashes the user ids and groups the
+    /// positions by segment of its share of the batch, then (after a barrier) interns the
+    /// users of its dictionary shards, locking only those. Then the segment groups, balanced
+    /// by pair count, are applied in parallel.
+    fn apply_parallel(&self, pairs: &[Pair], threads: usize) -> Result<(), PortError> {
+        let n = pairs.len();
+        let hashes: Vec<std::sync::atomic::AtomicU64> =
+            (0..n).map(|_| Default::default()).collect();
+        let users: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(SKIP)).collect();
+        let chunk = n.div_ceil(threads);
+        let barrier = Barrier::new(threads);
+        let shards = self.users.shards();
+        let work = |t: usize| -> (Groups<'_>, Result<(), PortError>) {
+            let range = (t * chunk).min(n)..((t + 1) * chunk).min(n);
+            for i in range.clone() {
+                hashes[i].store(dict::hash_id(pairs[i].user_id.as_bytes()), Relaxed);
+            }
+            let groups = Groups::group(pairs, range);
+            barrier.wait();
+            let mut guards: Vec<_> = (t..shards)
+                .step_by(threads)
+                .map(|s| self.users.lock(s))
+                .collect();
+            for (i, p) in pairs.iter().enumerate() {
+                let hash = hashes[i].load(Relaxed);
+                let s = self.users.shard_of(hash);
+                if s % threads != t || bucket_u32(self.bucketing.bucket_of(p.ts)).is_none() {
+                    continue;
+                }
+                let g = &mut guards[s / threads];
+                let Some(user) = g
+                    .intern_hashed(hash, p.user_id.as_bytes())
+                    .and_then(|local| self.users.global(s, local))
+                else {
+                    return (groups, Err(too_many_users()));
+                };
+                users[i].store(user, Relaxed);
+            }
+            (groups, Ok(()))
+        };
+        let parts: Vec<(Groups<'_>, Result<(), PortError>)> = std::thread::scope(|scope| {
+            let work = &work;
+            let handles: Vec<_> = (1..threads).map(|t| scope.spawn(move || work(t))).collect();
+            let mut parts = vec![work(0)];
+            for h in handles {
+                parts.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            }
+            parts
+        });
+        let mut groups = Groups::default();
+        for (g, r) in parts {
+            r?;
+            groups.merge(g);
+        }
+        let users: Vec<u32> = users.into_iter().map(AtomicU32::into_inner).collect();
+
+        // Largest groups first, each to the least loaded thread.
+        let mut order: Vec<Group<'_>> = groups.groups;
+        order.sort_unstable_by_key(|g| std::cmp::Reverse(g.1.len()));
+        let mut bins: Vec<(usize, Vec<Group<'_>>)> =
+            (0..threads).map(|_| (0, Vec::new())).collect();
+        for g in order {
+            if let Some(bin) = bins.iter_mut().min_by_key(|b| b.0) {
+                bin.0 += g.1.len();
+                bin.1.push(g);
+            }
+        }
+        let apply_bin = |bin: &[Group<'_>]| {
+            for (name, positions) in bin {
+                let seg = self.segment(name);
+                let mut seg = write(&seg);
+                for &i in positions {
+                    let user = users[i as usize];
+                    if user == SKIP {
+                        continue;
+                    }
+                    let bucket = self.bucketing.bucket_of(pairs[i as usize].ts);
+                    seg.observe(user, bucket);
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            let apply_bin = &apply_bin;
+            let mut rest = bins.iter().filter(|b| !b.1.is_empty());
+            let first = rest.next();
+            for bin in rest {
+                scope.spawn(move || apply_bin(&bin.1));
+            }
+            if let Some(bin) = first {
+                apply_bin(&bin.1);
+            }
+        });
         Ok(())
     }
 
@@ -358,9 +550,8 @@ impl MemStore {
             stats.live_pairs += s.len() as u64;
             stats.member_bytes += s.memory_bytes() as u64;
         }
-        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        stats.users = users.len() as u64;
-        stats.dict_bytes = users.memory_bytes() as u64;
+        stats.users = self.users.len() as u64;
+        stats.dict_bytes = self.users.memory_bytes() as u64;
         stats
     }
 }
@@ -538,6 +729,85 @@ mod tests {
             store.expire(now);
             model.expire(b.live_range(now).0);
             prop_assert_eq!(store.memory().live_pairs, model.latest.len() as u64);
+        }
+    }
+
+    /// A large batch through the parallel path (any shard and thread count) gives the same
+    /// counts and memberships as applying it pair by pair.
+    #[test]
+    fn parallel_apply_matches_pair_by_pair() {
+        let w = Window::from_secs(3600).unwrap();
+        let now = 1_800_000_000i64;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut batches: Vec<Vec<Pair>> = Vec::new();
+        for b in 0..3i64 {
+            let mut batch: Vec<Pair> = (0..20_000)
+                .map(|_| {
+                    let r = rnd();
+                    // Skewed segments: one big (dense), many small; ts moving forward with
+                    // stragglers, some beyond the ring and some before 1970.
+                    let seg = if r % 3 == 0 { 0 } else { (r >> 8) % 40 } as u32;
+                    let ts = match (r >> 20) % 50 {
+                        0 => -5_000,
+                        1 => now - 10 * 3600,
+                        _ => now + b * 900 - ((r >> 28) % 4000) as i64,
+                    };
+                    p(((r >> 40) % 15_000) as u32, seg, ts)
+                })
+                .collect();
+            // Runs of the same segment, as producers batch them.
+            batch[..3000].sort_by(|a, b| a.segment.cmp(&b.segment));
+            batches.push(batch);
+        }
+        let serial = MemStore::with_parallelism(w, 1, 1, usize::MAX);
+        for batch in &batches {
+            for pair in batch {
+                serial.apply(std::slice::from_ref(pair)).unwrap();
+            }
+        }
+        for (shards, threads, min) in [
+            (1, 2, 1),
+            (2, 2, 4096),
+            (4, 2, 1000),
+            (4, 3, 1),
+            (8, 4, 100),
+        ] {
+            let store = MemStore::with_parallelism(w, shards, threads, min);
+            for batch in &batches {
+                store.apply(batch).unwrap();
+            }
+            let at = now + 1800;
+            for at in [now - 1000, now, at, now + 3000, now + 7000] {
+                assert_eq!(
+                    store.count_all(at),
+                    serial.count_all(at),
+                    "{shards}/{threads} at {at}"
+                );
+            }
+            let (m, sm) = (store.memory(), serial.memory());
+            assert_eq!((m.live_pairs, m.users), (sm.live_pairs, sm.users));
+            // Same memberships, user by user.
+            let members = |s: &MemStore| {
+                let mut ids: Vec<(u32, Vec<u8>)> = Vec::new();
+                s.users.for_each(|g, id| ids.push((g, id.to_vec())));
+                let ids: std::collections::HashMap<u32, Vec<u8>> = ids.into_iter().collect();
+                let mut out = Vec::new();
+                for (name, seg) in read(&s.segments).iter() {
+                    read(seg).for_each(|u, b| out.push((name.to_string(), ids[&u].clone(), b)));
+                }
+                out.sort();
+                out
+            };
+            assert_eq!(members(&store), members(&serial), "{shards}/{threads}");
+            // Re-applying changes nothing.
+            store.apply(&batches[2]).unwrap();
+            assert_eq!(store.count_all(now), serial.count_all(now));
         }
     }
 

@@ -19,7 +19,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use super::{MemStore, Segment, UserDict};
+use super::{MemStore, Segment, Users};
 use userseg_domain::Window;
 
 const MAGIC: &[u8; 8] = b"USEGSNP1";
@@ -179,20 +179,21 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
     let seg_crc = std::mem::take(&mut w.get_mut().crc).finalize();
     let dict_offset = w.get_ref().written;
     {
-        let users = store.users.lock().unwrap_or_else(|e| e.into_inner());
         let count: u64 = referenced.iter().map(|w| u64::from(w.count_ones())).sum();
         w.write_all(&count.to_le_bytes()).map_err(io_err)?;
         // The dictionary in index order, keeping the referenced users.
-        for (idx, id) in users.iter() {
+        let mut res = Ok(());
+        store.users.for_each(|idx, id| {
             let word = referenced.get(idx as usize / 64).copied().unwrap_or(0);
-            if word & (1 << (idx % 64)) == 0 {
-                continue;
+            if res.is_err() || word & (1 << (idx % 64)) == 0 {
+                return;
             }
-            w.write_all(&idx.to_le_bytes()).map_err(io_err)?;
-            w.write_all(&(id.len() as u16).to_le_bytes())
-                .map_err(io_err)?;
-            w.write_all(id).map_err(io_err)?;
-        }
+            res = w
+                .write_all(&idx.to_le_bytes())
+                .and_then(|()| w.write_all(&(id.len() as u16).to_le_bytes()))
+                .and_then(|()| w.write_all(id));
+        });
+        res.map_err(io_err)?;
     }
     w.flush().map_err(io_err)?;
     let dict_crc = std::mem::take(&mut w.get_mut().crc).finalize();
@@ -291,7 +292,7 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
     if count > dict_len / 6 {
         return Err(corrupt(format!("dictionary claims {count} users")));
     }
-    let mut dict = UserDict::with_capacity(count as usize, 0);
+    let mut dict = Users::with_capacity(super::SHARDS, count as usize);
     let mut remap: Vec<u32> = Vec::new();
     let mut id = Vec::with_capacity(256);
     for _ in 0..count {
@@ -305,7 +306,7 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
             return Err(corrupt(format!("user {old} is not UTF-8")));
         }
         let new = dict
-            .intern(&id)
+            .intern_mut(&id)
             .ok_or_else(|| corrupt("too many users".into()))?;
         if old >= remap.len() {
             // Indices are written in increasing order, so this grows the map gradually.
@@ -381,7 +382,7 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
     }
     drop(r);
 
-    let store = MemStore::new(window);
+    let mut store = MemStore::new(window);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -397,7 +398,8 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
             w.1.push(i);
         }
     }
-    let universe = dict.len();
+    // Global indices are below shards × the largest shard (a little above the user count).
+    let universe = dict.universe();
     let ring_len = store.ring_len;
     let window_buckets = store.bucketing.window_buckets();
     let built: Vec<Result<Vec<Built>, SnapshotError>> = std::thread::scope(|scope| {
@@ -455,7 +457,7 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
     if crc.finalize() != seg_crc {
         return Err(corrupt("segment checksum mismatch".into()));
     }
-    *store.users.lock().unwrap_or_else(|e| e.into_inner()) = dict;
+    store.users = dict;
     Ok((store, offset))
 }
 
