@@ -70,8 +70,16 @@ w("| target | figure | status |")
 w("|---|---|---|")
 if s1:
     w(f"| standalone durable ingest ≥ 2,000,000 pairs/s (gRPC streaming) | {f(s1['pairs_per_sec'], 0)} pairs/s | {target(s1['pairs_per_sec'] >= 2e6)} |")
+def e2e_rate(s):
+    v = s.get("verify") or {}
+    if not v.get("ok"):
+        return None
+    return s["pairs_accepted"] / (s["elapsed_secs"] + v["waited_secs"])
+
+
 if s3:
-    w(f"| distributed end to end ≥ 500,000 pairs/s | {f(s3['pairs_per_sec'], 0)} pairs/s accepted by USS | {target(s3['pairs_per_sec'] >= 5e5)} |")
+    r = e2e_rate(s3)
+    w(f"| distributed end to end ≥ 500,000 pairs/s | {f(r, 0)} pairs/s counted by ES (accepted by USS / (send time + lag until ES counts match)); USS alone {f(s3['pairs_per_sec'], 0)} pairs/s | {target(r is not None and r >= 5e5)} |")
 if scale:
     p99 = scale["estimate_all_ms"]["p99"]
     w(f"| estimate of all {scale['segments']} segments at {scale['live_pairs']:,} live pairs, p99 ≤ 2 ms standalone | {f(p99, 3)} ms (in process) | {target(p99 <= 2)} |")
@@ -123,6 +131,9 @@ w("")
 w("### (3) Distributed: USS → broker (tansu) → ES → ClickHouse 18.16")
 w("")
 ingest_section("ingest through USS", s3)
+if s3 and e2e_rate(s3):
+    w(f"End to end (until ES reports every count exactly): **{e2e_rate(s3):,.0f} pairs/s**; the lag after the last acknowledgement was {s3['verify']['waited_secs']:.1f} s.")
+    w("")
 if e_exact:
     w(f"Estimates from ES (cache off), all segments: exact p50 {e_exact['p50_ms']:.1f} ms, p99 {e_exact['p99_ms']:.1f} ms; "
       f"approx p50 {e_approx.get('p50_ms', 0):.1f} ms, p99 {e_approx.get('p99_ms', 0):.1f} ms ({e_exact['samples']} requests each).")
