@@ -1,7 +1,6 @@
 //! Interns user ids into dense `u32` indices, so that each membership costs a few bytes.
 
 use foldhash::fast::FixedState;
-use hashbrown::HashTable;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
@@ -14,15 +13,100 @@ const POS_BITS: u32 = 20;
 ///
 /// Ids live in an arena of fixed 1 MiB blocks, in index order, each entry being the index
 /// (u32), the length of the id as a LEB128 varint and the id. The hash table holds 5-byte packed
-/// locations (block, position) of entries, so a lookup touches the table and one arena entry.
-/// Nothing is reallocated by doubling except the hash table: about 5 + len bytes per user plus
-/// the table (6 bytes a slot).
+/// locations (block, position) of entries plus a 1-byte tag, so a lookup touches one table slot
+/// (usually) and one arena entry, and both can be fetched ahead ([`UserDict::touch_slot`],
+/// [`UserDict::touch_entry`]). Nothing is reallocated by doubling except the hash table: about
+/// 5 + len bytes per user plus the table (6 bytes a slot).
 #[derive(Default)]
 pub struct UserDict {
     blocks: Vec<Vec<u8>>,
     len: usize,
-    table: HashTable<[u8; 5]>,
+    table: Table,
     hasher: FixedState,
+}
+
+/// Open addressing with linear probing (the dictionary never deletes): a power-of-two number of
+/// 6-byte slots, each a packed location and a tag (0: empty, else 0x80 | 7 hash bits), at most
+/// 4/5 full.
+#[derive(Default)]
+struct Table {
+    slots: Vec<[u8; 6]>,
+    len: usize,
+}
+
+#[inline]
+fn tag_of(hash: u64) -> u8 {
+    0x80 | (hash >> 57) as u8
+}
+
+#[inline]
+fn loc_of(slot: [u8; 6]) -> [u8; 5] {
+    [slot[0], slot[1], slot[2], slot[3], slot[4]]
+}
+
+impl Table {
+    fn with_capacity(n: usize) -> Table {
+        let mut t = Table::default();
+        if n > 0 {
+            t.slots = vec![[0; 6]; Table::buckets_for(n)];
+        }
+        t
+    }
+
+    /// Slots for `n` entries at a load of at most 4/5.
+    fn buckets_for(n: usize) -> usize {
+        (n + n / 4 + 1).next_power_of_two().max(16)
+    }
+
+    #[inline]
+    fn home(&self, hash: u64) -> usize {
+        hash as usize & (self.slots.len().wrapping_sub(1))
+    }
+
+    /// The location of the entry with `hash` for which `eq` holds, or the empty slot to put it.
+    #[inline]
+    fn find(&self, hash: u64, mut eq: impl FnMut([u8; 5]) -> bool) -> Result<[u8; 5], usize> {
+        let mask = self.slots.len() - 1;
+        let tag = tag_of(hash);
+        let mut i = hash as usize & mask;
+        loop {
+            let s = self.slots[i];
+            if s[5] == 0 {
+                return Err(i);
+            }
+            if s[5] == tag && eq(loc_of(s)) {
+                return Ok(loc_of(s));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.slots.is_empty() || (self.len + 1) * 5 > self.slots.len() * 4
+    }
+
+    fn put(&mut self, i: usize, hash: u64, loc: [u8; 5]) {
+        let [a, b, c, d, e] = loc;
+        self.slots[i] = [a, b, c, d, e, tag_of(hash)];
+        self.len += 1;
+    }
+
+    /// Doubles the slots, rehashing every entry with `hash_of`.
+    fn grow(&mut self, hash_of: impl Fn([u8; 5]) -> u64) {
+        let n = (self.slots.len() * 2).max(16);
+        let old = std::mem::replace(&mut self.slots, vec![[0; 6]; n]);
+        let mask = n - 1;
+        for s in old {
+            if s[5] == 0 {
+                continue;
+            }
+            let mut i = hash_of(loc_of(s)) as usize & mask;
+            while self.slots[i][5] != 0 {
+                i = (i + 1) & mask;
+            }
+            self.slots[i] = s;
+        }
+    }
 }
 
 /// The index and id of the entry at `pos` of `block`, and the position after it.
@@ -55,7 +139,7 @@ fn at(blocks: &[Vec<u8>], loc: [u8; 5]) -> (u32, &[u8]) {
 impl UserDict {
     pub fn with_capacity(users: usize, _bytes: usize) -> Self {
         UserDict {
-            table: HashTable::with_capacity(users),
+            table: Table::with_capacity(users),
             ..Default::default()
         }
     }
@@ -130,33 +214,50 @@ impl UserDict {
     #[inline]
     pub fn intern_hashed(&mut self, hash: u64, id: &[u8]) -> Option<u32> {
         debug_assert_eq!(hash, self.hasher.hash_one(id));
-        let blocks = &self.blocks;
-        if let Some(&loc) = self.table.find(hash, |&l| at(blocks, l).1 == id) {
-            return Some(at(blocks, loc).0);
+        if self.table.full() {
+            let (blocks, hasher) = (&self.blocks, &self.hasher);
+            self.table.grow(|l| hasher.hash_one(at(blocks, l).1));
         }
+        let blocks = &self.blocks;
+        let slot = match self.table.find(hash, |l| at(blocks, l).1 == id) {
+            Ok(loc) => return Some(at(blocks, loc).0),
+            Err(slot) => slot,
+        };
         let idx = u32::try_from(self.len).ok()?;
         let loc = self.push_entry(idx, id)?;
         self.len += 1;
-        let UserDict {
-            blocks,
-            table,
-            hasher,
-            ..
-        } = self;
-        table.insert_unique(hash, loc, |&l| hasher.hash_one(at(blocks, l).1));
+        self.table.put(slot, hash, loc);
         Some(idx)
+    }
+
+    /// Reads the home slot of `hash`, so that a later lookup finds it in cache.
+    #[inline]
+    pub fn touch_slot(&self, hash: u64) {
+        if let Some(s) = self.table.slots.get(self.table.home(hash)) {
+            std::hint::black_box(s[5]);
+        }
+    }
+
+    /// Reads the arena entry the home slot of `hash` points at if its tag matches (call some
+    /// time after [`UserDict::touch_slot`]).
+    #[inline]
+    pub fn touch_entry(&self, hash: u64) {
+        if let Some(&s) = self.table.slots.get(self.table.home(hash)) {
+            if s[5] == tag_of(hash) {
+                let loc = u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], 0, 0, 0]);
+                let block = self.blocks.get((loc >> POS_BITS) as usize);
+                let pos = (loc & ((1 << POS_BITS) - 1)) as usize;
+                if let Some(b) = block.and_then(|b| b.get(pos)) {
+                    std::hint::black_box(*b);
+                }
+            }
+        }
     }
 
     /// Bytes of memory held (the arena as used; the table by its buckets).
     pub fn memory_bytes(&self) -> usize {
         let blocks: usize = self.blocks.iter().map(|b| b.len()).sum();
-        let cap = self.table.capacity();
-        let buckets = if cap == 0 {
-            0
-        } else {
-            (cap * 8 / 7).next_power_of_two()
-        };
-        blocks + buckets * 6
+        blocks + self.table.slots.len() * 6
     }
 }
 

@@ -428,15 +428,42 @@ impl MemStore {
                 .step_by(threads)
                 .map(|s| self.users.lock(s))
                 .collect();
+            let mut mine: Vec<u32> = Vec::with_capacity(n / threads + n / 16);
             for (i, p) in pairs.iter().enumerate() {
+                let s = self.users.shard_of(hashes[i].load(Relaxed));
+                if s % threads == t && bucket_u32(self.bucketing.bucket_of(p.ts)).is_some() {
+                    mine.push(i as u32);
+                }
+            }
+            // Lookups mostly miss the cache (the tables and arenas are far bigger): fetch the
+            // table slot `2 * AHEAD` pairs ahead and the entry it points at `AHEAD` ahead, so
+            // several misses are in flight at once.
+            const AHEAD: usize = 8;
+            let touch = |guards: &[std::sync::MutexGuard<'_, UserDict>], k: usize, entry: bool| {
+                if let Some(&i) = mine.get(k) {
+                    let hash = hashes[i as usize].load(Relaxed);
+                    let g = &guards[self.users.shard_of(hash) / threads];
+                    if entry {
+                        g.touch_entry(hash);
+                    } else {
+                        g.touch_slot(hash);
+                    }
+                }
+            };
+            for k in 0..2 * AHEAD {
+                touch(&guards, k, false);
+                if k < AHEAD {
+                    touch(&guards, k, true);
+                }
+            }
+            for (k, &i) in mine.iter().enumerate() {
+                touch(&guards, k + 2 * AHEAD, false);
+                touch(&guards, k + AHEAD, true);
+                let i = i as usize;
                 let hash = hashes[i].load(Relaxed);
                 let s = self.users.shard_of(hash);
-                if s % threads != t || bucket_u32(self.bucketing.bucket_of(p.ts)).is_none() {
-                    continue;
-                }
-                let g = &mut guards[s / threads];
-                let Some(user) = g
-                    .intern_hashed(hash, p.user_id.as_bytes())
+                let Some(user) = guards[s / threads]
+                    .intern_hashed(hash, pairs[i].user_id.as_bytes())
                     .and_then(|local| self.users.global(s, local))
                 else {
                     return (groups, Err(too_many_users()));
