@@ -413,14 +413,23 @@ impl MemStore {
         let n = pairs.len();
         let hashes: Vec<std::sync::atomic::AtomicU64> =
             (0..n).map(|_| Default::default()).collect();
+        // Per pair: the user index (SKIP if the pair is not applied) and the bucket, compact so
+        // that the segment updates read them cheaply.
         let users: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(SKIP)).collect();
+        let buckets: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
         let chunk = n.div_ceil(threads);
         let barrier = Barrier::new(threads);
         let shards = self.users.shards();
         let work = |t: usize| -> (Groups<'_>, Result<(), PortError>) {
             let range = (t * chunk).min(n)..((t + 1) * chunk).min(n);
             for i in range.clone() {
-                hashes[i].store(dict::hash_id(pairs[i].user_id.as_bytes()), Relaxed);
+                let p = &pairs[i];
+                if let Some(b) = bucket_u32(self.bucketing.bucket_of(p.ts)) {
+                    hashes[i].store(dict::hash_id(p.user_id.as_bytes()), Relaxed);
+                    buckets[i].store(b as u32, Relaxed);
+                    // Any value but SKIP: to be interned.
+                    users[i].store(0, Relaxed);
+                }
             }
             let groups = Groups::group(pairs, range);
             barrier.wait();
@@ -429,9 +438,10 @@ impl MemStore {
                 .map(|s| self.users.lock(s))
                 .collect();
             let mut mine: Vec<u32> = Vec::with_capacity(n / threads + n / 16);
-            for (i, p) in pairs.iter().enumerate() {
-                let s = self.users.shard_of(hashes[i].load(Relaxed));
-                if s % threads == t && bucket_u32(self.bucketing.bucket_of(p.ts)).is_some() {
+            for (i, (hash, user)) in hashes.iter().zip(&users).enumerate() {
+                // Other threads store indices of their pairs meanwhile: never SKIP either.
+                let s = self.users.shard_of(hash.load(Relaxed));
+                if s % threads == t && user.load(Relaxed) != SKIP {
                     mine.push(i as u32);
                 }
             }
@@ -487,6 +497,7 @@ impl MemStore {
             groups.merge(g);
         }
         let users: Vec<u32> = users.into_iter().map(AtomicU32::into_inner).collect();
+        let buckets: Vec<u32> = buckets.into_iter().map(AtomicU32::into_inner).collect();
 
         // Largest groups first, each to the least loaded thread.
         let mut order: Vec<Group<'_>> = groups.groups;
@@ -508,8 +519,7 @@ impl MemStore {
                     if user == SKIP {
                         continue;
                     }
-                    let bucket = self.bucketing.bucket_of(pairs[i as usize].ts);
-                    seg.observe(user, bucket);
+                    seg.observe(user, i64::from(buckets[i as usize]));
                 }
             }
         };
