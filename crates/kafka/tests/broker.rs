@@ -1018,3 +1018,66 @@ async fn the_batch_processor_drives_the_adapters_end_to_end() {
     assert_quiet(&mut after, Duration::from_millis(1000)).await;
     after.close().await;
 }
+
+/// Idle periods that start and stop (or are cut short) many times while plenty of messages
+/// are queued must neither lose nor skip any message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_and_cancelled_idles_lose_nothing() {
+    let cfg = config("idlestress", 3);
+    let publisher = setup(&cfg).await;
+    let total: usize = 3000;
+    for chunk in 0..30 {
+        let pairs: Vec<Pair> = (0..100)
+            .map(|i| {
+                pair(
+                    &format!("u{}", chunk * 100 + i),
+                    "s",
+                    (chunk * 100 + i) as i64,
+                )
+            })
+            .collect();
+        publisher.publish(pairs).await.expect("publish");
+    }
+    let mut source = KafkaSource::new(&cfg).expect("source");
+    let mut seen: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    let mut users = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + LONG;
+    let mut round = 0u64;
+    while users.len() < total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {total} users seen",
+            users.len()
+        );
+        round += 1;
+        for _ in 0..3 {
+            match tokio::time::timeout(Duration::from_millis(200), source.next()).await {
+                Ok(Ok(Some(m))) => {
+                    seen.entry(m.position.partition)
+                        .or_default()
+                        .push(m.position.offset);
+                    if let Content::Pairs(p) = m.content {
+                        users.extend(p.into_iter().map(|p| p.user_id));
+                    }
+                }
+                Ok(Ok(None)) => panic!("source closed"),
+                Ok(Err(e)) => panic!("source error {e}"),
+                Err(_) => break,
+            }
+        }
+        // Idle, sometimes cut short by a shorter timeout (as when a write completes).
+        let cut = if round % 2 == 0 { 5 } else { 50 };
+        let _ = tokio::time::timeout(
+            Duration::from_millis(cut),
+            source.idle(Duration::from_millis(30)),
+        )
+        .await;
+    }
+    for (partition, offsets) in &seen {
+        let mut sorted = offsets.clone();
+        sorted.dedup();
+        let expected: Vec<i64> = (0..sorted.len() as i64).collect();
+        assert_eq!(sorted, expected, "partition {partition}: offsets skipped");
+    }
+    source.close().await;
+}

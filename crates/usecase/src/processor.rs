@@ -4,6 +4,8 @@
 //! grows); permanent rejections are retried `retry_attempts` times and then dead-lettered, and
 //! only then committed. Nothing is ever dropped.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -98,6 +100,9 @@ pub struct BatchProcessor {
 /// The batch was given up because the processor is stopping; it stays uncommitted.
 struct Abandoned;
 
+/// A batch being written in the background.
+type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Abandoned>> + Send + 'a>>;
+
 impl BatchProcessor {
     pub fn new(
         writer: Arc<dyn SegmentWriter>,
@@ -118,11 +123,27 @@ impl BatchProcessor {
 
     /// Runs until `cancel` fires (then flushes what is buffered, within the shutdown grace) or
     /// the source closes; hands the source back so the caller can close it cleanly.
+    ///
+    /// One batch is written while the next one fills, so consuming and writing overlap;
+    /// positions are still committed in order, each only after its batch was written.
     pub async fn run<S: PairSource>(&self, mut source: S, cancel: CancellationToken) -> S {
         let mut pairs: Vec<Pair> = Vec::new();
         let mut positions: Vec<S::Position> = Vec::new();
         let mut deadline: Option<Instant> = None;
         let mut source_backoff = self.config.backoff_initial;
+        // Writes keep retrying until the shutdown grace has passed after `cancel`.
+        let write_stop = CancellationToken::new();
+        let grace_timer = {
+            let (cancel, write_stop) = (cancel.clone(), write_stop.clone());
+            let grace = self.config.shutdown_grace;
+            tokio::spawn(async move {
+                cancel.cancelled().await;
+                tokio::time::sleep(grace).await;
+                write_stop.cancel();
+            })
+        };
+        let mut inflight: Option<(WriteFuture<'_>, Vec<S::Position>)> = None;
+        let mut abandoned = false;
         loop {
             let timer = tokio::time::sleep_until(
                 deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
@@ -130,6 +151,20 @@ impl BatchProcessor {
             let flush_now = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                written = async {
+                    match inflight.as_mut() {
+                        Some((write, _)) => write.await,
+                        None => std::future::pending().await,
+                    }
+                }, if inflight.is_some() => {
+                    let done = inflight.take().map(|(_, p)| p).unwrap_or_default();
+                    if written.is_err() {
+                        abandoned = true;
+                        break;
+                    }
+                    self.commit(&mut source, done).await;
+                    continue;
+                }
                 _ = timer, if deadline.is_some() => true,
                 next = source.next() => match next {
                     Ok(Some(msg)) => {
@@ -149,7 +184,7 @@ impl BatchProcessor {
                                     kind,
                                     attempts: 0,
                                 };
-                                if self.dead_letter(&mut source, letter, &cancel).await.is_err() {
+                                if self.dead_letter(Some(&mut source), letter, &cancel).await.is_err() {
                                     break;
                                 }
                             }
@@ -166,73 +201,102 @@ impl BatchProcessor {
                 },
             };
             if flush_now {
-                if self
-                    .flush(&mut source, &mut pairs, &mut positions, &cancel)
-                    .await
-                    .is_err()
-                {
-                    break;
+                // At most one write in flight: wait for the previous one (keeping the source
+                // alive), commit it, then start this one.
+                if let Some((write, done)) = inflight.take() {
+                    if Self::wait_alive(&mut source, write).await.is_err() {
+                        abandoned = true;
+                        break;
+                    }
+                    self.commit(&mut source, done).await;
+                }
+                let done = std::mem::take(&mut positions);
+                if pairs.is_empty() {
+                    // Only dead letters: nothing to write.
+                    self.commit(&mut source, done).await;
+                } else {
+                    let batch: Arc<[Pair]> = std::mem::take(&mut pairs).into();
+                    inflight = Some((
+                        Box::pin(self.write_batch::<S>(batch, write_stop.clone())),
+                        done,
+                    ));
                 }
                 deadline = None;
             } else if deadline.is_none() && !positions.is_empty() {
                 deadline = Some(Instant::now() + self.config.flush_interval);
             }
         }
-        if !positions.is_empty() {
-            // Shutting down: one last flush, bounded by the grace period.
-            let grace = CancellationToken::new();
-            let timer = {
-                let grace = grace.clone();
-                let wait = self.config.shutdown_grace;
-                tokio::spawn(async move {
-                    tokio::time::sleep(wait).await;
-                    grace.cancel();
-                })
-            };
-            let n = pairs.len();
-            match self
-                .flush(&mut source, &mut pairs, &mut positions, &grace)
-                .await
-            {
-                Ok(()) => tracing::info!(pairs = n, "flushed the last batch on shutdown"),
-                Err(Abandoned) => tracing::warn!(
-                    pairs = n,
-                    "abandoned the last batch on shutdown; it stays uncommitted and is delivered again"
-                ),
+        // Stopping: finish the write in flight and the pending batch, within the grace period.
+        if !abandoned {
+            if let Some((write, done)) = inflight.take() {
+                match write.await {
+                    Ok(()) => self.commit(&mut source, done).await,
+                    Err(Abandoned) => abandoned = true,
+                }
             }
-            timer.abort();
         }
+        drop(inflight);
+        if !abandoned && !positions.is_empty() {
+            let n = pairs.len();
+            let done = std::mem::take(&mut positions);
+            let written = if pairs.is_empty() {
+                Ok(())
+            } else {
+                let batch: Arc<[Pair]> = std::mem::take(&mut pairs).into();
+                self.write_batch::<S>(batch, write_stop.clone()).await
+            };
+            match written {
+                Ok(()) => {
+                    self.commit(&mut source, done).await;
+                    tracing::info!(pairs = n, "flushed the last batch on shutdown");
+                }
+                Err(Abandoned) => abandoned = true,
+            }
+        }
+        if abandoned {
+            tracing::warn!(
+                "abandoned unwritten batches on shutdown; they stay uncommitted and are delivered again"
+            );
+        }
+        grace_timer.abort();
         source
     }
 
-    async fn flush<S: PairSource>(
-        &self,
+    /// Waits for a write. A normal write ends well within the group's poll interval, so the
+    /// source is left alone; only a write that keeps failing (the store is down) makes the
+    /// source idle, to keep it a live member of its consumer group while consumption pauses.
+    async fn wait_alive<S: PairSource>(
         source: &mut S,
-        pairs: &mut Vec<Pair>,
-        positions: &mut Vec<S::Position>,
-        stop: &CancellationToken,
+        mut write: WriteFuture<'_>,
     ) -> Result<(), Abandoned> {
-        if !pairs.is_empty() {
-            let batch: Arc<[Pair]> = std::mem::take(pairs).into();
-            self.write_batch(source, batch, stop).await?;
+        tokio::select! {
+            written = &mut write => return written,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
-        if !positions.is_empty() {
-            let done = std::mem::take(positions);
-            if let Err(e) = source.commit(done).await {
-                // The batch is written; an uncommitted position only means it is delivered and
-                // written again later, which idempotent writes make harmless.
-                tracing::warn!(error = %e, "commit failed; those messages will be redelivered");
-                metrics::counter!("userseg_processor_commit_failures_total").increment(1);
+        loop {
+            tokio::select! {
+                written = &mut write => return written,
+                _ = source.idle(Duration::from_secs(1)) => {}
             }
         }
-        Ok(())
+    }
+
+    async fn commit<S: PairSource>(&self, source: &mut S, positions: Vec<S::Position>) {
+        if positions.is_empty() {
+            return;
+        }
+        if let Err(e) = source.commit(positions).await {
+            // The batch is written; an uncommitted position only means it is delivered and
+            // written again later, which idempotent writes make harmless.
+            tracing::warn!(error = %e, "commit failed; those messages will be redelivered");
+            metrics::counter!("userseg_processor_commit_failures_total").increment(1);
+        }
     }
 
     async fn write_batch<S: PairSource>(
         &self,
-        source: &mut S,
         batch: Arc<[Pair]>,
-        stop: &CancellationToken,
+        stop: CancellationToken,
     ) -> Result<(), Abandoned> {
         let mut backoff = self.config.backoff_initial;
         let mut rejections: u32 = 0;
@@ -275,7 +339,7 @@ impl BatchProcessor {
                             kind: "rejected_by_store",
                             attempts: rejections,
                         };
-                        return self.dead_letter(source, letter, stop).await;
+                        return self.dead_letter::<S>(None, letter, &stop).await;
                     }
                     tracing::warn!(attempt = rejections, %reason, "store rejected the batch; retrying");
                 }
@@ -288,7 +352,7 @@ impl BatchProcessor {
             }
             tokio::select! {
                 _ = stop.cancelled() => return Err(Abandoned),
-                _ = source.idle(backoff) => {}
+                _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(self.config.backoff_max);
         }
@@ -296,7 +360,7 @@ impl BatchProcessor {
 
     async fn dead_letter<S: PairSource>(
         &self,
-        source: &mut S,
+        mut source: Option<&mut S>,
         letter: DeadLetter,
         stop: &CancellationToken,
     ) -> Result<(), Abandoned> {
@@ -314,9 +378,15 @@ impl BatchProcessor {
                     tracing::warn!(error = %e, "dead-letter sink failed; retrying");
                 }
             }
+            let pause = async {
+                match source.as_deref_mut() {
+                    Some(s) => s.idle(backoff).await,
+                    None => tokio::time::sleep(backoff).await,
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => return Err(Abandoned),
-                _ = source.idle(backoff) => {}
+                _ = pause => {}
             }
             backoff = (backoff * 2).min(self.config.backoff_max);
         }

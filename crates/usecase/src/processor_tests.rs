@@ -264,3 +264,62 @@ async fn shutdown_with_the_store_down_abandons_without_committing() {
     assert!(r.committed.lock().unwrap().is_empty());
     assert!(r.writer.written.lock().unwrap().is_empty());
 }
+
+/// A writer that waits for a permit per write, to hold a write in flight.
+struct GatedWriter {
+    gate: tokio::sync::Semaphore,
+    written: Mutex<Vec<Vec<Pair>>>,
+}
+
+#[async_trait]
+impl SegmentWriter for GatedWriter {
+    async fn write(&self, pairs: Arc<[Pair]>) -> Result<(), PortError> {
+        self.gate
+            .acquire()
+            .await
+            .map_err(|_| PortError::Transient("closed".into()))?
+            .forget();
+        self.written.lock().unwrap().push(pairs.to_vec());
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_next_batch_fills_while_one_is_written_and_commits_stay_in_order() {
+    let (tx, rx) = mpsc::channel(64);
+    let committed = Arc::new(Mutex::new(Vec::new()));
+    let writer = Arc::new(GatedWriter {
+        gate: tokio::sync::Semaphore::new(0),
+        written: Mutex::new(Vec::new()),
+    });
+    let processor = BatchProcessor::new(writer.clone(), Arc::new(Dlq::default()), config(1));
+    let source = FakeSource {
+        rx,
+        committed: committed.clone(),
+    };
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        processor.run(source, c).await;
+    });
+    tx.send(msg(1, vec![pair(1)])).await.unwrap();
+    tx.send(msg(2, vec![pair(2)])).await.unwrap();
+    tx.send(msg(3, vec![pair(3)])).await.unwrap();
+    // Batch 1 is held in its write; batch 2 was still consumed meanwhile.
+    until("message 2 is consumed during write 1", || {
+        tx.capacity() >= 63
+    })
+    .await;
+    assert!(committed.lock().unwrap().is_empty());
+    writer.gate.add_permits(1);
+    until("batch 1 is committed", || {
+        committed.lock().unwrap().len() == 1
+    })
+    .await;
+    writer.gate.add_permits(2);
+    until("all are committed", || committed.lock().unwrap().len() == 3).await;
+    assert_eq!(*committed.lock().unwrap(), vec![1, 2, 3]);
+    let written: Vec<Vec<Pair>> = writer.written.lock().unwrap().clone();
+    assert_eq!(written, vec![vec![pair(1)], vec![pair(2)], vec![pair(3)]]);
+    cancel.cancel();
+}

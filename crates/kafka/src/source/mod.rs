@@ -78,6 +78,19 @@ impl Provenance {
 /// again, which is safe because store writes are idempotent.
 ///
 /// Must be created inside a tokio runtime.
+/// Most bytes of messages buffered while idling.
+const IDLE_BUFFER_BYTES: usize = 32 << 20;
+
+fn approx_bytes(m: &Message<Position>) -> usize {
+    match &m.content {
+        Content::Pairs(pairs) => pairs
+            .iter()
+            .map(|p| p.user_id.len() + p.segment.len() + 64)
+            .sum(),
+        Content::Invalid { payload, reason } => payload.len() + reason.len() + 64,
+    }
+}
+
 pub struct KafkaSource {
     /// Only `None` once dropped (the consumer is closed on a separate thread).
     consumer: Option<Arc<StreamConsumer<SourceContext>>>,
@@ -85,6 +98,8 @@ pub struct KafkaSource {
     topic: String,
     /// Messages read while idling, handed out before new ones.
     pending: VecDeque<Message<Position>>,
+    /// Approximate size of `pending`.
+    pending_bytes: usize,
     paused: bool,
     provenance: Provenance,
 }
@@ -114,6 +129,7 @@ impl KafkaSource {
             shared,
             topic: config.topic.clone(),
             pending: VecDeque::new(),
+            pending_bytes: 0,
             paused: false,
             provenance: Provenance::default(),
         })
@@ -155,21 +171,6 @@ impl KafkaSource {
         match &self.consumer {
             Some(c) => c,
             None => unreachable!("the consumer is only taken when the source is dropped"),
-        }
-    }
-
-    fn pause(&mut self) {
-        self.shared.paused.store(true, Ordering::Release);
-        self.paused = true;
-        let consumer = self.consumer();
-        match consumer.assignment() {
-            Ok(tpl) if tpl.count() > 0 => {
-                if let Err(e) = consumer.pause(&tpl) {
-                    tracing::warn!(error = %e, "pausing kafka partitions failed");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "reading the kafka assignment failed"),
         }
     }
 
@@ -314,6 +315,7 @@ impl PairSource for KafkaSource {
     /// synchronously once received.
     async fn next(&mut self) -> Result<Option<Message<Position>>, PortError> {
         if let Some(m) = self.pending.pop_front() {
+            self.pending_bytes = self.pending_bytes.saturating_sub(approx_bytes(&m));
             return Ok(Some(m));
         }
         if self.paused {
@@ -348,14 +350,25 @@ impl PairSource for KafkaSource {
     /// group membership (heartbeats, `max.poll.interval.ms`) and serves rebalances; partitions
     /// assigned meanwhile are paused too. Anything already fetched is kept for `next`.
     async fn idle(&mut self, pause: Duration) {
+        // Keep polling so the member stays in its group (max.poll.interval), but hand nothing
+        // out: what arrives waits in `pending`, bounded by IDLE_BUFFER_BYTES; past that the
+        // consumer is simply not polled until the pause ends. Partitions are deliberately not
+        // paused: pausing and resuming under load was seen to skip prefetched messages.
         let deadline = tokio::time::Instant::now() + pause;
-        self.pause();
-        while let Some(consumer) = &self.consumer {
+        loop {
+            if self.pending_bytes >= IDLE_BUFFER_BYTES {
+                tokio::time::sleep_until(deadline).await;
+                break;
+            }
+            let Some(consumer) = &self.consumer else {
+                break;
+            };
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Err(_) => break,
                 Ok(Ok(m)) => {
                     let msg = convert(&self.topic, &self.provenance, &m);
                     drop(m);
+                    self.pending_bytes += approx_bytes(&msg);
                     self.pending.push_back(msg);
                 }
                 Ok(Err(e)) => {
@@ -366,7 +379,6 @@ impl PairSource for KafkaSource {
                 }
             }
         }
-        self.resume();
     }
 }
 
