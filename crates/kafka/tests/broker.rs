@@ -1066,7 +1066,7 @@ async fn repeated_and_cancelled_idles_lose_nothing() {
             }
         }
         // Idle, sometimes cut short by a shorter timeout (as when a write completes).
-        let cut = if round % 2 == 0 { 5 } else { 50 };
+        let cut = if round.is_multiple_of(2) { 5 } else { 50 };
         let _ = tokio::time::timeout(
             Duration::from_millis(cut),
             source.idle(Duration::from_millis(30)),
