@@ -257,16 +257,24 @@ fn mode_of(query: Option<&str>) -> Result<Mode, ApiError> {
     Ok(mode)
 }
 
+/// The estimation use case (when this process serves estimates) and the requested mode.
+fn estimation<'a>(
+    state: &'a ApiState,
+    query: Option<&str>,
+) -> Result<(&'a userseg_usecase::Estimation, Mode), ApiError> {
+    let est = state
+        .estimation
+        .as_ref()
+        .ok_or_else(|| not_served("estimates"))?;
+    Ok((est, mode_of(query)?))
+}
+
 async fn one(
     State(state): State<ApiState>,
     Path(segment): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let est = state
-        .estimation
-        .as_ref()
-        .ok_or_else(|| not_served("estimates"))?;
-    let mode = mode_of(query.as_deref())?;
+    let (est, mode) = estimation(&state, query.as_deref())?;
     let e = est.estimate(&segment, mode).await?;
     Ok(Json(json!({
         "segment": e.segment,
@@ -281,11 +289,7 @@ async fn list(
     State(state): State<ApiState>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let est = state
-        .estimation
-        .as_ref()
-        .ok_or_else(|| not_served("estimates"))?;
-    let mode = mode_of(query.as_deref())?;
+    let (est, mode) = estimation(&state, query.as_deref())?;
     let l = est.list(mode).await?;
     let segments: Vec<_> = l
         .segments
