@@ -45,6 +45,9 @@ pub struct KafkaArgs {
     /// Producer compression: none, gzip, snappy, lz4, zstd.
     #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4")]
     pub kafka_compression: String,
+    /// Consumer group session timeout: how long a dead member keeps its partitions.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT", default_value = "45s")]
+    pub kafka_session_timeout: String,
     /// Extra librdkafka properties, key=value,key=value (e.g. security settings).
     #[arg(long, env = "KAFKA_EXTRA", default_value = "")]
     pub kafka_extra: String,
@@ -63,6 +66,7 @@ impl KafkaArgs {
         c.ack_timeout = duration("KAFKA_ACK_TIMEOUT", &self.kafka_ack_timeout)?;
         c.linger = duration("KAFKA_LINGER", &self.kafka_linger)?;
         c.compression = self.kafka_compression.parse()?;
+        c.session_timeout = duration("KAFKA_SESSION_TIMEOUT", &self.kafka_session_timeout)?;
         c.extra = KafkaConfig::parse_extra(&self.kafka_extra)?;
         c.validate()?;
         Ok(c)

@@ -225,7 +225,8 @@ fn pusher(
 async fn es_killed_mid_stream_loses_and_doubles_nothing() {
     let c = Cluster::new("kill");
     c.migrate();
-    let batch = [("BATCH_SIZE", "500")];
+    // A short session so the killed member's partitions move quickly.
+    let batch = [("BATCH_SIZE", "500"), ("KAFKA_SESSION_TIMEOUT", "10s")];
     let mut uss = c.spawn("uss", &[]);
     let mut es = c.spawn("es", &batch);
     uss.ready().await;
@@ -262,8 +263,9 @@ async fn two_es_in_one_group_split_the_partitions() {
     c.migrate();
     let mut uss = c.spawn("uss", &[]);
     uss.ready().await; // creates the 6-partition topic
-    let mut es1 = c.spawn("es", &[("BATCH_SIZE", "200")]);
-    let mut es2 = c.spawn("es", &[("BATCH_SIZE", "200")]);
+    let member = [("BATCH_SIZE", "200"), ("KAFKA_SESSION_TIMEOUT", "10s")];
+    let mut es1 = c.spawn("es", &member);
+    let mut es2 = c.spawn("es", &member);
     es1.ready().await;
     es2.ready().await;
     let stop = Arc::new(AtomicBool::new(false));
