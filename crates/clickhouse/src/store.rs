@@ -169,14 +169,15 @@ impl ClickHouseStore {
         Ok(())
     }
 
-    async fn query_counts(
+    /// Runs a read and records its latency.
+    async fn timed_query(
         &self,
-        sql: String,
+        sql: &str,
         labelled: &'static str,
         mode: Mode,
-    ) -> Result<Vec<SegmentCount>, ClickHouseError> {
+    ) -> Result<(bytes::Bytes, std::time::Duration), ClickHouseError> {
         let timer = Timer::start();
-        let body = self.client.query(&sql).await?;
+        let body = self.client.query(sql).await?;
         let elapsed = timer.elapsed();
         metrics::histogram!(
             "userseg_clickhouse_query_seconds",
@@ -184,6 +185,16 @@ impl ClickHouseStore {
             "mode" => mode_label(mode)
         )
         .record(elapsed);
+        Ok((body, elapsed))
+    }
+
+    async fn query_counts(
+        &self,
+        sql: String,
+        labelled: &'static str,
+        mode: Mode,
+    ) -> Result<Vec<SegmentCount>, ClickHouseError> {
+        let (body, elapsed) = self.timed_query(&sql, labelled, mode).await?;
         let mut r = rowbinary::Reader::new(&body);
         let mut out = Vec::new();
         while !r.is_empty() {
@@ -213,15 +224,7 @@ impl ClickHouseStore {
         labelled: &'static str,
         mode: Mode,
     ) -> Result<u64, ClickHouseError> {
-        let timer = Timer::start();
-        let body = self.client.query(&sql).await?;
-        let elapsed = timer.elapsed();
-        metrics::histogram!(
-            "userseg_clickhouse_query_seconds",
-            "query" => labelled,
-            "mode" => mode_label(mode)
-        )
-        .record(elapsed);
+        let (body, elapsed) = self.timed_query(&sql, labelled, mode).await?;
         let mut r = rowbinary::Reader::new(&body);
         let users = if r.is_empty() {
             0
