@@ -15,8 +15,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use estimate::{Estimate, EstimateList, Estimation, EstimationError};
 pub use ingest::{Ingest, IngestError};
 pub use ports::{
-    Content, DeadLetter, DeadLetterSink, DeadPayload, Message, Mode, PairPublisher, PairSource,
-    PortError, SegmentCount, SegmentCounter, SegmentWriter,
+    Content, DeadLetter, DeadLetterSink, DeadPayload, Followed, LiveScan, LogFollower, Message,
+    Mode, PairPublisher, PairSource, PortError, SegmentCount, SegmentCounter, SegmentWriter,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
 #[cfg(test)]

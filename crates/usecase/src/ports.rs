@@ -142,3 +142,41 @@ pub trait SegmentCounter: Send + Sync + 'static {
 
     async fn check_ready(&self) -> Result<(), PortError>;
 }
+
+/// Reads the live memberships a store of record holds, to bootstrap an in-memory index.
+#[async_trait]
+pub trait LiveScan: Send + Sync + 'static {
+    /// Sends every stored pair with `ts > at - window` to `sink`, in chunks of at most
+    /// `chunk_pairs` pairs, streaming (memory stays bounded by the channel's capacity whatever
+    /// the store holds). Duplicates and older pairs of a membership may be sent too: the
+    /// consumer keeps the latest ts. Returns how many pairs were sent. If the receiver is dropped
+    /// the scan stops with `Transient`.
+    async fn scan_live(
+        &self,
+        at: UnixSeconds,
+        chunk_pairs: usize,
+        sink: tokio::sync::mpsc::Sender<Vec<Pair>>,
+    ) -> Result<u64, PortError>;
+}
+
+/// What a [`LogFollower`] hands out.
+#[derive(Debug)]
+pub enum Followed {
+    /// Valid pairs read from the log (undecodable messages and invalid pairs are skipped and
+    /// counted by the adapter: the batch processor dead-letters them).
+    Pairs(Vec<Pair>),
+    /// The follower has read everything the log held when it started following, on every
+    /// partition. Sent once.
+    CaughtUp,
+}
+
+/// Follows the whole pair log, without a consumer group and without committing, from the
+/// positions the batch processor had committed when the follower was opened: everything before
+/// them is already in the store of record.
+pub trait LogFollower: Send + 'static {
+    /// The next pairs, or [`Followed::CaughtUp`]. Cancel-safe.
+    fn next(&mut self) -> impl Future<Output = Result<Followed, PortError>> + Send;
+
+    /// Messages between the follower's position and the end of the log, when known.
+    fn lag(&self) -> Option<u64>;
+}
