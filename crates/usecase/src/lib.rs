@@ -8,6 +8,7 @@ pub mod estimate;
 pub mod ingest;
 pub mod ports;
 pub mod processor;
+pub mod replica;
 #[cfg(feature = "testsuite")]
 pub mod store_suite;
 
@@ -19,5 +20,6 @@ pub use ports::{
     Mode, PairPublisher, PairSource, PortError, SegmentCount, SegmentCounter, SegmentWriter,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
+pub use replica::{Replica, ReplicaConfig, ReplicaStatus};
 #[cfg(test)]
 mod processor_tests;

@@ -1,0 +1,312 @@
+//! The estimation service's in-memory index: an exact copy of the live memberships of the store
+//! of record (ClickHouse), loaded by a scan at start and then kept current by following the pair
+//! log (Kafka). Estimates are answered from it in microseconds instead of by a query that reads
+//! every live pair; until it has loaded they come from the store of record.
+//!
+//! Why nothing is missed: the follower is opened first, at the positions the batch processor
+//! had committed, and the processor commits a position only after the store confirmed every pair
+//! before it. So every pair before those positions is in the store when the scan (which starts
+//! after the follower was opened) reads it, and every pair after them comes from the follower.
+//! Pairs seen by both are harmless: the index keeps the latest ts of a membership, so applying
+//! a pair twice, in any order, changes nothing.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use userseg_domain::{Pair, UnixSeconds};
+
+use crate::{
+    Clock, Followed, LiveScan, LogFollower, Mode, PortError, SegmentCount, SegmentCounter,
+    SegmentWriter,
+};
+
+/// Tuning of the index's loading and retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// Pairs per chunk of the start-up scan.
+    pub scan_chunk_pairs: usize,
+    /// Chunks buffered between the scan and the index (bounds the scan's memory).
+    pub scan_buffer_chunks: usize,
+    /// First pause after a failure; doubles up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            scan_chunk_pairs: 50_000,
+            scan_buffer_chunks: 4,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    serving: AtomicBool,
+    scanned_pairs: AtomicU64,
+    followed_pairs: AtomicU64,
+}
+
+/// Where the index stands, for logs, readiness details and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// Estimates come from the index (else from the store of record).
+    pub serving: bool,
+    pub scanned_pairs: u64,
+    pub followed_pairs: u64,
+}
+
+/// The index as a [`SegmentCounter`]: the index once it has loaded, the fallback before.
+#[derive(Clone)]
+pub struct Replica {
+    writer: Arc<dyn SegmentWriter>,
+    index: Arc<dyn SegmentCounter>,
+    fallback: Arc<dyn SegmentCounter>,
+    state: Arc<State>,
+    config: ReplicaConfig,
+}
+
+struct Backoff {
+    next: Duration,
+    initial: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(c: &ReplicaConfig) -> Self {
+        Backoff {
+            next: c.backoff_initial,
+            initial: c.backoff_initial,
+            max: c.backoff_max,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = self.initial;
+    }
+    /// Waits the current backoff; false when cancelled meanwhile.
+    async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let pause = self.next;
+        self.next = (self.next * 2).min(self.max);
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(pause) => true,
+        }
+    }
+}
+
+impl Replica {
+    /// `writer` and `index` are the two sides of the same in-memory store; `fallback` answers
+    /// until the index has loaded.
+    pub fn new(
+        writer: Arc<dyn SegmentWriter>,
+        index: Arc<dyn SegmentCounter>,
+        fallback: Arc<dyn SegmentCounter>,
+        config: ReplicaConfig,
+    ) -> Self {
+        metrics::gauge!("userseg_index_serving").set(0.0);
+        Replica {
+            writer,
+            index,
+            fallback,
+            state: Arc::default(),
+            config,
+        }
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
+        ReplicaStatus {
+            serving: self.state.serving.load(Ordering::Acquire),
+            scanned_pairs: self.state.scanned_pairs.load(Ordering::Relaxed),
+            followed_pairs: self.state.followed_pairs.load(Ordering::Relaxed),
+        }
+    }
+
+    fn serving(&self) -> bool {
+        self.state.serving.load(Ordering::Acquire)
+    }
+
+    /// Loads and then follows until cancelled: opens the follower (`open`, retried until it
+    /// succeeds), scans the store of record as of `clock.now()` (retried until it succeeds),
+    /// then applies what the follower hands out, and serves from the index once the follower has
+    /// caught up. Failures are retried with backoff; nothing read is ever dropped.
+    pub async fn run<F, O, Fut>(
+        self,
+        mut open: O,
+        scan: Arc<dyn LiveScan>,
+        clock: Arc<dyn Clock>,
+        cancel: CancellationToken,
+    ) where
+        F: LogFollower,
+        O: FnMut() -> Fut + Send,
+        Fut: Future<Output = Result<F, PortError>> + Send,
+    {
+        let started = Instant::now();
+        let mut backoff = Backoff::new(&self.config);
+        let mut follower = loop {
+            let opened = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = open() => r,
+            };
+            match opened {
+                Ok(f) => break f,
+                Err(e) => {
+                    tracing::warn!(error = %e, "index: cannot open the log follower; will retry");
+                    if !backoff.wait(&cancel).await {
+                        return;
+                    }
+                }
+            }
+        };
+        backoff.reset();
+        loop {
+            let at = clock.now();
+            let scanned = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.scan_once(scan.as_ref(), at) => r,
+            };
+            match scanned {
+                Ok(n) => {
+                    tracing::info!(
+                        pairs = n,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "index: scanned the store of record"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "index: scanning the store of record failed; will retry");
+                    if !backoff.wait(&cancel).await {
+                        return;
+                    }
+                }
+            }
+        }
+        backoff.reset();
+        let mut last_lag_report = Instant::now();
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = follower.next() => r,
+            };
+            match next {
+                Ok(Followed::Pairs(pairs)) => {
+                    backoff.reset();
+                    let n = pairs.len() as u64;
+                    if !self.apply(pairs.into(), &cancel).await {
+                        return;
+                    }
+                    self.state.followed_pairs.fetch_add(n, Ordering::Relaxed);
+                    metrics::counter!("userseg_index_followed_pairs_total").increment(n);
+                }
+                Ok(Followed::CaughtUp) => {
+                    if !self.state.serving.swap(true, Ordering::AcqRel) {
+                        metrics::gauge!("userseg_index_serving").set(1.0);
+                        let s = self.status();
+                        tracing::info!(
+                            scanned_pairs = s.scanned_pairs,
+                            followed_pairs = s.followed_pairs,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "index: caught up with the log; serving estimates from memory"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "index: following the log failed; will retry");
+                    if !backoff.wait(&cancel).await {
+                        return;
+                    }
+                }
+            }
+            if last_lag_report.elapsed() >= Duration::from_secs(1) {
+                last_lag_report = Instant::now();
+                if let Some(lag) = follower.lag() {
+                    metrics::gauge!("userseg_index_lag_messages").set(lag as f64);
+                }
+            }
+        }
+    }
+
+    /// One full scan into the index; the count of pairs scanned.
+    async fn scan_once(&self, scan: &dyn LiveScan, at: UnixSeconds) -> Result<u64, PortError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Pair>>(self.config.scan_buffer_chunks);
+        let chunk = self.config.scan_chunk_pairs.max(1);
+        let apply = async {
+            while let Some(pairs) = rx.recv().await {
+                let n = pairs.len() as u64;
+                self.writer.write(pairs.into()).await?;
+                self.state.scanned_pairs.fetch_add(n, Ordering::Relaxed);
+                metrics::counter!("userseg_index_scanned_pairs_total").increment(n);
+            }
+            Ok::<(), PortError>(())
+        };
+        let (scanned, applied) = tokio::join!(scan.scan_live(at, chunk, tx), apply);
+        // An apply failure drops the receiver, which makes the scan fail too: report the cause.
+        applied?;
+        scanned
+    }
+
+    /// Applies followed pairs, retrying until the index takes them; false when cancelled.
+    async fn apply(&self, pairs: Arc<[Pair]>, cancel: &CancellationToken) -> bool {
+        let mut backoff = Backoff::new(&self.config);
+        loop {
+            match self.writer.write(pairs.clone()).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::error!(error = %e, pairs = pairs.len(), "index: applying pairs failed; will retry");
+                    metrics::counter!("userseg_index_apply_errors_total").increment(1);
+                    if !backoff.wait(cancel).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl SegmentCounter for Replica {
+    async fn count(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+        mode: Mode,
+    ) -> Result<(u64, bool), PortError> {
+        if self.serving() {
+            self.index.count(segment, at, Mode::Exact).await
+        } else {
+            self.fallback.count(segment, at, mode).await
+        }
+    }
+
+    async fn count_all(
+        &self,
+        at: UnixSeconds,
+        mode: Mode,
+    ) -> Result<(Vec<SegmentCount>, bool), PortError> {
+        if self.serving() {
+            self.index.count_all(at, Mode::Exact).await
+        } else {
+            self.fallback.count_all(at, mode).await
+        }
+    }
+
+    async fn check_ready(&self) -> Result<(), PortError> {
+        if self.serving() {
+            Ok(())
+        } else {
+            self.fallback.check_ready().await
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "replica_tests.rs"]
+mod tests;

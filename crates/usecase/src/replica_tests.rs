@@ -1,0 +1,353 @@
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU32;
+use std::sync::Mutex;
+
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::ManualClock;
+
+const WINDOW: i64 = 100;
+const NOW: i64 = 10_000;
+
+fn pair(user: &str, segment: &str, ts: i64) -> Pair {
+    Pair {
+        user_id: user.into(),
+        segment: segment.into(),
+        ts,
+    }
+}
+
+type Events = Arc<Mutex<Vec<String>>>;
+
+fn log(events: &Events, e: impl Into<String>) {
+    events.lock().unwrap().push(e.into());
+}
+
+/// An exact index: latest ts per membership; fails the first `fail_writes` writes.
+#[derive(Default)]
+struct MapIndex {
+    latest: Mutex<HashMap<(String, String), i64>>,
+    fail_writes: AtomicU32,
+}
+
+#[async_trait]
+impl SegmentWriter for MapIndex {
+    async fn write(&self, pairs: Arc<[Pair]>) -> Result<(), PortError> {
+        if self
+            .fail_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(PortError::Transient("injected".into()));
+        }
+        let mut m = self.latest.lock().unwrap();
+        for p in pairs.iter() {
+            let e = m
+                .entry((p.segment.clone(), p.user_id.clone()))
+                .or_insert(p.ts);
+            *e = (*e).max(p.ts);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SegmentCounter for MapIndex {
+    async fn count(&self, s: &str, at: i64, _m: Mode) -> Result<(u64, bool), PortError> {
+        let m = self.latest.lock().unwrap();
+        let n = m
+            .iter()
+            .filter(|((seg, _), &ts)| seg == s && ts > at - WINDOW)
+            .count();
+        Ok((n as u64, true))
+    }
+    async fn count_all(&self, at: i64, _m: Mode) -> Result<(Vec<SegmentCount>, bool), PortError> {
+        let m = self.latest.lock().unwrap();
+        let mut by: HashMap<String, u64> = HashMap::new();
+        for ((seg, _), &ts) in m.iter() {
+            if ts > at - WINDOW {
+                *by.entry(seg.clone()).or_default() += 1;
+            }
+        }
+        let mut v: Vec<_> = by
+            .into_iter()
+            .map(|(segment, users)| SegmentCount { segment, users })
+            .collect();
+        v.sort_by(|a, b| a.segment.cmp(&b.segment));
+        Ok((v, true))
+    }
+    async fn check_ready(&self) -> Result<(), PortError> {
+        Ok(())
+    }
+}
+
+/// The store of record's answers: recognisable and flagged inexact.
+struct Fallback;
+
+#[async_trait]
+impl SegmentCounter for Fallback {
+    async fn count(&self, _s: &str, _at: i64, _m: Mode) -> Result<(u64, bool), PortError> {
+        Ok((999, false))
+    }
+    async fn count_all(&self, _at: i64, _m: Mode) -> Result<(Vec<SegmentCount>, bool), PortError> {
+        Ok((
+            vec![SegmentCount {
+                segment: "fallback".into(),
+                users: 999,
+            }],
+            false,
+        ))
+    }
+    async fn check_ready(&self) -> Result<(), PortError> {
+        Err(PortError::Transient("fallback down".into()))
+    }
+}
+
+struct FakeScan {
+    pairs: Vec<Pair>,
+    fail_times: AtomicU32,
+    events: Events,
+    seen_at: Mutex<Vec<i64>>,
+}
+
+#[async_trait]
+impl LiveScan for FakeScan {
+    async fn scan_live(
+        &self,
+        at: UnixSeconds,
+        chunk: usize,
+        sink: mpsc::Sender<Vec<Pair>>,
+    ) -> Result<u64, PortError> {
+        self.seen_at.lock().unwrap().push(at);
+        if self
+            .fail_times
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            log(&self.events, "scan-fail");
+            // Part of the data went out before the failure: a retry sends it again.
+            let _ = sink.send(self.pairs[..1].to_vec()).await;
+            return Err(PortError::Transient("injected".into()));
+        }
+        let mut n = 0;
+        for c in self.pairs.chunks(chunk) {
+            assert!(c.len() <= chunk);
+            sink.send(c.to_vec())
+                .await
+                .map_err(|_| PortError::Transient("closed".into()))?;
+            n += c.len() as u64;
+        }
+        log(&self.events, "scan-ok");
+        Ok(n)
+    }
+}
+
+struct FakeFollower {
+    rx: mpsc::UnboundedReceiver<Result<Followed, PortError>>,
+}
+
+impl LogFollower for FakeFollower {
+    async fn next(&mut self) -> Result<Followed, PortError> {
+        match self.rx.recv().await {
+            Some(r) => r,
+            None => std::future::pending().await,
+        }
+    }
+    fn lag(&self) -> Option<u64> {
+        Some(self.rx.len() as u64)
+    }
+}
+
+struct Harness {
+    replica: Replica,
+    index: Arc<MapIndex>,
+    scan: Arc<FakeScan>,
+    events: Events,
+    tx: mpsc::UnboundedSender<Result<Followed, PortError>>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn config() -> ReplicaConfig {
+    ReplicaConfig {
+        scan_chunk_pairs: 2,
+        scan_buffer_chunks: 1,
+        ..ReplicaConfig::default()
+    }
+}
+
+/// Starts a replica whose `open` fails `open_failures` times and whose scan fails
+/// `scan_failures` times.
+fn start(scanned: Vec<Pair>, open_failures: u32, scan_failures: u32, index: MapIndex) -> Harness {
+    let events: Events = Arc::default();
+    let index = Arc::new(index);
+    let replica = Replica::new(index.clone(), index.clone(), Arc::new(Fallback), config());
+    let scan = Arc::new(FakeScan {
+        pairs: scanned,
+        fail_times: AtomicU32::new(scan_failures),
+        events: events.clone(),
+        seen_at: Mutex::default(),
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut rx = Some(rx);
+    let mut failures = open_failures;
+    let open_events = events.clone();
+    let open = move || {
+        let r = if failures > 0 {
+            failures -= 1;
+            log(&open_events, "open-fail");
+            Err(PortError::Transient("broker down".into()))
+        } else {
+            log(&open_events, "open-ok");
+            match rx.take() {
+                Some(rx) => Ok(FakeFollower { rx }),
+                None => Err(PortError::Permanent("opened twice".into())),
+            }
+        };
+        async move { r }
+    };
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(replica.clone().run(
+        open,
+        scan.clone(),
+        Arc::new(ManualClock::new(NOW)),
+        cancel.clone(),
+    ));
+    Harness {
+        replica,
+        index,
+        scan,
+        events,
+        tx,
+        cancel,
+        task,
+    }
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn counts(v: &[SegmentCount]) -> Vec<(&str, u64)> {
+    v.iter().map(|c| (c.segment.as_str(), c.users)).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_from_the_fallback_until_caught_up_then_from_scan_and_log() {
+    let scanned = vec![
+        pair("u1", "a", NOW - 10),
+        pair("u2", "a", NOW - 200), // expired by `at`
+        pair("u1", "b", NOW - 50),
+        pair("u3", "b", NOW - 5),
+        pair("u3", "b", NOW - 90), // an older duplicate
+    ];
+    let h = start(scanned, 0, 0, MapIndex::default());
+    until("the scan", || h.replica.status().scanned_pairs == 5).await;
+    h.tx.send(Ok(Followed::Pairs(vec![
+        pair("u2", "a", NOW - 1), // refreshes an expired membership
+        pair("u4", "c", NOW),
+        pair("u1", "a", NOW - 80), // older than what the scan had
+    ])))
+    .unwrap();
+    until("the followed pairs", || {
+        h.replica.status().followed_pairs == 3
+    })
+    .await;
+
+    // Loaded but not caught up: still the store of record.
+    assert!(!h.replica.status().serving);
+    assert_eq!(
+        h.replica.count("a", NOW, Mode::Exact).await,
+        Ok((999, false))
+    );
+    assert!(h.replica.check_ready().await.is_err());
+
+    h.tx.send(Ok(Followed::CaughtUp)).unwrap();
+    until("serving", || h.replica.status().serving).await;
+    let (all, exact) = h.replica.count_all(NOW, Mode::Approx).await.unwrap();
+    assert!(exact);
+    assert_eq!(counts(&all), [("a", 2), ("b", 2), ("c", 1)]);
+    assert_eq!(h.replica.count("b", NOW, Mode::Exact).await, Ok((2, true)));
+    // Time moves on: u1/b (NOW-50) and u3/b (NOW-5) expire at different instants.
+    assert_eq!(
+        h.replica.count("b", NOW + 60, Mode::Exact).await,
+        Ok((1, true))
+    );
+    assert!(h.replica.check_ready().await.is_ok());
+
+    // Pairs after catching up keep flowing in.
+    h.tx.send(Ok(Followed::Pairs(vec![pair("u9", "c", NOW)])))
+        .unwrap();
+    until("a later pair", || h.replica.status().followed_pairs == 4).await;
+    assert_eq!(h.replica.count("c", NOW, Mode::Exact).await, Ok((2, true)));
+    assert_eq!(*h.scan.seen_at.lock().unwrap(), [NOW]);
+
+    h.cancel.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn opens_the_follower_before_scanning_and_retries_each_step() {
+    let h = start(
+        vec![pair("u1", "a", NOW), pair("u2", "a", NOW)],
+        2,
+        1,
+        MapIndex::default(),
+    );
+    until("the scan", || {
+        h.events.lock().unwrap().last().map(String::as_str) == Some("scan-ok")
+    })
+    .await;
+    // The follower is opened once, before any scan; a failed scan is retried with the same
+    // follower (its start positions are still behind everything the store holds).
+    assert_eq!(
+        *h.events.lock().unwrap(),
+        ["open-fail", "open-fail", "open-ok", "scan-fail", "scan-ok"]
+    );
+    h.tx.send(Ok(Followed::CaughtUp)).unwrap();
+    until("serving", || h.replica.status().serving).await;
+    assert_eq!(h.replica.count("a", NOW, Mode::Exact).await, Ok((2, true)));
+    h.cancel.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_writes_and_log_errors_lose_nothing() {
+    let h = start(vec![], 0, 0, MapIndex::default());
+    until("the scan", || {
+        h.events.lock().unwrap().last().map(String::as_str) == Some("scan-ok")
+    })
+    .await;
+    h.index.fail_writes.store(3, Ordering::SeqCst);
+    h.tx.send(Err(PortError::Transient("broker away".into())))
+        .unwrap();
+    h.tx.send(Ok(Followed::Pairs(vec![
+        pair("u1", "a", NOW),
+        pair("u2", "a", NOW),
+    ])))
+    .unwrap();
+    h.tx.send(Ok(Followed::CaughtUp)).unwrap();
+    until("serving", || h.replica.status().serving).await;
+    assert_eq!(h.index.fail_writes.load(Ordering::SeqCst), 0);
+    assert_eq!(h.replica.count("a", NOW, Mode::Exact).await, Ok((2, true)));
+    h.cancel.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelling_while_the_follower_cannot_open_stops_the_task() {
+    let h = start(vec![], u32::MAX, 0, MapIndex::default());
+    until("a failed open", || !h.events.lock().unwrap().is_empty()).await;
+    h.cancel.cancel();
+    h.task.await.unwrap();
+    assert!(!h.replica.status().serving);
+    assert_eq!(
+        h.replica.count_all(NOW, Mode::Exact).await.unwrap().1,
+        false
+    );
+}
