@@ -8,6 +8,8 @@
 //!   consumes, a consumer-group member with manual, synchronous offset commits.
 //! - [`KafkaDeadLetters`]: the [`DeadLetterSink`](userseg_usecase::DeadLetterSink) writing to the
 //!   DLQ topic with `userseg-*` headers.
+//! - [`KafkaFollower`]: the [`LogFollower`](userseg_usecase::LogFollower) of an in-memory
+//!   index: the whole topic, outside any group, from the offsets the processors' group committed.
 //! - [`ensure_topics`]: creates the topic and the DLQ topic when missing.
 //!
 //! Configuration flows config → validate → build: [`KafkaConfig`] is a plain struct (the binary
@@ -20,6 +22,7 @@ pub mod config;
 mod context;
 mod dlq;
 mod error;
+mod follower;
 mod partitioner;
 mod producer;
 mod publisher;
@@ -33,6 +36,7 @@ pub use dlq::{
     HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
 };
 pub use error::SetupError;
+pub use follower::KafkaFollower;
 pub use partitioner::{murmur2, partition_for};
 pub use publisher::KafkaPublisher;
 pub use source::{KafkaSource, Origin, Position, Provenance};

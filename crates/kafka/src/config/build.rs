@@ -104,6 +104,44 @@ pub(crate) fn consumer_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// The client that reads, once, what the consumer group KAFKA_GROUP_ID has committed (and the
+/// topic's metadata and watermarks) for the log follower. It carries the group's id only to
+/// query its offsets: it never subscribes, so it never joins the group, and never commits.
+pub(crate) fn group_offsets_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = common(config, "follower-offsets");
+    c.set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("allow.auto.create.topics", "false");
+    c
+}
+
+/// The log follower's consumer: partitions are assigned explicitly (no group membership, a
+/// group id of its own that is never committed to), partition EOF events tell when it has caught
+/// up, and prefetching is bounded like the batch processor's.
+pub(crate) fn follower_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = common(config, "follower");
+    c.set("group.id", format!("{}-follower", config.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "true")
+        .set(
+            "queued.max.messages.kbytes",
+            config.prefetch_kbytes.to_string(),
+        )
+        .set("queued.min.messages", config.prefetch_messages.to_string())
+        .set(
+            "fetch.max.bytes",
+            (config.prefetch_kbytes * 1024).to_string(),
+        )
+        .set("allow.auto.create.topics", "false");
+    if !config.stats_interval.is_zero() {
+        c.set("statistics.interval.ms", ms(config.stats_interval));
+    }
+    c
+}
+
 /// The admin client of `ensure_topics`.
 pub(crate) fn admin_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = common(config, "admin");
@@ -145,5 +183,19 @@ mod tests {
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(c.get("queued.max.messages.kbytes"), Some("16384"));
+    }
+
+    #[test]
+    fn follower_properties() {
+        let k = KafkaConfig::new("b:1");
+        let c = follower_config(&k);
+        assert_eq!(c.get("group.id"), Some("userseg-processor-follower"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.partition.eof"), Some("true"));
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("16384"));
+        let c = group_offsets_config(&k);
+        assert_eq!(c.get("group.id"), Some("userseg-processor"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
     }
 }

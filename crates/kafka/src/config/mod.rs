@@ -12,7 +12,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub(crate) use build::{admin_config, consumer_config, producer_config};
+pub(crate) use build::{
+    admin_config, consumer_config, follower_config, group_offsets_config, producer_config,
+};
 pub use validate::ConfigError;
 
 /// The environment variables (and flags) the binary reads each setting from; validation errors
