@@ -10,7 +10,8 @@ INGEST_SECS="${BENCH_INGEST_SECS:-30}"          # (1) and (5): seconds of sustai
 SCALE_PAIRS="${BENCH_SCALE_PAIRS:-50000000}"     # (2) and (4): live pairs in the store
 SCALE_USERS="${BENCH_SCALE_USERS:-10000000}"
 SEGMENTS="${BENCH_SEGMENTS:-500}"
-DIST_PAIRS="${BENCH_DIST_PAIRS:-5000000}"        # (3): pairs through USS → broker → ES
+DIST_PAIRS="${BENCH_DIST_PAIRS:-55000000}"       # (3): pairs through USS → broker → ES (≈50M live)
+DIST_USERS="${BENCH_DIST_USERS:-10000000}"
 OUT="${BENCH_OUT:-docs/BENCHMARKS.md}"
 
 echo "bench: building release binaries"
@@ -88,18 +89,47 @@ set -a; . "$WORK/tansu/tansu.env"; . "$WORK/clickhouse/clickhouse.env"; set +a
 export KAFKA_BROKER_URL="$USERSEG_TEST_KAFKA" CLICKHOUSE_ADDR="$USERSEG_TEST_CLICKHOUSE_URL" \
   CLICKHOUSE_DATABASE=bench KAFKA_TOPIC=bench KAFKA_DLQ_TOPIC=bench-dlq KAFKA_GROUP_ID=bench
 "$BIN" migrate >/dev/null
-USS_PORT=$(free_port); ES_PORT=$(free_port)
+USS_PORT=$(free_port); ES_PORT=$(free_port); ES2_PORT=$(free_port)
+USS="http://127.0.0.1:$USS_PORT"; ES="http://127.0.0.1:$ES_PORT"
 SERVICE_PORT=$USS_PORT "$BIN" uss 2>"$WORK/uss.log" & PIDS+=($!)
-SERVICE_PORT=$ES_PORT BATCH_SIZE=200000 FLUSH_INTERVAL=1s ESTIMATE_CACHE_TTL=0s \
-  "$BIN" es 2>"$WORK/es.log" & PIDS+=($!)
-wait_ready "http://127.0.0.1:$USS_PORT"; wait_ready "http://127.0.0.1:$ES_PORT"
-# The load generator pushes to USS and verifies against ES: waited_secs is the end-to-end lag
-# after the last acknowledgement.
-run "$BIN" load --target "http://127.0.0.1:$USS_PORT" --verify-target "http://127.0.0.1:$ES_PORT" \
-  --protocol grpc --users 2000000 --segments "$SEGMENTS" --pairs "$DIST_PAIRS" --batch 10000 \
-  --concurrency 4 --verify --verify-timeout 600s --json >"$WORK/s3.json" || true
-http_latency "http://127.0.0.1:$ES_PORT/v1/segments" 50 >"$WORK/s3_est_exact.json"
-http_latency "http://127.0.0.1:$ES_PORT/v1/segments?mode=approx" 50 >"$WORK/s3_est_approx.json" || true
+es_index() {
+  SERVICE_PORT=$ES_PORT BATCH_SIZE=200000 FLUSH_INTERVAL=1s ESTIMATE_CACHE_TTL=0s \
+    "$BIN" es 2>>"$WORK/es.log" & ES_PID=$!; PIDS+=($ES_PID)
+}
+es_index
+wait_ready "$USS"; wait_ready "$ES"
+metric() { curl -fsS "$1/metrics" | awk -v m="$2" '$1 == m {s += $2} END {print s + 0}'; }
+wait_serving() {
+  for _ in $(seq 1 6000); do
+    [ "$(metric "$ES" userseg_index_serving)" = "1" ] && return 0
+    sleep 0.1
+  done
+  echo "bench: the ES index never caught up" >&2; return 1
+}
+wait_serving
+# While the load generator pushes to USS and then verifies every count against ES (its index),
+# bench_follow.py samples how far the index and the ClickHouse writer trail USS, until
+# ClickHouse holds every pair.
+python3 scripts/bench_follow.py "$USS" "$ES" "$DIST_PAIRS" 1800 "$WORK/s3_follow.json" & FOLLOW=$!
+run "$BIN" load --target "$USS" --verify-target "$ES" \
+  --protocol grpc --users "$DIST_USERS" --segments "$SEGMENTS" --pairs "$DIST_PAIRS" --batch 10000 \
+  --concurrency 4 --verify --verify-timeout 900s --json >"$WORK/s3.json" || true
+wait "$FOLLOW" || true
+echo "bench: (3) estimates from the ES index"
+http_latency "$ES/v1/segments" 500 >"$WORK/s3_est_index.json"
+http_latency "$ES/v1/segments/seg-0" 500 >"$WORK/s3_est_index_one.json"
+echo "{\"rss_kb\": $(ps -o rss= -p "$ES_PID" | tr -d ' '), \"live_pairs\": $(metric "$ES" userseg_index_live_pairs)}" >"$WORK/s3_es_rss.json"
+echo "bench: (3) estimates straight from ClickHouse (a second ES with ES_INDEX=false)"
+SERVICE_PORT=$ES2_PORT ES_INDEX=false ESTIMATE_CACHE_TTL=0s "$BIN" es 2>"$WORK/es2.log" & ES2_PID=$!; PIDS+=($ES2_PID)
+wait_ready "http://127.0.0.1:$ES2_PORT"
+http_latency "http://127.0.0.1:$ES2_PORT/v1/segments" 10 >"$WORK/s3_est_exact.json" || true
+http_latency "http://127.0.0.1:$ES2_PORT/v1/segments?mode=approx" 10 >"$WORK/s3_est_approx.json" || true
+kill -TERM "$ES2_PID"; wait "$ES2_PID" || true
+echo "bench: (3) ES restart: scan ClickHouse + catch up the topic"
+kill -KILL "$ES_PID"; wait "$ES_PID" || true
+T0=$(date +%s.%N); es_index; wait_serving; T1=$(date +%s.%N)
+python3 -c "import json,sys; print(json.dumps({'restart_secs': $T1 - $T0, 'scanned_pairs': float(sys.argv[1])}))" \
+  "$(metric "$ES" userseg_index_scanned_pairs_total)" >"$WORK/s3_restart.json"
 
 printf '%s\n' "${COMMANDS[@]}" >"$WORK/commands.txt"
 python3 scripts/bench_report.py "$WORK" "$OUT"

@@ -10,8 +10,12 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use userseg_api::{ApiState, ReadyCheck};
 use userseg_clickhouse::{ClickHouseConfig, ClickHouseStore};
+use userseg_embedded::{EmbeddedStore, MemStore};
+use userseg_kafka::KafkaFollower;
 use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaPublisher, KafkaSource};
-use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, SystemClock};
+use userseg_usecase::{
+    BatchProcessor, Clock, Estimation, Ingest, Replica, ReplicaConfig, SegmentCounter, SystemClock,
+};
 
 use crate::config::{duration, BatchArgs, ServiceArgs};
 use crate::{observability, server};
@@ -139,6 +143,11 @@ pub struct EsArgs {
     /// How often expired day partitions are dropped.
     #[arg(long, env = "RETENTION_INTERVAL", default_value = "1h")]
     pub retention_interval: String,
+    /// Keep an exact in-memory index of the live pairs (loaded from ClickHouse at start, then
+    /// kept current from the topic) and answer estimates from it; ClickHouse answers until it
+    /// has loaded. About 15 bytes of memory per live pair.
+    #[arg(long, env = "ES_INDEX", default_value_t = true, action = clap::ArgAction::Set)]
+    pub es_index: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -230,7 +239,16 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
     };
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let estimation = Estimation::new(Arc::new(store), clock, service.window, cache_ttl);
+    let index_stop = CancellationToken::new();
+    let mut index_tasks = Vec::new();
+    let counter: Arc<dyn SegmentCounter> = if args.es_index {
+        let (replica, tasks) = start_index(&kafka, &store, &service, clock.clone(), &index_stop);
+        index_tasks = tasks;
+        Arc::new(replica)
+    } else {
+        Arc::new(store)
+    };
+    let estimation = Estimation::new(counter, clock, service.window, cache_ttl);
     let mut state = ApiState::new(None, Some(estimation));
     state.metrics = Some(metrics);
     state.auth_token = service.api_token.as_deref().map(Arc::from);
@@ -260,9 +278,73 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
     }
     retention_stop.cancel();
     let _ = retention_task.await;
+    index_stop.cancel();
+    for t in index_tasks {
+        let _ = t.await;
+    }
     server::stop(server).await;
     tracing::info!("userseg es stopped");
     Ok(())
+}
+
+/// How often the index drops expired memberships (their memory is reused).
+const INDEX_EXPIRE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Starts the in-memory index: a task that loads and follows it, and one that expires it.
+fn start_index(
+    kafka: &userseg_kafka::KafkaConfig,
+    store: &ClickHouseStore,
+    service: &crate::config::ServiceConfig,
+    clock: Arc<dyn Clock>,
+    stop: &CancellationToken,
+) -> (Replica, Vec<tokio::task::JoinHandle<()>>) {
+    let mem = Arc::new(MemStore::new(service.window));
+    let index = EmbeddedStore(mem.clone());
+    let replica = Replica::new(
+        Arc::new(index.clone()),
+        Arc::new(index),
+        Arc::new(store.clone()),
+        ReplicaConfig::default(),
+    );
+    let kafka = kafka.clone();
+    let open = move || {
+        let kafka = kafka.clone();
+        async move { KafkaFollower::open(&kafka).await }
+    };
+    let run = tokio::spawn(replica.clone().run(
+        open,
+        Arc::new(store.clone()),
+        clock.clone(),
+        stop.clone(),
+    ));
+    let expire = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(INDEX_EXPIRE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let m = mem.clone();
+                let now = clock.now();
+                let Ok(stats) = tokio::task::spawn_blocking(move || {
+                    m.expire(now);
+                    m.memory()
+                })
+                .await
+                else {
+                    continue;
+                };
+                metrics::gauge!("userseg_index_live_pairs").set(stats.live_pairs as f64);
+                metrics::gauge!("userseg_index_users").set(stats.users as f64);
+                metrics::gauge!("userseg_index_memory_bytes")
+                    .set((stats.member_bytes + stats.dict_bytes) as f64);
+            }
+        })
+    };
+    (replica, vec![run, expire])
 }
 
 /// `userseg migrate`: applies the ClickHouse migrations.

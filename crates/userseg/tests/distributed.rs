@@ -25,17 +25,39 @@ fn pair(user: &str, segment: &str, ts: Option<i64>) -> Pair {
     }
 }
 
-/// Pairs pushed over gRPC and HTTP to USS are counted exactly by ES, with re-sends and
-/// backfilled timestamps, and expire with a short window.
+/// Pairs pushed over gRPC and HTTP to USS are counted exactly by ES from its in-memory index,
+/// with re-sends and backfilled timestamps, and expire with a short window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushed_pairs_are_counted_exactly_and_expire() {
-    let c = Cluster::new("e2e");
+    counted_exactly_and_expire(true).await;
+}
+
+/// The same, with ES answering from ClickHouse (ES_INDEX=false): exact and approximate queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_queries_count_exactly_and_expire() {
+    counted_exactly_and_expire(false).await;
+}
+
+async fn counted_exactly_and_expire(index: bool) {
+    let c = Cluster::new(if index { "e2e" } else { "e2e_ch" });
     c.migrate();
     let window = [("WINDOW", "8s")];
     let mut uss = c.spawn("uss", &window);
-    let mut es = c.spawn("es", &window);
+    let mut es = c.spawn(
+        "es",
+        &[
+            ("WINDOW", "8s"),
+            ("ES_INDEX", if index { "true" } else { "false" }),
+        ],
+    );
     uss.ready().await;
     es.ready().await;
+    if index {
+        until("the index serves", 30, async || {
+            es.metric("userseg_index_serving").await == 1.0
+        })
+        .await;
+    }
 
     let mut grpc = SegmentsClient::connect(uss.base.clone()).await.unwrap();
     let users: Vec<Pair> = (0..40)
@@ -90,7 +112,8 @@ async fn pushed_pairs_are_counted_exactly_and_expire() {
             .json()
             .await
             .unwrap();
-    assert_eq!(approx["exact"], false);
+    // The index is exact whatever the mode; ClickHouse answers approx from sketches.
+    assert_eq!(approx["exact"], index);
     assert_eq!(
         approx["users"], 40,
         "small segments are exact even in approx mode"
@@ -104,6 +127,73 @@ async fn pushed_pairs_are_counted_exactly_and_expire() {
         es.counts().await.is_empty()
     })
     .await;
+}
+
+/// ES's index holds what ClickHouse held at start (even pairs that never went through this
+/// topic), what the topic held beyond the committed offsets, and what arrives later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_loads_clickhouse_then_follows_the_topic() {
+    let c = Cluster::new("index");
+    c.migrate();
+    let t = now();
+    let rows: Vec<String> = (0..30)
+        .map(|i| format!("('seeded', 's{i}', toDateTime({}))", t - i))
+        .chain(std::iter::once(format!(
+            "('seeded', 'old', toDateTime({}))",
+            t - 3 * 86_400
+        )))
+        .collect();
+    let sql = format!(
+        "INSERT INTO `{}`.pairs (segment, user_id, ts) VALUES {}",
+        c.database,
+        rows.join(",")
+    );
+    let r = reqwest::Client::new()
+        .post(&c.clickhouse)
+        .body(sql)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+
+    let window = [("WINDOW", "1d")];
+    let mut uss = c.spawn("uss", &window);
+    uss.ready().await;
+    let mut grpc = SegmentsClient::connect(uss.base.clone()).await.unwrap();
+    let logged: Vec<Pair> = (0..20)
+        .map(|i| pair(&format!("l{i}"), "logged", None))
+        .collect();
+    grpc.push(PushRequest { pairs: logged }).await.unwrap();
+
+    let mut es = c.spawn("es", &window);
+    es.ready().await;
+    until("the index serves", 60, async || {
+        es.metric("userseg_index_serving").await == 1.0
+    })
+    .await;
+    let scanned = es.metric("userseg_index_scanned_pairs_total").await;
+    assert!(scanned >= 30.0, "the scan read {scanned} pairs");
+    assert_eq!(
+        es.counts().await,
+        vec![seg("logged", 20), seg("seeded", 30)]
+    );
+    // Only the index answers now; it learns later pairs from the topic.
+    let later: Vec<Pair> = (0..10)
+        .map(|i| pair(&format!("n{i}"), "later", None))
+        .collect();
+    grpc.push(PushRequest { pairs: later }).await.unwrap();
+    until("later pairs are counted", 30, async || {
+        es.counts().await == vec![seg("later", 10), seg("logged", 20), seg("seeded", 30)]
+    })
+    .await;
+    let one: serde_json::Value = reqwest::get(format!("{}/v1/segments/seeded", es.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["users"], 30);
+    assert_eq!(one["exact"], true);
 }
 
 /// Messages that cannot be decoded or hold an invalid pair go to the DLQ with their reason;
