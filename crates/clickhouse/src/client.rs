@@ -19,6 +19,10 @@ const MAX_ERROR_BODY: usize = 2048;
 #[derive(Clone, Debug)]
 pub struct ClickHouseClient {
     http: reqwest::Client,
+    /// Like `http` but without the whole-request timeout, for streamed reads that may outlast
+    /// it; [`ResponseStream`] bounds every wait for a chunk instead.
+    stream_http: reqwest::Client,
+    request_timeout: Duration,
     base: Url,
     ping_url: Url,
     user: String,
@@ -43,17 +47,24 @@ impl ClickHouseClient {
                 reason: e.to_string(),
             })
         })?;
-        let http = reqwest::Client::builder()
-            .timeout(config.request_timeout)
-            .connect_timeout(config.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(2)) // below the server's keep_alive_timeout (3 s)
-            .build()
-            .map_err(|e| ClickHouseError::Unreachable {
+        let build = |timeout: Option<Duration>| {
+            let mut builder = reqwest::Client::builder()
+                .connect_timeout(config.connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(2)); // below the server's keep_alive_timeout (3 s)
+            if let Some(t) = timeout {
+                builder = builder.timeout(t);
+            }
+            builder.build().map_err(|e| ClickHouseError::Unreachable {
                 addr: config.addr.clone(),
                 detail: format!("cannot build the http client: {e}"),
-            })?;
+            })
+        };
+        let http = build(Some(config.request_timeout))?;
+        let stream_http = build(None)?;
         Ok(ClickHouseClient {
             http,
+            stream_http,
+            request_timeout: config.request_timeout,
             base,
             ping_url,
             user: config.user.clone(),
@@ -126,7 +137,56 @@ impl ClickHouseClient {
         self.post(&[("query", insert)], body).await.map(|_| ())
     }
 
-    async fn post(&self, params: &[(&str, &str)], body: Vec<u8>) -> Result<Bytes, ClickHouseError> {
+    /// Runs a query and streams its body: the server answers as soon as the first rows are
+    /// ready, so a read of any size is never buffered whole, neither here nor on the server.
+    ///
+    /// No whole-request timeout applies: waiting for the response headers, and then for each
+    /// chunk of the body, is bounded by the configured request timeout, so a long read that
+    /// keeps flowing (or that the caller reads slowly) is never cut off. No server-side
+    /// `max_execution_time` is set either, for the same reason. Like every request here, it
+    /// asks for no compression (on 18.16, compressed responses made SELECTs come back empty).
+    ///
+    /// The status is checked before returning, but an error that happens once the server has
+    /// started sending rows can only come as text appended to the body (ClickHouse has already
+    /// sent `200 OK`): the caller's decoder must recognise a body that does not parse, see
+    /// [`looks_like_exception`].
+    pub async fn query_stream(&self, sql: &str) -> Result<ResponseStream, ClickHouseError> {
+        let url = self.url(&[]);
+        let body = Bytes::from(sql.as_bytes().to_vec());
+        let sent = tokio::time::timeout(
+            self.request_timeout,
+            self.send(&self.stream_http, &url, &body),
+        )
+        .await;
+        let resp = match sent {
+            Ok(resp) => resp?,
+            Err(_) => {
+                return Err(ClickHouseError::Unreachable {
+                    addr: self.base.to_string(),
+                    detail: format!("timed out: no response within {:?}", self.request_timeout),
+                })
+            }
+        };
+        if resp.status() != StatusCode::OK {
+            // An error body is short; still bound the wait, this client has no timeout.
+            return match tokio::time::timeout(self.request_timeout, self.read_ok(resp)).await {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(_)) => Err(ClickHouseError::Decode(
+                    "a non-200 response was read as a success".into(),
+                )),
+                Err(_) => Err(ClickHouseError::Unreachable {
+                    addr: self.base.to_string(),
+                    detail: format!(
+                        "timed out reading an error response after {:?}",
+                        self.request_timeout
+                    ),
+                }),
+            };
+        }
+        Ok(ResponseStream::start(resp, self))
+    }
+
+    fn url(&self, params: &[(&str, &str)]) -> Url {
         let mut url = self.base.clone();
         if url.path().is_empty() {
             url.set_path("/");
@@ -134,18 +194,33 @@ impl ClickHouseClient {
         if !params.is_empty() {
             url.query_pairs_mut().extend_pairs(params);
         }
+        url
+    }
+
+    async fn post(&self, params: &[(&str, &str)], body: Vec<u8>) -> Result<Bytes, ClickHouseError> {
+        let url = self.url(params);
         let body = Bytes::from(body);
+        let resp = self.send(&self.http, &url, &body).await?;
+        self.read_ok(resp).await
+    }
+
+    /// POSTs `body` to `url`, retrying once on a stale pooled connection.
+    async fn send(
+        &self,
+        http: &reqwest::Client,
+        url: &Url,
+        body: &Bytes,
+    ) -> Result<reqwest::Response, ClickHouseError> {
         let mut retried = false;
         loop {
-            let sent = self
-                .http
+            let sent = http
                 .post(url.clone())
                 .basic_auth(&self.user, Some(&self.password))
                 .body(body.clone())
                 .send()
                 .await;
             match sent {
-                Ok(resp) => return self.read_ok(resp).await,
+                Ok(resp) => return Ok(resp),
                 // A pooled keep-alive connection the server closed just as it was reused fails
                 // without a timeout or a connect error. Every request this crate sends is
                 // idempotent, so one immediate retry on a fresh connection is safe.
@@ -189,6 +264,161 @@ impl ClickHouseClient {
             message,
         })
     }
+}
+
+/// How much a [`ResponseStream`]'s reader task reads ahead before it waits for the caller (on
+/// top of one batch already handed over).
+const MAX_READ_AHEAD_BYTES: usize = 256 * 1024;
+
+/// What a [`ResponseStream`]'s reader task hands over.
+enum ReadAhead {
+    Chunks(Vec<Bytes>),
+    End,
+    Failed(ClickHouseError),
+}
+
+/// The body of a [`ClickHouseClient::query_stream`] response, read chunk by chunk as the
+/// network delivers it. Dropping it closes the connection, which cancels the query.
+///
+/// A task reads the body ahead of the caller, about 256 KiB at most, and hands
+/// the chunks over in batches: ClickHouse 18.16 sends HTTP chunks of 4 KiB, and waiting for each
+/// one in turn while the caller decodes the previous one cost a switch between threads per
+/// chunk, which made a scan three times slower than reading the body.
+#[derive(Debug)]
+pub struct ResponseStream {
+    batches: tokio::sync::mpsc::Receiver<ReadAhead>,
+    current: std::vec::IntoIter<Bytes>,
+    reader: tokio::task::JoinHandle<()>,
+    addr: String,
+    bytes: u64,
+    finished: bool,
+}
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadAhead::Chunks(c) => write!(f, "Chunks({})", c.len()),
+            ReadAhead::End => write!(f, "End"),
+            ReadAhead::Failed(e) => write!(f, "Failed({e})"),
+        }
+    }
+}
+
+impl ResponseStream {
+    fn start(resp: reqwest::Response, client: &ClickHouseClient) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let reader = tokio::spawn(read_ahead(resp, client.clone(), tx));
+        ResponseStream {
+            batches: rx,
+            current: Vec::new().into_iter(),
+            reader,
+            addr: client.base.to_string(),
+            bytes: 0,
+            finished: false,
+        }
+    }
+
+    /// The next chunk of the body, or `None` at its end. Silence from the server for longer
+    /// than the request timeout, or a connection that breaks, is
+    /// [`ClickHouseError::Unreachable`]; however long the caller takes between two calls is not
+    /// counted.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClickHouseError> {
+        loop {
+            if let Some(chunk) = self.current.next() {
+                self.bytes += chunk.len() as u64;
+                return Ok(Some(chunk));
+            }
+            if self.finished {
+                return Ok(None);
+            }
+            match self.batches.recv().await {
+                Some(ReadAhead::Chunks(batch)) => self.current = batch.into_iter(),
+                Some(ReadAhead::End) => self.finished = true,
+                Some(ReadAhead::Failed(e)) => {
+                    self.finished = true;
+                    return Err(e);
+                }
+                // Never a normal end: that is `End`.
+                None => {
+                    self.finished = true;
+                    return Err(ClickHouseError::Unreachable {
+                        addr: self.addr.clone(),
+                        detail: format!("the response reader stopped after {} bytes", self.bytes),
+                    });
+                }
+            }
+        }
+    }
+
+    /// How many bytes of the body were read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Reads `resp` into `tx` in batches: whatever arrived while the receiver was busy, up to
+/// [`MAX_READ_AHEAD_BYTES`].
+async fn read_ahead(
+    mut resp: reqwest::Response,
+    client: ClickHouseClient,
+    tx: tokio::sync::mpsc::Sender<ReadAhead>,
+) {
+    let timeout = client.request_timeout;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut held = 0usize;
+    let mut total = 0u64;
+    let end = loop {
+        tokio::select! {
+            biased;
+            permit = tx.reserve(), if !batch.is_empty() => {
+                let Ok(permit) = permit else { return };
+                permit.send(ReadAhead::Chunks(std::mem::take(&mut batch)));
+                held = 0;
+            }
+            // Read on only while there is room; a reserve that never completes (a receiver
+            // that stopped reading) holds the reader, and the body, back.
+            next = tokio::time::timeout(timeout, resp.chunk()), if held < MAX_READ_AHEAD_BYTES => {
+                match next {
+                    Ok(Ok(Some(chunk))) => {
+                        held += chunk.len();
+                        total += chunk.len() as u64;
+                        batch.push(chunk);
+                    }
+                    Ok(Ok(None)) => break ReadAhead::End,
+                    Ok(Err(e)) => break ReadAhead::Failed(client.unreachable(e)),
+                    Err(_) => {
+                        break ReadAhead::Failed(ClickHouseError::Unreachable {
+                            addr: client.base.to_string(),
+                            detail: format!(
+                                "timed out: no data for {timeout:?} after {total} bytes of the response"
+                            ),
+                        })
+                    }
+                }
+            }
+        }
+    };
+    if !batch.is_empty() && tx.send(ReadAhead::Chunks(batch)).await.is_err() {
+        return;
+    }
+    let _ = tx.send(end).await;
+}
+
+/// Does `tail` (bytes of a RowBinary body from where decoding failed) look like the text
+/// ClickHouse appends to a body when a query fails after it has started sending rows
+/// (`Code: 241, e.displayText() = DB::Exception: ...` on 18.x, `Code: 241. DB::Exception: ...`
+/// on current versions)? Returns the exception code when it does.
+pub fn looks_like_exception(tail: &[u8]) -> Option<u32> {
+    let at = tail.windows(6).position(|w| w == b"Code: ")?;
+    let text = String::from_utf8_lossy(&tail[at..]);
+    let code = parse_exception_code(&text)?;
+    text.contains("Exception").then_some(code)
 }
 
 /// Times an operation for a histogram.

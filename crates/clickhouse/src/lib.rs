@@ -8,15 +8,19 @@
 //!    `Arc<dyn SegmentCounter>`;
 //! 4. call [`ClickHouseStore::drop_expired_partitions`] periodically (e.g. hourly).
 //!
+//! [`ClickHouseStore`] is also a [`LiveScan`](userseg_usecase::LiveScan): it streams the live
+//! pairs to bootstrap an in-memory index, in bounded memory whatever the table holds.
+//!
 //! The schema and its trade-offs are described in `docs/CLICKHOUSE.md`.
 
 mod client;
 mod config;
 mod error;
 mod migrate;
+mod scan;
 mod store;
 
-pub use client::{quote_string, ClickHouseClient};
+pub use client::{looks_like_exception, quote_string, ClickHouseClient, ResponseStream};
 pub use config::{env, ClickHouseConfig, ConfigError};
 pub use error::{ClickHouseError, CONFIG_ERROR_CODES, DATA_ERROR_CODES};
 pub use migrate::{
