@@ -13,6 +13,9 @@ SEGMENTS="${BENCH_SEGMENTS:-500}"
 DIST_PAIRS="${BENCH_DIST_PAIRS:-55000000}"       # (3): pairs through USS → broker → ES (≈50M live)
 DIST_USERS="${BENCH_DIST_USERS:-10000000}"
 OUT="${BENCH_OUT:-docs/BENCHMARKS.md}"
+# Which parts to run (a quick look at one of them: BENCH_PARTS=3 BENCH_OUT=/tmp/b.md).
+PARTS="${BENCH_PARTS:-standalone scale 3}"
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 echo "bench: building release binaries"
 cargo build --release --quiet -p userseg
@@ -57,6 +60,7 @@ COMMANDS=()
 run() { COMMANDS+=("$*"); "$@"; }
 
 # (1) and (5): standalone ingest, durable (fdatasync before every acknowledgement).
+if part standalone; then
 PORT=$(free_port); URL="http://127.0.0.1:$PORT"
 DATA_DIR="$WORK/standalone" SERVICE_PORT=$PORT BATCH_SIZE=100000 FLUSH_INTERVAL=200ms \
   "$BIN" standalone 2>"$WORK/standalone.log" & PIDS+=($!)
@@ -74,12 +78,14 @@ http_latency "$URL/v1/segments/grpc-0" 500 >"$WORK/s2_http_one.json"
 RSS_KB=$(ps -o rss= -p "${PIDS[0]}" | tr -d ' ')
 echo "{\"rss_kb\": $RSS_KB}" >"$WORK/s1_rss.json"
 kill -TERM "${PIDS[0]}"; wait "${PIDS[0]}" || true; PIDS=()
+fi
 
 # (2) and (4): the store at scale, in process: memory per live pair, estimates, restart.
 echo "bench: (2)+(4) embedded store with $SCALE_PAIRS live pairs"
-SCALE_DIR="$WORK/scale" run target/release/examples/scale "$SCALE_PAIRS" "$SEGMENTS" "$SCALE_USERS" >"$WORK/scale.json"
+part scale && SCALE_DIR="$WORK/scale" run target/release/examples/scale "$SCALE_PAIRS" "$SEGMENTS" "$SCALE_USERS" >"$WORK/scale.json"
 
 # (3): distributed ingest through USS -> broker -> ES -> ClickHouse.
+if part 3; then
 echo "bench: (3) distributed, $DIST_PAIRS pairs"
 scripts/install-deps.sh >/dev/null
 mkdir -p "$WORK/tansu" "$WORK/clickhouse"
@@ -98,7 +104,7 @@ es_index() {
 }
 es_index
 wait_ready "$USS"; wait_ready "$ES"
-metric() { curl -fsS "$1/metrics" | awk -v m="$2" '$1 == m {s += $2} END {print s + 0}'; }
+metric() { curl -fsS "$1/metrics" 2>/dev/null | awk -v m="$2" '$1 == m {s += $2} END {print s + 0}'; }
 wait_serving() {
   for _ in $(seq 1 6000); do
     [ "$(metric "$ES" userseg_index_serving)" = "1" ] && return 0
@@ -130,6 +136,7 @@ kill -KILL "$ES_PID"; wait "$ES_PID" || true
 T0=$(date +%s.%N); es_index; wait_serving; T1=$(date +%s.%N)
 python3 -c "import json,sys; print(json.dumps({'restart_secs': $T1 - $T0, 'scanned_pairs': float(sys.argv[1])}))" \
   "$(metric "$ES" userseg_index_scanned_pairs_total)" >"$WORK/s3_restart.json"
+fi
 
 printf '%s\n' "${COMMANDS[@]}" >"$WORK/commands.txt"
 python3 scripts/bench_report.py "$WORK" "$OUT"

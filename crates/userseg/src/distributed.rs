@@ -289,6 +289,8 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
 
 /// How often the index drops expired memberships (their memory is reused).
 const INDEX_EXPIRE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the index's size gauges are refreshed.
+const INDEX_STATS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Starts the in-memory index: a task that loads and follows it, and one that expires it.
 fn start_index(
@@ -320,8 +322,9 @@ fn start_index(
     let expire = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(INDEX_EXPIRE_INTERVAL);
+            let mut tick = tokio::time::interval(INDEX_STATS_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_expire = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -329,8 +332,14 @@ fn start_index(
                 }
                 let m = mem.clone();
                 let now = clock.now();
+                let expire = last_expire.elapsed() >= INDEX_EXPIRE_INTERVAL;
+                if expire {
+                    last_expire = tokio::time::Instant::now();
+                }
                 let Ok(stats) = tokio::task::spawn_blocking(move || {
-                    m.expire(now);
+                    if expire {
+                        m.expire(now);
+                    }
                     m.memory()
                 })
                 .await
