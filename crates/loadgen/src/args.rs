@@ -13,6 +13,16 @@ fn duration(v: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{v:?} is not a duration (write e.g. 30s, 5m, 20d): {e}"))
 }
 
+fn rate(v: &str) -> Result<f64, String> {
+    match v.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        Ok(_) => Err(format!(
+            "{v:?}: the rate must be a number of pairs per second above 0"
+        )),
+        Err(e) => Err(format!("{v:?} is not a number of pairs per second: {e}")),
+    }
+}
+
 /// How pairs are pushed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Protocol {
@@ -65,6 +75,10 @@ pub struct LoadArgs {
     /// Send for this long instead of a number of pairs, e.g. 30s.
     #[arg(long, env = "LOAD_DURATION", value_parser = duration)]
     pub duration: Option<Duration>,
+    /// Offer at most this many pairs per second, over all workers together (retransmissions
+    /// included; a stall is caught up by at most 1 s of pairs). Unlimited when not given.
+    #[arg(long, env = "LOAD_RATE", value_parser = rate, value_name = "PAIRS_PER_SEC")]
+    pub rate: Option<f64>,
     /// Pairs per request (HTTP, gRPC Push) or per stream message (PushStream).
     #[arg(long, env = "LOAD_BATCH", default_value_t = 1000)]
     pub batch: usize,
@@ -167,6 +181,9 @@ impl LoadArgs {
         if self.duration.is_some_and(|d| d.is_zero()) {
             return bad("LOAD_DURATION: must be more than 0".into());
         }
+        if self.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return bad("LOAD_RATE: must be a number of pairs per second above 0".into());
+        }
         if !(1..=1_000_000).contains(&self.batch) {
             return bad("LOAD_BATCH: must be between 1 and 1000000".into());
         }
@@ -233,5 +250,32 @@ mod tests {
         assert!(a.validate().is_err());
         let a = LoadArgs::try_from_flags(["--segment-prefix", "a b"]).unwrap();
         assert!(a.validate().is_err());
+    }
+
+    #[test]
+    fn rate() {
+        let a = LoadArgs::try_from_flags(["--target", "http://h:1"]).unwrap();
+        assert_eq!(a.rate, None, "unlimited by default");
+        let a = LoadArgs::try_from_flags(["--rate", "200000", "--pairs", "2000000"]).unwrap();
+        assert_eq!(a.rate, Some(200_000.0));
+        assert_eq!(a.total_pairs(), Some(2_000_000));
+        assert!(a.validate().is_ok());
+        let a = LoadArgs::try_from_flags(["--rate", "0.5", "--duration", "10s"]).unwrap();
+        assert_eq!(a.rate, Some(0.5));
+        assert_eq!(a.total_pairs(), None);
+        assert!(a.validate().is_ok());
+        for bad in ["0", "-5", "0.0", "abc", "", "inf", "NaN", "1e400"] {
+            let e = LoadArgs::try_from_flags([format!("--rate={bad}")]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+            assert!(e.to_string().contains("--rate"), "{bad:?}: {e}");
+        }
+        // Set programmatically, it is still checked.
+        let mut a = LoadArgs::try_from_flags(["--rate", "10"]).unwrap();
+        a.rate = Some(0.0);
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("LOAD_RATE"));
     }
 }

@@ -2,9 +2,12 @@
 //! listing the counts (ListEstimates or `GET /v1/segments`).
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
+use futures::stream::{BoxStream, StreamExt};
 use serde::Deserialize;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
@@ -13,6 +16,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{ListEstimatesRequest, Mode, PushResponse};
+
+use crate::pace::Gate;
+use crate::run::unix_now;
 
 /// Why a request failed, and whether trying again later may help.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -205,65 +211,190 @@ struct Accepted {
 const PUSH: &str = "/userseg.v1.Segments/Push";
 const PUSH_STREAM: &str = "/userseg.v1.Segments/PushStream";
 
+/// One encoded request body (or stream message), and the pairs it carries.
+#[derive(Clone, Debug)]
+pub struct Body {
+    pub bytes: Bytes,
+    pub pairs: u64,
+}
+
+/// The outcome of [`Pusher::send`].
+#[derive(Debug)]
+pub struct Sent {
+    /// The pairs the server accepted, or why the unit failed.
+    pub result: Result<u64, SendError>,
+    /// `Some(n)` when the gate held back the bodies from index `n` on (their slot was after
+    /// the deadline, or the run is stopping): only the first `n` went out, and the server saw
+    /// at most those. `None`: no body was held back.
+    pub cut: Option<usize>,
+    /// When the first body went out, after its pacing wait: the start of the latency sample.
+    pub began: Instant,
+    /// The unix time each body that went out was released at (what the server stamps pairs
+    /// without ts with, give or take the network).
+    pub released: Vec<i64>,
+}
+
+/// Waits for the gate, if any; `false` when it holds the body back.
+async fn pass(gate: &mut Option<Gate>, pairs: u64) -> bool {
+    match gate {
+        Some(g) => g.pass(pairs).await,
+        None => true,
+    }
+}
+
+/// The messages of a paced stream: the first at once (its slot was waited for before opening
+/// the stream), each following one when the gate lets it through; their release times go to
+/// `released`. A body held back ends the stream, and its index goes into `cut`.
+fn paced(
+    bodies: &[Body],
+    gate: Gate,
+    cut: Arc<AtomicUsize>,
+    released: Arc<Mutex<Vec<i64>>>,
+) -> BoxStream<'static, Bytes> {
+    let first = bodies.first().map(|b| b.bytes.clone());
+    let rest: Vec<Body> = bodies.iter().skip(1).cloned().collect();
+    let tail = futures::stream::unfold(
+        (rest.into_iter(), 1usize, gate),
+        move |(mut rest, i, mut gate)| {
+            let (cut, released) = (cut.clone(), released.clone());
+            async move {
+                let body = rest.next()?;
+                if !gate.pass(body.pairs).await {
+                    cut.store(i, Ordering::Relaxed);
+                    return None;
+                }
+                lock(&released).push(unix_now());
+                Some((body.bytes, (rest, i + 1, gate)))
+            }
+        },
+    );
+    futures::stream::iter(first).chain(tail).boxed()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Pusher {
     /// Sends one unit: the bodies of one stream (PushStream), or exactly one body (Push, HTTP).
-    /// Returns the pairs the server accepted.
-    pub async fn send(&mut self, target: &Target, bodies: &[Bytes]) -> Result<u64, SendError> {
-        match self {
+    /// With a gate (`--rate`), each body waits for its slot first. Returns the pairs the server
+    /// accepted, and whether the gate held bodies back.
+    pub async fn send(&mut self, target: &Target, bodies: &[Body], mut gate: Option<Gate>) -> Sent {
+        let mut began: Option<Instant> = None;
+        let mut cut: Option<usize> = None;
+        let mut released: Vec<i64> = Vec::with_capacity(bodies.len());
+        let result = match self {
             Pusher::GrpcStream(grpc) => {
-                grpc.ready().await.map_err(transport)?;
-                let stream = futures::stream::iter(bodies.to_vec());
-                let resp = grpc
-                    .client_streaming(
-                        target.request(stream),
-                        PathAndQuery::from_static(PUSH_STREAM),
-                        PreEncoded,
-                    )
-                    .await?;
-                Ok(resp.into_inner().accepted)
-            }
-            Pusher::GrpcUnary(grpc) => {
-                let mut accepted = 0;
-                for body in bodies {
+                let pairs = bodies.first().map_or(0, |b| b.pairs);
+                if !pass(&mut gate, pairs).await {
+                    return Sent {
+                        result: Ok(0),
+                        cut: Some(0),
+                        began: Instant::now(),
+                        released,
+                    };
+                }
+                began = Some(Instant::now());
+                let cut_at = Arc::new(AtomicUsize::new(usize::MAX));
+                let now = unix_now();
+                let (stream, log) = match gate {
+                    Some(g) => {
+                        // The first body goes now; the stream logs the others as they go.
+                        released.push(now);
+                        let log = Arc::new(Mutex::new(released));
+                        (paced(bodies, g, cut_at.clone(), log.clone()), log)
+                    }
+                    None => {
+                        released.resize(bodies.len(), now);
+                        let all: Vec<Bytes> = bodies.iter().map(|b| b.bytes.clone()).collect();
+                        let log = Arc::new(Mutex::new(released));
+                        (futures::stream::iter(all).boxed(), log)
+                    }
+                };
+                let result = async {
                     grpc.ready().await.map_err(transport)?;
                     let resp = grpc
-                        .unary(
-                            target.request(body.clone()),
-                            PathAndQuery::from_static(PUSH),
+                        .client_streaming(
+                            target.request(stream),
+                            PathAndQuery::from_static(PUSH_STREAM),
                             PreEncoded,
                         )
                         .await?;
-                    accepted += resp.into_inner().accepted;
+                    Ok(resp.into_inner().accepted)
                 }
-                Ok(accepted)
+                .await;
+                let at = cut_at.load(Ordering::Relaxed);
+                cut = (at != usize::MAX).then_some(at);
+                // What the stream logged (all of it on success: the server read it to the end).
+                released = std::mem::take(&mut *lock(&log));
+                result
+            }
+            Pusher::GrpcUnary(grpc) => {
+                async {
+                    let mut accepted = 0;
+                    for (i, body) in bodies.iter().enumerate() {
+                        if !pass(&mut gate, body.pairs).await {
+                            cut = Some(i);
+                            break;
+                        }
+                        began.get_or_insert_with(Instant::now);
+                        released.push(unix_now());
+                        grpc.ready().await.map_err(transport)?;
+                        let resp = grpc
+                            .unary(
+                                target.request(body.bytes.clone()),
+                                PathAndQuery::from_static(PUSH),
+                                PreEncoded,
+                            )
+                            .await?;
+                        accepted += resp.into_inner().accepted;
+                    }
+                    Ok(accepted)
+                }
+                .await
             }
             Pusher::Http {
                 client,
                 url,
                 content_type,
             } => {
-                let mut accepted = 0;
-                for body in bodies {
-                    let mut req = client
-                        .post(url.as_str())
-                        .header(reqwest::header::CONTENT_TYPE, *content_type)
-                        .body(body.clone());
-                    if let Some(a) = &target.auth {
-                        req = req.header(reqwest::header::AUTHORIZATION, a);
+                async {
+                    let mut accepted = 0;
+                    for (i, body) in bodies.iter().enumerate() {
+                        if !pass(&mut gate, body.pairs).await {
+                            cut = Some(i);
+                            break;
+                        }
+                        began.get_or_insert_with(Instant::now);
+                        released.push(unix_now());
+                        let mut req = client
+                            .post(url.as_str())
+                            .header(reqwest::header::CONTENT_TYPE, *content_type)
+                            .body(body.bytes.clone());
+                        if let Some(a) = &target.auth {
+                            req = req.header(reqwest::header::AUTHORIZATION, a);
+                        }
+                        let resp = req.send().await.map_err(from_reqwest)?;
+                        if !resp.status().is_success() {
+                            return Err(from_response(resp).await);
+                        }
+                        let a: Accepted = resp.json().await.map_err(|e| SendError {
+                            kind: "bad_response".into(),
+                            message: format!("the response is not {{\"accepted\":N}}: {e}"),
+                            retryable: false,
+                        })?;
+                        accepted += a.accepted;
                     }
-                    let resp = req.send().await.map_err(from_reqwest)?;
-                    if !resp.status().is_success() {
-                        return Err(from_response(resp).await);
-                    }
-                    let a: Accepted = resp.json().await.map_err(|e| SendError {
-                        kind: "bad_response".into(),
-                        message: format!("the response is not {{\"accepted\":N}}: {e}"),
-                        retryable: false,
-                    })?;
-                    accepted += a.accepted;
+                    Ok(accepted)
                 }
-                Ok(accepted)
+                .await
             }
+        };
+        Sent {
+            result,
+            cut,
+            began: began.unwrap_or_else(Instant::now),
+            released,
         }
     }
 }

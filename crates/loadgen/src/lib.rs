@@ -20,6 +20,7 @@ mod args;
 mod client;
 mod encode;
 mod model;
+mod pace;
 mod run;
 mod summary;
 mod workload;

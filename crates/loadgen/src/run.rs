@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::SmallRng;
@@ -15,9 +15,10 @@ use rand::{Rng, SeedableRng};
 use userseg_proto::v1::segments_client::SegmentsClient;
 
 use crate::args::{HttpBody, LoadArgs, Protocol};
-use crate::client::{Lister, Listing, Pusher, SendError, Target};
+use crate::client::{Body, Lister, Listing, Pusher, SendError, Sent, Target};
 use crate::encode::Names;
 use crate::model::{bucket_secs, compare, Model, Tolerance};
+use crate::pace::{Gate, Pacer};
 use crate::summary::{Latency, Summary, VerifyReport};
 use crate::workload::{GenPair, Workload};
 use crate::LoadError;
@@ -77,7 +78,11 @@ struct Ctx {
     max_age: i64,
     seed: u64,
     deadline: Option<Instant>,
+    /// `--rate`: the schedule shared by all workers.
+    pacer: Option<Arc<Pacer>>,
     stop: AtomicBool,
+    /// The same as `stop`, for waits to end on.
+    stop_signal: tokio::sync::watch::Sender<bool>,
     fatal: Mutex<Option<String>>,
     accepted: AtomicU64,
     model: Option<Mutex<Model>>,
@@ -87,9 +92,21 @@ impl Ctx {
     fn fail(&self, message: String) {
         lock(&self.fatal).get_or_insert(message);
         self.stop.store(true, Ordering::Relaxed);
+        self.stop_signal.send_replace(true);
     }
 
-    fn encode(&self, pairs: &[GenPair], bodies: &mut Vec<Bytes>) {
+    /// A worker's gate on the pacer (with `--rate`).
+    fn gate(&self) -> Option<Gate> {
+        self.pacer.as_ref().map(|p| {
+            Gate::new(
+                p.clone(),
+                self.deadline.map(tokio::time::Instant::from_std),
+                self.stop_signal.subscribe(),
+            )
+        })
+    }
+
+    fn encode(&self, pairs: &[GenPair], bodies: &mut Vec<Body>) {
         bodies.clear();
         for chunk in pairs.chunks(self.batch) {
             let mut b = BytesMut::new();
@@ -98,7 +115,10 @@ impl Ctx {
                 (Protocol::Http, HttpBody::Json) => self.names.json(chunk, &mut b),
                 (Protocol::Http, HttpBody::Ndjson) => self.names.ndjson(chunk, &mut b),
             }
-            bodies.push(b.freeze());
+            bodies.push(Body {
+                bytes: b.freeze(),
+                pairs: chunk.len() as u64,
+            });
         }
     }
 }
@@ -168,7 +188,10 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
     let mut jitter = SmallRng::seed_from_u64(worker_seed(ctx.seed ^ 0x6a17, id));
     let mut left = quota;
     let mut raw: Vec<GenPair> = Vec::new();
-    let mut bodies: Vec<Bytes> = Vec::new();
+    let mut bodies: Vec<Body> = Vec::new();
+    // Re-sends among the pairs of each batch of the unit.
+    let mut batch_resends: Vec<u64> = Vec::new();
+    let gate = ctx.gate();
     'units: loop {
         if ctx.stop.load(Ordering::Relaxed)
             || left == Some(0)
@@ -178,12 +201,15 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
         }
         let now = unix_now();
         raw.clear();
+        batch_resends.clear();
         for _ in 0..ctx.unit_batches {
             let n = left.map_or(ctx.batch, |l| l.min(ctx.batch as u64) as usize);
             if n == 0 {
                 break;
             }
-            stats.resends += generator.fill(&mut raw, n, now);
+            let resends = generator.fill(&mut raw, n, now);
+            stats.resends += resends;
+            batch_resends.push(resends);
             if let Some(l) = &mut left {
                 *l -= n as u64;
             }
@@ -193,15 +219,34 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
 
         let mut backoff = FIRST_BACKOFF;
         let mut failing_since: Option<Instant> = None;
+        let mut gate = gate.clone();
         loop {
-            let sent_at = unix_now();
-            let started = Instant::now();
+            let Sent {
+                result,
+                cut,
+                began,
+                released,
+            } = pusher.send(&ctx.target, &bodies, gate.clone()).await;
+            // A retry re-sends all that the server may have seen, deadline or not (paced still).
+            gate = gate.map(Gate::without_deadline);
+            if let Some(put) = cut {
+                // The gate held back the rest of the unit (the deadline came, or the run is
+                // stopping): the unit is what went out, and is not counted beyond it.
+                let keep: usize = bodies[..put].iter().map(|b| b.pairs as usize).sum();
+                stats.generated -= (raw.len() - keep) as u64;
+                stats.resends -= batch_resends.drain(put..).sum::<u64>();
+                raw.truncate(keep);
+                bodies.truncate(put);
+                if bodies.is_empty() {
+                    break 'units;
+                }
+            }
             stats.sent += raw.len() as u64;
-            match pusher.send(&ctx.target, &bodies).await {
+            match result {
                 Ok(accepted) => {
                     stats
                         .latency_us
-                        .saturating_record(started.elapsed().as_micros() as u64);
+                        .saturating_record(began.elapsed().as_micros() as u64);
                     stats.requests += 1;
                     stats.accepted += accepted;
                     ctx.accepted.fetch_add(accepted, Ordering::Relaxed);
@@ -209,7 +254,13 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
                         *stats.errors.entry("accepted_mismatch".into()).or_default() += 1;
                     }
                     if let Some(m) = &ctx.model {
-                        lock(m).record(&raw, sent_at);
+                        // Pairs without ts are recorded at the time their body went out.
+                        let mut m = lock(m);
+                        let mut last = released.first().copied().unwrap_or_else(unix_now);
+                        for (i, chunk) in raw.chunks(ctx.batch).enumerate() {
+                            last = released.get(i).copied().unwrap_or(last);
+                            m.record(chunk, last);
+                        }
                     }
                     break;
                 }
@@ -223,7 +274,7 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
                         ctx.fail(format!("{kind}: {message}"));
                         break 'units;
                     }
-                    let since = *failing_since.get_or_insert(started);
+                    let since = *failing_since.get_or_insert(began);
                     if since.elapsed() >= GIVE_UP_AFTER {
                         ctx.fail(format!(
                             "{kind}: {message} (still failing after {} s of retries)",
@@ -479,7 +530,9 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
         max_age: spread as i64,
         seed: args.seed,
         deadline: args.duration.map(|d| started + d),
+        pacer: args.rate.map(|r| Arc::new(Pacer::new(r))),
         stop: AtomicBool::new(false),
+        stop_signal: tokio::sync::watch::Sender::new(false),
         fatal: Mutex::new(None),
         accepted: AtomicU64::new(0),
         model: args.verify.then(|| Mutex::new(Model::new(args.segments))),
@@ -539,6 +592,7 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
         retries: stats.retries,
         elapsed_secs: elapsed.as_secs_f64(),
         pairs_per_sec: stats.accepted as f64 / elapsed.as_secs_f64().max(1e-9),
+        rate_limit_pairs_per_sec: args.rate,
         latency: Latency {
             unit: if args.protocol == Protocol::Grpc {
                 "stream"

@@ -69,6 +69,8 @@ pub struct Summary {
     pub elapsed_secs: f64,
     /// `pairs_accepted / elapsed_secs`.
     pub pairs_per_sec: f64,
+    /// `--rate`: the pairs per second the run was paced to (`None`: unlimited).
+    pub rate_limit_pairs_per_sec: Option<f64>,
     pub latency: Latency,
     /// Failed attempts by gRPC code, `http_<status>` or `transport`.
     pub errors: BTreeMap<String, u64>,
@@ -89,6 +91,15 @@ fn thousands(n: u64) -> String {
         out.extend(group.iter().map(|&b| char::from(b)));
     }
     out
+}
+
+/// A rate as given: with thousands separators when whole.
+fn rate(r: f64) -> String {
+    if r.fract() == 0.0 && r < 1e18 {
+        thousands(r as u64)
+    } else {
+        format!("{r}")
+    }
 }
 
 impl Summary {
@@ -137,11 +148,22 @@ impl Summary {
             thousands(self.retries)
         );
         let _ = writeln!(s, "  elapsed     {:.2} s", self.elapsed_secs);
-        let _ = writeln!(
+        let _ = write!(
             s,
             "  throughput  {} pairs/s",
             thousands(self.pairs_per_sec.round() as u64)
         );
+        match self.rate_limit_pairs_per_sec {
+            Some(r) if r > 0.0 => {
+                let _ = writeln!(
+                    s,
+                    "  (paced: --rate {} pairs/s, {:.1}% of it)",
+                    rate(r),
+                    100.0 * self.pairs_per_sec / r
+                );
+            }
+            _ => s.push('\n'),
+        }
         let _ = writeln!(
             s,
             "  latency     p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (per {}, {} samples)",
@@ -243,5 +265,30 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
         assert_eq!(v["errors"]["RESOURCE_EXHAUSTED"], 3);
         assert_eq!(v["verify"], serde_json::Value::Null);
+        assert_eq!(v["rate_limit_pairs_per_sec"], serde_json::Value::Null);
+        assert!(!h.contains("paced"), "{h}");
+    }
+
+    #[test]
+    fn rate_limit() {
+        let s = Summary {
+            protocol: "http",
+            pairs_accepted: 2_000_000,
+            elapsed_secs: 10.0,
+            pairs_per_sec: 199_000.0,
+            rate_limit_pairs_per_sec: Some(200_000.0),
+            ..Summary::default()
+        };
+        let h = s.human();
+        assert!(
+            h.contains(
+                "throughput  199,000 pairs/s  (paced: --rate 200,000 pairs/s, 99.5% of it)\n"
+            ),
+            "{h}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(v["rate_limit_pairs_per_sec"], 200_000.0);
+        assert_eq!(v["pairs_per_sec"], 199_000.0);
+        assert_eq!(rate(0.5), "0.5");
     }
 }
