@@ -10,8 +10,9 @@ INGEST_SECS="${BENCH_INGEST_SECS:-30}"          # (1) and (5): seconds of sustai
 SCALE_PAIRS="${BENCH_SCALE_PAIRS:-50000000}"     # (2) and (4): live pairs in the store
 SCALE_USERS="${BENCH_SCALE_USERS:-10000000}"
 SEGMENTS="${BENCH_SEGMENTS:-500}"
-DIST_PAIRS="${BENCH_DIST_PAIRS:-55000000}"       # (3): pairs through USS → broker → ES (≈50M live)
-DIST_USERS="${BENCH_DIST_USERS:-10000000}"
+DIST_PAIRS="${BENCH_DIST_PAIRS:-65000000}"       # (3): pairs through USS → broker → ES (≈50M live)
+DIST_USERS="${BENCH_DIST_USERS:-30000000}"
+DIST_RATE="${BENCH_DIST_RATE:-550000}"           # (3): pairs/s offered to USS (sustained, paced)
 OUT="${BENCH_OUT:-docs/BENCHMARKS.md}"
 # Which parts to run (a quick look at one of them: BENCH_PARTS=3 BENCH_OUT=/tmp/b.md).
 PARTS="${BENCH_PARTS:-standalone scale 3}"
@@ -86,7 +87,7 @@ part scale && SCALE_DIR="$WORK/scale" run target/release/examples/scale "$SCALE_
 
 # (3): distributed ingest through USS -> broker -> ES -> ClickHouse.
 if part 3; then
-echo "bench: (3) distributed, $DIST_PAIRS pairs"
+echo "bench: (3) distributed, $DIST_PAIRS pairs offered at $DIST_RATE pairs/s"
 scripts/install-deps.sh >/dev/null
 mkdir -p "$WORK/tansu" "$WORK/clickhouse"
 scripts/tansu.sh start "$WORK/tansu" >/dev/null
@@ -119,7 +120,7 @@ wait_serving
 python3 scripts/bench_follow.py "$USS" "$ES" "$DIST_PAIRS" 1800 "$WORK/s3_follow.json" & FOLLOW=$!
 run "$BIN" load --target "$USS" --verify-target "$ES" \
   --protocol grpc --users "$DIST_USERS" --segments "$SEGMENTS" --pairs "$DIST_PAIRS" --batch 10000 \
-  --concurrency 4 --verify --verify-timeout 900s --json >"$WORK/s3.json" || true
+  --rate "$DIST_RATE" --stream-batches 8 --concurrency 4 --verify --verify-timeout 900s --json >"$WORK/s3.json" || true
 wait "$FOLLOW" || true
 echo "bench: (3) estimates from the ES index"
 http_latency "$ES/v1/segments" 500 >"$WORK/s3_est_index.json"

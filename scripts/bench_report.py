@@ -150,8 +150,13 @@ if s3 and e2e_rate(s3):
     w("")
 if follow:
     c = ch_rate()
-    w(f"Written to ClickHouse (committed by the consumer group): all {follow['target_pairs']:,} pairs {f(follow.get('written_secs'))} s after the load started, "
-      f"**{f(c, 0)} pairs/s** end to end; USS had published them after {f(follow.get('published_secs'))} s. "
+    trail = None
+    if follow.get("written_secs") is not None and follow.get("published_secs") is not None:
+        trail = follow["written_secs"] - follow["published_secs"]
+    rate = s3.get("rate_limit_pairs_per_sec") if s3 else None
+    w(f"Load offered at {f(rate, 0)} pairs/s (`--rate`). Written to ClickHouse (committed by the consumer group): all {follow['target_pairs']:,} pairs "
+      f"{f(follow.get('written_secs'))} s after the load started, **{f(c, 0)} pairs/s** end to end; USS had published the last of them after "
+      f"{f(follow.get('published_secs'))} s, so ClickHouse trailed USS by {f(trail)} s at the end. "
       f"Largest backlog between USS and ClickHouse: {follow['max_clickhouse_backlog_pairs']:,.0f} pairs; between USS and the index: {follow['max_index_backlog_pairs']:,.0f} pairs "
       f"(sampled every 0.5 s by scripts/bench_follow.py).")
     w("")
