@@ -43,7 +43,7 @@ pub struct BatchArgs {
     /// Pairs per batch written to the store (1 to 2,000,000).
     #[arg(long, env = "BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
-    /// Longest time a pair waits in a batch before the batch is written [default: standalone 1s, es 30s].
+    /// Longest time a pair waits in a batch before the batch is written [default: standalone 100ms, es 30s].
     #[arg(long, env = "FLUSH_INTERVAL")]
     pub flush_interval: Option<String>,
     /// Retries of a batch the store rejects for good, before it is dead-lettered.
@@ -210,7 +210,7 @@ pub struct StandaloneConfig {
 impl StandaloneArgs {
     pub fn validate(&self) -> Result<StandaloneConfig> {
         let service = self.service.validate()?;
-        let batch = self.batch.validate(Duration::from_secs(1))?;
+        let batch = self.batch.validate(Duration::from_millis(100))?;
         let max_inflight_pairs = self
             .max_inflight_pairs
             .unwrap_or_else(|| (2 * batch.batch_size).max(1_000_000));
@@ -265,7 +265,7 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.service.window.secs(), 14 * 86_400);
         assert_eq!(c.batch.batch_size, 1000);
-        assert_eq!(c.batch.flush_interval, Duration::from_secs(1));
+        assert_eq!(c.batch.flush_interval, Duration::from_millis(100));
         assert_eq!(c.batch.retry_attempts, 3);
         assert_eq!(c.service.limits.max_request_bytes, 16 << 20);
         assert_eq!(c.service.addr.to_string(), "127.0.0.1:8080");
