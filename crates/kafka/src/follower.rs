@@ -22,6 +22,7 @@ use crate::codec::decode_batch;
 use crate::config::{follower_config, group_offsets_config, KafkaConfig};
 use crate::context::{forward_error, forward_log};
 use crate::error::port_error;
+use crate::metadata::topic_partitions;
 
 /// Consecutive messages that are already fetched are merged into one [`Followed::Pairs`] of at
 /// most about this many pairs (a single bigger message is handed out whole).
@@ -268,27 +269,7 @@ fn read_starts(
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<Start>, PortError> {
-    let metadata = lookup
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| port_error("fetching kafka metadata", &e))?;
-    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
-        return Err(PortError::Transient(format!(
-            "kafka metadata does not list topic {topic}"
-        )));
-    };
-    if let Some(err) = t.error() {
-        return Err(PortError::Transient(format!(
-            "kafka topic {topic}: {}",
-            RDKafkaErrorCode::from(err)
-        )));
-    }
-    let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-    partitions.sort_unstable();
-    if partitions.is_empty() {
-        return Err(PortError::Transient(format!(
-            "kafka topic {topic} has no partitions"
-        )));
-    }
+    let partitions = topic_partitions(lookup.client(), topic, timeout)?;
 
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {

@@ -23,6 +23,7 @@ mod context;
 mod dlq;
 mod error;
 mod follower;
+mod metadata;
 mod partitioner;
 mod producer;
 mod publisher;

@@ -13,7 +13,8 @@ use userseg_usecase::{PairPublisher, PortError};
 
 use crate::codec::{encode_chunks, into_log_pair};
 use crate::config::KafkaConfig;
-use crate::error::{kind_label, port_error, SetupError};
+use crate::error::{kind_label, SetupError};
+use crate::metadata::topic_partitions;
 use crate::partitioner::partition_for;
 use crate::producer::{ProducerHandle, Record};
 
@@ -100,27 +101,10 @@ impl Inner {
         let producer = self.producer.get();
         let topic = self.config().topic.clone();
         let count = tokio::task::spawn_blocking(move || -> Result<i32, PortError> {
-            let metadata = producer
-                .client()
-                .fetch_metadata(Some(&topic), timeout)
-                .map_err(|e| port_error("fetching kafka metadata", &e))?;
-            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
-                return Err(PortError::Transient(format!(
-                    "kafka metadata does not list topic {topic}"
-                )));
-            };
-            if let Some(err) = t.error() {
-                return Err(PortError::Transient(format!(
-                    "kafka topic {topic}: {}",
-                    RDKafkaErrorCode::from(err)
-                )));
-            }
-            match i32::try_from(t.partitions().len()) {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(PortError::Transient(format!(
-                    "kafka topic {topic} has no partitions"
-                ))),
-            }
+            let partitions = topic_partitions(producer.client(), &topic, timeout)?;
+            i32::try_from(partitions.len()).map_err(|_| {
+                PortError::Transient(format!("kafka topic {topic} has too many partitions"))
+            })
         })
         .await
         .map_err(|e| PortError::Transient(format!("fetching kafka metadata: {e}")))??;

@@ -77,6 +77,19 @@ pub(crate) fn producer_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Bounds what a consumer fetches ahead of the application (memory and messages).
+fn bounded_prefetch(c: &mut ClientConfig, config: &KafkaConfig) {
+    c.set(
+        "queued.max.messages.kbytes",
+        config.prefetch_kbytes.to_string(),
+    )
+    .set("queued.min.messages", config.prefetch_messages.to_string())
+    .set(
+        "fetch.max.bytes",
+        (config.prefetch_kbytes * 1024).to_string(),
+    );
+}
+
 /// The consumer of the batch processor: offsets are stored and committed only by
 /// `KafkaSource::commit`, prefetching is bounded.
 pub(crate) fn consumer_config(config: &KafkaConfig) -> ClientConfig {
@@ -86,18 +99,10 @@ pub(crate) fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set(
-            "queued.max.messages.kbytes",
-            config.prefetch_kbytes.to_string(),
-        )
-        .set("queued.min.messages", config.prefetch_messages.to_string())
-        .set(
-            "fetch.max.bytes",
-            (config.prefetch_kbytes * 1024).to_string(),
-        )
         .set("session.timeout.ms", ms(config.session_timeout))
         .set("max.poll.interval.ms", ms(config.max_poll_interval))
         .set("allow.auto.create.topics", "false");
+    bounded_prefetch(&mut c, config);
     if !config.stats_interval.is_zero() {
         c.set("statistics.interval.ms", ms(config.stats_interval));
     }
@@ -126,16 +131,8 @@ pub(crate) fn follower_config(config: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "true")
-        .set(
-            "queued.max.messages.kbytes",
-            config.prefetch_kbytes.to_string(),
-        )
-        .set("queued.min.messages", config.prefetch_messages.to_string())
-        .set(
-            "fetch.max.bytes",
-            (config.prefetch_kbytes * 1024).to_string(),
-        )
         .set("allow.auto.create.topics", "false");
+    bounded_prefetch(&mut c, config);
     if !config.stats_interval.is_zero() {
         c.set("statistics.interval.ms", ms(config.stats_interval));
     }
