@@ -7,12 +7,19 @@ set -euo pipefail
 TOOLS_DIR="${USERSEG_TOOLS_DIR:-$HOME/.cache/userseg}"
 TANSU_VERSION="${TANSU_VERSION:-0.6.0}"
 TANSU_BIN="$TOOLS_DIR/tansu-$TANSU_VERSION/bin/tansu"
+# postgres: the durable storage the broker-restart test runs on (sqlite crashes on restart).
+TANSU_FEATURES="dynostore,libsql,postgres"
+TANSU_STAMP="$TOOLS_DIR/tansu-$TANSU_VERSION/features"
 
 need_apt=()
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v clickhouse-server >/dev/null 2>&1 || [ -x /usr/bin/clickhouse ] || need_apt+=(clickhouse-server clickhouse-client)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# Chromium: the web console's test runs in a real headless browser.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# PostgreSQL: tansu's durable storage for the broker-restart test.
+[ -x /usr/lib/postgresql/15/bin/postgres ] || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_apt[*]}"
@@ -22,11 +29,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-if [ ! -x "$TANSU_BIN" ]; then
+if [ ! -x "$TANSU_BIN" ] || [ "$(cat "$TANSU_STAMP" 2>/dev/null)" != "$TANSU_FEATURES" ]; then
   echo "install-deps: building tansu $TANSU_VERSION (first run only, about 11 minutes)"
   mkdir -p "$TOOLS_DIR"
   CARGO_TARGET_DIR="$TOOLS_DIR/tansu-build" cargo install tansu --version "$TANSU_VERSION" \
-    --features dynostore,libsql --root "$TOOLS_DIR/tansu-$TANSU_VERSION" --quiet
+    --features "$TANSU_FEATURES" --root "$TOOLS_DIR/tansu-$TANSU_VERSION" --quiet --force
   rm -rf "$TOOLS_DIR/tansu-build"
+  echo "$TANSU_FEATURES" >"$TANSU_STAMP"
 fi
 echo "install-deps: ok (tansu at $TANSU_BIN)"

@@ -45,6 +45,9 @@ impl ApiError {
             ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Unsupported => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::Overloaded | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -54,6 +57,9 @@ impl ApiError {
         match self.kind {
             ErrorKind::InvalidArgument | ErrorKind::PayloadTooLarge => tonic::Code::InvalidArgument,
             ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
+            ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
+            ErrorKind::NotFound => tonic::Code::NotFound,
+            ErrorKind::Unsupported => tonic::Code::Unimplemented,
             ErrorKind::Overloaded => tonic::Code::ResourceExhausted,
             ErrorKind::Unavailable => tonic::Code::Unavailable,
             ErrorKind::Internal => tonic::Code::Internal,
@@ -126,6 +132,13 @@ mod tests {
                 401,
                 tonic::Code::Unauthenticated,
             ),
+            (
+                ErrorKind::PermissionDenied,
+                403,
+                tonic::Code::PermissionDenied,
+            ),
+            (ErrorKind::NotFound, 404, tonic::Code::NotFound),
+            (ErrorKind::Unsupported, 415, tonic::Code::Unimplemented),
             (ErrorKind::Overloaded, 503, tonic::Code::ResourceExhausted),
             (ErrorKind::Unavailable, 503, tonic::Code::Unavailable),
             (ErrorKind::Internal, 500, tonic::Code::Internal),

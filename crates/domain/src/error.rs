@@ -8,6 +8,13 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// Missing or wrong credentials (HTTP 401, gRPC UNAUTHENTICATED).
     Unauthenticated,
+    /// Known credentials without the role the operation needs (HTTP 403, gRPC PERMISSION_DENIED).
+    PermissionDenied,
+    /// No such route or resource (HTTP 404, gRPC NOT_FOUND).
+    NotFound,
+    /// The request is understood but this server cannot serve it: an unsupported media type or
+    /// an operation this mode does not offer (HTTP 415 / 501, gRPC UNIMPLEMENTED).
+    Unsupported,
     /// The service is saturated; the client should retry later (HTTP 503, gRPC RESOURCE_EXHAUSTED).
     Overloaded,
     /// A dependency (broker, database) cannot be reached (HTTP 503, gRPC UNAVAILABLE).
@@ -23,6 +30,9 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => "invalid_argument",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Unsupported => "unsupported",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
