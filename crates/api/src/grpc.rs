@@ -53,8 +53,17 @@ fn mode(m: i32) -> Result<Mode, Status> {
     match PbMode::try_from(m) {
         Ok(PbMode::Unspecified | PbMode::Exact) => Ok(Mode::Exact),
         Ok(PbMode::Approx) => Ok(Mode::Approx),
-        Err(_) => Err(Status::invalid_argument(format!("unknown mode {m}"))),
+        Err(_) => Err(ApiError::invalid(format!("unknown mode {m}")).into()),
     }
+}
+
+/// A method of a service this role does not serve (a USS for estimates, an ES for ingest).
+fn not_served(what: &str) -> Status {
+    ApiError::new(
+        ErrorKind::Unsupported,
+        format!("this process does not serve {what}"),
+    )
+    .into()
 }
 
 impl GrpcApi {
@@ -62,7 +71,7 @@ impl GrpcApi {
         self.state
             .ingest
             .as_ref()
-            .ok_or_else(|| Status::unimplemented("this process does not serve ingest"))
+            .ok_or_else(|| not_served("ingest"))
     }
 }
 
@@ -88,7 +97,7 @@ impl Segments for GrpcApi {
         let mut inflight = FuturesUnordered::new();
         let mut accepted: u64 = 0;
         let mut batch_no: u64 = 0;
-        let mut failure: Option<(u64, userseg_usecase::IngestError)> = None;
+        let mut failure: Option<(u64, ApiError)> = None;
         let pipeline = self.state.stream_pipeline.max(1);
         // Validate each batch as it arrives and make up to `pipeline` batches durable at once,
         // so one stream keeps the group commit busy.
@@ -97,7 +106,7 @@ impl Segments for GrpcApi {
                 match inflight.next().await {
                     Some((_, Ok(n))) => accepted += n as u64,
                     Some((b, Err(e))) => {
-                        failure = Some((b, e));
+                        failure = Some((b, ApiError::from(e)));
                         break;
                     }
                     None => {}
@@ -109,7 +118,7 @@ impl Segments for GrpcApi {
                 done = inflight.next(), if !inflight.is_empty() => {
                     match done {
                         Some((_, Ok(n))) => accepted += n as u64,
-                        Some((b, Err(e))) => { failure = Some((b, e)); break; }
+                        Some((b, Err(e))) => { failure = Some((b, ApiError::from(e))); break; }
                         None => {}
                     }
                     continue;
@@ -128,12 +137,10 @@ impl Segments for GrpcApi {
                     // The client went away or sent garbage: what was acknowledged stays.
                     failure = Some((
                         batch_no,
-                        userseg_usecase::IngestError::Publish(
-                            userseg_usecase::PortError::Permanent(format!(
-                                "stream error: {}",
-                                status.message()
-                            )),
-                        ),
+                        ApiError::invalid(format!(
+                            "the request stream broke: {}",
+                            status.message()
+                        )),
                     ));
                     break;
                 }
@@ -144,7 +151,7 @@ impl Segments for GrpcApi {
                 Ok(n) => accepted += n as u64,
                 Err(e) => {
                     if failure.is_none() {
-                        failure = Some((b, e));
+                        failure = Some((b, ApiError::from(e)));
                     }
                 }
             }
@@ -152,19 +159,12 @@ impl Segments for GrpcApi {
         match failure {
             None => Ok(Response::new(PushResponse { accepted })),
             Some((b, e)) => {
-                let api = ApiError::from(e);
-                let code = if matches!(api.kind, ErrorKind::PayloadTooLarge) {
-                    tonic::Code::InvalidArgument
-                } else {
-                    api.grpc_code()
-                };
-                Err(Status::new(
-                    code,
-                    format!(
-                        "batch {b}: {}; {accepted} pairs of other batches in this stream were accepted",
-                        api.message
-                    ),
-                ))
+                let mut e = e;
+                e.message = format!(
+                    "batch {b}: {}; {accepted} pairs of other batches in this stream were accepted",
+                    e.message
+                );
+                Err(e.into())
             }
         }
     }
@@ -177,7 +177,7 @@ impl Segments for GrpcApi {
             .state
             .estimation
             .as_ref()
-            .ok_or_else(|| Status::unimplemented("this process does not serve estimates"))?;
+            .ok_or_else(|| not_served("estimates"))?;
         let req = request.into_inner();
         let e = est
             .estimate(&req.segment, mode(req.mode)?)
@@ -200,7 +200,7 @@ impl Segments for GrpcApi {
             .state
             .estimation
             .as_ref()
-            .ok_or_else(|| Status::unimplemented("this process does not serve estimates"))?;
+            .ok_or_else(|| not_served("estimates"))?;
         let l = est
             .list(mode(request.into_inner().mode)?)
             .await

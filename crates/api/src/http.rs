@@ -28,17 +28,11 @@ pub(crate) fn routes(state: ApiState) -> Router {
 }
 
 pub(crate) async fn not_found(req: Request) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        Json(json!({"error": {"code": "not_found", "message": format!("no route for {} {}", req.method(), req.uri().path())}})),
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!("no route for {} {}", req.method(), req.uri().path()),
     )
-        .into_response()
-}
-
-fn not_served(what: &str) -> ApiError {
-    let mut e = ApiError::invalid(format!("this process does not serve {what}"));
-    e.status = Some(StatusCode::NOT_FOUND);
-    e
+    .into_response()
 }
 
 /// Requires the bearer token (when one is configured) on the API, not on probes or metrics.
@@ -71,12 +65,11 @@ pub(crate) async fn auth(State(state): State<ApiState>, req: Request, next: Next
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
+    let e = ApiError::new(ErrorKind::Unauthenticated, message);
     if is_grpc {
-        return tonic::Status::unauthenticated(message)
-            .into_http::<Body>()
-            .into_response();
+        return tonic::Status::from(e).into_http::<Body>().into_response();
     }
-    ApiError::new(ErrorKind::Unauthenticated, message).into_response()
+    e.into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -126,13 +119,12 @@ fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
         // curl -d sends x-www-form-urlencoded unless told otherwise; the body is still JSON.
         "" | "application/json" | "application/x-www-form-urlencoded" => Ok(Format::Json),
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(Format::NdJson),
-        other => {
-            let mut e = ApiError::invalid(format!(
+        other => Err(ApiError::new(
+            ErrorKind::Unsupported,
+            format!(
                 "unsupported content type {other:?}; send application/json or application/x-ndjson"
-            ));
-            e.status = Some(StatusCode::UNSUPPORTED_MEDIA_TYPE);
-            Err(e)
-        }
+            ),
+        )),
     }
 }
 
@@ -196,7 +188,10 @@ async fn push(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let ingest = state.ingest.as_ref().ok_or_else(|| not_served("ingest"))?;
+    let ingest = state
+        .ingest
+        .as_ref()
+        .ok_or_else(|| ApiError::not_served("ingest"))?;
     let format = format_of(&headers)?;
     let max = state.max_request_bytes;
     let declared = headers
@@ -265,7 +260,7 @@ fn estimation<'a>(
     let est = state
         .estimation
         .as_ref()
-        .ok_or_else(|| not_served("estimates"))?;
+        .ok_or_else(|| ApiError::not_served("estimates"))?;
     Ok((est, mode_of(query)?))
 }
 

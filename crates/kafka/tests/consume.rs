@@ -15,7 +15,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use userseg_domain::Pair;
 use userseg_kafka::{partition_for, KafkaSource, Position};
-use userseg_usecase::{Content, PairPublisher, PairSource};
+use userseg_usecase::{Content, DeadLetterKind, InvalidReason, PairPublisher, PairSource};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -124,22 +124,34 @@ async fn undecodable_and_invalid_messages_come_out_invalid() {
     };
     let (payload, reason) = invalid(0);
     assert_eq!(payload, garbage);
-    assert!(reason.starts_with("undecodable: "), "{reason}");
+    assert_eq!(reason.kind(), DeadLetterKind::Undecodable, "{reason}");
     let (payload, reason) = invalid(1);
     assert_eq!(payload, unknown_version);
+    assert_eq!(reason.kind(), DeadLetterKind::Undecodable, "{reason}");
     assert!(
-        reason.starts_with("undecodable: unknown PairBatch version 99"),
+        reason
+            .to_string()
+            .starts_with("undecodable: unknown PairBatch version 99"),
         "{reason}"
     );
     let (payload, reason) = invalid(2);
     assert_eq!(payload, bad_pair);
     assert!(
-        reason.starts_with("invalid pair 1: user_id contains"),
+        matches!(reason, InvalidReason::InvalidPair { index: 1, .. }),
+        "{reason}"
+    );
+    assert!(
+        reason
+            .to_string()
+            .starts_with("invalid pair 1: user_id contains"),
         "{reason}"
     );
     let (payload, reason) = invalid(3);
     assert!(payload.is_empty());
-    assert!(reason.starts_with("undecodable: "), "{reason}");
+    assert_eq!(
+        reason,
+        InvalidReason::Undecodable("the message has no value".into())
+    );
     match &got[4].content {
         Content::Pairs(p) => assert_eq!(p, &vec![pair("late", "s", 1)]),
         Content::Invalid { reason, .. } => panic!("valid message came out invalid: {reason}"),

@@ -13,7 +13,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use userseg_domain::Pair;
 use userseg_kafka::{encode_batch, KafkaDeadLetters, KafkaSource};
-use userseg_usecase::{Content, DeadLetter, DeadLetterSink, DeadPayload};
+use userseg_usecase::{Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -42,8 +42,8 @@ async fn dead_letters_carry_their_headers() {
     };
     sink.send(DeadLetter {
         payload: DeadPayload::Raw(payload),
-        reason: reason.clone(),
-        kind: "undecodable",
+        reason: reason.to_string(),
+        kind: reason.kind(),
         attempts: 0,
     })
     .await
@@ -52,7 +52,7 @@ async fn dead_letters_carry_their_headers() {
     sink.send(DeadLetter {
         payload: DeadPayload::Pairs(rejected.clone()),
         reason: "store said no".into(),
-        kind: "rejected_by_store",
+        kind: DeadLetterKind::RejectedByStore,
         attempts: 4,
     })
     .await
@@ -82,7 +82,7 @@ async fn dead_letters_carry_their_headers() {
     assert_eq!(raw_letter.payload(), Some(garbage.as_slice()));
     let h = headers(raw_letter);
     assert_eq!(h["userseg-kind"], "undecodable");
-    assert_eq!(h["userseg-reason"], reason);
+    assert_eq!(h["userseg-reason"], reason.to_string());
     assert_eq!(h["userseg-attempts"], "0");
     assert_eq!(h["userseg-source-topic"], cfg.topic);
     assert_eq!(h["userseg-source-partition"], "1");

@@ -10,7 +10,7 @@ use common::*;
 use userseg_domain::Pair;
 use userseg_kafka::{KafkaDeadLetters, KafkaPublisher, KafkaSource};
 use userseg_usecase::{
-    DeadLetter, DeadLetterSink, DeadPayload, PairPublisher, PairSource, PortError,
+    DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, PairPublisher, PairSource, PortError,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -50,7 +50,7 @@ async fn publish_without_a_broker_is_transient_within_the_bound() {
     let letter = DeadLetter {
         payload: DeadPayload::Raw(b"x".to_vec()),
         reason: "r".into(),
-        kind: "undecodable",
+        kind: DeadLetterKind::Undecodable,
         attempts: 0,
     };
     assert_transient_within("dead letter", bound, sink.send(letter)).await;
@@ -77,7 +77,7 @@ async fn publish_to_a_silent_broker_is_transient_within_the_bound() {
     let letter = DeadLetter {
         payload: DeadPayload::Pairs(vec![pair("u", "s", 1)].into()),
         reason: "r".into(),
-        kind: "rejected_by_store",
+        kind: DeadLetterKind::RejectedByStore,
         attempts: 3,
     };
     assert_transient_within("dead letter", bound, sink.send(letter)).await;

@@ -16,8 +16,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use estimate::{Estimate, EstimateList, Estimation, EstimationError};
 pub use ingest::{Ingest, IngestError};
 pub use ports::{
-    Content, DeadLetter, DeadLetterSink, DeadPayload, Followed, LiveScan, LogFollower, Message,
-    Mode, PairPublisher, PairSource, PortError, SegmentCount, SegmentCounter, SegmentWriter,
+    Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, Followed, InvalidReason,
+    LiveScan, LogFollower, Message, Mode, PairPublisher, PairSource, PortError, SegmentCount,
+    SegmentCounter, SegmentWriter,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
 pub use replica::{Replica, ReplicaConfig, ReplicaStatus};

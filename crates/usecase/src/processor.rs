@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use userseg_domain::Pair;
 
 use crate::{
-    Content, DeadLetter, DeadLetterSink, DeadPayload, PairSource, PortError, SegmentWriter,
+    Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, PairSource, PortError,
+    SegmentWriter,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,15 +174,10 @@ impl BatchProcessor {
                         match msg.content {
                             Content::Pairs(p) => pairs.extend(p),
                             Content::Invalid { payload, reason } => {
-                                let kind = if reason.starts_with("undecodable") {
-                                    "undecodable"
-                                } else {
-                                    "invalid_pair"
-                                };
                                 let letter = DeadLetter {
                                     payload: DeadPayload::Raw(payload),
-                                    reason,
-                                    kind,
+                                    kind: reason.kind(),
+                                    reason: reason.to_string(),
                                     attempts: 0,
                                 };
                                 if self.dead_letter(Some(&mut source), letter, &cancel).await.is_err() {
@@ -336,7 +332,7 @@ impl BatchProcessor {
                         let letter = DeadLetter {
                             payload: DeadPayload::Pairs(batch),
                             reason,
-                            kind: "rejected_by_store",
+                            kind: DeadLetterKind::RejectedByStore,
                             attempts: rejections,
                         };
                         return self.dead_letter::<S>(None, letter, &stop).await;
@@ -369,9 +365,9 @@ impl BatchProcessor {
             match self.dead_letters.send(letter.clone()).await {
                 Ok(()) => {
                     self.health.0.dead_letters.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("userseg_dead_letters_total", "kind" => letter.kind)
+                    metrics::counter!("userseg_dead_letters_total", "kind" => letter.kind.as_str())
                         .increment(1);
-                    tracing::warn!(kind = letter.kind, reason = %letter.reason, "dead-lettered a message");
+                    tracing::warn!(kind = letter.kind.as_str(), reason = %letter.reason, "dead-lettered a message");
                     return Ok(());
                 }
                 Err(e) => {

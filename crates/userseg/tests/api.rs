@@ -287,6 +287,7 @@ async fn http_bad_input_is_rejected_whole_with_specific_errors() {
     assert_eq!(err["error"]["index"], 1);
     let (st, err) = post_raw(&s, "text/csv", b"u,s".to_vec()).await;
     assert_eq!(st, 415);
+    assert_eq!(err["error"]["code"], "unsupported");
     assert!(err["error"]["message"]
         .as_str()
         .unwrap()
