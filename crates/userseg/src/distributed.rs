@@ -173,7 +173,7 @@ pub async fn run_uss(args: UssArgs) -> Result<()> {
     let ingest = Ingest::new(publisher.clone(), clock, service.window, service.limits);
     let mut state = ApiState::new(Some(ingest), None);
     state.metrics = Some(metrics);
-    state.auth_token = service.api_token.as_deref().map(Arc::from);
+    state.auth = service.auth.clone();
     let server = server::serve(state, &service, "uss", shutdown.clone()).await?;
     shutdown.cancelled().await;
     server::stop(server).await;
@@ -251,7 +251,7 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
     let estimation = Estimation::new(counter, clock, service.window, cache_ttl);
     let mut state = ApiState::new(None, Some(estimation));
     state.metrics = Some(metrics);
-    state.auth_token = service.api_token.as_deref().map(Arc::from);
+    state.auth = service.auth.clone();
     state
         .ready_checks
         .push(("processor".into(), server::processor_check(health)));

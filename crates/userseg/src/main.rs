@@ -2,7 +2,9 @@
 
 mod config;
 mod distributed;
+mod keys;
 mod observability;
+mod reload;
 mod server;
 mod standalone;
 
@@ -40,6 +42,8 @@ enum Command {
     Migrate(distributed::MigrateArgs),
     /// Push a synthetic workload to a running server and report throughput (and verify counts).
     Load(Box<userseg_loadgen::LoadArgs>),
+    /// API keys: `userseg keys new --name NAME --roles ingest,read`.
+    Keys(keys::KeysArgs),
     /// Print the version.
     Version,
 }
@@ -49,6 +53,9 @@ fn main() -> Result<()> {
     if let Command::Version = cli.command {
         println!("userseg {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
+    }
+    if let Command::Keys(args) = cli.command {
+        return keys::run(args);
     }
     observability::init_logging(&cli.log_format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -64,7 +71,7 @@ fn main() -> Result<()> {
                 .await
                 .map(|_| ())
                 .map_err(Into::into),
-            Command::Version => Ok(()),
+            Command::Version | Command::Keys(_) => Ok(()),
         }
     });
     if let Err(e) = &result {

@@ -45,12 +45,21 @@ pub async fn serve(
             )
         })?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, role, window_seconds = service.window.secs(), "userseg listening");
-    Ok(tokio::spawn(userseg_api::serve(
-        listener,
-        userseg_api::router(state),
-        shutdown,
-    )))
+    crate::reload::on_sighup(state.auth.clone(), service.tls.clone())?;
+    tracing::info!(
+        %addr,
+        role,
+        tls = service.tls.is_some(),
+        mutual_tls = service.tls.as_ref().is_some_and(|t| t.files().client_ca.is_some()),
+        api_keys = state.auth.is_some(),
+        window_seconds = service.window.secs(),
+        "userseg listening"
+    );
+    let router = userseg_api::router(state);
+    Ok(match service.tls.clone() {
+        Some(tls) => tokio::spawn(userseg_api::serve_tls(listener, router, tls, shutdown)),
+        None => tokio::spawn(userseg_api::serve(listener, router, shutdown)),
+    })
 }
 
 /// Waits for the server to finish its in-flight requests, at most 10 s.
