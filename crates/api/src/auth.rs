@@ -731,6 +731,12 @@ mod tests {
         assert_eq!(grpc_access("/other.Service/Push"), None);
     }
 
+    #[tokio::test]
+    async fn print_router() {
+        let r = crate::router(crate::ApiState::new(None, None));
+        println!("{r:?}");
+    }
+
     #[test]
     fn every_table_entry_is_written_once() {
         for (i, (m, p, _)) in HTTP_ACCESS.iter().enumerate() {
