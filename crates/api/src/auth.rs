@@ -175,9 +175,7 @@ pub fn grpc_access(path: &str) -> Option<Access> {
     let service = method.split_once('/').map(|(s, _)| s);
     GRPC_ACCESS
         .iter()
-        .find(|(m, _)| {
-            *m == method || (m.strip_suffix("/*").is_some_and(|s| Some(s) == service))
-        })
+        .find(|(m, _)| *m == method || (m.strip_suffix("/*").is_some_and(|s| Some(s) == service)))
         .map(|(_, a)| *a)
 }
 
@@ -239,7 +237,11 @@ struct RawKey {
 /// Line (1-based) of a byte offset in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 fn parse_hex_digest(s: &str) -> Option<[u8; 32]> {
@@ -557,6 +559,47 @@ impl Authenticator {
     }
 }
 
+/// The HTTP routes registered in `router`: (method, pattern as registered). axum has no API
+/// that lists routes, so this reads them from the router's `Debug` output; the test that
+/// every route has a role uses it, and fails when it finds none.
+#[doc(hidden)]
+pub fn registered_http_routes(router: &axum::Router) -> Vec<(String, String)> {
+    let text = format!("{router:?}");
+    // Only the path router, not the fallback router.
+    let text = text.split(", fallback_router:").next().unwrap_or("");
+    let (routes, paths) = match text.split_once("node: Node { paths: {") {
+        Some(x) => x,
+        None => return Vec::new(),
+    };
+    let mut path_of = std::collections::HashMap::new();
+    for piece in paths.split("RouteId(").skip(1) {
+        let Some((id, rest)) = piece.split_once("): \"") else {
+            continue;
+        };
+        let Some(end) = rest.find('"') else { continue };
+        path_of.insert(id.to_owned(), rest[..end].to_owned());
+    }
+    let mut out = Vec::new();
+    for piece in routes.split("RouteId(").skip(1) {
+        let Some((id, rest)) = piece.split_once("): ") else {
+            continue;
+        };
+        let Some(path) = path_of.get(id) else {
+            continue;
+        };
+        // A method router names its methods in its Allow header; a nested service answers GET.
+        let methods = rest
+            .split_once("allow_header: Bytes(b\"")
+            .and_then(|(_, a)| a.split_once('"'))
+            .map_or("GET", |(m, _)| m);
+        for m in methods.split(',').filter(|m| *m != "HEAD" && !m.is_empty()) {
+            out.push((m.to_owned(), path.clone()));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Registers the authentication metrics at zero.
 pub(crate) fn describe_metrics() {
     for f in Failure::ALL {
@@ -590,7 +633,11 @@ fn access_of(req: &Request) -> (Access, String) {
 }
 
 /// The middleware in front of every route: checks the bearer token against the route's role.
-pub(crate) async fn middleware(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+pub(crate) async fn middleware(
+    State(state): State<ApiState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let Some(auth) = state.auth.as_ref() else {
         return next.run(req).await;
     };
@@ -686,7 +733,10 @@ mod tests {
             assert!(msg.starts_with("API_KEYS_FILE: keys.toml: line "), "{msg}");
             assert!(msg.contains(needle), "{needle:?} not in {msg}");
         }
-        assert!(matches!(file("# nothing\n"), Err(KeyFileError::Empty { .. })));
+        assert!(matches!(
+            file("# nothing\n"),
+            Err(KeyFileError::Empty { .. })
+        ));
     }
 
     #[test]
@@ -695,19 +745,23 @@ mod tests {
         let auth = Authenticator::with_keys(keys);
         let header = |s: &str| HeaderValue::from_str(s).unwrap();
         let fail = |h: Option<HeaderValue>, role| {
-            auth.authorize(h.as_ref(), role)
-                .map(|_| ())
-                .unwrap_err()
+            auth.authorize(h.as_ref(), role).map(|_| ()).unwrap_err()
         };
         let (f, e) = fail(None, Role::Read);
         assert_eq!((f, e.kind), (Failure::Missing, ErrorKind::Unauthenticated));
         let (f, e) = fail(Some(header("Basic abc")), Role::Read);
-        assert_eq!((f, e.kind), (Failure::Malformed, ErrorKind::Unauthenticated));
+        assert_eq!(
+            (f, e.kind),
+            (Failure::Malformed, ErrorKind::Unauthenticated)
+        );
         let (f, e) = fail(Some(header("Bearer nope")), Role::Read);
         assert_eq!((f, e.kind), (Failure::Unknown, ErrorKind::Unauthenticated));
         assert!(!e.message.contains("nope"));
         let (f, e) = fail(Some(header(&format!("Bearer {TOKEN}"))), Role::Members);
-        assert_eq!((f, e.kind), (Failure::Forbidden, ErrorKind::PermissionDenied));
+        assert_eq!(
+            (f, e.kind),
+            (Failure::Forbidden, ErrorKind::PermissionDenied)
+        );
         assert!(e.message.contains("members"), "{}", e.message);
         assert!(!e.message.contains(TOKEN));
         let name = auth
@@ -718,23 +772,42 @@ mod tests {
 
     #[test]
     fn patterns_normalize() {
-        assert_eq!(normalize_pattern("/v1/users/{user_id}/segments"), "/v1/users/{}/segments");
+        assert_eq!(
+            normalize_pattern("/v1/users/{user_id}/segments"),
+            "/v1/users/{}/segments"
+        );
         assert_eq!(normalize_pattern("/ui/{*path}"), "/ui/{*}");
         assert_eq!(
             http_access(&Method::HEAD, "/v1/segments/{segment}"),
             Some(Needs(Role::Read))
         );
         assert_eq!(http_access(&Method::PUT, "/v1/segments"), None);
-        assert_eq!(grpc_access("/userseg.v1.Segments/Push"), Some(Needs(Role::Ingest)));
+        assert_eq!(
+            grpc_access("/userseg.v1.Segments/Push"),
+            Some(Needs(Role::Ingest))
+        );
         assert_eq!(grpc_access("/grpc.health.v1.Health/Watch"), Some(Open));
         assert_eq!(grpc_access("/userseg.v1.Segments/Nope"), None);
         assert_eq!(grpc_access("/other.Service/Push"), None);
     }
 
     #[tokio::test]
-    async fn print_router() {
-        let r = crate::router(crate::ApiState::new(None, None));
-        println!("{r:?}");
+    async fn every_registered_http_route_has_a_role() {
+        let router = crate::router(crate::ApiState::new(None, None));
+        let routes = registered_http_routes(&router);
+        assert!(
+            routes.contains(&("POST".into(), "/v1/pairs".into()))
+                && routes.contains(&("GET".into(), "/v1/segments/{segment}".into())),
+            "could not read the routes from the router: {routes:?}"
+        );
+        let missing: Vec<_> = routes
+            .iter()
+            .filter(|(m, p)| http_access(&m.parse().unwrap(), p).is_none())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "routes without a role; add them to auth::HTTP_ACCESS: {missing:?}"
+        );
     }
 
     #[test]
@@ -742,12 +815,17 @@ mod tests {
         for (i, (m, p, _)) in HTTP_ACCESS.iter().enumerate() {
             assert_eq!(normalize_pattern(p), *p, "{p} is not in normal form");
             assert!(
-                !HTTP_ACCESS[i + 1..].iter().any(|(m2, p2, _)| m2 == m && p2 == p),
+                !HTTP_ACCESS[i + 1..]
+                    .iter()
+                    .any(|(m2, p2, _)| m2 == m && p2 == p),
                 "{m} {p} twice"
             );
         }
         for (i, (m, _)) in GRPC_ACCESS.iter().enumerate() {
-            assert!(!GRPC_ACCESS[i + 1..].iter().any(|(m2, _)| m2 == m), "{m} twice");
+            assert!(
+                !GRPC_ACCESS[i + 1..].iter().any(|(m2, _)| m2 == m),
+                "{m} twice"
+            );
         }
     }
 }

@@ -92,7 +92,10 @@ pub fn router(state: ApiState) -> Router {
     });
     http::routes(state.clone())
         .fallback_service(fallback)
-        .layer(axum::middleware::from_fn_with_state(state, auth::middleware))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            auth::middleware,
+        ))
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting and lets

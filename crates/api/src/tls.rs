@@ -161,7 +161,12 @@ impl TlsReloader {
     }
 
     fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.config.read().unwrap_or_else(|e| e.into_inner()).clone())
+        TlsAcceptor::from(
+            self.config
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 }
 
@@ -200,7 +205,12 @@ async fn refuse_plaintext(mut stream: TcpStream) {
     .await;
 }
 
-async fn serve_connection(stream: TcpStream, acceptor: TlsAcceptor, router: Router, watcher: hyper_util::server::graceful::Watcher) {
+async fn serve_connection(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    router: Router,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
     // A TLS connection starts with a handshake record (content type 22).
     let mut first = [0u8; 1];
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {

@@ -51,7 +51,11 @@ async fn https_and_grpc_over_tls_on_one_port() {
             .await
             .unwrap()
             .into_inner();
-        if list.segments.iter().any(|s| s.segment == "tls" && s.users == 2) {
+        if list
+            .segments
+            .iter()
+            .any(|s| s.segment == "tls" && s.users == 2)
+        {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{list:?}");
@@ -158,8 +162,14 @@ async fn mutual_tls_needs_a_client_certificate_of_the_client_ca() {
     let without = https_client(&server_ca, None).get(&url).send().await;
     assert!(without.is_err(), "no client certificate: {without:?}");
     let rogue = rogue_ca.client("mallory");
-    let wrong = https_client(&server_ca, Some(&rogue)).get(&url).send().await;
-    assert!(wrong.is_err(), "client certificate of another CA: {wrong:?}");
+    let wrong = https_client(&server_ca, Some(&rogue))
+        .get(&url)
+        .send()
+        .await;
+    assert!(
+        wrong.is_err(),
+        "client certificate of another CA: {wrong:?}"
+    );
 
     let good = client_ca.client("producer-1");
     let r = https_client(&server_ca, Some(&good))
@@ -200,7 +210,10 @@ async fn a_rotated_certificate_is_reloaded_and_open_connections_stay() {
 
     // One HTTP/2 connection opened before the rotation.
     let before = https_client(&old_ca, None);
-    assert_eq!(before.get(&url).send().await.unwrap().status().as_u16(), 200);
+    assert_eq!(
+        before.get(&url).send().await.unwrap().status().as_u16(),
+        200
+    );
     let channel = support::grpc_tls(&server, &old_ca, None).await.unwrap();
     let mut grpc_before = SegmentsClient::new(channel);
 
@@ -231,7 +244,10 @@ async fn a_rotated_certificate_is_reloaded_and_open_connections_stay() {
     );
     // ...and the connections opened before keep working.
     for _ in 0..3 {
-        assert_eq!(before.get(&url).send().await.unwrap().status().as_u16(), 200);
+        assert_eq!(
+            before.get(&url).send().await.unwrap().status().as_u16(),
+            200
+        );
         grpc_before
             .list_estimates(ListEstimatesRequest { mode: 0 })
             .await

@@ -475,9 +475,7 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
     // Counts (and the window) come from --verify-target when given: in the distributed mode
     // the ingest service does not serve estimates.
     let counts = match &args.verify_target {
-        Some(url) => {
-            Target::new(url, args.token.as_deref(), ca_pem).map_err(LoadError::Config)?
-        }
+        Some(url) => Target::new(url, args.token.as_deref(), ca_pem).map_err(LoadError::Config)?,
         None => target.clone(),
     };
     let mut lister = lister(&args, &counts).await?;

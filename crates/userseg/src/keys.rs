@@ -89,7 +89,10 @@ mod tests {
         assert_eq!(keys.len(), 1);
         let auth = userseg_api::Authenticator::with_keys(keys);
         let header = format!("Bearer {token}").parse().unwrap();
-        assert_eq!(auth.authorize(Some(&header), Role::Read).unwrap(), "team \"a\"");
+        assert_eq!(
+            auth.authorize(Some(&header), Role::Read).unwrap(),
+            "team \"a\""
+        );
         assert!(auth.authorize(Some(&header), Role::Members).is_err());
     }
 }

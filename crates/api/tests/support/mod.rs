@@ -118,9 +118,10 @@ impl Ca {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .expect("params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names.first().copied().unwrap_or("client"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("client"),
+        );
         params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
@@ -132,7 +133,10 @@ impl Ca {
 
     /// A server certificate for localhost and 127.0.0.1.
     pub fn server(&self) -> Identity {
-        self.issue(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth)
+        self.issue(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
     }
 
     /// A client certificate (for mutual TLS).
@@ -183,7 +187,10 @@ pub async fn grpc_tls(
         .ca_certificate(tonic::transport::Certificate::from_pem(ca.pem()))
         .domain_name("localhost");
     if let Some(id) = identity {
-        tls = tls.identity(tonic::transport::Identity::from_pem(&id.cert_pem, &id.key_pem));
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            &id.cert_pem,
+            &id.key_pem,
+        ));
     }
     tonic::transport::Endpoint::from_shared(server.https())
         .expect("endpoint")
