@@ -230,7 +230,7 @@ async fn call_empty(
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let codec = tonic_prost::ProstCodec::<(), ()>::default();
-    let path = PathAndQuery::from_maybe_shared(path.to_owned()).unwrap();
+    let path = PathAndQuery::try_from(path).unwrap();
     let auth = |md: &mut tonic::metadata::MetadataMap| {
         if let Some(t) = token {
             md.insert("authorization", format!("Bearer {t}").parse().unwrap());
