@@ -11,6 +11,16 @@ use userseg_api::{Authenticator, TlsFiles, TlsReloader};
 use userseg_domain::{Limits, Window};
 use userseg_usecase::BatchConfig;
 
+mod clickhouse;
+mod distributed;
+#[cfg(test)]
+mod documented;
+mod kafka;
+
+pub use clickhouse::ClickHouseArgs;
+pub use distributed::{EsArgs, EsConfig, MigrateArgs, UssArgs, UssConfig};
+pub use kafka::KafkaArgs;
+
 pub fn duration(var: &str, value: &str) -> Result<Duration> {
     humantime::parse_duration(value.trim()).with_context(|| {
         format!("{var}: {value:?} is not a duration (write e.g. 200ms, 30s, 5m, 14d)")
@@ -71,6 +81,7 @@ pub struct BatchArgs {
     pub retry_backoff_max: String,
 }
 
+#[derive(Clone)]
 pub struct ServiceConfig {
     pub addr: SocketAddr,
     /// API keys (API_TOKEN, API_KEYS_FILE); `None`: the API is open.
@@ -79,6 +90,18 @@ pub struct ServiceConfig {
     pub tls: Option<TlsReloader>,
     pub window: Window,
     pub limits: Limits,
+}
+
+impl std::fmt::Debug for ServiceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceConfig")
+            .field("addr", &self.addr)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .field("window", &self.window)
+            .field("limits", &self.limits)
+            .finish()
+    }
 }
 
 fn bytes(var: &str, value: &str) -> Result<usize> {
@@ -120,9 +143,6 @@ impl ServiceArgs {
                     self.service_host
                 )
             })?;
-        if self.service_port == 0 {
-            // Port 0 is fine for tests: the OS picks one and the log says which.
-        }
         let w = duration("WINDOW", &self.window)?;
         if w.subsec_nanos() != 0 {
             bail!(
@@ -225,6 +245,7 @@ pub struct StandaloneArgs {
     pub checkpoint_log_bytes: String,
 }
 
+#[derive(Debug, Clone)]
 pub struct StandaloneConfig {
     pub service: ServiceConfig,
     pub batch: BatchConfig,
