@@ -267,6 +267,7 @@ fn file_sample(var: &str, dir: &Path) -> Option<Vec<String>> {
     ];
     match var {
         "API_KEYS_FILE" => Some(vec!["--api-keys-file".into(), path("keys.toml")]),
+        "CLICKHOUSE_CA_FILE" => Some(vec!["--clickhouse-ca-file".into(), path("ca.crt")]),
         "TLS_CERT_FILE" | "TLS_KEY_FILE" => Some(cert_and_key.to_vec()),
         "TLS_CLIENT_CA_FILE" => {
             let mut v = cert_and_key.to_vec();
