@@ -23,15 +23,26 @@ pub(crate) fn routes(state: ApiState) -> axum::Router {
         reporter.set_serving::<SegmentsServer<GrpcApi>>().await;
     });
     let mut routes = tonic::service::Routes::new(service).add_service(health);
-    match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(userseg_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-    {
-        Ok(reflection) => routes = routes.add_service(reflection),
-        Err(e) => tracing::error!(error = %e, "grpc reflection is unavailable"),
+    // Reflection in both versions: grpcurl and current clients speak v1, older tools (and
+    // Python's grpcio-reflection, Postman, Evans) only v1alpha. Each lists both.
+    match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => routes = routes.add_service(v1).add_service(v1alpha),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "grpc reflection is unavailable")
+        }
     }
     routes.into_axum_router()
+}
+
+/// What reflection describes: our service, health, and the reflection services themselves.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    use tonic_reflection::pb::{v1, v1alpha};
+    tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(userseg_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(v1alpha::FILE_DESCRIPTOR_SET)
 }
 
 pub(crate) struct GrpcApi {
