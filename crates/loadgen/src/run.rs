@@ -6,6 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use userseg_usecase::Backoff;
 
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
@@ -217,7 +218,7 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
         stats.generated += raw.len() as u64;
         ctx.encode(&raw, &mut bodies);
 
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         let mut failing_since: Option<Instant> = None;
         let mut gate = gate.clone();
         loop {
@@ -286,9 +287,8 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
                         break 'units;
                     }
                     stats.retries += 1;
-                    let wait = backoff.mul_f64(jitter.random_range(0.5..1.5));
+                    let wait = backoff.pause().mul_f64(jitter.random_range(0.5..1.5));
                     tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     if ctx.max_age > 0 && refresh(&mut raw, unix_now() - ctx.max_age + 1) {
                         ctx.encode(&raw, &mut bodies);
                     }

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use userseg_domain::Pair;
 
 use crate::{
-    Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, PairSource, PortError,
-    SegmentWriter,
+    Backoff, Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, PairSource,
+    PortError, SegmentWriter,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,7 +131,7 @@ impl BatchProcessor {
         let mut pairs: Vec<Pair> = Vec::new();
         let mut positions: Vec<S::Position> = Vec::new();
         let mut deadline: Option<Instant> = None;
-        let mut source_backoff = self.config.backoff_initial;
+        let mut source_backoff = self.backoff();
         // Writes keep retrying until the shutdown grace has passed after `cancel`.
         let write_stop = CancellationToken::new();
         let grace_timer = {
@@ -169,7 +169,7 @@ impl BatchProcessor {
                 _ = timer, if deadline.is_some() => true,
                 next = source.next() => match next {
                     Ok(Some(msg)) => {
-                        source_backoff = self.config.backoff_initial;
+                        source_backoff.reset();
                         positions.push(msg.position);
                         match msg.content {
                             Content::Pairs(p) => pairs.extend(p),
@@ -190,8 +190,7 @@ impl BatchProcessor {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "source failed; retrying");
-                        source.idle(source_backoff).await;
-                        source_backoff = (source_backoff * 2).min(self.config.backoff_max);
+                        source.idle(source_backoff.pause()).await;
                         false
                     }
                 },
@@ -289,12 +288,16 @@ impl BatchProcessor {
         }
     }
 
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.config.backoff_initial, self.config.backoff_max)
+    }
+
     async fn write_batch<S: PairSource>(
         &self,
         batch: Arc<[Pair]>,
         stop: CancellationToken,
     ) -> Result<(), Abandoned> {
-        let mut backoff = self.config.backoff_initial;
+        let mut backoff = self.backoff();
         let mut rejections: u32 = 0;
         loop {
             let started = std::time::Instant::now();
@@ -342,15 +345,14 @@ impl BatchProcessor {
                 Err(e) => {
                     metrics::counter!("userseg_processor_write_failures_total", "kind" => "transient")
                         .increment(1);
-                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "store unavailable; pausing consumption");
+                    tracing::warn!(error = %e, backoff_ms = backoff.current().as_millis() as u64, "store unavailable; pausing consumption");
                     self.health.failing(&e);
                 }
             }
             tokio::select! {
                 _ = stop.cancelled() => return Err(Abandoned),
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.pause()) => {}
             }
-            backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }
 
@@ -360,7 +362,7 @@ impl BatchProcessor {
         letter: DeadLetter,
         stop: &CancellationToken,
     ) -> Result<(), Abandoned> {
-        let mut backoff = self.config.backoff_initial;
+        let mut backoff = self.backoff();
         loop {
             match self.dead_letters.send(letter.clone()).await {
                 Ok(()) => {
@@ -374,17 +376,17 @@ impl BatchProcessor {
                     tracing::warn!(error = %e, "dead-letter sink failed; retrying");
                 }
             }
+            let wait = backoff.pause();
             let pause = async {
                 match source.as_deref_mut() {
-                    Some(s) => s.idle(backoff).await,
-                    None => tokio::time::sleep(backoff).await,
+                    Some(s) => s.idle(wait).await,
+                    None => tokio::time::sleep(wait).await,
                 }
             };
             tokio::select! {
                 _ = stop.cancelled() => return Err(Abandoned),
                 _ = pause => {}
             }
-            backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }
 }
