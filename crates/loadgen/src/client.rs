@@ -18,7 +18,7 @@ use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{ListEstimatesRequest, Mode, PushResponse};
 
 use crate::pace::Gate;
-use crate::run::unix_now;
+use userseg_usecase::{Clock, SystemClock};
 
 /// Why a request failed, and whether trying again later may help.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -290,7 +290,7 @@ fn paced(
                     cut.store(i, Ordering::Relaxed);
                     return None;
                 }
-                lock(&released).push(unix_now());
+                lock(&released).push(SystemClock.now());
                 Some((body.bytes, (rest, i + 1, gate)))
             }
         },
@@ -323,7 +323,7 @@ impl Pusher {
                 }
                 began = Some(Instant::now());
                 let cut_at = Arc::new(AtomicUsize::new(usize::MAX));
-                let now = unix_now();
+                let now = SystemClock.now();
                 let (stream, log) = match gate {
                     Some(g) => {
                         // The first body goes now; the stream logs the others as they go.
@@ -365,7 +365,7 @@ impl Pusher {
                             break;
                         }
                         began.get_or_insert_with(Instant::now);
-                        released.push(unix_now());
+                        released.push(SystemClock.now());
                         grpc.ready().await.map_err(transport)?;
                         let resp = grpc
                             .unary(
@@ -393,7 +393,7 @@ impl Pusher {
                             break;
                         }
                         began.get_or_insert_with(Instant::now);
-                        released.push(unix_now());
+                        released.push(SystemClock.now());
                         let mut req = client
                             .post(url.as_str())
                             .header(reqwest::header::CONTENT_TYPE, *content_type)

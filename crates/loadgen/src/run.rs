@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use userseg_usecase::Backoff;
+use std::time::{Duration, Instant};
+use userseg_usecase::{Backoff, Clock, SystemClock};
 
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
@@ -31,10 +31,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// --verify: poll interval.
 const POLL_EVERY: Duration = Duration::from_millis(200);
 
-pub(crate) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+fn unix_now() -> i64 {
+    SystemClock.now()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
