@@ -4,6 +4,8 @@
 mod error;
 mod grpc;
 mod http;
+mod observe;
+mod ui;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use userseg_usecase::{Estimation, Ingest};
 
 pub use error::ApiError;
+pub use observe::HTTP_ROUTES;
 
 /// A named readiness check (the broker, ClickHouse, the batch processor...).
 pub type ReadyCheck =
@@ -82,9 +85,14 @@ pub fn router(state: ApiState) -> Router {
             }
         }
     });
-    http::routes(state.clone())
+    let mut routes = http::routes(state.clone());
+    if state.estimation.is_some() {
+        routes = routes.merge(ui::routes());
+    }
+    routes
         .fallback_service(fallback)
         .layer(axum::middleware::from_fn_with_state(state, http::auth))
+        .layer(axum::middleware::from_fn(observe::observe))
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting and lets

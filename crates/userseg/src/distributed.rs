@@ -14,7 +14,8 @@ use userseg_embedded::{EmbeddedStore, MemStore};
 use userseg_kafka::KafkaFollower;
 use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaPublisher, KafkaSource};
 use userseg_usecase::{
-    BatchProcessor, Clock, Estimation, Ingest, Replica, ReplicaConfig, SegmentCounter, SystemClock,
+    BatchProcessor, Clock, Estimation, Ingest, Mode, Replica, ReplicaConfig, SegmentCounter,
+    SystemClock,
 };
 
 use crate::config::{duration, BatchArgs, ServiceArgs};
@@ -160,7 +161,7 @@ pub struct MigrateArgs {
 pub async fn run_uss(args: UssArgs) -> Result<()> {
     let service = args.service.validate()?;
     let kafka = args.kafka.validate(None)?;
-    let metrics = observability::init_metrics()?;
+    let metrics = observability::init_metrics(observability::Role::Uss)?;
     let shutdown = observability::shutdown_on_signals()?;
     if args.kafka.kafka_create_topics {
         if let Err(e) = userseg_kafka::ensure_topics(&kafka).await {
@@ -198,7 +199,7 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
     if retention_interval < Duration::from_secs(1) {
         bail!("RETENTION_INTERVAL: must be at least 1s");
     }
-    let metrics = observability::init_metrics()?;
+    let metrics = observability::init_metrics(observability::Role::Es)?;
     let shutdown = observability::shutdown_on_signals()?;
     if args.kafka.kafka_create_topics {
         if let Err(e) = userseg_kafka::ensure_topics(&kafka).await {
@@ -249,6 +250,9 @@ pub async fn run_es(args: EsArgs) -> Result<()> {
         Arc::new(store)
     };
     let estimation = Estimation::new(counter, clock, service.window, cache_ttl);
+    // Approx: the index answers it exactly; ClickHouse (ES_INDEX=false, or while the index
+    // loads) answers it from the sketches, far cheaper than exact for a 15 s gauge.
+    observability::spawn_segment_gauges(estimation.clone(), Mode::Approx, index_stop.clone());
     let mut state = ApiState::new(None, Some(estimation));
     state.metrics = Some(metrics);
     state.auth_token = service.api_token.as_deref().map(Arc::from);

@@ -9,13 +9,13 @@ use userseg_api::ApiState;
 use userseg_embedded::{
     open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, WalConfig,
 };
-use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, SystemClock};
+use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, Mode, SystemClock};
 
 use crate::config::StandaloneConfig;
 use crate::{observability, server};
 
 pub async fn run(cfg: StandaloneConfig) -> Result<()> {
-    let metrics = observability::init_metrics()?;
+    let metrics = observability::init_metrics(observability::Role::Standalone)?;
     let shutdown = observability::shutdown_on_signals()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let window = cfg.service.window;
@@ -65,6 +65,16 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
         cfg.service.limits,
     );
     let estimation = Estimation::new(Arc::new(store), clock, window, Duration::ZERO);
+    let gauges_stop = tokio_util::sync::CancellationToken::new();
+    observability::spawn_segment_gauges(estimation.clone(), Mode::Exact, gauges_stop.clone());
+    {
+        let wal = opened.wal.clone();
+        observability::spawn_data_dir_gauges(
+            cfg.data_dir.clone(),
+            move || wal.written().saturating_sub(wal.committed()),
+            gauges_stop.clone(),
+        );
+    }
     let mut state = ApiState::new(Some(ingest), Some(estimation));
     state.metrics = Some(metrics);
     state.auth_token = cfg.service.api_token.as_deref().map(Arc::from);
@@ -95,6 +105,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
         processor_stop.cancel();
         let _ = processor_task.await;
     }
+    gauges_stop.cancel();
     // 3. Final snapshot, so the next start replays nothing.
     checkpoint_stop.cancel();
     let _ = checkpoint_task.await;
