@@ -153,6 +153,11 @@ async function loadSegments() {
     $("as-of").textContent = parts.join(" · ");
     renderSegments();
     document.body.dataset.state = "ready";
+    // On first load, show the trend of the largest segment.
+    if (state.current === null && state.segments.length) {
+      const largest = state.segments.reduce((a, b) => (b.users > a.users ? b : a));
+      showTrend(largest.segment);
+    }
   } catch (err) {
     if (err instanceof HttpError && err.status === 400 && within) {
       // An older server without sub-windows: say so and go back to the whole window.
