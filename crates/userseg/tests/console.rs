@@ -61,10 +61,7 @@ fn rendered(url: &str, want: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let dom = run_chromium(url, &["--dump-dom"]);
-        let state = attr(
-            dom.split("<body").nth(1).unwrap_or_default(),
-            "data-state",
-        );
+        let state = attr(dom.split("<body").nth(1).unwrap_or_default(), "data-state");
         if state.as_deref() == Some(want) {
             return dom;
         }
@@ -189,7 +186,9 @@ async fn api_segments(base: &str, token: Option<&str>) -> Vec<(String, u64)> {
 }
 
 fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,17 +208,16 @@ async fn the_console_shows_the_segments_and_counts_the_api_gives() {
     // The assets are served from the binary.
     let page = reqwest::get(format!("{}/ui/", p.base)).await.unwrap();
     assert_eq!(page.status(), 200);
-    assert_eq!(
-        page.headers()["content-type"],
-        "text/html; charset=utf-8"
-    );
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
     let js = reqwest::get(format!("{}/ui/app.js", p.base)).await.unwrap();
     assert_eq!(js.status(), 200);
     assert!(js.headers()["content-type"]
         .to_str()
         .unwrap()
         .starts_with("text/javascript"));
-    let missing = reqwest::get(format!("{}/ui/nope.js", p.base)).await.unwrap();
+    let missing = reqwest::get(format!("{}/ui/nope.js", p.base))
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
     let body: Value = missing.json().await.unwrap();
     assert_eq!(body["error"]["code"], "not_found");
@@ -234,7 +232,10 @@ async fn the_console_shows_the_segments_and_counts_the_api_gives() {
     let mut expected = api.clone();
     expected.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let shown: Vec<(String, u64)> = rows.iter().map(|(s, n, _)| (s.clone(), *n)).collect();
-    assert_eq!(shown, expected, "the page's rows differ from GET /v1/segments");
+    assert_eq!(
+        shown, expected,
+        "the page's rows differ from GET /v1/segments"
+    );
     // The visible text is the count, formatted.
     for (segment, users, text) in &rows {
         assert_eq!(

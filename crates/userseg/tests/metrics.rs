@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::{free_port, now, until, Cluster, Proc};
 use serde_json::{json, Value};
+use userseg_proto::v1::segments_client::SegmentsClient;
+use userseg_proto::v1::{Pair as GrpcPair, PushRequest};
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -209,21 +211,47 @@ async fn standalone_exports_exactly_the_documented_metrics_with_real_values() {
         .unwrap();
     assert_eq!(r.status(), 400);
 
-    let text = families_match_doc(&p.base, "standalone").await;
+    // gRPC: one good push, one invalid.
+    let mut grpc = SegmentsClient::connect(p.base.clone()).await.unwrap();
+    let good = PushRequest {
+        pairs: vec![GrpcPair {
+            user_id: "g1".into(),
+            segment: "grpc".into(),
+            ts: Some(ts),
+        }],
+    };
+    grpc.push(good).await.expect("grpc push");
+    let invalid = PushRequest {
+        pairs: vec![GrpcPair {
+            user_id: "g1".into(),
+            segment: "bad segment".into(),
+            ts: None,
+        }],
+    };
+    let status = grpc.push(invalid).await.expect_err("invalid");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    families_match_doc(&p.base, "standalone").await;
     until("the segment gauges show the pushed users", 40, async || {
         let t = scrape(&p.base).await;
         value(&t, "userseg_segment_users", &[("segment", "sports")]) == 3.0
             && value(&t, "userseg_segment_users", &[("segment", "news")]) == 3.0
     })
     .await;
-    let text = if value(&text, "userseg_processor_pairs_written_total", &[]) < 6.0 {
-        scrape(&p.base).await
-    } else {
-        text
-    };
+    // Everything was applied (the gauges saw it): the counters are final.
+    let text = scrape(&p.base).await;
     let v = |name: &str, labels: &[(&str, &str)]| value(&text, name, labels);
-    assert_eq!(v("userseg_ingest_pairs_total", &[]), 6.0);
-    assert_eq!(v("userseg_processor_pairs_written_total", &[]), 6.0);
+    assert_eq!(v("userseg_ingest_pairs_total", &[]), 7.0);
+    assert_eq!(v("userseg_processor_pairs_written_total", &[]), 7.0);
+    for (code, n) in [("OK", 1.0), ("INVALID_ARGUMENT", 1.0)] {
+        let labels = [("method", "userseg.v1.Segments/Push"), ("code", code)];
+        assert_eq!(v("userseg_grpc_requests_total", &labels), n, "{code}");
+        assert_eq!(
+            v("userseg_grpc_request_duration_seconds_count", &labels),
+            n,
+            "{code}"
+        );
+    }
     assert_eq!(
         v(
             "userseg_http_requests_total",
@@ -253,11 +281,11 @@ async fn standalone_exports_exactly_the_documented_metrics_with_real_values() {
             "userseg_ingest_rejected_requests_total",
             &[("reason", "invalid")]
         ),
-        1.0
+        2.0
     );
     // Every applied message measured its ingest → applied lag, within the histogram's range.
     let lag_count = v("userseg_processor_applied_lag_seconds_count", &[]);
-    assert_eq!(lag_count, 3.0, "one lag per pushed request");
+    assert_eq!(lag_count, 4.0, "one lag per accepted request");
     assert_eq!(
         v(
             "userseg_processor_applied_lag_seconds_bucket",
