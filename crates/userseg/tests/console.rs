@@ -200,7 +200,7 @@ async fn the_console_shows_the_segments_and_counts_the_api_gives() {
     let want: Vec<(String, u64)> = SEGMENTS.iter().map(|(s, n)| (s.to_string(), *n)).collect();
     until("every pushed pair is counted", 30, async || {
         let mut got = api_segments(&p.base, None).await;
-        got.sort_by(|a, b| b.1.cmp(&a.1));
+        got.sort_by_key(|s| std::cmp::Reverse(s.1));
         got == want
     })
     .await;
