@@ -426,6 +426,12 @@ async function loadMetrics() {
     ? total(values, "userseg_index_live_pairs")
     : total(values, "userseg_embedded_live_pairs");
   $("glance-live").textContent = fmtInt(live);
+  if (has(values, "userseg_index_serving")) {
+    const serving = total(values, "userseg_index_serving") > 0;
+    $("glance-live-unit").textContent = serving
+      ? "in the ES index (serving)"
+      : "index loading: ClickHouse answers";
+  }
   if (has(values, "userseg_kafka_consumer_lag")) {
     $("glance-backlog").textContent = fmtInt(total(values, "userseg_kafka_consumer_lag"));
     $("glance-backlog-unit").textContent = "messages behind on the topic";

@@ -328,6 +328,15 @@ async fn uss_and_es_export_exactly_the_documented_metrics() {
         es.counts().await == vec![("sports".to_string(), 20)]
     })
     .await;
+    // The console is served where estimates are: on the ES, not on the USS.
+    let ui = |base: String| async move {
+        reqwest::get(format!("{base}/ui/"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(ui(es.base.clone()).await, 200);
+    assert_eq!(ui(uss.base.clone()).await, 404);
     families_match_doc(&uss.base, "uss").await;
     let text = families_match_doc(&es.base, "es").await;
     until("es wrote the pairs to ClickHouse", 60, async || {
