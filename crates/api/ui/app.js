@@ -56,15 +56,17 @@ function showError(el, err, what) {
   el.hidden = false;
   if (err instanceof HttpError && err.status === 404) {
     el.className = "message";
-    el.textContent = what + " is not available on this server (404: " + err.message + ").";
+    el.textContent = capital(what) + " is not available on this server (404: " + err.message + ").";
   } else if (err instanceof HttpError && err.status === 401) {
     el.className = "message error";
     el.textContent = "An API token is needed (401).";
   } else {
     el.className = "message error";
-    el.textContent = what + " failed: " + err.message;
+    el.textContent = capital(what) + " failed: " + err.message;
   }
 }
+
+const capital = (s) => s.charAt(0).toUpperCase() + s.slice(1);
 
 function hideMessage(el) {
   el.hidden = true;
@@ -152,6 +154,8 @@ async function loadSegments() {
     if (body.exact === false) parts.push("approximate");
     $("as-of").textContent = parts.join(" · ");
     renderSegments();
+    // Live pairs = memberships counted = the sum of the segments' counts.
+    if (!within) $("glance-live").textContent = fmtInt(body.segments.reduce((a, s) => a + s.users, 0));
     document.body.dataset.state = "ready";
     // On first load, show the trend of the largest segment.
     if (state.current === null && state.segments.length) {
@@ -422,10 +426,6 @@ async function loadMetrics() {
   const now = Date.now() / 1000;
   const prev = state.metrics;
   state.metrics = { at: now, values };
-  const live = has(values, "userseg_index_live_pairs")
-    ? total(values, "userseg_index_live_pairs")
-    : total(values, "userseg_embedded_live_pairs");
-  $("glance-live").textContent = fmtInt(live);
   if (has(values, "userseg_index_serving")) {
     const serving = total(values, "userseg_index_serving") > 0;
     $("glance-live-unit").textContent = serving
