@@ -94,12 +94,28 @@ $("token-form").addEventListener("submit", (ev) => {
 
 $("token-button").addEventListener("click", () => askForToken(""));
 
-// A token in the address (#token=...) is moved to sessionStorage and removed from the address.
-function tokenFromHash() {
-  const m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
-  if (!m) return;
-  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
-  history.replaceState(null, "", location.pathname + location.search);
+// The view can be set from the address, so a view can be shared as a link:
+// #filter=TEXT&sort=users|segment[-asc|-desc]&within=1d&segment=S&compare=a,b&user=ID.
+// A token there (#token=T) is moved to sessionStorage and removed from the address.
+function viewFromHash() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const t = params.get("token");
+  if (t) {
+    sessionStorage.setItem(TOKEN_KEY, t);
+    params.delete("token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+  }
+  const view = {};
+  if (params.has("filter")) $("filter").value = params.get("filter");
+  const sort = /^(users|segment)(?:-(asc|desc))?$/.exec(params.get("sort") || "");
+  if (sort) state.sort = { key: sort[1], desc: sort[2] ? sort[2] === "desc" : sort[1] === "users" };
+  const within = params.get("within");
+  if (within && [...$("within").options].some((o) => o.value === within)) $("within").value = within;
+  if (params.get("segment")) view.segment = params.get("segment");
+  for (const c of (params.get("compare") || "").split(",").filter(Boolean)) state.picked.add(c);
+  if (params.get("user")) view.user = params.get("user");
+  return view;
 }
 
 // --- formatting ------------------------------------------------------------------------
@@ -157,16 +173,17 @@ async function loadSegments() {
     // Live pairs = memberships counted = the sum of the segments' counts.
     if (!within) $("glance-live").textContent = fmtInt(body.segments.reduce((a, s) => a + s.users, 0));
     document.body.dataset.state = "ready";
-    // On first load, show the trend of the largest segment.
-    if (state.current === null && state.segments.length) {
-      const largest = state.segments.reduce((a, b) => (b.users > a.users ? b : a));
-      showTrend(largest.segment);
+    // On first load, show the trend of the segment asked for, else of the largest one.
+    if (state.current === null && (initial.segment || state.segments.length)) {
+      const largest = state.segments.reduce((a, b) => (b.users > a.users ? b : a), state.segments[0]);
+      await showTrend(initial.segment || largest.segment);
     }
   } catch (err) {
     if (err instanceof HttpError && err.status === 400 && within) {
-      // An older server without sub-windows: say so and go back to the whole window.
-      showError(msg, err, "within=" + within);
+      // A server without sub-windows: go back to the whole window, and say why.
       $("within").value = "";
+      await loadSegments();
+      showError(msg, err, "within=" + within);
       return;
     }
     showError(msg, err, "the segment list");
@@ -299,7 +316,7 @@ function updatePicked() {
   $("overlap-button").disabled = n < 2 || n > 64;
 }
 
-$("overlap-button").addEventListener("click", async () => {
+async function showOverlap() {
   const names = [...state.picked];
   const within = $("within").value;
   const q = "segments=" + names.map(encodeURIComponent).join(",") +
@@ -330,14 +347,18 @@ $("overlap-button").addEventListener("click", async () => {
     table.replaceChildren();
     showError(msg, err, "the overlap API");
   }
-});
+}
+
+$("overlap-button").addEventListener("click", showOverlap);
 
 // --- user lookup -----------------------------------------------------------------------
 
-$("user-form").addEventListener("submit", async (ev) => {
+$("user-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
-  const id = $("user-input").value;
-  if (!id) return;
+  if ($("user-input").value) lookUpUser($("user-input").value);
+});
+
+async function lookUpUser(id) {
   const msg = $("user-message");
   const table = $("user-segments");
   try {
@@ -362,7 +383,7 @@ $("user-form").addEventListener("submit", async (ev) => {
     table.replaceChildren();
     showError(msg, err, "the user lookup API");
   }
-});
+}
 
 // --- at a glance (from /metrics) -------------------------------------------------------
 
@@ -454,8 +475,16 @@ async function refresh() {
   await Promise.all([loadSegments(), loadMetrics()]);
 }
 
-tokenFromHash();
+const initial = viewFromHash();
 updatePicked();
-refresh();
+refresh().then(() => {
+  const work = [];
+  if (state.picked.size >= 2) work.push(showOverlap());
+  if (initial.user) {
+    $("user-input").value = initial.user;
+    work.push(lookUpUser(initial.user));
+  }
+  return Promise.all(work);
+}).finally(() => { document.body.dataset.loaded = "1"; });
 setInterval(loadMetrics, 5000);
 setInterval(() => { if (document.body.dataset.state === "ready") loadSegments(); }, 30000);

@@ -56,13 +56,15 @@ fn run_chromium(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The DOM after the page rendered: dumps until `<body data-state=...>` says `want`.
+/// The DOM after the page rendered: dumps until `<body data-state=...>` says `want` and
+/// `data-loaded` says the view asked for in the address has been loaded.
 fn rendered(url: &str, want: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let dom = run_chromium(url, &["--dump-dom"]);
-        let state = attr(dom.split("<body").nth(1).unwrap_or_default(), "data-state");
-        if state.as_deref() == Some(want) {
+        let body = dom.split("<body").nth(1).unwrap_or_default();
+        let state = attr(body, "data-state");
+        if state.as_deref() == Some(want) && attr(body, "data-loaded").as_deref() == Some("1") {
             return dom;
         }
         assert!(
@@ -302,4 +304,182 @@ async fn the_console_asks_for_a_token_when_the_api_needs_one() {
         !dom.contains(token),
         "the token is not left in the page or its address"
     );
+}
+
+/// The text inside the element with `id`, tags stripped.
+fn text_of(dom: &str, id: &str) -> String {
+    let Some(start) = dom.find(&format!("id=\"{id}\"")) else {
+        return String::new();
+    };
+    let rest = &dom[start..];
+    let rest = &rest[rest.find('>').map_or(0, |i| i + 1)..];
+    let mut out = String::new();
+    let mut depth = 0;
+    let mut in_tag = false;
+    for (i, c) in rest.char_indices() {
+        if c == '<' {
+            in_tag = true;
+            if rest[i..].starts_with("</") {
+                if depth == 0 {
+                    break;
+                }
+                depth -= 1;
+            } else if !["<input", "<br", "<img", "<hr"]
+                .iter()
+                .any(|t| rest[i..].starts_with(t))
+            {
+                depth += 1;
+            }
+        } else if c == '>' {
+            in_tag = false;
+        } else if !in_tag {
+            out.push(c);
+        }
+    }
+    unescape(&out)
+}
+
+async fn get(base: &str, path: &str) -> (u16, Value) {
+    let r = reqwest::get(format!("{base}{path}")).await.expect("get");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_filters_sorts_and_shows_the_analytics_panels() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(&dir.path().join("data"), &[]);
+    p.ready().await;
+    load_known_data(&p.base, None).await;
+    until("every pushed pair is counted", 30, async || {
+        api_segments(&p.base, None).await.len() == SEGMENTS.len()
+    })
+    .await;
+
+    // Filter box and sorting by name, set from the address.
+    let url = format!("{}/ui/#filter=S&sort=segment", p.base);
+    let dom = tokio::task::spawn_blocking(move || rendered(&url, "ready"))
+        .await
+        .unwrap();
+    let shown: Vec<String> = segment_rows(&dom).into_iter().map(|r| r.0).collect();
+    let mut want: Vec<String> = SEGMENTS
+        .iter()
+        .map(|(s, _)| s.to_string())
+        .filter(|s| s.contains('s'))
+        .collect();
+    want.sort();
+    assert_eq!(shown, want, "filtered on \"S\" (any case), sorted by name");
+    assert!(dom.contains(&format!("({} of {})", want.len(), SEGMENTS.len())));
+
+    // Trend, overlap, user lookup and within: the API's answers, or a clear message where this
+    // server does not have the endpoint.
+    let url = format!(
+        "{}/ui/#segment=news&compare=sports,news,music&user=user-5&within=7d",
+        p.base
+    );
+    let dom = tokio::task::spawn_blocking(move || rendered(&url, "ready"))
+        .await
+        .unwrap();
+    assert_eq!(text_of(&dom, "trend-segment"), "news");
+    let to = now();
+    let history = format!(
+        "/v1/segments/news/history?from={}&to={to}&step=2520s",
+        to - 604_800
+    );
+    let (status, _) = get(&p.base, &history).await;
+    let trend = text_of(&dom, "trend-panel");
+    match status {
+        404 => assert!(
+            trend.contains("The history API is not available on this server (404"),
+            "{trend}"
+        ),
+        200 => assert!(
+            dom.contains("aria-label=\"users over time\"") || trend.contains("No samples"),
+            "{trend}"
+        ),
+        other => panic!("history answered {other}"),
+    }
+
+    let (status, overlap) = get(&p.base, "/v1/overlap?segments=sports,news,music").await;
+    let panel = text_of(&dom, "overlap-panel");
+    match status {
+        404 => assert!(
+            panel.contains("The overlap API is not available on this server (404"),
+            "{panel}"
+        ),
+        200 => {
+            let cells: Vec<u64> = dom
+                .split("data-both=\"")
+                .skip(1)
+                .filter_map(|c| c.split('"').next()?.parse().ok())
+                .collect();
+            let want: Vec<u64> = overlap["both"]
+                .as_array()
+                .expect("both")
+                .iter()
+                .flat_map(|row| row.as_array().cloned().unwrap_or_default())
+                .filter_map(|v| v.as_u64())
+                .collect();
+            assert_eq!(want.len(), 9);
+            assert_eq!(cells, want, "the overlap matrix is the API's");
+        }
+        other => panic!("overlap answered {other}"),
+    }
+
+    let (status, user) = get(&p.base, "/v1/users/user-5/segments").await;
+    let panel = text_of(&dom, "user-panel");
+    match status {
+        404 => assert!(
+            panel.contains("The user lookup API is not available on this server (404"),
+            "{panel}"
+        ),
+        200 => {
+            let want: Vec<String> = user["segments"]
+                .as_array()
+                .expect("segments")
+                .iter()
+                .filter_map(|m| Some(m["segment"].as_str()?.to_string()))
+                .collect();
+            let table = dom.split("id=\"user-segments\"").nth(1).unwrap_or_default();
+            let table = table.split("</table>").next().unwrap_or_default();
+            let shown: Vec<String> = table
+                .split("<tr ")
+                .skip(1)
+                .filter_map(|r| attr(r, "data-segment"))
+                .collect();
+            assert!(!want.is_empty());
+            assert_eq!(shown, want, "the user's segments are the API's");
+        }
+        other => panic!("user lookup answered {other}"),
+    }
+
+    let (status, within) = get(&p.base, "/v1/segments?within=7d").await;
+    let mut rows: Vec<(String, u64)> = segment_rows(&dom).into_iter().map(|r| (r.0, r.1)).collect();
+    rows.sort();
+    match status {
+        400 => {
+            // No sub-windows on this server: the page says so and shows the whole window.
+            let message = text_of(&dom, "segments-message");
+            assert!(message.starts_with("Within=7d failed: "), "{message}");
+            let mut all = api_segments(&p.base, None).await;
+            all.sort();
+            assert_eq!(rows, all);
+        }
+        200 => {
+            let mut want: Vec<(String, u64)> = within["segments"]
+                .as_array()
+                .expect("segments")
+                .iter()
+                .map(|s| {
+                    (
+                        s["segment"].as_str().unwrap_or_default().to_string(),
+                        s["users"].as_u64().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            want.sort();
+            assert_eq!(rows, want, "the within=7d counts are the API's");
+        }
+        other => panic!("within answered {other}"),
+    }
 }
