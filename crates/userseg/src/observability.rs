@@ -5,10 +5,12 @@ mod process;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use userseg_usecase::{Estimation, Mode};
@@ -29,38 +31,47 @@ pub fn init_logging(format: &str) -> Result<()> {
     Ok(())
 }
 
-/// Installs the Prometheus recorder (histograms with buckets, never summaries), registers every
-/// metric family of `role` so each shows from the first scrape, and samples the process metrics.
-pub fn init_metrics(role: Role) -> Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets(catalog::SECONDS_BUCKETS)
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full("userseg_processor_batch_pairs".into()),
-                catalog::BATCH_BUCKETS,
-            )
-        })
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full("userseg_wal_group_requests".into()),
-                catalog::GROUP_BUCKETS,
-            )
-        })
-        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?
-        .install_recorder()
-        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
-    catalog::register(role);
-    process::describe();
-    process::record();
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
+/// The process's Prometheus recorder, installed on first use (every role started in this
+/// process shares it; histograms with buckets, never summaries), with a thread that keeps its
+/// histograms trimmed and samples the process metrics. Registers every metric family of
+/// `role`, so each shows from the first scrape.
+pub fn metrics(role: Role) -> Result<PrometheusHandle> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    let handle = HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(catalog::SECONDS_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("userseg_processor_batch_pairs".into()),
+                        catalog::BATCH_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("userseg_wal_group_requests".into()),
+                        catalog::GROUP_BUCKETS,
+                    )
+                })
+                .map_err(|e| format!("metrics: {e}"))?
+                .install_recorder()
+                .map_err(|e| format!("metrics: {e}"))?;
+            process::describe();
             process::record();
-        }
-    });
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(SAMPLE_INTERVAL);
+                    upkeep.run_upkeep();
+                    process::record();
+                })
+                .map_err(|e| format!("metrics: {e}"))?;
+            Ok(handle)
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    catalog::register(role);
     Ok(handle)
 }
 
@@ -71,7 +82,11 @@ const SEGMENT_SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Keeps `userseg_segment_users{segment}` current: one gauge per segment, set to 0 when a
 /// segment empties (a gauge cannot be removed; segments number in the hundreds).
-pub fn spawn_segment_gauges(estimation: Estimation, mode: Mode, stop: CancellationToken) {
+pub fn spawn_segment_gauges(
+    estimation: Estimation,
+    mode: Mode,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SEGMENT_SAMPLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -99,7 +114,7 @@ pub fn spawn_segment_gauges(estimation: Estimation, mode: Mode, stop: Cancellati
             }
             shown.extend(now_shown);
         }
-    });
+    })
 }
 
 /// Keeps `userseg_data_dir_bytes` and `userseg_wal_unapplied_bytes` current (standalone).
@@ -107,7 +122,7 @@ pub fn spawn_data_dir_gauges(
     data_dir: PathBuf,
     unapplied: impl Fn() -> u64 + Send + 'static,
     stop: CancellationToken,
-) {
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -122,7 +137,7 @@ pub fn spawn_data_dir_gauges(
                 metrics::gauge!("userseg_data_dir_bytes").set(bytes as f64);
             }
         }
-    });
+    })
 }
 
 /// Bytes of the regular files under `dir` (not following symlinks); unreadable entries count 0.
