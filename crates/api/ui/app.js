@@ -319,7 +319,8 @@ function updatePicked() {
 async function showOverlap() {
   const names = [...state.picked];
   const within = $("within").value;
-  const q = "segments=" + names.map(encodeURIComponent).join(",") +
+  // Segment names are URL-safe ([A-Za-z0-9_.:-]): sent as they are.
+  const q = "segments=" + names.join(",") +
     (within ? "&within=" + encodeURIComponent(within) : "");
   const msg = $("overlap-message");
   const table = $("overlap");
