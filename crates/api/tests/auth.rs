@@ -352,6 +352,12 @@ fn the_policy_of_the_named_routes() {
         ("/userseg.v1.Segments/PushStream", Needs(Role::Ingest)),
         ("/userseg.v1.Segments/Estimate", Needs(Role::Read)),
         ("/userseg.v1.Segments/ListEstimates", Needs(Role::Read)),
+        ("/userseg.v1.Segments/Count", Needs(Role::Read)),
+        ("/userseg.v1.Segments/Overlap", Needs(Role::Read)),
+        ("/userseg.v1.Segments/History", Needs(Role::Read)),
+        ("/userseg.v1.Segments/GetUserSegments", Needs(Role::Members)),
+        ("/userseg.v1.Segments/ExportMembers", Needs(Role::Members)),
+        ("/userseg.v1.Segments/DeleteUsers", Needs(Role::Admin)),
         ("/grpc.health.v1.Health/Check", Open),
     ] {
         assert_eq!(grpc_access(p), Some(a), "{p}");
