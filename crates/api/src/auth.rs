@@ -314,10 +314,9 @@ impl KeySet {
         }
         let mut keys: Vec<Key> = Vec::with_capacity(raw.key.len());
         for entry in raw.key {
-            let start = entry.span().start;
             let k = entry.into_inner();
             validate_key_name(k.name.get_ref())
-                .map_err(|m| invalid(k.name.span().start, format!("key {start}: {m}")))?;
+                .map_err(|m| invalid(k.name.span().start, format!("key {m}")))?;
             let name = k.name.get_ref().clone();
             if keys.iter().any(|other| other.name == name) {
                 return Err(invalid(
@@ -728,6 +727,7 @@ mod tests {
             (format!("{good}\n[[key]]\nname = \"b\"\nsha256 = \"{}\"\nroles = []\n", token_sha256_hex("b")), 9, "roles is empty"),
             (format!("{good}\n[[key]]\nname = \"b\"\nsha256 = \"{}\"\nrole = [\"read\"]\n", token_sha256_hex("b")), 9, "unknown field"),
             (format!("{good}\n[[key]\n"), 6, ""),
+            (format!("{good}\n[[key]]\nname = \"\"\nsha256 = \"{}\"\nroles = [\"read\"]\n", token_sha256_hex("b")), 7, "key name must be 1 to 128 bytes"),
             (format!("{good}\n[[key]]\nname = \"b\"\nroles = [\"read\"]\n"), 6, "sha256"),
         ];
         for (text, line, needle) in cases {
