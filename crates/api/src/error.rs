@@ -87,6 +87,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.http_status(), axum::Json(self.body())).into_response();
+        resp.extensions_mut()
+            .insert(crate::observe::ErrorCode(self.kind.as_str()));
         if matches!(self.kind, ErrorKind::Overloaded | ErrorKind::Unavailable) {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));

@@ -5,7 +5,9 @@ pub mod auth;
 mod error;
 mod grpc;
 mod http;
+mod observe;
 pub mod tls;
+mod ui;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +22,7 @@ use userseg_usecase::{Estimation, Ingest};
 
 pub use auth::{Authenticator, KeyFileError, KeySet, Role};
 pub use error::ApiError;
+pub use observe::HTTP_ROUTES;
 pub use tls::{serve_tls, TlsError, TlsFiles, TlsReloader};
 
 /// A named readiness check (the broker, ClickHouse, the batch processor...).
@@ -90,12 +93,17 @@ pub fn router(state: ApiState) -> Router {
             }
         }
     });
-    http::routes(state.clone())
+    let mut routes = http::routes(state.clone());
+    if state.estimation.is_some() {
+        routes = routes.merge(ui::routes());
+    }
+    routes
         .fallback_service(fallback)
         .layer(axum::middleware::from_fn_with_state(
             state,
             auth::middleware,
         ))
+        .layer(axum::middleware::from_fn(observe::observe))
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting and lets

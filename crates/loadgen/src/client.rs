@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{ListEstimatesRequest, Mode, PushResponse};
@@ -135,6 +135,8 @@ pub struct Target {
     pub auth: Option<String>,
     /// PEM CA certificates trusted for an https target, besides the system's.
     pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, for a server with mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Target {
@@ -160,7 +162,18 @@ impl Target {
             base,
             auth: token.map(|t| format!("Bearer {t}")),
             ca_pem,
+            identity: None,
         })
+    }
+
+    /// Presents this client certificate (PEM certificate, PEM key) to an https target.
+    pub fn with_identity(mut self, identity: Option<(Vec<u8>, Vec<u8>)>) -> Result<Target, String> {
+        if let Some((cert, key)) = &identity {
+            reqwest::Identity::from_pem(&[cert.as_slice(), b"\n", key.as_slice()].concat())
+                .map_err(|e| format!("LOAD_CERT_FILE / LOAD_KEY_FILE: {e}"))?;
+        }
+        self.identity = identity;
+        Ok(self)
     }
 
     fn request<T>(&self, msg: T) -> Request<T> {
@@ -181,6 +194,9 @@ impl Target {
             let mut tls = ClientTlsConfig::new().with_native_roots();
             if let Some(pem) = &self.ca_pem {
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some((cert, key)) = &self.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
             }
             endpoint = endpoint
                 .tls_config(tls)
@@ -204,6 +220,13 @@ impl Target {
 
     pub fn http_client(&self) -> Result<reqwest::Client, String> {
         let mut builder = reqwest::Client::builder();
+        if let Some((cert, key)) = &self.identity {
+            let pem = [cert.as_slice(), b"\n", key.as_slice()].concat();
+            builder = builder.identity(
+                reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| format!("LOAD_CERT_FILE / LOAD_KEY_FILE: {e}"))?,
+            );
+        }
         if let Some(pem) = &self.ca_pem {
             for cert in reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| format!("LOAD_CA_FILE: {e}"))?

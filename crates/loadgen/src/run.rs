@@ -465,7 +465,19 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
         })?),
         None => None,
     };
+    let read = |var: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| LoadError::Config(format!("{var}: cannot read {}: {e}", path.display())))
+    };
+    let identity = match (&args.cert_file, &args.key_file) {
+        (Some(cert), Some(key)) => {
+            Some((read("LOAD_CERT_FILE", cert)?, read("LOAD_KEY_FILE", key)?))
+        }
+        _ => None,
+    };
     let target = Target::new(&args.target, args.token.as_deref(), ca_pem.clone())
+        .map_err(LoadError::Config)?
+        .with_identity(identity.clone())
         .map_err(LoadError::Config)?;
     let total = args.total_pairs();
 

@@ -80,6 +80,9 @@ impl std::fmt::Display for InvalidReason {
 pub struct Message<P> {
     pub position: P,
     pub content: Content,
+    /// When the log made the message durable (the Kafka message timestamp, the write-ahead
+    /// log's commit), if known: the processor measures ingest → applied lag from it.
+    pub logged_at: Option<std::time::SystemTime>,
 }
 
 /// The consuming side of the log. Positions are committed only after the store confirmed the

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -98,6 +98,28 @@ pub struct BatchProcessor {
     health: ProcessorHealth,
 }
 
+/// Why a batch was flushed (the `reason` label of `userseg_processor_flushes_total`).
+#[derive(Clone, Copy, Debug)]
+enum FlushReason {
+    /// `batch_size` pairs were buffered.
+    Size,
+    /// `flush_interval` passed since the first buffered message.
+    Interval,
+    /// The processor is stopping.
+    Shutdown,
+}
+
+impl FlushReason {
+    fn count(self) {
+        let reason = match self {
+            FlushReason::Size => "size",
+            FlushReason::Interval => "interval",
+            FlushReason::Shutdown => "shutdown",
+        };
+        metrics::counter!("userseg_processor_flushes_total", "reason" => reason).increment(1);
+    }
+}
+
 /// The batch was given up because the processor is stopping; it stays uncommitted.
 struct Abandoned;
 
@@ -130,6 +152,8 @@ impl BatchProcessor {
     pub async fn run<S: PairSource>(&self, mut source: S, cancel: CancellationToken) -> S {
         let mut pairs: Vec<Pair> = Vec::new();
         let mut positions: Vec<S::Position> = Vec::new();
+        // When the log made each buffered message durable (for the ingest → applied lag).
+        let mut logged: Vec<SystemTime> = Vec::new();
         let mut deadline: Option<Instant> = None;
         let mut source_backoff = self.backoff();
         // Writes keep retrying until the shutdown grace has passed after `cancel`.
@@ -149,7 +173,7 @@ impl BatchProcessor {
             let timer = tokio::time::sleep_until(
                 deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
             );
-            let flush_now = tokio::select! {
+            let flush = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
                 written = async {
@@ -166,13 +190,16 @@ impl BatchProcessor {
                     self.commit(&mut source, done).await;
                     continue;
                 }
-                _ = timer, if deadline.is_some() => true,
+                _ = timer, if deadline.is_some() => Some(FlushReason::Interval),
                 next = source.next() => match next {
                     Ok(Some(msg)) => {
                         source_backoff.reset();
                         positions.push(msg.position);
                         match msg.content {
-                            Content::Pairs(p) => pairs.extend(p),
+                            Content::Pairs(p) => {
+                                pairs.extend(p);
+                                logged.extend(msg.logged_at);
+                            }
                             Content::Invalid { payload, reason } => {
                                 let letter = DeadLetter {
                                     payload: DeadPayload::Raw(payload),
@@ -185,17 +212,18 @@ impl BatchProcessor {
                                 }
                             }
                         }
-                        pairs.len() >= self.config.batch_size
+                        (pairs.len() >= self.config.batch_size).then_some(FlushReason::Size)
                     }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "source failed; retrying");
                         source.idle(source_backoff.pause()).await;
-                        false
+                        None
                     }
                 },
             };
-            if flush_now {
+            if let Some(reason) = flush {
+                reason.count();
                 // At most one write in flight: wait for the previous one (keeping the source
                 // alive), commit it, then start this one.
                 if let Some((write, done)) = inflight.take() {
@@ -208,11 +236,13 @@ impl BatchProcessor {
                 let done = std::mem::take(&mut positions);
                 if pairs.is_empty() {
                     // Only dead letters: nothing to write.
+                    logged.clear();
                     self.commit(&mut source, done).await;
                 } else {
                     let batch: Arc<[Pair]> = std::mem::take(&mut pairs).into();
+                    let logged = std::mem::take(&mut logged);
                     inflight = Some((
-                        Box::pin(self.write_batch::<S>(batch, write_stop.clone())),
+                        Box::pin(self.write_batch::<S>(batch, logged, write_stop.clone())),
                         done,
                     ));
                 }
@@ -232,13 +262,16 @@ impl BatchProcessor {
         }
         drop(inflight);
         if !abandoned && !positions.is_empty() {
+            FlushReason::Shutdown.count();
             let n = pairs.len();
             let done = std::mem::take(&mut positions);
             let written = if pairs.is_empty() {
                 Ok(())
             } else {
                 let batch: Arc<[Pair]> = std::mem::take(&mut pairs).into();
-                self.write_batch::<S>(batch, write_stop.clone()).await
+                let logged = std::mem::take(&mut logged);
+                self.write_batch::<S>(batch, logged, write_stop.clone())
+                    .await
             };
             match written {
                 Ok(()) => {
@@ -295,6 +328,7 @@ impl BatchProcessor {
     async fn write_batch<S: PairSource>(
         &self,
         batch: Arc<[Pair]>,
+        logged: Vec<SystemTime>,
         stop: CancellationToken,
     ) -> Result<(), Abandoned> {
         let mut backoff = self.backoff();
@@ -319,6 +353,11 @@ impl BatchProcessor {
                     metrics::histogram!("userseg_processor_batch_pairs").record(batch.len() as f64);
                     metrics::histogram!("userseg_processor_write_seconds")
                         .record(started.elapsed());
+                    let applied = SystemTime::now();
+                    let lag = metrics::histogram!("userseg_processor_applied_lag_seconds");
+                    for t in logged {
+                        lag.record(applied.duration_since(t).unwrap_or_default());
+                    }
                     return Ok(());
                 }
                 Err(PortError::Permanent(reason)) => {
@@ -340,10 +379,14 @@ impl BatchProcessor {
                         };
                         return self.dead_letter::<S>(None, letter, &stop).await;
                     }
+                    metrics::counter!("userseg_processor_retries_total", "kind" => "permanent")
+                        .increment(1);
                     tracing::warn!(attempt = rejections, %reason, "store rejected the batch; retrying");
                 }
                 Err(e) => {
                     metrics::counter!("userseg_processor_write_failures_total", "kind" => "transient")
+                        .increment(1);
+                    metrics::counter!("userseg_processor_retries_total", "kind" => "transient")
                         .increment(1);
                     tracing::warn!(error = %e, backoff_ms = backoff.current().as_millis() as u64, "store unavailable; pausing consumption");
                     self.health.failing(&e);

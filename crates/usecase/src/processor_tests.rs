@@ -70,6 +70,7 @@ fn msg(pos: u64, pairs: Vec<Pair>) -> Message<u64> {
     Message {
         position: pos,
         content: Content::Pairs(pairs),
+        logged_at: None,
     }
 }
 
@@ -226,6 +227,7 @@ async fn invalid_messages_are_dead_lettered_and_committed_with_the_next_flush() 
             payload: b"garbage".to_vec(),
             reason: InvalidReason::Undecodable("bad protobuf".into()),
         },
+        logged_at: None,
     })
     .await
     .unwrap();

@@ -12,7 +12,7 @@ use userseg_clickhouse::ClickHouseStore;
 use userseg_embedded::{EmbeddedStore, MemStore};
 use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaFollower, KafkaPublisher, KafkaSource};
 use userseg_usecase::{
-    BatchProcessor, Clock, Estimation, IndexConfig, SegmentCounter, SegmentIndex, SystemClock,
+    BatchProcessor, Clock, Estimation, IndexConfig, Mode, SegmentCounter, SegmentIndex, SystemClock,
 };
 
 use crate::config::EsConfig;
@@ -28,7 +28,7 @@ const INDEX_STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// in-memory index (when `cfg.index`) and the API. On shutdown the processor flushes its batch
 /// and commits, and the consumer leaves the group so its partitions move at once.
 pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server> {
-    let metrics = observability::metrics()?;
+    let metrics = observability::metrics(observability::Role::Es)?;
     let listener = server::bind(&cfg.service).await?;
     if cfg.create_topics {
         if let Err(e) = userseg_kafka::ensure_topics(&cfg.kafka).await {
@@ -61,6 +61,13 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
         Arc::new(store)
     };
     let estimation = Estimation::new(counter, clock, cfg.service.window, cfg.estimate_cache_ttl);
+    // Approx: the index answers it exactly; ClickHouse (no index, or while it loads) answers it
+    // from the sketches, far cheaper than exact for a 15 s gauge.
+    background.push(observability::spawn_segment_gauges(
+        estimation.clone(),
+        Mode::Approx,
+        background_stop.clone(),
+    ));
     let mut state = ApiState::new(None, Some(estimation));
     state.metrics = Some(metrics);
     state.auth = cfg.service.auth.clone();

@@ -12,7 +12,7 @@ use userseg_embedded::{
     open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, WalConfig,
     WalHandle, WalLog,
 };
-use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, SystemClock};
+use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, Mode, SystemClock};
 
 use crate::config::StandaloneConfig;
 use crate::observability;
@@ -23,7 +23,7 @@ use crate::server::{self, Server};
 /// finishes in-flight requests, applies everything acknowledged and writes a final snapshot;
 /// [`Server::wait`] returns after that.
 pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result<Server> {
-    let metrics = observability::metrics()?;
+    let metrics = observability::metrics(observability::Role::Standalone)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let window = cfg.service.window;
     let listener = server::bind(&cfg.service).await?;
@@ -73,6 +73,18 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
         cfg.service.limits,
     );
     let estimation = Estimation::new(Arc::new(store), clock, window, Duration::ZERO);
+    let gauges_stop = CancellationToken::new();
+    let gauges = [
+        observability::spawn_segment_gauges(estimation.clone(), Mode::Exact, gauges_stop.clone()),
+        {
+            let wal = opened.wal.clone();
+            observability::spawn_data_dir_gauges(
+                cfg.data_dir.clone(),
+                move || wal.written().saturating_sub(wal.committed()),
+                gauges_stop.clone(),
+            )
+        },
+    ];
     let mut state = ApiState::new(Some(ingest), Some(estimation));
     state.metrics = Some(metrics);
     state.auth = cfg.service.auth.clone();
@@ -89,6 +101,10 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
     // dropping `log` closes the log.
     let lock = opened.lock;
     let teardown = async move {
+        gauges_stop.cancel();
+        for g in gauges {
+            let _ = g.await;
+        }
         drain(log, opened.wal, processor_task, processor_stop).await;
         checkpoint_stop.cancel();
         let _ = checkpoint_task.await;

@@ -17,7 +17,7 @@ use crate::server::{self, Server};
 /// Starts the API publishing to Kafka (creating the topics first when asked to); on shutdown
 /// it drains the in-flight requests and flushes the producer.
 pub async fn start(cfg: UssConfig, shutdown: CancellationToken) -> Result<Server> {
-    let metrics = observability::metrics()?;
+    let metrics = observability::metrics(observability::Role::Uss)?;
     let listener = server::bind(&cfg.service).await?;
     if cfg.create_topics {
         if let Err(e) = userseg_kafka::ensure_topics(&cfg.kafka).await {

@@ -205,9 +205,13 @@ pub struct WalLog {
     shared: Arc<Shared>,
 }
 
+/// A committed record handed to the processor: its end offset, its pairs, its share of the
+/// in-flight bound, and when it became durable.
+type Committed = (u64, Vec<Pair>, OwnedSemaphorePermit, std::time::SystemTime);
+
 /// Consuming side (batch processor): implements [`PairSource`].
 pub struct WalSource {
-    rx: mpsc::Receiver<(u64, Vec<Pair>, OwnedSemaphorePermit)>,
+    rx: mpsc::Receiver<Committed>,
     shared: Arc<Shared>,
 }
 
@@ -305,11 +309,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Request>,
-        out: mpsc::Sender<(u64, Vec<Pair>, OwnedSemaphorePermit)>,
-    ) {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>, out: mpsc::Sender<Committed>) {
         let mut buf: Vec<u8> = Vec::with_capacity(self.config.max_group_bytes);
         let mut group: Vec<Request> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
@@ -332,13 +332,17 @@ impl Writer {
             match result {
                 Ok(()) => {
                     let mut end = self.offset;
+                    let logged_at = std::time::SystemTime::now();
                     self.offset += buf.len() as u64;
                     self.shared.written.store(self.offset, Ordering::Release);
                     metrics::counter!("userseg_wal_bytes_total").increment(buf.len() as u64);
                     for r in group.drain(..) {
                         end += r.frame.len() as u64;
                         let _ = r.done.send(Ok(()));
-                        if out.blocking_send((end, r.pairs, r.permit)).is_err() {
+                        if out
+                            .blocking_send((end, r.pairs, r.permit, logged_at))
+                            .is_err()
+                        {
                             // The processor is gone (shutting down): the record is durable and
                             // will be replayed at the next start.
                         }
@@ -469,13 +473,18 @@ impl PairSource for WalSource {
     type Position = WalPosition;
 
     async fn next(&mut self) -> Result<Option<Message<WalPosition>>, PortError> {
-        Ok(self.rx.recv().await.map(|(end, pairs, permit)| Message {
-            position: WalPosition {
-                end,
-                _permit: permit,
-            },
-            content: Content::Pairs(pairs),
-        }))
+        Ok(self
+            .rx
+            .recv()
+            .await
+            .map(|(end, pairs, permit, logged_at)| Message {
+                position: WalPosition {
+                    end,
+                    _permit: permit,
+                },
+                content: Content::Pairs(pairs),
+                logged_at: Some(logged_at),
+            }))
     }
 
     async fn commit(&mut self, positions: Vec<WalPosition>) -> Result<(), PortError> {

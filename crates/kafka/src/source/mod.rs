@@ -219,7 +219,16 @@ fn convert(topic: &str, provenance: &Provenance, m: &BorrowedMessage<'_>) -> Mes
             Content::Invalid { payload, reason }
         }
     };
-    Message { position, content }
+    let logged_at = m
+        .timestamp()
+        .to_millis()
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
+    Message {
+        position,
+        content,
+        logged_at,
+    }
 }
 
 /// The highest offset + 1 to commit per partition.
