@@ -251,35 +251,11 @@ impl BatchProcessor {
                 deadline = Some(Instant::now() + self.config.flush_interval);
             }
         }
-        // Stopping: finish the write in flight and the pending batch, within the grace period.
         if !abandoned {
-            if let Some((write, done)) = inflight.take() {
-                match write.await {
-                    Ok(()) => self.commit(&mut source, done).await,
-                    Err(Abandoned) => abandoned = true,
-                }
-            }
-        }
-        drop(inflight);
-        if !abandoned && !positions.is_empty() {
-            FlushReason::Shutdown.count();
-            let n = pairs.len();
-            let done = std::mem::take(&mut positions);
-            let written = if pairs.is_empty() {
-                Ok(())
-            } else {
-                let batch: Arc<[Pair]> = std::mem::take(&mut pairs).into();
-                let logged = std::mem::take(&mut logged);
-                self.write_batch::<S>(batch, logged, write_stop.clone())
-                    .await
-            };
-            match written {
-                Ok(()) => {
-                    self.commit(&mut source, done).await;
-                    tracing::info!(pairs = n, "flushed the last batch on shutdown");
-                }
-                Err(Abandoned) => abandoned = true,
-            }
+            abandoned = self
+                .finish(&mut source, inflight, pairs, positions, logged, &write_stop)
+                .await
+                .is_err();
         }
         if abandoned {
             tracing::warn!(
@@ -288,6 +264,35 @@ impl BatchProcessor {
         }
         grace_timer.abort();
         source
+    }
+
+    /// Stopping: finishes the write in flight and then the pending batch, within the grace
+    /// period, committing each once written.
+    async fn finish<S: PairSource>(
+        &self,
+        source: &mut S,
+        inflight: Option<(WriteFuture<'_>, Vec<S::Position>)>,
+        pairs: Vec<Pair>,
+        positions: Vec<S::Position>,
+        logged: Vec<SystemTime>,
+        write_stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        if let Some((write, done)) = inflight {
+            write.await?;
+            self.commit(source, done).await;
+        }
+        if positions.is_empty() {
+            return Ok(());
+        }
+        FlushReason::Shutdown.count();
+        let n = pairs.len();
+        if !pairs.is_empty() {
+            self.write_batch::<S>(pairs.into(), logged, write_stop.clone())
+                .await?;
+        }
+        self.commit(source, positions).await;
+        tracing::info!(pairs = n, "flushed the last batch on shutdown");
+        Ok(())
     }
 
     /// Waits for a write. A normal write ends well within the group's poll interval, so the
