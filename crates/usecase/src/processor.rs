@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use userseg_domain::Pair;
+use userseg_domain::{Pair, UserDeletion};
 
 use crate::{
     Content, DeadLetter, DeadLetterSink, DeadPayload, PairSource, PortError, SegmentWriter,
@@ -130,6 +130,8 @@ impl BatchProcessor {
         let mut pairs: Vec<Pair> = Vec::new();
         let mut positions: Vec<S::Position> = Vec::new();
         let mut deadline: Option<Instant> = None;
+        // A deletion ends the batch: the pairs before it are written first, then it.
+        let mut deletion: Option<UserDeletion> = None;
         let mut source_backoff = self.config.backoff_initial;
         // Writes keep retrying until the shutdown grace has passed after `cancel`.
         let write_stop = CancellationToken::new();
@@ -172,6 +174,7 @@ impl BatchProcessor {
                         positions.push(msg.position);
                         match msg.content {
                             Content::Pairs(p) => pairs.extend(p),
+                            Content::Delete(d) => deletion = Some(d),
                             Content::Invalid { payload, reason } => {
                                 let kind = if reason.starts_with("undecodable") {
                                     "undecodable"
@@ -189,7 +192,7 @@ impl BatchProcessor {
                                 }
                             }
                         }
-                        pairs.len() >= self.config.batch_size
+                        pairs.len() >= self.config.batch_size || deletion.is_some()
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -211,7 +214,18 @@ impl BatchProcessor {
                     self.commit(&mut source, done).await;
                 }
                 let done = std::mem::take(&mut positions);
-                if pairs.is_empty() {
+                if let Some(d) = deletion.take() {
+                    // In log order: the pairs before the deletion, then the deletion.
+                    if self
+                        .write_then_delete::<S>(std::mem::take(&mut pairs), d, &write_stop)
+                        .await
+                        .is_err()
+                    {
+                        abandoned = true;
+                        break;
+                    }
+                    self.commit(&mut source, done).await;
+                } else if pairs.is_empty() {
                     // Only dead letters: nothing to write.
                     self.commit(&mut source, done).await;
                 } else {
@@ -290,6 +304,53 @@ impl BatchProcessor {
             // written again later, which idempotent writes make harmless.
             tracing::warn!(error = %e, "commit failed; those messages will be redelivered");
             metrics::counter!("userseg_processor_commit_failures_total").increment(1);
+        }
+    }
+
+    /// Writes `pairs` (if any), then applies `deletion`, each retried like a batch.
+    async fn write_then_delete<S: PairSource>(
+        &self,
+        pairs: Vec<Pair>,
+        deletion: UserDeletion,
+        stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        if !pairs.is_empty() {
+            self.write_batch::<S>(pairs.into(), stop.clone()).await?;
+        }
+        let mut backoff = self.config.backoff_initial;
+        let mut rejections: u32 = 0;
+        loop {
+            match self.writer.delete_users(deletion.clone()).await {
+                Ok(()) => {
+                    self.health.recovered();
+                    metrics::counter!("userseg_processor_users_deleted_total")
+                        .increment(deletion.len() as u64);
+                    return Ok(());
+                }
+                Err(PortError::Permanent(reason)) => {
+                    rejections += 1;
+                    if rejections > self.config.retry_attempts {
+                        tracing::error!(users = deletion.len(), %reason, "store rejected a deletion for good; dead-lettering it");
+                        let letter = DeadLetter {
+                            payload: DeadPayload::Deletion(deletion),
+                            reason,
+                            kind: "rejected_by_store",
+                            attempts: rejections,
+                        };
+                        return self.dead_letter::<S>(None, letter, stop).await;
+                    }
+                    tracing::warn!(attempt = rejections, %reason, "store rejected a deletion; retrying");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store unavailable for a deletion; pausing consumption");
+                    self.health.failing(&e);
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Err(Abandoned),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }
 
