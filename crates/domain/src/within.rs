@@ -92,15 +92,18 @@ impl Within {
         self.secs
     }
 
-    /// Is a membership whose latest ts is `ts` counted at `at`? Exactly: `at - within < ts <= at`.
+    /// Is a membership whose latest ts is `ts` counted at `at`? Exactly: `ts > at - within`.
+    /// As for counts, a ts ahead of `at` (accepted pairs may be up to 5 minutes ahead of the
+    /// clock) counts from the moment it was accepted.
     pub fn is_live(self, ts: UnixSeconds, at: UnixSeconds) -> bool {
         // Bounded by the window's 10-year maximum, so it fits.
-        ts <= at && ts > at.saturating_sub(self.secs as i64)
+        ts > at.saturating_sub(self.secs as i64)
     }
 }
 
 impl Bucketing {
-    /// The live buckets at `at` for a lookback: `(lo, hi]`. For `within` = the window this is
+    /// The live buckets at `at` for a lookback: `(lo, hi]` (stores count buckets above `hi` too:
+    /// pairs ahead of the clock). For `within` = the window this is
     /// [`Bucketing::live_range`]; shorter lookbacks are rounded up to whole buckets, so the time
     /// error stays below one bucket as for the window.
     pub fn live_range_within(self, at: UnixSeconds, within: Within) -> (i64, i64) {
@@ -185,12 +188,11 @@ mod tests {
             let d = Within::from_secs(within, w).unwrap();
             let at = ts + age;
             let exact = d.is_live(ts, at);
-            let (lo, hi) = b.live_range_within(at, d);
-            let bucket = b.bucket_of(ts);
-            let bucketed = bucket > lo && bucket <= hi;
+            let (lo, _) = b.live_range_within(at, d);
+            let bucketed = b.bucket_of(ts) > lo;
             if exact != bucketed {
                 let bs = b.bucket_secs();
-                prop_assert!((at - ts).abs() < bs || (at - (ts + within as i64)).abs() < bs,
+                prop_assert!((at - (ts + within as i64)).abs() < bs,
                     "within {within} ts {ts} at {at}");
             }
         }

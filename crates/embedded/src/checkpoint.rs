@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use userseg_domain::Window;
+use userseg_domain::{Record, Window};
 use userseg_usecase::Clock;
 
 use crate::store::snapshot::{self, SnapshotError};
@@ -94,9 +94,15 @@ pub fn open_standalone(
     };
     let snapshot_pairs = store.memory().live_pairs;
     wal_config.dir = data_dir.join("wal");
-    let replay = wal::replay(&wal_config.dir, offset, |pairs| {
-        // The in-memory store never refuses valid pairs.
-        let _ = store.apply(&pairs);
+    // In log order: a deletion removes what came before it, not what comes after.
+    let replay = wal::replay(&wal_config.dir, offset, |record| match record {
+        Record::Pairs(pairs) => {
+            // The in-memory store never refuses valid pairs.
+            let _ = store.apply(&pairs);
+        }
+        Record::DeleteUsers(d) => {
+            store.delete_users(d.user_ids());
+        }
     })?;
     let (log, source, handle) = wal::start(wal_config, replay.end)?;
     let recovery = Recovery {
@@ -132,6 +138,8 @@ pub struct Checkpointer {
     config: CheckpointConfig,
     clock: Arc<dyn Clock>,
     last: Mutex<(u64, Instant)>,
+    /// [`MemStore::erasures`] covered by the last snapshot.
+    erasures_done: std::sync::atomic::AtomicU64,
 }
 
 impl Checkpointer {
@@ -150,6 +158,7 @@ impl Checkpointer {
             config,
             clock,
             last: Mutex::new((recovered_offset, Instant::now())),
+            erasures_done: Default::default(),
         }
     }
 
@@ -160,7 +169,10 @@ impl Checkpointer {
             return Ok(None);
         }
         let started = Instant::now();
+        let erasures = self.store.erasures();
         snapshot::write(&self.store, &self.dir, offset)?;
+        self.erasures_done
+            .fetch_max(erasures, std::sync::atomic::Ordering::AcqRel);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = (offset, Instant::now());
         match self.wal.remove_before(offset) {
             Ok(n) if n > 0 => {
@@ -181,7 +193,13 @@ impl Checkpointer {
     fn due(&self) -> bool {
         let (offset, at) = *self.last.lock().unwrap_or_else(|e| e.into_inner());
         let behind = self.wal.committed().saturating_sub(offset);
-        behind >= self.config.wal_bytes || (behind > 0 && at.elapsed() >= self.config.interval)
+        // After a deletion, at once: the erased users must leave the snapshot and the log.
+        let erased = self.store.erasures()
+            > self
+                .erasures_done
+                .load(std::sync::atomic::Ordering::Acquire);
+        behind >= self.config.wal_bytes
+            || (behind > 0 && (erased || at.elapsed() >= self.config.interval))
     }
 
     /// Runs until cancelled. The final snapshot on shutdown is the caller's (after the

@@ -175,7 +175,7 @@ impl<C: Code> Table<C> {
         }
     }
 
-    #[cfg(test)]
+    #[inline]
     fn get(&self, key: u32) -> Option<C> {
         if self.len == 0 {
             return None;
@@ -382,11 +382,60 @@ impl<C: Code> Repr<C> {
         matches!(self, Repr::Dense(_))
     }
 
-    #[cfg(test)]
+    #[inline]
     pub(crate) fn get(&self, key: u32) -> Option<C> {
         match self {
             Repr::Table(t) => t.get(key),
             Repr::Dense(d) => d.get(key),
+        }
+    }
+
+    /// Removes the entry of `key`; returns its code. Does not shrink (a later
+    /// [`retain`](Self::retain) does).
+    pub(crate) fn remove(&mut self, key: u32) -> Option<C> {
+        match self {
+            Repr::Table(t) => {
+                if t.len == 0 {
+                    return None;
+                }
+                let i = t.find(key).ok()?;
+                let code = t.slots[i].code();
+                t.remove_at(i);
+                Some(code)
+            }
+            Repr::Dense(d) => {
+                let code = d.get(key)?;
+                d.codes[key as usize] = C::ZERO;
+                d.len -= 1;
+                Some(code)
+            }
+        }
+    }
+
+    /// Sets bit `key` of `bits` for every entry whose code `live` accepts. `bits` covers every
+    /// key (`bits.len() * 64 > max key`).
+    pub(crate) fn fill_bits(&self, bits: &mut [u64], live: impl Fn(C) -> bool) {
+        match self {
+            Repr::Table(t) => {
+                for s in t.slots.iter() {
+                    let c = s.code();
+                    if c != C::ZERO && live(c) {
+                        let k = s.key() as usize;
+                        if let Some(w) = bits.get_mut(k / 64) {
+                            *w |= 1 << (k % 64);
+                        }
+                    }
+                }
+            }
+            Repr::Dense(d) => {
+                for (w, chunk) in bits.iter_mut().zip(d.codes.chunks(64)) {
+                    let mut word = 0u64;
+                    for (j, &c) in chunk.iter().enumerate() {
+                        word |= u64::from(c != C::ZERO && live(c)) << j;
+                    }
+                    *w |= word;
+                }
+            }
         }
     }
 
