@@ -4,9 +4,11 @@
 //! - [`store`]: the exact in-memory segment store (the embedded counterpart of ClickHouse).
 //! - [`checkpoint`]: snapshots of the store so the log can be truncated and restarts are fast.
 //! - [`dlq`]: dead letters appended to a file.
+//! - [`history`]: segment count samples in `DATA_DIR/history`.
 
 pub mod checkpoint;
 pub mod dlq;
+pub mod history;
 pub mod store;
 pub mod wal;
 
@@ -14,5 +16,6 @@ pub use checkpoint::{
     open_standalone, CheckpointConfig, Checkpointer, OpenError, Recovery, Standalone,
 };
 pub use dlq::FileDeadLetters;
+pub use history::FileHistory;
 pub use store::{EmbeddedStore, MemStore, MemoryStats};
 pub use wal::{WalConfig, WalHandle, WalLog, WalSource};

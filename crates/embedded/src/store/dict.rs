@@ -582,4 +582,69 @@ mod tests {
             assert_eq!(u.intern_in(&mut guards, b"user-7"), Some(want["user-7"]));
         }
     }
+
+    impl Users {
+        fn intern_mut_shared(&self, id: &[u8]) -> u32 {
+            let mut g = self.lock_all();
+            self.intern_in(&mut g, id).unwrap()
+        }
+    }
+
+    #[test]
+    fn erased_ids_are_gone_and_come_back_with_new_indices() {
+        let u = Users::new(4);
+        let mut g = u.lock_all();
+        let ids: Vec<String> = (0..5000).map(|i| format!("user-{i}")).collect();
+        let idx: Vec<u32> = ids
+            .iter()
+            .map(|id| u.intern_in(&mut g, id.as_bytes()).unwrap())
+            .collect();
+        drop(g);
+        assert_eq!(u.erase(b"user-7"), Some(idx[7]));
+        assert_eq!(u.erase(b"user-7"), None, "erasing twice finds nothing");
+        assert_eq!(u.erase(b"never"), None);
+        assert_eq!(u.get(b"user-7"), None);
+        assert_eq!(u.get(b"user-8"), Some(idx[8]));
+        assert_eq!(u.len(), 4999);
+        let mut seen = Vec::new();
+        u.for_each(|g, id| seen.push((g, id.to_vec())));
+        assert_eq!(seen.len(), 4999);
+        assert!(seen.iter().all(|(_, id)| id != b"user-7"));
+        // No trace of an erased id's bytes in the arena.
+        let victim = b"erase-me@example.com";
+        let vi = u.intern_mut_shared(victim);
+        assert_eq!(u.erase(victim), Some(vi));
+        for s in 0..u.shards() {
+            let d = u.lock(s);
+            for b in 0..d.block_count() {
+                let mut copy = Vec::new();
+                d.copy_block(b, &mut copy);
+                assert!(!copy.windows(victim.len()).any(|w| w == victim));
+            }
+        }
+        // Re-interned: a new index; every other id keeps its own; growth keeps working.
+        let mut g = u.lock_all();
+        let again = u.intern_in(&mut g, b"user-7").unwrap();
+        assert_ne!(again, idx[7]);
+        for (i, id) in ids.iter().enumerate() {
+            if i != 7 {
+                assert_eq!(u.intern_in(&mut g, id.as_bytes()), Some(idx[i]));
+            }
+        }
+        for i in 0..50_000 {
+            u.intern_in(&mut g, format!("more-{i}").as_bytes()).unwrap();
+        }
+        drop(g);
+        assert_eq!(u.get(b"user-7"), Some(again));
+        assert_eq!(u.get(b"user-9"), Some(idx[9]));
+        // A scan lists every live id once.
+        let mut n = 0;
+        u.scan(&mut Vec::new(), |_, id| {
+            n += 1;
+            assert!(!id.is_empty());
+            true
+        });
+        assert_eq!(n, 55_000);
+        assert_eq!(u.get(victim), None);
+    }
 }
