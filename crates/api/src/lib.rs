@@ -1,9 +1,12 @@
 //! Delivery: the gRPC service `userseg.v1.Segments` (plus gRPC health and reflection) and the
 //! HTTP/JSON API, served together on one port.
 
+mod analytics_http;
 mod error;
 mod grpc;
 mod http;
+pub mod openapi;
+pub mod roles;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,9 +17,10 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use userseg_usecase::{Estimation, Ingest};
+use userseg_usecase::{Analytics, Estimation, History, Ingest};
 
 pub use error::ApiError;
+pub use roles::{grpc_role, http_role, Role};
 
 /// A named readiness check (the broker, ClickHouse, the batch processor...).
 pub type ReadyCheck =
@@ -27,6 +31,10 @@ pub type ReadyCheck =
 pub struct ApiState {
     pub ingest: Option<Ingest>,
     pub estimation: Option<Estimation>,
+    /// User lookup, deletion, expressions, overlap, export, counts with `within`.
+    pub analytics: Option<Analytics>,
+    /// Segment count history.
+    pub history: Option<History>,
     pub ready_checks: Vec<(String, ReadyCheck)>,
     pub metrics: Option<PrometheusHandle>,
     /// When set, `/v1/*` and the `Segments` gRPC service need `Authorization: Bearer <token>`.
@@ -49,6 +57,8 @@ impl ApiState {
         ApiState {
             ingest,
             estimation,
+            analytics: None,
+            history: None,
             ready_checks: Vec::new(),
             metrics: None,
             auth_token: None,

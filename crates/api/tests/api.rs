@@ -402,6 +402,7 @@ async fn grpc_push_stream_and_estimates() {
         .estimate(EstimateRequest {
             segment: "g2".into(),
             mode: PbMode::Exact as i32,
+            within_seconds: 0,
         })
         .await
         .unwrap()
@@ -411,6 +412,7 @@ async fn grpc_push_stream_and_estimates() {
     let l = client
         .list_estimates(ListEstimatesRequest {
             mode: PbMode::Approx as i32,
+            within_seconds: 0,
         })
         .await
         .unwrap()
@@ -479,12 +481,16 @@ async fn grpc_bad_input_is_invalid_argument() {
         .estimate(EstimateRequest {
             segment: "".into(),
             mode: 0,
+            within_seconds: 0,
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = client
-        .list_estimates(ListEstimatesRequest { mode: 99 })
+        .list_estimates(ListEstimatesRequest {
+            mode: 99,
+            within_seconds: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -584,7 +590,10 @@ async fn auth_token_guards_the_api_but_not_probes() {
         .unwrap();
     let mut anon = SegmentsClient::new(channel.clone());
     let e = anon
-        .list_estimates(ListEstimatesRequest { mode: 0 })
+        .list_estimates(ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
@@ -595,7 +604,10 @@ async fn auth_token_guards_the_api_but_not_probes() {
             Ok(req)
         });
     authed
-        .list_estimates(ListEstimatesRequest { mode: 0 })
+        .list_estimates(ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        })
         .await
         .unwrap();
     // The gRPC health service stays open for load balancers.

@@ -7,9 +7,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use userseg_api::ApiState;
 use userseg_embedded::{
-    open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, WalConfig,
+    open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, FileHistory,
+    WalConfig,
 };
-use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, SystemClock};
+use userseg_usecase::{
+    Analytics, BatchProcessor, Clock, Estimation, History, HistorySampler, Ingest, SystemClock,
+};
 
 use crate::config::StandaloneConfig;
 use crate::{observability, server};
@@ -58,6 +61,26 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
     let checkpoint_task = tokio::spawn(checkpointer.clone().run(checkpoint_stop.clone()));
 
     let log = opened.log;
+    let history_dir = cfg.data_dir.join("history");
+    let history_store = Arc::new(
+        FileHistory::open(&history_dir)
+            .with_context(|| format!("DATA_DIR: cannot open {}", history_dir.display()))?,
+    );
+    let sampler = HistorySampler::new(
+        Arc::new(store.clone()),
+        history_store.clone(),
+        clock.clone(),
+        cfg.history,
+    );
+    let sampler_stop = tokio_util::sync::CancellationToken::new();
+    let sampler_task = tokio::spawn(sampler.run(sampler_stop.clone()));
+    let analytics = Analytics::new(
+        Arc::new(store.clone()),
+        Arc::new(log.clone()),
+        clock.clone(),
+        window,
+    );
+    let history = History::new(history_store, clock.clone(), cfg.history);
     let ingest = Ingest::new(
         Arc::new(log.clone()),
         clock.clone(),
@@ -66,6 +89,8 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
     );
     let estimation = Estimation::new(Arc::new(store), clock, window, Duration::ZERO);
     let mut state = ApiState::new(Some(ingest), Some(estimation));
+    state.analytics = Some(analytics);
+    state.history = Some(history);
     state.metrics = Some(metrics);
     state.auth_token = cfg.service.api_token.as_deref().map(Arc::from);
     state
@@ -82,6 +107,8 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
     shutdown.cancelled().await;
     // 1. Stop accepting; let in-flight requests finish (bounded).
     server::stop(server).await;
+    sampler_stop.cancel();
+    let _ = sampler_task.await;
     // 2. Close the log: the writer drains, then the processor sees the end and flushes.
     drop(log);
     let wal = opened.wal.clone();
