@@ -37,6 +37,11 @@ pub(crate) fn routes(state: ApiState) -> axum::Router {
     routes.into_axum_router()
 }
 
+/// The server stream of `ExportMembers`.
+type ExportStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<ExportMembersResponse, Status>> + Send + 'static>,
+>;
+
 pub(crate) struct GrpcApi {
     state: ApiState,
 }
@@ -352,14 +357,10 @@ impl Segments for GrpcApi {
         }))
     }
 
-    type ExportMembersStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<ExportMembersResponse, Status>> + Send + 'static>,
-    >;
-
     async fn export_members(
         &self,
         request: Request<ExportMembersRequest>,
-    ) -> Result<Response<Self::ExportMembersStream>, Status> {
+    ) -> Result<Response<ExportStream>, Status> {
         let req = request.into_inner();
         let within = self.within(req.within_seconds)?;
         let export = self
