@@ -165,7 +165,8 @@ impl BatchProcessor {
                         break;
                     }
                     self.commit(&mut source, done).await;
-                    continue;
+                    // Group commit: what arrived during the write goes now if nothing else waits.
+                    !positions.is_empty() && source.is_drained()
                 }
                 _ = timer, if deadline.is_some() => true,
                 next = source.next() => match next {
@@ -192,7 +193,11 @@ impl BatchProcessor {
                                 }
                             }
                         }
-                        pairs.len() >= self.config.batch_size || deletion.is_some()
+                        // Full, a deletion, or (read-your-writes) nothing else is waiting and no
+                        // write is in flight: write now instead of waiting for the timer.
+                        pairs.len() >= self.config.batch_size
+                            || deletion.is_some()
+                            || (inflight.is_none() && source.is_drained())
                     }
                     Ok(None) => break,
                     Err(e) => {

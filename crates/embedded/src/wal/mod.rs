@@ -523,6 +523,10 @@ impl PairSource for WalSource {
         }))
     }
 
+    fn is_drained(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     async fn commit(&mut self, positions: Vec<WalPosition>) -> Result<(), PortError> {
         if let Some(max) = positions.iter().map(|p| p.end).max() {
             self.shared.committed.fetch_max(max, Ordering::AcqRel);
