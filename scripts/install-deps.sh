@@ -33,7 +33,7 @@ if [ ! -x "$TANSU_BIN" ] || [ "$(cat "$TANSU_STAMP" 2>/dev/null)" != "$TANSU_FEA
   echo "install-deps: building tansu $TANSU_VERSION (first run only, about 11 minutes)"
   mkdir -p "$TOOLS_DIR"
   CARGO_TARGET_DIR="$TOOLS_DIR/tansu-build" cargo install tansu --version "$TANSU_VERSION" \
-    --features "$TANSU_FEATURES" --root "$TOOLS_DIR/tansu-$TANSU_VERSION" --quiet --force
+    --features "$TANSU_FEATURES" --root "$TOOLS_DIR/tansu-$TANSU_VERSION" --locked --quiet --force
   rm -rf "$TOOLS_DIR/tansu-build"
   echo "$TANSU_FEATURES" >"$TANSU_STAMP"
 fi

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use reqwest::{StatusCode, Url};
 
-use crate::config::ClickHouseConfig;
+use crate::config::{check_database_name, ClickHouseConfig};
 use crate::error::{parse_exception_code, ClickHouseError};
 
 /// Longest error body kept in an error message.
@@ -31,22 +31,16 @@ pub struct ClickHouseClient {
 }
 
 impl ClickHouseClient {
-    /// Validates the config and builds the HTTP client; does not connect.
+    /// Builds the HTTP client; does not connect. The database name must be a plain
+    /// identifier (it goes into SQL text).
     pub fn new(config: &ClickHouseConfig) -> Result<Self, ClickHouseError> {
-        config.validate()?;
-        let base = Url::parse(&config.addr).map_err(|e| {
-            ClickHouseError::Config(crate::ConfigError {
-                var: crate::config::env::ADDR,
-                reason: e.to_string(),
-            })
-        })?;
+        check_database_name(&config.database).map_err(ClickHouseError::Config)?;
+        let base = Url::parse(&config.addr)
+            .map_err(|e| ClickHouseError::Config(format!("address {:?}: {e}", config.addr)))?;
         // Relative, so a base URL behind a path prefix (`http://proxy/ch/`) keeps it.
-        let ping_url = base.join("ping").map_err(|e| {
-            ClickHouseError::Config(crate::ConfigError {
-                var: crate::config::env::ADDR,
-                reason: e.to_string(),
-            })
-        })?;
+        let ping_url = base
+            .join("ping")
+            .map_err(|e| ClickHouseError::Config(format!("address {:?}: {e}", config.addr)))?;
         let build = |timeout: Option<Duration>| {
             let mut builder = reqwest::Client::builder()
                 .connect_timeout(config.connect_timeout)

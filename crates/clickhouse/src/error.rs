@@ -2,8 +2,6 @@
 
 use userseg_usecase::PortError;
 
-use crate::config::ConfigError;
-
 /// Exception codes with which ClickHouse refuses the *data* of a request: the same rows fail
 /// again however often they are retried, so a write failing with one of them is
 /// [`PortError::Permanent`] (and eventually dead-lettered).
@@ -53,7 +51,7 @@ pub const CONFIG_ERROR_CODES: &[u32] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum ClickHouseError {
     #[error("invalid configuration: {0}")]
-    Config(#[from] ConfigError),
+    Config(String),
     /// No HTTP response: connection refused or reset, DNS failure, timeout.
     #[error("clickhouse at {addr} is unreachable: {detail}")]
     Unreachable { addr: String, detail: String },

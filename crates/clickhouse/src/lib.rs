@@ -1,7 +1,7 @@
 //! userseg's segment store on ClickHouse (18.16 and current versions), over the HTTP interface.
 //!
 //! Wiring:
-//! 1. [`ClickHouseConfig::from_env`] (or build the struct and call [`ClickHouseConfig::validate`]);
+//! 1. a [`ClickHouseConfig`] (the binary builds it from its validated settings);
 //! 2. [`migrate`] once (`userseg migrate`): creates the database and applies the embedded
 //!    migrations, recording them in `schema_migrations`;
 //! 3. [`ClickHouseStore::new`]`(config, window)`, shared as `Arc<dyn SegmentWriter>` and
@@ -21,7 +21,7 @@ mod scan;
 mod store;
 
 pub use client::{looks_like_exception, quote_string, ClickHouseClient, ResponseStream};
-pub use config::{env, ClickHouseConfig, ConfigError};
+pub use config::{check_database_name, ClickHouseConfig};
 pub use error::{ClickHouseError, CONFIG_ERROR_CODES, DATA_ERROR_CODES};
 pub use migrate::{
     applied_migrations, latest_version, migrate, migrate_to, AppliedMigration, Migration,

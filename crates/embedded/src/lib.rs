@@ -2,6 +2,7 @@
 //!
 //! - [`wal`]: the write-ahead log (the embedded counterpart of Kafka): durable, group-committed.
 //! - [`store`]: the exact in-memory segment store (the embedded counterpart of ClickHouse).
+//! - [`standalone`]: opening a data directory (lock, snapshot, log replay).
 //! - [`checkpoint`]: snapshots of the store so the log can be truncated and restarts are fast.
 //! - [`dlq`]: dead letters appended to a file.
 //! - [`history`]: segment count samples in `DATA_DIR/history`.
@@ -9,13 +10,13 @@
 pub mod checkpoint;
 pub mod dlq;
 pub mod history;
+pub mod standalone;
 pub mod store;
 pub mod wal;
 
-pub use checkpoint::{
-    open_standalone, CheckpointConfig, Checkpointer, OpenError, Recovery, Standalone,
-};
+pub use checkpoint::{CheckpointConfig, Checkpointer};
 pub use dlq::FileDeadLetters;
 pub use history::FileHistory;
+pub use standalone::{open_standalone, DataDirLock, OpenError, Recovery, Standalone};
 pub use store::{EmbeddedStore, MemStore, MemoryStats};
 pub use wal::{WalConfig, WalHandle, WalLog, WalSource};

@@ -34,7 +34,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.topic = format!("bench-{stamp}");
     config.dlq_topic = format!("bench-{stamp}-dlq");
     config.group_id = format!("bench-{stamp}");
-    config.extra = KafkaConfig::parse_extra(&std::env::var("KAFKA_EXTRA").unwrap_or_default())?;
     ensure_topics(&config).await?;
     let publisher = Arc::new(KafkaPublisher::new(&config)?);
     publisher.check_ready().await?;

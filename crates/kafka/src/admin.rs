@@ -14,7 +14,6 @@ use crate::error::SetupError;
 /// they exist. Idempotent: a topic that already exists is left as it is (its partition count is
 /// not changed). Fails within about `ack_timeout` when the broker cannot be reached.
 pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), SetupError> {
-    config.validate()?;
     let admin: AdminClient<LogContext> =
         AdminClient::from_config_and_context(&admin_config(config), LogContext { client: "admin" })
             .map_err(SetupError::Client)?;

@@ -38,7 +38,7 @@ pub struct KafkaDeadLetters {
 }
 
 impl KafkaDeadLetters {
-    /// Validates the configuration and creates the producer.
+    /// Creates the producer.
     pub fn new(config: &KafkaConfig) -> Result<Self, SetupError> {
         Ok(KafkaDeadLetters {
             producer: std::sync::Arc::new(ProducerHandle::new(config, "dead-letters")?),

@@ -6,13 +6,9 @@ use std::time::Duration;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use userseg_usecase::PortError;
 
-use crate::config::ConfigError;
-
 /// Why an adapter could not be created or the topics could not be ensured.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("invalid kafka configuration: {0}")]
-    Config(#[from] ConfigError),
     #[error("creating the kafka client: {0}")]
     Client(#[source] KafkaError),
     #[error("subscribing to topic {topic}: {source}")]

@@ -197,9 +197,6 @@ impl KafkaFollower {
     /// (unreachable, timeouts, unknown topic) is `Transient`; an invalid configuration
     /// `Permanent`.
     pub async fn open(config: &KafkaConfig) -> Result<Self, PortError> {
-        config
-            .validate()
-            .map_err(|e| PortError::Permanent(format!("invalid kafka configuration: {e}")))?;
         let highs: Arc<Mutex<HashMap<i32, i64>>> = Arc::default();
         let lookup: BaseConsumer<FollowerContext> = BaseConsumer::from_config_and_context(
             &group_offsets_config(config),

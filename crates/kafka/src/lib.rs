@@ -12,9 +12,8 @@
 //!   index: the whole topic, outside any group, from the offsets the processors' group committed.
 //! - [`ensure_topics`]: creates the topic and the DLQ topic when missing.
 //!
-//! Configuration flows config → validate → build: [`KafkaConfig`] is a plain struct (the binary
-//! fills it from flags and environment), [`KafkaConfig::validate`] names the offending variable,
-//! and each adapter's constructor validates before it builds its librdkafka client.
+//! Configuration: [`KafkaConfig`] is a plain typed struct; the binary declares, parses and
+//! validates every setting (naming the variable to fix) and hands the adapters the result.
 
 mod admin;
 mod codec;
@@ -31,7 +30,7 @@ mod source;
 
 pub use admin::ensure_topics;
 pub use codec::{decode_batch, encode_batch, DecodeError};
-pub use config::{Compression, ConfigError, KafkaConfig};
+pub use config::{Compression, KafkaConfig, UnknownCompression, MESSAGE_OVERHEAD_BYTES};
 pub use dlq::{
     KafkaDeadLetters, HEADER_ATTEMPTS, HEADER_KIND, HEADER_PAIRS, HEADER_PART, HEADER_REASON,
     HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,

@@ -77,7 +77,6 @@ fn build(config: &KafkaConfig, name: &'static str) -> Result<Client, KafkaError>
 
 impl ProducerHandle {
     pub fn new(config: &KafkaConfig, name: &'static str) -> Result<Self, SetupError> {
-        config.validate()?;
         let client = build(config, name).map_err(SetupError::Client)?;
         Ok(ProducerHandle {
             config: config.clone(),

@@ -10,6 +10,16 @@ use clap::Args;
 use userseg_domain::{Limits, Window};
 use userseg_usecase::BatchConfig;
 
+mod clickhouse;
+mod distributed;
+#[cfg(test)]
+mod documented;
+mod kafka;
+
+pub use clickhouse::ClickHouseArgs;
+pub use distributed::{EsArgs, EsConfig, MigrateArgs, UssArgs, UssConfig};
+pub use kafka::KafkaArgs;
+
 pub fn duration(var: &str, value: &str) -> Result<Duration> {
     humantime::parse_duration(value.trim()).with_context(|| {
         format!("{var}: {value:?} is not a duration (write e.g. 200ms, 30s, 5m, 14d)")
@@ -57,11 +67,23 @@ pub struct BatchArgs {
     pub retry_backoff_max: String,
 }
 
+#[derive(Clone)]
 pub struct ServiceConfig {
     pub addr: SocketAddr,
     pub api_token: Option<String>,
     pub window: Window,
     pub limits: Limits,
+}
+
+impl std::fmt::Debug for ServiceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceConfig")
+            .field("addr", &self.addr)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("window", &self.window)
+            .field("limits", &self.limits)
+            .finish()
+    }
 }
 
 fn bytes(var: &str, value: &str) -> Result<usize> {
@@ -103,9 +125,6 @@ impl ServiceArgs {
                     self.service_host
                 )
             })?;
-        if self.service_port == 0 {
-            // Port 0 is fine for tests: the OS picks one and the log says which.
-        }
         let w = duration("WINDOW", &self.window)?;
         if w.subsec_nanos() != 0 {
             bail!(
@@ -231,6 +250,7 @@ pub struct StandaloneArgs {
     pub checkpoint_log_bytes: String,
 }
 
+#[derive(Debug, Clone)]
 pub struct StandaloneConfig {
     pub service: ServiceConfig,
     pub batch: BatchConfig,

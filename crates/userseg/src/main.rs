@@ -1,48 +1,15 @@
-//! The userseg binary: one command per role, wiring config → adapters → use cases → API.
-
-mod config;
-mod distributed;
-mod observability;
-mod server;
-mod standalone;
+//! The userseg binary: parses the command line, validates it into a role's config and runs the
+//! role until SIGTERM / SIGINT (see the library, `lib.rs`).
 
 use anyhow::Result;
+use clap::Parser;
+use userseg::cli::{Cli, Command};
+use userseg::{es, migrate, observability, standalone, uss};
 
 /// mimalloc: ingest allocates two small strings per pair on one thread and frees them on
 /// another (the batch processor), a pattern where glibc malloc contends.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(
-    name = "userseg",
-    version,
-    about = "Counts users per segment over a sliding window (standalone, or USS → Kafka → ES → ClickHouse)."
-)]
-struct Cli {
-    /// Log format: text or json.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
-    log_format: String,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Everything in one process on the embedded durable store (no external service).
-    Standalone(config::StandaloneArgs),
-    /// Stateless ingest service: validates pairs and publishes them to Kafka.
-    Uss(distributed::UssArgs),
-    /// Estimation service: consumes Kafka in batches into ClickHouse and serves estimates.
-    Es(Box<distributed::EsArgs>),
-    /// Apply the ClickHouse schema migrations.
-    Migrate(distributed::MigrateArgs),
-    /// Push a synthetic workload to a running server and report throughput (and verify counts).
-    Load(Box<userseg_loadgen::LoadArgs>),
-    /// Print the version.
-    Version,
-}
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -56,10 +23,28 @@ fn main() -> Result<()> {
         .build()?;
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Standalone(args) => standalone::run(args.validate()?).await,
-            Command::Uss(args) => distributed::run_uss(args).await,
-            Command::Es(args) => distributed::run_es(*args).await,
-            Command::Migrate(args) => distributed::run_migrate(args).await,
+            Command::Standalone(args) => {
+                let config = args.validate()?;
+                standalone::start(config, observability::shutdown_on_signals()?)
+                    .await?
+                    .wait()
+                    .await
+            }
+            Command::Uss(args) => {
+                let config = args.validate()?;
+                uss::start(config, observability::shutdown_on_signals()?)
+                    .await?
+                    .wait()
+                    .await
+            }
+            Command::Es(args) => {
+                let config = args.validate()?;
+                es::start(config, observability::shutdown_on_signals()?)
+                    .await?
+                    .wait()
+                    .await
+            }
+            Command::Migrate(args) => migrate::run(&args.validate()?).await,
             Command::Load(args) => userseg_loadgen::run(*args)
                 .await
                 .map(|_| ())

@@ -1,5 +1,7 @@
 //! Logging, metrics and the process lifecycle shared by every command.
 
+use std::sync::OnceLock;
+
 use anyhow::{bail, Result};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
@@ -19,20 +21,27 @@ pub fn init_logging(format: &str) -> Result<()> {
     Ok(())
 }
 
-/// Installs the Prometheus recorder and keeps its histograms trimmed.
-pub fn init_metrics() -> Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
-    Ok(handle)
+/// The process's Prometheus recorder, installed on first use (every role started in this
+/// process shares it), with a thread that keeps its histograms trimmed.
+pub fn metrics() -> Result<PrometheusHandle> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .install_recorder()
+                .map_err(|e| format!("metrics: {e}"))?;
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                })
+                .map_err(|e| format!("metrics: {e}"))?;
+            Ok(handle)
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Cancels the returned token on SIGTERM or SIGINT.

@@ -1,10 +1,13 @@
-//! Serving the API and the pieces every role shares: readiness of the batch processor,
-//! start and bounded stop of the server.
+//! Serving the API and the pieces every role shares: readiness of the batch processor, the
+//! handle of a running role, start and bounded stop of the server.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use userseg_api::{ApiState, ReadyCheck};
@@ -12,8 +15,92 @@ use userseg_usecase::ProcessorHealth;
 
 use crate::config::ServiceConfig;
 
+/// A running role (standalone, uss or es), as returned by its `start`: the address it listens
+/// on, and its lifetime, which ends once the shutdown token fired and the role has stopped in
+/// order (requests drained, batches flushed, final snapshot written).
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+impl Server {
+    /// The bound address (the OS picked the port when SERVICE_PORT is 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`, the base URL of the HTTP and gRPC API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Asks the role to stop (the same as firing the shutdown token given to `start`).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the role has stopped; it stops when the shutdown token fires.
+    pub async fn wait(self) -> Result<()> {
+        self.task.await.context("the role's task failed")?
+    }
+
+    /// Fires the shutdown token and waits until the role has stopped.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown();
+        self.wait().await
+    }
+}
+
+/// Binds the service address, for a role to build its [`Server`] on.
+pub(crate) async fn bind(service: &ServiceConfig) -> Result<TcpListener> {
+    tokio::net::TcpListener::bind(service.addr)
+        .await
+        .with_context(|| {
+            format!(
+                "SERVICE_HOST/SERVICE_PORT: cannot listen on {}",
+                service.addr
+            )
+        })
+}
+
+/// Serves the API on `listener` until `shutdown` fires, then runs `teardown` (after the
+/// in-flight requests finished, at most 10 s) and ends.
+pub(crate) fn run<F>(
+    listener: TcpListener,
+    state: ApiState,
+    service: &ServiceConfig,
+    role: &'static str,
+    shutdown: CancellationToken,
+    teardown: F,
+) -> Result<Server>
+where
+    F: Future<Output = Result<()>> + Send + 'static,
+{
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, role, window_seconds = service.window.secs(), "userseg listening");
+    let http = tokio::spawn(userseg_api::serve(
+        listener,
+        userseg_api::router(state),
+        shutdown.clone(),
+    ));
+    let stopped = shutdown.clone();
+    let task = tokio::spawn(async move {
+        stopped.cancelled().await;
+        stop(http).await;
+        let result = teardown.await;
+        tracing::info!(role, "userseg stopped");
+        result
+    });
+    Ok(Server {
+        addr,
+        shutdown,
+        task,
+    })
+}
+
 /// Not ready while the batch processor's writes to the store keep failing.
-pub fn processor_check(health: ProcessorHealth) -> ReadyCheck {
+pub(crate) fn processor_check(health: ProcessorHealth) -> ReadyCheck {
     Arc::new(move || {
         let h = health.clone();
         Box::pin(async move {
@@ -29,32 +116,8 @@ pub fn processor_check(health: ProcessorHealth) -> ReadyCheck {
     })
 }
 
-/// Binds the service address and serves the API until `shutdown` fires.
-pub async fn serve(
-    state: ApiState,
-    service: &ServiceConfig,
-    role: &str,
-    shutdown: CancellationToken,
-) -> Result<JoinHandle<std::io::Result<()>>> {
-    let listener = tokio::net::TcpListener::bind(service.addr)
-        .await
-        .with_context(|| {
-            format!(
-                "SERVICE_HOST/SERVICE_PORT: cannot listen on {}",
-                service.addr
-            )
-        })?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, role, window_seconds = service.window.secs(), "userseg listening");
-    Ok(tokio::spawn(userseg_api::serve(
-        listener,
-        userseg_api::router(state),
-        shutdown,
-    )))
-}
-
 /// Waits for the server to finish its in-flight requests, at most 10 s.
-pub async fn stop(server: JoinHandle<std::io::Result<()>>) {
+async fn stop(server: JoinHandle<std::io::Result<()>>) {
     match tokio::time::timeout(Duration::from_secs(10), server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),

@@ -5,23 +5,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use userseg_api::ApiState;
 use userseg_embedded::{
     open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, FileHistory,
-    WalConfig,
+    WalConfig, WalHandle, WalLog,
 };
 use userseg_usecase::{
     Analytics, BatchProcessor, Clock, Estimation, History, HistorySampler, Ingest, SystemClock,
 };
 
 use crate::config::StandaloneConfig;
-use crate::{observability, server};
+use crate::observability;
+use crate::server::{self, Server};
 
-pub async fn run(cfg: StandaloneConfig) -> Result<()> {
-    let metrics = observability::init_metrics()?;
-    let shutdown = observability::shutdown_on_signals()?;
+/// Opens (and recovers) the data directory, starts the batch processor, the checkpointer and
+/// the API, and returns once the API listens. When `shutdown` fires, the role stops accepting,
+/// finishes in-flight requests, applies everything acknowledged and writes a final snapshot;
+/// [`Server::wait`] returns after that.
+pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result<Server> {
+    let metrics = observability::metrics()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let window = cfg.service.window;
+    let listener = server::bind(&cfg.service).await?;
 
     let mut wal_config = WalConfig::new(cfg.data_dir.join("wal"));
     wal_config.max_inflight_pairs = cfg.max_inflight_pairs;
@@ -38,7 +45,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
         cfg.batch.clone(),
     );
     let health = processor.health();
-    let processor_stop = tokio_util::sync::CancellationToken::new();
+    let processor_stop = CancellationToken::new();
     let processor_task = {
         let stop = processor_stop.clone();
         let source = opened.source;
@@ -57,7 +64,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
         clock.clone(),
         recovery.snapshot_offset,
     ));
-    let checkpoint_stop = tokio_util::sync::CancellationToken::new();
+    let checkpoint_stop = CancellationToken::new();
     let checkpoint_task = tokio::spawn(checkpointer.clone().run(checkpoint_stop.clone()));
 
     let log = opened.log;
@@ -72,7 +79,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
         clock.clone(),
         cfg.history,
     );
-    let sampler_stop = tokio_util::sync::CancellationToken::new();
+    let sampler_stop = CancellationToken::new();
     let sampler_task = tokio::spawn(sampler.run(sampler_stop.clone()));
     let analytics = Analytics::new(
         Arc::new(store.clone()),
@@ -102,19 +109,40 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
         recovery_ms = recovery.elapsed.as_millis() as u64,
         "recovered standalone state"
     );
-    let server = server::serve(state, &cfg.service, "standalone", shutdown.clone()).await?;
+    // The API holds the only other handles on the log (through `ingest`); once it has stopped,
+    // dropping `log` closes the log.
+    let lock = opened.lock;
+    let teardown = async move {
+        sampler_stop.cancel();
+        let _ = sampler_task.await;
+        drain(log, opened.wal, processor_task, processor_stop).await;
+        checkpoint_stop.cancel();
+        let _ = checkpoint_task.await;
+        final_snapshot(checkpointer).await;
+        drop(lock);
+        Ok(())
+    };
+    server::run(
+        listener,
+        state,
+        &cfg.service,
+        "standalone",
+        shutdown,
+        teardown,
+    )
+}
 
-    shutdown.cancelled().await;
-    // 1. Stop accepting; let in-flight requests finish (bounded).
-    server::stop(server).await;
-    sampler_stop.cancel();
-    let _ = sampler_task.await;
-    // 2. Close the log: the writer drains, then the processor sees the end and flushes.
+/// Closes the log: the writer drains, then the processor reads the end of the log, applies
+/// the rest and stops (cancelled after 20 s).
+async fn drain<S>(
+    log: WalLog,
+    wal: WalHandle,
+    mut processor_task: JoinHandle<S>,
+    processor_stop: CancellationToken,
+) {
     drop(log);
-    let wal = opened.wal.clone();
     let joined = tokio::task::spawn_blocking(move || wal.join());
     let _ = tokio::time::timeout(Duration::from_secs(10), joined).await;
-    let mut processor_task = processor_task;
     if tokio::time::timeout(Duration::from_secs(20), &mut processor_task)
         .await
         .is_err()
@@ -122,11 +150,11 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
         processor_stop.cancel();
         let _ = processor_task.await;
     }
-    // 3. Final snapshot, so the next start replays nothing.
-    checkpoint_stop.cancel();
-    let _ = checkpoint_task.await;
-    let cp = checkpointer.clone();
-    match tokio::task::spawn_blocking(move || cp.checkpoint()).await {
+}
+
+/// A snapshot of everything applied, so the next start replays nothing.
+async fn final_snapshot(checkpointer: Arc<Checkpointer>) {
+    match tokio::task::spawn_blocking(move || checkpointer.checkpoint()).await {
         Ok(Ok(Some(offset))) => tracing::info!(offset, "final snapshot written"),
         Ok(Ok(None)) => {}
         Ok(Err(e)) => {
@@ -134,6 +162,4 @@ pub async fn run(cfg: StandaloneConfig) -> Result<()> {
         }
         Err(e) => tracing::error!(error = %e, "final snapshot task failed"),
     }
-    tracing::info!("userseg standalone stopped");
-    Ok(())
 }

@@ -1,12 +1,11 @@
-//! Translation of a validated [`KafkaConfig`] into librdkafka client properties.
+//! Translation of a [`KafkaConfig`] into librdkafka client properties.
 
 use std::time::Duration;
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::ClientConfig;
 
-use super::validate::MESSAGE_OVERHEAD_BYTES;
-use super::KafkaConfig;
+use super::{KafkaConfig, MESSAGE_OVERHEAD_BYTES};
 
 fn ms(d: Duration) -> String {
     d.as_millis().to_string()

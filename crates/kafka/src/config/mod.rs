@@ -1,12 +1,11 @@
-//! Kafka settings: a plain struct with defaults ([`KafkaConfig`]), its validation
-//! ([`KafkaConfig::validate`], in `validate.rs`) and the translation into librdkafka client
-//! properties (`build.rs`).
+//! Kafka settings: a plain typed struct with defaults ([`KafkaConfig`]) and its translation
+//! into librdkafka client properties (`build.rs`).
 //!
-//! The binary owns the command line; [`vars`] holds the environment variable names it uses, so
-//! that validation errors name what the operator has to fix.
+//! The binary owns the settings: it declares each one once (a flag with its environment
+//! variable), validates it and hands the adapters a [`KafkaConfig`]; this crate knows no
+//! variable names.
 
 mod build;
-mod validate;
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,34 +14,9 @@ use std::time::Duration;
 pub(crate) use build::{
     admin_config, consumer_config, follower_config, group_offsets_config, producer_config,
 };
-pub use validate::ConfigError;
 
-/// The environment variables (and flags) the binary reads each setting from; validation errors
-/// name them.
-pub mod vars {
-    pub const BROKERS: &str = "KAFKA_BROKER_URL";
-    pub const TOPIC: &str = "KAFKA_TOPIC";
-    pub const DLQ_TOPIC: &str = "KAFKA_DLQ_TOPIC";
-    pub const GROUP_ID: &str = "KAFKA_GROUP_ID";
-    pub const CLIENT_ID: &str = "KAFKA_CLIENT_ID";
-    pub const PARTITIONS: &str = "KAFKA_PARTITIONS";
-    pub const REPLICATION_FACTOR: &str = "KAFKA_REPLICATION_FACTOR";
-    pub const ACK_TIMEOUT: &str = "KAFKA_ACK_TIMEOUT";
-    pub const LINGER: &str = "KAFKA_LINGER";
-    pub const COMPRESSION: &str = "KAFKA_COMPRESSION";
-    pub const BATCH_BYTES: &str = "KAFKA_BATCH_BYTES";
-    pub const QUEUE_MAX_MESSAGES: &str = "KAFKA_QUEUE_MAX_MESSAGES";
-    pub const QUEUE_MAX_KBYTES: &str = "KAFKA_QUEUE_MAX_KBYTES";
-    pub const MAX_MESSAGE_BYTES: &str = "KAFKA_MAX_MESSAGE_BYTES";
-    pub const METADATA_TIMEOUT: &str = "KAFKA_METADATA_TIMEOUT";
-    pub const METADATA_REFRESH: &str = "KAFKA_METADATA_REFRESH";
-    pub const PREFETCH_KBYTES: &str = "KAFKA_PREFETCH_KBYTES";
-    pub const PREFETCH_MESSAGES: &str = "KAFKA_PREFETCH_MESSAGES";
-    pub const SESSION_TIMEOUT: &str = "KAFKA_SESSION_TIMEOUT";
-    pub const MAX_POLL_INTERVAL: &str = "KAFKA_MAX_POLL_INTERVAL";
-    pub const STATS_INTERVAL: &str = "KAFKA_STATS_INTERVAL";
-    pub const EXTRA: &str = "KAFKA_EXTRA";
-}
+/// Room left in `message.max.bytes` for the key, headers and record framing.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 16 * 1024;
 
 /// Compression of produced record batches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -74,8 +48,13 @@ impl fmt::Display for Compression {
     }
 }
 
+/// A compression name that is not one of `none`, `gzip`, `snappy`, `lz4`, `zstd`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown compression {0:?}; use one of none, gzip, snappy, lz4, zstd")]
+pub struct UnknownCompression(pub String);
+
 impl FromStr for Compression {
-    type Err = ConfigError;
+    type Err = UnknownCompression;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
@@ -84,72 +63,67 @@ impl FromStr for Compression {
             "snappy" => Ok(Compression::Snappy),
             "lz4" => Ok(Compression::Lz4),
             "zstd" => Ok(Compression::Zstd),
-            other => Err(ConfigError::new(
-                vars::COMPRESSION,
-                format!("unknown compression {other:?}; use one of none, gzip, snappy, lz4, zstd"),
-            )),
+            other => Err(UnknownCompression(other.to_string())),
         }
     }
 }
 
 /// Everything the Kafka adapters need. Build it with [`KafkaConfig::new`] (or `Default`) and
-/// override fields; every constructor in this crate calls [`KafkaConfig::validate`].
+/// override fields. The binary validates every field before it builds one (its flags, in
+/// `crates/userseg/src/config/kafka.rs`, say which values are allowed); the adapters trust it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KafkaConfig {
-    /// Bootstrap servers, `host:port[,host:port...]` (KAFKA_BROKER_URL).
+    /// Bootstrap servers, `host:port[,host:port...]`.
     pub brokers: String,
-    /// The pair log topic (KAFKA_TOPIC).
+    /// The pair log topic.
     pub topic: String,
-    /// The dead-letter topic (KAFKA_DLQ_TOPIC).
+    /// The dead-letter topic.
     pub dlq_topic: String,
-    /// The consumer group of the batch processors (KAFKA_GROUP_ID).
+    /// The consumer group of the batch processors.
     pub group_id: String,
-    /// `client.id` reported to the broker (KAFKA_CLIENT_ID).
+    /// `client.id` reported to the broker.
     pub client_id: String,
-    /// Partitions of topics that [`crate::ensure_topics`] creates (KAFKA_PARTITIONS).
+    /// Partitions of topics that [`crate::ensure_topics`] creates.
     pub partitions: i32,
-    /// Replication factor of topics that [`crate::ensure_topics`] creates
-    /// (KAFKA_REPLICATION_FACTOR).
+    /// Replication factor of topics that [`crate::ensure_topics`] creates.
     pub replication_factor: i32,
     /// Upper bound for a publish (or dead letter) to be acknowledged by the broker; after it the
-    /// call fails with `PortError::Transient` (KAFKA_ACK_TIMEOUT, librdkafka
-    /// `message.timeout.ms`).
+    /// call fails with `PortError::Transient` (librdkafka `message.timeout.ms`).
     pub ack_timeout: Duration,
-    /// How long the producer waits to fill a batch (KAFKA_LINGER, `linger.ms`).
+    /// How long the producer waits to fill a batch (`linger.ms`).
     pub linger: Duration,
-    /// KAFKA_COMPRESSION, `compression.type`.
+    /// Codec of produced record batches (`compression.type`).
     pub compression: Compression,
-    /// Largest record batch per partition request (KAFKA_BATCH_BYTES, `batch.size`).
+    /// Largest record batch per partition request (`batch.size`).
     pub batch_bytes: usize,
     /// Bound of the local producer queue in messages; a full queue makes publish fail with
-    /// `PortError::Overloaded` (KAFKA_QUEUE_MAX_MESSAGES, `queue.buffering.max.messages`).
+    /// `PortError::Overloaded` (`queue.buffering.max.messages`).
     pub queue_max_messages: usize,
-    /// Bound of the local producer queue in KiB (KAFKA_QUEUE_MAX_KBYTES,
-    /// `queue.buffering.max.kbytes`).
+    /// Bound of the local producer queue in KiB (`queue.buffering.max.kbytes`).
     pub queue_max_kbytes: usize,
     /// Largest encoded `PairBatch` value; bigger per-partition groups are split into several
-    /// messages. Must stay below the broker's `message.max.bytes` (KAFKA_MAX_MESSAGE_BYTES).
+    /// messages. Must stay below the broker's `message.max.bytes`.
     pub max_message_bytes: usize,
-    /// Timeout of metadata requests (readiness checks, partition counts) (KAFKA_METADATA_TIMEOUT).
+    /// Timeout of metadata requests (readiness checks, partition counts).
     pub metadata_timeout: Duration,
-    /// How often the cached partition count of the topic is refreshed (KAFKA_METADATA_REFRESH).
+    /// How often the cached partition count of the topic is refreshed.
     pub metadata_refresh: Duration,
-    /// Consumer prefetch bound in KiB per partition (KAFKA_PREFETCH_KBYTES,
-    /// `queued.max.messages.kbytes`).
+    /// Consumer prefetch bound in KiB per partition
+    /// (`queued.max.messages.kbytes`).
     pub prefetch_kbytes: usize,
-    /// Consumer prefetch target in messages per partition (KAFKA_PREFETCH_MESSAGES,
-    /// `queued.min.messages`).
+    /// Consumer prefetch target in messages per partition
+    /// (`queued.min.messages`).
     pub prefetch_messages: usize,
-    /// Consumer group session timeout (KAFKA_SESSION_TIMEOUT, `session.timeout.ms`).
+    /// Consumer group session timeout (`session.timeout.ms`).
     pub session_timeout: Duration,
     /// Longest time between two polls before the consumer leaves the group
-    /// (KAFKA_MAX_POLL_INTERVAL, `max.poll.interval.ms`).
+    /// (`max.poll.interval.ms`).
     pub max_poll_interval: Duration,
     /// Interval of librdkafka statistics (consumer lag gauges); zero disables them
-    /// (KAFKA_STATS_INTERVAL, `statistics.interval.ms`).
+    /// (`statistics.interval.ms`).
     pub stats_interval: Duration,
     /// Extra librdkafka properties applied to every client, e.g. `security.protocol=SASL_SSL`
-    /// (KAFKA_EXTRA as `key=value,key=value`).
+    /// (as `key=value,key=value`).
     pub extra: Vec<(String, String)>,
 }
 
@@ -193,22 +167,5 @@ impl KafkaConfig {
             brokers: brokers.into(),
             ..KafkaConfig::default()
         }
-    }
-
-    /// Parses KAFKA_EXTRA: `key=value` items separated by commas (empty items are skipped).
-    pub fn parse_extra(s: &str) -> Result<Vec<(String, String)>, ConfigError> {
-        s.split(',')
-            .map(str::trim)
-            .filter(|item| !item.is_empty())
-            .map(|item| match item.split_once('=') {
-                Some((k, v)) if !k.trim().is_empty() => {
-                    Ok((k.trim().to_string(), v.trim().to_string()))
-                }
-                _ => Err(ConfigError::new(
-                    vars::EXTRA,
-                    format!("{item:?} is not key=value"),
-                )),
-            })
-            .collect()
     }
 }

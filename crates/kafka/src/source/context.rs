@@ -1,13 +1,12 @@
-//! The consumer's librdkafka callbacks: logs, rebalances (logged, and paused again while the
-//! source idles), statistics (consumer lag gauges).
+//! The consumer's librdkafka callbacks: logs, rebalances (logged, committed offsets of revoked
+//! partitions forgotten), statistics (consumer lag gauges).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::TopicPartitionList;
@@ -17,8 +16,6 @@ use crate::context::{forward_error, forward_log};
 /// State shared by the source and its callbacks.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
-    /// The source is idling: partitions assigned meanwhile are paused right away.
-    pub paused: AtomicBool,
     /// Per partition, the highest offset this member committed since it was assigned the
     /// partition; commits never move backwards from it.
     pub committed: Mutex<HashMap<i32, i64>>,
@@ -119,21 +116,14 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let paused = self.shared.paused.load(Ordering::Acquire);
             tracing::info!(
                 topic = %self.topic,
                 partitions = ?partitions(tpl),
-                paused,
                 "kafka partitions assigned"
             );
             metrics::counter!("userseg_kafka_rebalances_total", "event" => "assign").increment(1);
-            if paused && tpl.count() > 0 {
-                if let Err(e) = consumer.pause(tpl) {
-                    tracing::warn!(error = %e, "pausing newly assigned kafka partitions failed");
-                }
-            }
         }
     }
 

@@ -6,7 +6,6 @@ mod context;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,14 +69,6 @@ impl Provenance {
     }
 }
 
-/// Consumes KAFKA_TOPIC in the consumer group KAFKA_GROUP_ID with manual offset management:
-/// nothing is committed automatically, [`PairSource::commit`] commits synchronously (on a
-/// blocking thread) the highest offset + 1 per partition, and only for partitions this member
-/// still owns. After a rebalance the new owner therefore re-reads the revoked partitions from
-/// their last committed offset: messages this member read but had not committed are delivered
-/// again, which is safe because store writes are idempotent.
-///
-/// Must be created inside a tokio runtime.
 /// Most bytes of messages buffered while idling.
 const IDLE_BUFFER_BYTES: usize = 32 << 20;
 
@@ -92,6 +83,14 @@ fn approx_bytes(m: &Message<Position>) -> usize {
     }
 }
 
+/// Consumes KAFKA_TOPIC in the consumer group KAFKA_GROUP_ID with manual offset management:
+/// nothing is committed automatically, [`PairSource::commit`] commits synchronously (on a
+/// blocking thread) the highest offset + 1 per partition, and only for partitions this member
+/// still owns. After a rebalance the new owner therefore re-reads the revoked partitions from
+/// their last committed offset: messages this member read but had not committed are delivered
+/// again, which is safe because store writes are idempotent.
+///
+/// Must be created inside a tokio runtime.
 pub struct KafkaSource {
     /// Only `None` once dropped (the consumer is closed on a separate thread).
     consumer: Option<Arc<StreamConsumer<SourceContext>>>,
@@ -101,15 +100,13 @@ pub struct KafkaSource {
     pending: VecDeque<Message<Position>>,
     /// Approximate size of `pending`.
     pending_bytes: usize,
-    paused: bool,
     provenance: Provenance,
 }
 
 impl KafkaSource {
-    /// Validates the configuration, creates the consumer and subscribes to the topic. Joining
+    /// Creates the consumer and subscribes to the topic. Joining
     /// the group happens in the background while `next` is polled.
     pub fn new(config: &KafkaConfig) -> Result<Self, SetupError> {
-        config.validate()?;
         let shared = Arc::new(Shared::default());
         let context = SourceContext {
             topic: config.topic.clone(),
@@ -131,7 +128,6 @@ impl KafkaSource {
             topic: config.topic.clone(),
             pending: VecDeque::new(),
             pending_bytes: 0,
-            paused: false,
             provenance: Provenance::default(),
         })
     }
@@ -172,21 +168,6 @@ impl KafkaSource {
         match &self.consumer {
             Some(c) => c,
             None => unreachable!("the consumer is only taken when the source is dropped"),
-        }
-    }
-
-    fn resume(&mut self) {
-        self.shared.paused.store(false, Ordering::Release);
-        self.paused = false;
-        let consumer = self.consumer();
-        match consumer.assignment() {
-            Ok(tpl) if tpl.count() > 0 => {
-                if let Err(e) = consumer.resume(&tpl) {
-                    tracing::warn!(error = %e, "resuming kafka partitions failed");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "reading the kafka assignment failed"),
         }
     }
 }
@@ -319,10 +300,6 @@ impl PairSource for KafkaSource {
             self.pending_bytes = self.pending_bytes.saturating_sub(approx_bytes(&m));
             return Ok(Some(m));
         }
-        if self.paused {
-            // An idle() was cancelled before it resumed.
-            self.resume();
-        }
         let Some(consumer) = &self.consumer else {
             return Ok(None);
         };
@@ -347,9 +324,9 @@ impl PairSource for KafkaSource {
             .map_err(|e| PortError::Transient(format!("committing kafka offsets: {e}")))?
     }
 
-    /// Pauses fetching for the whole assignment but keeps polling the consumer, so it keeps its
-    /// group membership (heartbeats, `max.poll.interval.ms`) and serves rebalances; partitions
-    /// assigned meanwhile are paused too. Anything already fetched is kept for `next`.
+    /// Hands nothing out for `pause` but keeps polling the consumer, so it keeps its group
+    /// membership (heartbeats, `max.poll.interval.ms`) and serves rebalances; what arrives
+    /// meanwhile is kept for `next`.
     async fn idle(&mut self, pause: Duration) {
         // Keep polling so the member stays in its group (max.poll.interval), but hand nothing
         // out: what arrives waits in `pending`, bounded by IDLE_BUFFER_BYTES; past that the

@@ -1,0 +1,115 @@
+//! The settings of the distributed roles, `uss`, `es` and `migrate`, validated once into typed
+//! configuration.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use userseg_clickhouse::ClickHouseConfig;
+use userseg_kafka::KafkaConfig;
+use userseg_usecase::BatchConfig;
+
+use super::{duration, BatchArgs, ClickHouseArgs, KafkaArgs, ServiceArgs, ServiceConfig};
+
+#[derive(Args, Debug, Clone)]
+pub struct UssArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+/// `userseg uss`: the API, publishing to Kafka.
+#[derive(Debug, Clone)]
+pub struct UssConfig {
+    pub service: ServiceConfig,
+    pub kafka: KafkaConfig,
+    /// Create the topics at start when they are missing (KAFKA_CREATE_TOPICS).
+    pub create_topics: bool,
+}
+
+impl UssArgs {
+    pub fn validate(&self) -> Result<UssConfig> {
+        Ok(UssConfig {
+            service: self.service.validate()?,
+            kafka: self.kafka.validate(None)?,
+            create_topics: self.kafka.kafka_create_topics,
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EsArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Consumer group of the estimation services.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "userseg-es")]
+    pub kafka_group_id: String,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+    /// How long an estimate is served from cache (0s disables the cache).
+    #[arg(long, env = "ESTIMATE_CACHE_TTL", default_value = "1s")]
+    pub estimate_cache_ttl: String,
+    /// How often expired day partitions are dropped.
+    #[arg(long, env = "RETENTION_INTERVAL", default_value = "1h")]
+    pub retention_interval: String,
+    /// Keep an exact in-memory index of the live pairs (loaded from ClickHouse at start, then
+    /// kept current from the topic) and answer estimates from it; ClickHouse answers until it
+    /// has loaded. About 15 bytes of memory per live pair.
+    #[arg(long, env = "ES_INDEX", default_value_t = true, action = clap::ArgAction::Set)]
+    pub es_index: bool,
+}
+
+/// `userseg es`: the batch consumer into ClickHouse and the estimates.
+#[derive(Debug, Clone)]
+pub struct EsConfig {
+    pub service: ServiceConfig,
+    pub batch: BatchConfig,
+    pub kafka: KafkaConfig,
+    pub create_topics: bool,
+    pub clickhouse: ClickHouseConfig,
+    pub estimate_cache_ttl: Duration,
+    pub retention_interval: Duration,
+    /// Answer estimates from the in-memory index (ES_INDEX).
+    pub index: bool,
+}
+
+impl EsArgs {
+    pub fn validate(&self) -> Result<EsConfig> {
+        let service = self.service.validate()?;
+        let batch = self.batch.validate(Duration::from_secs(30))?;
+        let kafka = self.kafka.validate(Some(&self.kafka_group_id))?;
+        let clickhouse = self.clickhouse.validate()?;
+        let estimate_cache_ttl = duration("ESTIMATE_CACHE_TTL", &self.estimate_cache_ttl)?;
+        let retention_interval = duration("RETENTION_INTERVAL", &self.retention_interval)?;
+        if retention_interval < Duration::from_secs(1) {
+            bail!("RETENTION_INTERVAL: must be at least 1s");
+        }
+        Ok(EsConfig {
+            service,
+            batch,
+            kafka,
+            create_topics: self.kafka.kafka_create_topics,
+            clickhouse,
+            estimate_cache_ttl,
+            retention_interval,
+            index: self.es_index,
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+impl MigrateArgs {
+    pub fn validate(&self) -> Result<ClickHouseConfig> {
+        self.clickhouse.validate()
+    }
+}

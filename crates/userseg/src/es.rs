@@ -1,0 +1,190 @@
+//! `userseg es`: the estimation service. A consumer-group member that batches the pair log
+//! into ClickHouse, and the API's estimates, from the in-memory index (or ClickHouse).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use userseg_api::{ApiState, ReadyCheck};
+use userseg_clickhouse::ClickHouseStore;
+use userseg_embedded::{EmbeddedStore, MemStore};
+use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaFollower, KafkaPublisher, KafkaSource};
+use userseg_usecase::{
+    BatchProcessor, Clock, Estimation, Replica, ReplicaConfig, SegmentCounter, SystemClock,
+};
+
+use crate::config::EsConfig;
+use crate::observability;
+use crate::server::{self, Server};
+
+/// How often the index drops expired memberships (their memory is reused).
+const INDEX_EXPIRE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the index's size gauges are refreshed.
+const INDEX_STATS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Starts the batch processor (Kafka → ClickHouse), the retention of expired partitions, the
+/// in-memory index (when `cfg.index`) and the API. On shutdown the processor flushes its batch
+/// and commits, and the consumer leaves the group so its partitions move at once.
+pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server> {
+    let metrics = observability::metrics()?;
+    let listener = server::bind(&cfg.service).await?;
+    if cfg.create_topics {
+        if let Err(e) = userseg_kafka::ensure_topics(&cfg.kafka).await {
+            tracing::warn!(error = %e, "could not ensure topics at start");
+        }
+    }
+    let store = ClickHouseStore::new(cfg.clickhouse.clone(), cfg.service.window)?;
+    let source = KafkaSource::new(&cfg.kafka)?;
+    let dlq = KafkaDeadLetters::new(&cfg.kafka)?.with_provenance(source.provenance());
+    let processor = BatchProcessor::new(Arc::new(store.clone()), Arc::new(dlq), cfg.batch.clone());
+    let health = processor.health();
+    let processor_stop = CancellationToken::new();
+    let processor_task = {
+        let stop = processor_stop.clone();
+        tokio::spawn(async move { processor.run(source, stop).await })
+    };
+    let background_stop = CancellationToken::new();
+    let mut background = vec![retention(
+        store.clone(),
+        cfg.retention_interval,
+        background_stop.clone(),
+    )];
+
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let counter: Arc<dyn SegmentCounter> = if cfg.index {
+        let (replica, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop);
+        background.extend(tasks);
+        Arc::new(replica)
+    } else {
+        Arc::new(store)
+    };
+    let estimation = Estimation::new(counter, clock, cfg.service.window, cfg.estimate_cache_ttl);
+    let mut state = ApiState::new(None, Some(estimation));
+    state.metrics = Some(metrics);
+    state.auth_token = cfg.service.api_token.as_deref().map(Arc::from);
+    state
+        .ready_checks
+        .push(("processor".into(), server::processor_check(health)));
+    state
+        .ready_checks
+        .push(("kafka".into(), broker_check(&cfg.kafka)?));
+
+    let teardown = async move {
+        // Stop consuming: the processor flushes its batch (bounded by the shutdown grace) and
+        // commits; then the consumer leaves the group so partitions move at once.
+        processor_stop.cancel();
+        match processor_task.await {
+            Ok(source) => source.close().await,
+            Err(e) => tracing::warn!(error = %e, "processor task failed"),
+        }
+        background_stop.cancel();
+        for task in background {
+            let _ = task.await;
+        }
+        Ok(())
+    };
+    server::run(listener, state, &cfg.service, "es", shutdown, teardown)
+}
+
+/// Broker reachability, through a metadata request of an idle producer client.
+fn broker_check(kafka: &KafkaConfig) -> Result<ReadyCheck> {
+    let probe = Arc::new(KafkaPublisher::new(kafka)?);
+    Ok(Arc::new(move || {
+        let probe = probe.clone();
+        Box::pin(async move {
+            userseg_usecase::PairPublisher::check_ready(probe.as_ref())
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }))
+}
+
+/// Drops expired day partitions every `interval` (ClickHouse 18.16 has no TTL).
+fn retention(
+    store: ClickHouseStore,
+    interval: Duration,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match store.drop_expired_partitions(SystemClock.now()).await {
+                Ok(dropped) if !dropped.is_empty() => {
+                    tracing::info!(partitions = dropped.len(), "dropped expired partitions")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "retention failed; will retry"),
+            }
+        }
+    })
+}
+
+/// Starts the in-memory index: a task that loads and follows it, and one that expires it.
+fn start_index(
+    cfg: &EsConfig,
+    store: &ClickHouseStore,
+    clock: Arc<dyn Clock>,
+    stop: &CancellationToken,
+) -> (Replica, Vec<JoinHandle<()>>) {
+    let mem = Arc::new(MemStore::new(cfg.service.window));
+    let index = EmbeddedStore(mem.clone());
+    let replica = Replica::new(
+        Arc::new(index.clone()),
+        Arc::new(index),
+        Arc::new(store.clone()),
+        ReplicaConfig::default(),
+    );
+    let kafka = cfg.kafka.clone();
+    let open = move || {
+        let kafka = kafka.clone();
+        async move { KafkaFollower::open(&kafka).await }
+    };
+    let run = tokio::spawn(replica.clone().run(
+        open,
+        Arc::new(store.clone()),
+        clock.clone(),
+        stop.clone(),
+    ));
+    let expire = tokio::spawn(expire_index(mem, clock, stop.clone()));
+    (replica, vec![run, expire])
+}
+
+/// Expires the index every [`INDEX_EXPIRE_INTERVAL`] and refreshes its size gauges every
+/// [`INDEX_STATS_INTERVAL`].
+async fn expire_index(mem: Arc<MemStore>, clock: Arc<dyn Clock>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(INDEX_STATS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_expire = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let m = mem.clone();
+        let now = clock.now();
+        let expire = last_expire.elapsed() >= INDEX_EXPIRE_INTERVAL;
+        if expire {
+            last_expire = tokio::time::Instant::now();
+        }
+        let Ok(stats) = tokio::task::spawn_blocking(move || {
+            if expire {
+                m.expire(now);
+            }
+            m.memory()
+        })
+        .await
+        else {
+            continue;
+        };
+        metrics::gauge!("userseg_index_live_pairs").set(stats.live_pairs as f64);
+        metrics::gauge!("userseg_index_users").set(stats.users as f64);
+        metrics::gauge!("userseg_index_memory_bytes")
+            .set((stats.member_bytes + stats.dict_bytes) as f64);
+    }
+}

@@ -1,0 +1,46 @@
+//! `userseg uss`: the stateless ingest service. It validates pairs exactly like standalone and
+//! publishes them to Kafka.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio_util::sync::CancellationToken;
+use userseg_api::ApiState;
+use userseg_kafka::KafkaPublisher;
+use userseg_usecase::{Clock, Ingest, SystemClock};
+
+use crate::config::UssConfig;
+use crate::observability;
+use crate::server::{self, Server};
+
+/// Starts the API publishing to Kafka (creating the topics first when asked to); on shutdown
+/// it drains the in-flight requests and flushes the producer.
+pub async fn start(cfg: UssConfig, shutdown: CancellationToken) -> Result<Server> {
+    let metrics = observability::metrics()?;
+    let listener = server::bind(&cfg.service).await?;
+    if cfg.create_topics {
+        if let Err(e) = userseg_kafka::ensure_topics(&cfg.kafka).await {
+            // The broker may come later; publishing will say UNAVAILABLE until then.
+            tracing::warn!(error = %e, "could not ensure topics at start");
+        }
+    }
+    let publisher = Arc::new(KafkaPublisher::new(&cfg.kafka)?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ingest = Ingest::new(
+        publisher.clone(),
+        clock,
+        cfg.service.window,
+        cfg.service.limits,
+    );
+    let mut state = ApiState::new(Some(ingest), None);
+    state.metrics = Some(metrics);
+    state.auth_token = cfg.service.api_token.as_deref().map(Arc::from);
+    let teardown = async move {
+        if let Err(e) = publisher.flush(Duration::from_secs(10)).await {
+            tracing::warn!(error = %e, "producer flush on shutdown failed");
+        }
+        Ok(())
+    };
+    server::run(listener, state, &cfg.service, "uss", shutdown, teardown)
+}
