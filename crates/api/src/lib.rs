@@ -2,11 +2,12 @@
 //! HTTP/JSON API, served together on one port.
 
 mod analytics_http;
+pub mod auth;
 mod error;
 mod grpc;
 mod http;
 pub mod openapi;
-pub mod roles;
+pub mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,8 +20,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use userseg_usecase::{Analytics, Estimation, History, Ingest};
 
+pub use auth::{Authenticator, KeyFileError, KeySet, Role};
 pub use error::ApiError;
-pub use roles::{grpc_role, http_role, Role};
+pub use tls::{serve_tls, TlsError, TlsFiles, TlsReloader};
 
 /// A named readiness check (the broker, ClickHouse, the batch processor...).
 pub type ReadyCheck =
@@ -37,8 +39,9 @@ pub struct ApiState {
     pub history: Option<History>,
     pub ready_checks: Vec<(String, ReadyCheck)>,
     pub metrics: Option<PrometheusHandle>,
-    /// When set, `/v1/*` and the `Segments` gRPC service need `Authorization: Bearer <token>`.
-    pub auth_token: Option<Arc<str>>,
+    /// When set, every route but the open ones needs `Authorization: Bearer <token>` of a key
+    /// with the route's role (see [`auth`]).
+    pub auth: Option<Authenticator>,
     /// Largest request body (HTTP) or message (gRPC), in bytes.
     pub max_request_bytes: usize,
     /// Request bytes being decoded at once, at most (bounds memory under load).
@@ -61,7 +64,7 @@ impl ApiState {
             history: None,
             ready_checks: Vec::new(),
             metrics: None,
-            auth_token: None,
+            auth: None,
             max_request_bytes,
             inflight_bytes: Arc::new(Semaphore::new(
                 (max_request_bytes * 16).min(Semaphore::MAX_PERMITS),
@@ -74,6 +77,9 @@ impl ApiState {
 
 /// The whole API as one router: HTTP routes plus the gRPC services.
 pub fn router(state: ApiState) -> Router {
+    if state.auth.is_some() {
+        auth::describe_metrics();
+    }
     let grpc = grpc::routes(state.clone());
     // gRPC requests (by content type) go to the tonic services; anything else unmatched gets
     // a JSON 404.
@@ -94,7 +100,10 @@ pub fn router(state: ApiState) -> Router {
     });
     http::routes(state.clone())
         .fallback_service(fallback)
-        .layer(axum::middleware::from_fn_with_state(state, http::auth))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            auth::middleware,
+        ))
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting and lets

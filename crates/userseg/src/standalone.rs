@@ -99,7 +99,7 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
     state.analytics = Some(analytics);
     state.history = Some(history);
     state.metrics = Some(metrics);
-    state.auth_token = cfg.service.api_token.as_deref().map(Arc::from);
+    state.auth = cfg.service.auth.clone();
     state
         .ready_checks
         .push(("processor".into(), server::processor_check(health)));
