@@ -137,7 +137,7 @@ fn main() {
             }
         })
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<userseg_usecase::Member>>(4);
     let consumer = std::thread::spawn(move || {
         let (mut n, mut bytes) = (0u64, 0u64);
         let mut out = Vec::new();
