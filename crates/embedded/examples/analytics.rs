@@ -49,6 +49,12 @@ fn timed(n: usize, mut f: impl FnMut(usize)) -> serde_json::Value {
     serde_json::json!({"p50": ms(&t, 0.5), "p99": ms(&t, 0.99), "max": ms(&t, 1.0), "runs": n})
 }
 
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    user_id: &'a str,
+    last_seen: i64,
+}
+
 fn main() {
     let args: Vec<u64> = std::env::args()
         .skip(1)
@@ -145,9 +151,13 @@ fn main() {
             out.clear();
             for m in chunk {
                 n += 1;
+                // As the API writes a line: a struct of a string and an integer.
                 let _ = serde_json::to_writer(
                     &mut out,
-                    &serde_json::json!({"user_id": m.user_id, "last_seen": m.last_seen}),
+                    &Line {
+                        user_id: &m.user_id,
+                        last_seen: m.last_seen,
+                    },
                 );
                 out.push(b'\n');
             }

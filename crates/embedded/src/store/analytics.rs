@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use userseg_domain::{Expr, UnixSeconds, Within};
 use userseg_usecase::{Member, Membership, Overlap, PortError, SegmentCount};
 
-use super::{read, write, Code, Coder, MemStore, Members, Segment};
+use super::{read, write, MemStore, Members, Segment};
 
 /// Most heavy queries (expressions, overlaps, exports) computing at once; each holds a few
 /// bitsets of `users / 8` bytes.
@@ -25,11 +25,6 @@ pub(crate) const HEAVY_QUERIES: usize = 2;
 /// Bitset words covering user indices below `universe`.
 fn words(universe: usize) -> usize {
     universe.div_ceil(64)
-}
-
-#[inline]
-fn live_fn<C: Code>(coder: Coder, lo: i64) -> impl Fn(C) -> bool {
-    move |c| coder.decode(c) > lo
 }
 
 impl Segment {
@@ -62,10 +57,14 @@ impl Segment {
 
     /// ORs the members whose bucket is above `lo` into `bits`.
     pub(crate) fn fill_bits(&self, lo: i64, bits: &mut [u64]) {
-        let coder = self.coder;
+        // A code's bucket is `top - d`, `d = (top_code - code) mod M`: live iff `d < top - lo`.
+        let (top_code, k) = self.coder.live_window(lo);
+        if k <= 0 {
+            return;
+        }
         match &self.members {
-            Members::Narrow(r) => r.fill_bits(bits, live_fn::<u16>(coder, lo)),
-            Members::Wide(r) => r.fill_bits(bits, live_fn::<u32>(coder, lo)),
+            Members::Narrow(r) => r.fill_bits(bits, top_code, k),
+            Members::Wide(r) => r.fill_bits(bits, top_code, k),
         }
     }
 }
