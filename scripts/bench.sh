@@ -15,12 +15,12 @@ DIST_USERS="${BENCH_DIST_USERS:-30000000}"
 DIST_RATE="${BENCH_DIST_RATE:-550000}"           # (3): pairs/s offered to USS (sustained, paced)
 OUT="${BENCH_OUT:-docs/BENCHMARKS.md}"
 # Which parts to run (a quick look at one of them: BENCH_PARTS=3 BENCH_OUT=/tmp/b.md).
-PARTS="${BENCH_PARTS:-standalone scale 3}"
+PARTS="${BENCH_PARTS:-standalone scale analytics 3}"
 part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 echo "bench: building release binaries"
 cargo build --release --quiet -p userseg
-cargo build --release --quiet -p userseg-embedded --example scale
+cargo build --release --quiet -p userseg-embedded --example scale --example analytics
 BIN="$PWD/target/release/userseg"
 WORK="$(mktemp -d)"
 PIDS=()
@@ -40,6 +40,29 @@ wait_ready() {
     sleep 0.1
   done
   echo "bench: $1 never became ready" >&2; return 1
+}
+# Acknowledged -> visible: N times, push one pair of a new segment and poll its count until it
+# is 1; p50/p99/max in ms from the acknowledgement, as JSON.
+ack_to_visible() {
+  python3 - "$1" "${2:-50}" "$3" <<'PY'
+import http.client, json, sys, time, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1]); n = int(sys.argv[2]); tag = sys.argv[3]
+c = http.client.HTTPConnection(u.hostname, u.port)
+lat = []
+for i in range(n):
+    seg = f"ryw-{tag}-{i}"
+    body = json.dumps({"pairs": [{"user_id": "probe", "segment": seg}]})
+    c.request("POST", "/v1/pairs", body, {"content-type": "application/json"}); r = c.getresponse(); r.read()
+    acked = time.perf_counter()
+    while True:
+        c.request("GET", f"/v1/segments/{seg}"); r = c.getresponse(); v = json.loads(r.read())
+        if v.get("users") == 1:
+            break
+    lat.append((time.perf_counter() - acked) * 1e3)
+    time.sleep(0.02)
+lat.sort()
+print(json.dumps({"p50_ms": lat[len(lat)//2], "p99_ms": lat[int(len(lat)*0.99)-1], "max_ms": lat[-1], "samples": n}))
+PY
 }
 # p50/p99/max latency in ms of N GETs of a URL (keep-alive), as JSON.
 http_latency() {
@@ -67,9 +90,16 @@ PORT=$(free_port); URL="http://127.0.0.1:$PORT"
 DATA_DIR="$WORK/standalone" SERVICE_PORT=$PORT BATCH_SIZE=100000 FLUSH_INTERVAL=200ms \
   "$BIN" standalone 2>"$WORK/standalone.log" & PIDS+=($!)
 wait_ready "$URL"
+echo "bench: acknowledged -> visible on the idle server"
+ack_to_visible "$URL" 50 idle >"$WORK/ryw_idle.json"
 echo "bench: (1) standalone ingest over gRPC streaming, ${INGEST_SECS}s"
 run "$BIN" load --target "$URL" --protocol grpc --users 5000000 --segments "$SEGMENTS" \
-  --duration "${INGEST_SECS}s" --batch 10000 --concurrency 4 --segment-prefix grpc- --json >"$WORK/s1.json"
+  --duration "${INGEST_SECS}s" --batch 10000 --concurrency 4 --segment-prefix grpc- --json >"$WORK/s1.json" &
+LOAD=$!
+sleep $(( INGEST_SECS / 3 ))
+echo "bench: acknowledged -> visible under full gRPC load"
+ack_to_visible "$URL" 30 load >"$WORK/ryw_load.json"
+wait "$LOAD"
 echo "bench: (5) the same workload over HTTP/JSON"
 run "$BIN" load --target "$URL" --protocol http --users 5000000 --segments "$SEGMENTS" \
   --duration "${INGEST_SECS}s" --batch 10000 --concurrency 4 --segment-prefix http- --json >"$WORK/s5.json"
@@ -85,6 +115,11 @@ fi
 # (2) and (4): the store at scale, in process: memory per live pair, estimates, restart.
 echo "bench: (2)+(4) embedded store with $SCALE_PAIRS live pairs"
 part scale && SCALE_DIR="$WORK/scale" run target/release/examples/scale "$SCALE_PAIRS" "$SEGMENTS" "$SCALE_USERS" >"$WORK/scale.json"
+
+# (6): analytics of the store at scale, in process: user lookup, within, expressions, overlap,
+# export, deletion, memory.
+echo "bench: (6) analytics with $SCALE_PAIRS live pairs"
+part analytics && run target/release/examples/analytics "$SCALE_PAIRS" "$SEGMENTS" "$SCALE_USERS" >"$WORK/analytics.json"
 
 # (3): distributed ingest through USS -> broker -> ES -> ClickHouse.
 if part 3; then

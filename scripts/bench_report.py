@@ -55,6 +55,8 @@ e_index, e_index_one = load("s3_est_index.json") or {}, load("s3_est_index_one.j
 follow = load("s3_follow.json") or {}
 es_rss = load("s3_es_rss.json") or {}
 es_restart = load("s3_restart.json") or {}
+an = load("analytics.json") or {}
+ryw_idle, ryw_load = load("ryw_idle.json") or {}, load("ryw_load.json") or {}
 commands = open(os.path.join(work, "commands.txt")).read().strip()
 # Repo-relative commands: never this machine's absolute paths.
 repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,6 +190,39 @@ if scale:
     w(f"- in-process apply rate while filling: {scale['ingest_pairs_per_second']:,.0f} pairs/s")
     w(f"- snapshot: {scale['snapshot_bytes'] / 2**20:,.0f} MiB written in {scale['snapshot_write_seconds']:.2f} s; "
       f"restart (load + rebuild) **{scale['restart_from_snapshot_seconds']:.2f} s**")
+    w("")
+w("### (6) Analytics at scale (embedded store; the ES index is the same structure)")
+w("")
+if an:
+    w(f"- {an['live_pairs']:,} live pairs, {an['users']:,} users, {an['segments']} segments (Zipf; largest {', '.join(f'{x:,}' for x in an['largest_segments'])}), {an['cores']} cores")
+    w("")
+    w("| query | p50 | p99 | target |")
+    w("|---|---|---|---|")
+    for key, name, goal in [
+        ("user_lookup_ms", "user lookup (`/v1/users/{id}/segments`)", 1.0),
+        ("within_1d_all_segments_ms", "`within=1d` for all segments", 5.0),
+        ("expr_3_terms_largest_ms", "`segment-000 AND segment-001 AND NOT segment-002` (the largest)", 20.0),
+        ("overlap_top20_ms", "overlap matrix of the 20 largest", 100.0),
+        ("expr_not_largest_ms", "`NOT segment-000` (needs the universe: every segment scanned)", None),
+    ]:
+        m = an[key]
+        status = "" if goal is None else f"≤ {goal:g} ms: {target(m['p99'] <= goal)}"
+        w(f"| {name} | {m['p50']:.3f} ms | {m['p99']:.3f} ms | {status} |")
+    ex = an["export"]
+    w("")
+    w(f"- export of `{ex['segment']}` ({ex['members']:,} members, serialized as NDJSON on a second thread): "
+      f"**{ex['members_per_second']:,.0f} members/s** ({ex['seconds']:.2f} s; target ≥ 2,000,000/s: {target(ex['members_per_second'] >= 2e6)}), "
+      f"RSS grew by {ex['rss_growth_bytes'] / 2**20:,.1f} MiB during it")
+    d = an["delete_10k_users"]
+    w(f"- deleting 10,000 users in one request: applied in **{d['seconds'] * 1e3:,.0f} ms** ({d['found']:,} of them held; target ≤ 1 s: {target(d['seconds'] <= 1.0)})")
+    w(f"- memory: **{an['rss_bytes_per_live_pair']:.1f} bytes of RSS per live pair** (no extra index; target ≤ 16: {target(an['rss_bytes_per_live_pair'] <= 16)})")
+    w("")
+if ryw_idle or ryw_load:
+    w("Acknowledged → counted (standalone, over HTTP, one pair, then polling its count):")
+    w("")
+    for name, r in [("idle server", ryw_idle), ("under the full gRPC ingest load of (1)", ryw_load)]:
+        if r:
+            w(f"- {name}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms ({r['samples']} probes)")
     w("")
 w("## Commands")
 w("")

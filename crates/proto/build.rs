@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // RPCs a server does not implement answer UNIMPLEMENTED (test fakes implement a few).
+        .generate_default_stubs(true)
         .compile_fds(fds)?;
     Ok(())
 }

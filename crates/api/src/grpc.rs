@@ -5,10 +5,13 @@ use tonic::{Request, Response, Status, Streaming};
 use userseg_domain::{ErrorKind, RawPair};
 use userseg_proto::v1::segments_server::{Segments, SegmentsServer};
 use userseg_proto::v1::{
-    EstimateRequest, EstimateResponse, ListEstimatesRequest, ListEstimatesResponse, Mode as PbMode,
-    PushRequest, PushResponse, SegmentEstimate,
+    CountRequest, CountResponse, DeleteUsersRequest, DeleteUsersResponse, EstimateRequest,
+    EstimateResponse, ExportMembersRequest, ExportMembersResponse, GetUserSegmentsRequest,
+    GetUserSegmentsResponse, HistoryPoint, HistoryRequest, HistoryResponse, ListEstimatesRequest,
+    ListEstimatesResponse, Member as PbMember, Mode as PbMode, OverlapRequest, OverlapResponse,
+    OverlapRow, PushRequest, PushResponse, SegmentEstimate, UserSegment,
 };
-use userseg_usecase::{Ingest, Mode};
+use userseg_usecase::{Analytics, Ingest, Mode};
 
 use crate::{ApiError, ApiState};
 
@@ -44,6 +47,10 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(v1alpha::FILE_DESCRIPTOR_SET)
 }
+/// The server stream of `ExportMembers`.
+type ExportStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<ExportMembersResponse, Status>> + Send + 'static>,
+>;
 
 pub(crate) struct GrpcApi {
     state: ApiState,
@@ -83,6 +90,23 @@ impl GrpcApi {
             .ingest
             .as_ref()
             .ok_or_else(|| not_served("ingest"))
+    }
+
+    fn analytics(&self) -> Result<&Analytics, Status> {
+        self.state
+            .analytics
+            .as_ref()
+            .ok_or_else(|| not_served("analytics"))
+    }
+
+    fn within(&self, secs: u64) -> Result<Option<userseg_domain::Within>, Status> {
+        if secs == 0 {
+            return Ok(None);
+        }
+        Ok(self
+            .analytics()?
+            .within_from_secs(secs)
+            .map_err(ApiError::from)?)
     }
 }
 
@@ -190,8 +214,24 @@ impl Segments for GrpcApi {
             .as_ref()
             .ok_or_else(|| not_served("estimates"))?;
         let req = request.into_inner();
+        let m = mode(req.mode)?;
+        if let Some(w) = self.within(req.within_seconds)? {
+            let a = self.analytics()?;
+            let c = a
+                .count_segment(&req.segment, Some(w))
+                .await
+                .map_err(ApiError::from)?;
+            return Ok(Response::new(EstimateResponse {
+                segment: c.query,
+                users: c.users,
+                exact: true,
+                window_seconds: a.window().secs(),
+                as_of: c.as_of,
+                within_seconds: c.within_seconds,
+            }));
+        }
         let e = est
-            .estimate(&req.segment, mode(req.mode)?)
+            .estimate(&req.segment, m)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(EstimateResponse {
@@ -200,6 +240,7 @@ impl Segments for GrpcApi {
             exact: e.exact,
             window_seconds: e.window_seconds,
             as_of: e.as_of,
+            within_seconds: e.window_seconds,
         }))
     }
 
@@ -212,22 +253,191 @@ impl Segments for GrpcApi {
             .estimation
             .as_ref()
             .ok_or_else(|| not_served("estimates"))?;
-        let l = est
-            .list(mode(request.into_inner().mode)?)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(ListEstimatesResponse {
-            segments: l
-                .segments
+        let req = request.into_inner();
+        let m = mode(req.mode)?;
+        let list = |segments: Vec<userseg_usecase::SegmentCount>| -> Vec<SegmentEstimate> {
+            segments
                 .into_iter()
                 .map(|s| SegmentEstimate {
                     segment: s.segment,
                     users: s.users,
                 })
-                .collect(),
+                .collect()
+        };
+        if let Some(w) = self.within(req.within_seconds)? {
+            let a = self.analytics()?;
+            let l = a.count_all(Some(w)).await.map_err(ApiError::from)?;
+            return Ok(Response::new(ListEstimatesResponse {
+                segments: list(l.segments),
+                exact: true,
+                window_seconds: a.window().secs(),
+                as_of: l.as_of,
+                within_seconds: l.within_seconds,
+            }));
+        }
+        let l = est.list(m).await.map_err(ApiError::from)?;
+        Ok(Response::new(ListEstimatesResponse {
+            segments: list(l.segments),
             exact: l.exact,
             window_seconds: l.window_seconds,
             as_of: l.as_of,
+            within_seconds: l.window_seconds,
+        }))
+    }
+
+    async fn get_user_segments(
+        &self,
+        request: Request<GetUserSegmentsRequest>,
+    ) -> Result<Response<GetUserSegmentsResponse>, Status> {
+        let a = self.analytics()?;
+        let u = a
+            .user_segments(&request.into_inner().user_id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(GetUserSegmentsResponse {
+            user_id: u.user_id,
+            segments: u
+                .segments
+                .into_iter()
+                .map(|m| UserSegment {
+                    segment: m.segment,
+                    last_seen: m.last_seen,
+                    expires_at: m.expires_at,
+                })
+                .collect(),
+            as_of: u.as_of,
+        }))
+    }
+
+    async fn delete_users(
+        &self,
+        request: Request<DeleteUsersRequest>,
+    ) -> Result<Response<DeleteUsersResponse>, Status> {
+        let a = self.analytics()?;
+        let n = a
+            .delete_users(request.into_inner().user_ids)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(DeleteUsersResponse { deleted: n as u64 }))
+    }
+
+    async fn count(
+        &self,
+        request: Request<CountRequest>,
+    ) -> Result<Response<CountResponse>, Status> {
+        let req = request.into_inner();
+        let within = self.within(req.within_seconds)?;
+        let c = self
+            .analytics()?
+            .count_expr(&req.query, within)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(CountResponse {
+            query: c.query,
+            users: c.users,
+            exact: true,
+            within_seconds: c.within_seconds,
+            as_of: c.as_of,
+        }))
+    }
+
+    async fn overlap(
+        &self,
+        request: Request<OverlapRequest>,
+    ) -> Result<Response<OverlapResponse>, Status> {
+        let req = request.into_inner();
+        let within = self.within(req.within_seconds)?;
+        let o = self
+            .analytics()?
+            .overlap(req.segments, within)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(OverlapResponse {
+            segments: o.segments,
+            users: o.overlap.users,
+            both: o
+                .overlap
+                .both
+                .into_iter()
+                .map(|both| OverlapRow { both })
+                .collect(),
+            exact: true,
+            within_seconds: o.within_seconds,
+            as_of: o.as_of,
+        }))
+    }
+
+    async fn export_members(
+        &self,
+        request: Request<ExportMembersRequest>,
+    ) -> Result<Response<ExportStream>, Status> {
+        let req = request.into_inner();
+        let within = self.within(req.within_seconds)?;
+        let export = self
+            .analytics()?
+            .export(&req.segment, within)
+            .map_err(ApiError::from)?;
+        type Done = tokio::task::JoinHandle<Result<u64, userseg_usecase::PortError>>;
+        let st: (
+            tokio::sync::mpsc::Receiver<Vec<userseg_usecase::Member>>,
+            Option<Done>,
+        ) = (export.members, Some(export.done));
+        let stream = futures::stream::unfold(st, |(mut rx, mut done)| async move {
+            match rx.recv().await {
+                Some(chunk) => Some((
+                    Ok(ExportMembersResponse {
+                        members: chunk
+                            .into_iter()
+                            .map(|m| PbMember {
+                                user_id: m.user_id,
+                                last_seen: m.last_seen,
+                            })
+                            .collect(),
+                    }),
+                    (rx, done),
+                )),
+                None => match done.take()?.await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some((
+                        Err(Status::unavailable(format!("export failed: {e}"))),
+                        (rx, None),
+                    )),
+                    Err(e) => Some((
+                        Err(Status::internal(format!("export task failed: {e}"))),
+                        (rx, None),
+                    )),
+                },
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let h = self
+            .state
+            .history
+            .as_ref()
+            .ok_or_else(|| not_served("history"))?;
+        let req = request.into_inner();
+        let step = (req.step_seconds > 0).then_some(req.step_seconds);
+        let r = h
+            .query(&req.segment, req.from, req.to, step)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(HistoryResponse {
+            segment: r.segment,
+            step_seconds: r.step_seconds,
+            points: r
+                .points
+                .into_iter()
+                .map(|p| HistoryPoint {
+                    ts: p.ts,
+                    users: p.users,
+                })
+                .collect(),
         }))
     }
 }

@@ -3,16 +3,19 @@
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use userseg_domain::{ErrorKind, RawPair};
+use userseg_domain::{ErrorKind, RawPair, Within};
 use userseg_usecase::Mode;
+use utoipa::ToSchema;
 
+use crate::analytics_http::{analytics, param, path_param, query_params, within_param, ErrorBody};
 use crate::{ApiError, ApiState};
 
 pub(crate) fn routes(state: ApiState) -> Router {
@@ -23,7 +26,9 @@ pub(crate) fn routes(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .route("/openapi.json", get(crate::openapi::serve))
+        .with_state(state.clone())
+        .merge(crate::analytics_http::routes(state))
 }
 
 pub(crate) async fn not_found(req: Request) -> Response {
@@ -138,11 +143,53 @@ fn parse_ndjson(bytes: &[u8], max_pairs: usize) -> Result<Vec<RawPair>, ApiError
     Ok(out)
 }
 
-async fn push(
+#[derive(Serialize, ToSchema)]
+pub(crate) struct AcceptedBody {
+    /// Pairs made durable.
+    accepted: usize,
+}
+
+/// A push body (or send NDJSON, one pair per line, with `content-type: application/x-ndjson`).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct PushSchema {
+    pairs: Vec<PairSchema>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct PairSchema {
+    /// 1-256 bytes of UTF-8, no control characters.
+    user_id: String,
+    /// 1-128 characters of [A-Za-z0-9_.:-].
+    segment: String,
+    /// Unix seconds; absent = time of receipt; at most 5 minutes ahead, younger than the window.
+    ts: Option<i64>,
+}
+
+/// Pushes pairs, all or nothing; answers once every pair is durable.
+#[utoipa::path(
+    post,
+    path = "/v1/pairs",
+    tag = "ingest",
+    request_body(content = PushSchema, example = json!({"pairs": [{"user_id": "u5", "segment": "sports"}, {"user_id": "u6", "segment": "news"}]})),
+    responses(
+        (status = 200, description = "Durable", body = AcceptedBody, example = json!({"accepted": 2})),
+        (status = 400, description = "An invalid pair (its index), malformed JSON/NDJSON", body = ErrorBody,
+         example = json!({"error": {"code": "invalid_argument", "index": 0, "message": "pair 0: segment contains ' ' at position 2; only A-Z a-z 0-9 _ . : - are allowed"}})),
+        (status = 413, description = "Too many pairs or bytes", body = ErrorBody,
+         example = json!({"error": {"code": "payload_too_large", "message": "the request holds 100001 pairs; at most 100000 are allowed per request"}})),
+        (status = 415, description = "Content type other than JSON / NDJSON", body = ErrorBody,
+         example = json!({"error": {"code": "invalid_argument", "message": "unsupported content type \"text/csv\"; send application/json or application/x-ndjson"}})),
+        (status = 503, description = "Overloaded or a dependency is unreachable (retry-after)", body = ErrorBody,
+         example = json!({"error": {"code": "overloaded", "message": "1000000 pairs are waiting to be applied; try again shortly"}})),
+    )
+)]
+pub(crate) async fn push(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<AcceptedBody>, ApiError> {
     let ingest = state
         .ingest
         .as_ref()
@@ -182,83 +229,188 @@ async fn push(
         Format::NdJson => parse_ndjson(&bytes, ingest.limits().max_pairs_per_request)?,
     };
     let accepted = ingest.push(raw).await?;
-    Ok(Json(json!({ "accepted": accepted })))
+    Ok(Json(AcceptedBody { accepted }))
 }
 
 fn mode_of(query: Option<&str>) -> Result<Mode, ApiError> {
-    let mut mode = Mode::Exact;
-    for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        match (k, v) {
-            ("mode", "exact") => mode = Mode::Exact,
-            ("mode", "approx") => mode = Mode::Approx,
-            ("mode", other) => {
-                return Err(ApiError::invalid(format!(
-                    "mode must be exact or approx, not {other:?}"
-                )))
-            }
-            (other, _) => {
-                return Err(ApiError::invalid(format!(
-                    "unknown query parameter {other:?}; the only one is mode"
-                )))
-            }
-        }
+    let params = query_params(query, &["mode", "within"])?;
+    match param(&params, "mode") {
+        None | Some("exact") => Ok(Mode::Exact),
+        Some("approx") => Ok(Mode::Approx),
+        Some(other) => Err(ApiError::invalid(format!(
+            "mode must be exact or approx, not {other:?}"
+        ))),
     }
-    Ok(mode)
 }
 
-/// The estimation use case (when this process serves estimates) and the requested mode.
+/// The estimation use case (when this process serves estimates), the requested mode, and the
+/// lookback (`within`), which the analytics use case answers.
 fn estimation<'a>(
     state: &'a ApiState,
     query: Option<&str>,
-) -> Result<(&'a userseg_usecase::Estimation, Mode), ApiError> {
+) -> Result<(&'a userseg_usecase::Estimation, Mode, Option<Within>), ApiError> {
     let est = state
         .estimation
         .as_ref()
         .ok_or_else(|| ApiError::not_served("estimates"))?;
-    Ok((est, mode_of(query)?))
+    let mode = mode_of(query)?;
+    let params = query_params(query, &["mode", "within"])?;
+    let within = match param(&params, "within") {
+        None => None,
+        Some(_) => within_param(analytics(state)?, &params)?,
+    };
+    Ok((est, mode, within))
 }
 
-async fn one(
+#[derive(Serialize, ToSchema)]
+pub(crate) struct EstimateBody {
+    segment: String,
+    users: u64,
+    exact: bool,
+    window_seconds: u64,
+    /// The lookback used (the window when `within` is absent).
+    within_seconds: u64,
+    as_of: i64,
+}
+
+/// Users in one segment now.
+#[utoipa::path(
+    get,
+    path = "/v1/segments/{segment}",
+    tag = "estimates",
+    params(
+        ("segment" = String, Path, description = "Segment name", example = "sports"),
+        ("mode" = Option<String>, Query, description = "`exact` (default) or `approx` (ClickHouse sketches; the index and standalone answer exactly)", example = "exact"),
+        ("within" = Option<String>, Query, description = "Only memberships newer than now - within: `90m`, `36h`, `7d`; 0 < within <= WINDOW", example = "1d"),
+    ),
+    responses(
+        (status = 200, description = "The count", body = EstimateBody,
+         example = json!({"segment": "sports", "users": 2, "exact": true, "window_seconds": 1209600, "within_seconds": 86400, "as_of": 1764000123})),
+        (status = 400, description = "Invalid segment, mode or within", body = ErrorBody,
+         example = json!({"error": {"code": "invalid_argument", "message": "invalid within: \"7x\" is not a duration; write a number and a unit (s, m, h, d, w) such as 90m, 36h or 7d"}})),
+    )
+)]
+pub(crate) async fn one(
     State(state): State<ApiState>,
-    Path(segment): Path<String>,
+    segment: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let (est, mode) = estimation(&state, query.as_deref())?;
+) -> Result<Json<EstimateBody>, ApiError> {
+    let segment = path_param(segment)?;
+    let (est, mode, within) = estimation(&state, query.as_deref())?;
+    if let Some(w) = within {
+        let a = analytics(&state)?;
+        let c = a.count_segment(&segment, Some(w)).await?;
+        return Ok(Json(EstimateBody {
+            segment: c.query,
+            users: c.users,
+            exact: true,
+            window_seconds: a.window().secs(),
+            within_seconds: c.within_seconds,
+            as_of: c.as_of,
+        }));
+    }
     let e = est.estimate(&segment, mode).await?;
-    Ok(Json(json!({
-        "segment": e.segment,
-        "users": e.users,
-        "exact": e.exact,
-        "window_seconds": e.window_seconds,
-        "as_of": e.as_of,
-    })))
+    Ok(Json(EstimateBody {
+        segment: e.segment,
+        users: e.users,
+        exact: e.exact,
+        window_seconds: e.window_seconds,
+        within_seconds: e.window_seconds,
+        as_of: e.as_of,
+    }))
 }
 
-async fn list(
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SegmentCountBody {
+    segment: String,
+    users: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct EstimateListBody {
+    /// Every segment with users, sorted by name.
+    segments: Vec<SegmentCountBody>,
+    exact: bool,
+    window_seconds: u64,
+    within_seconds: u64,
+    as_of: i64,
+}
+
+/// Users in every segment that has any.
+#[utoipa::path(
+    get,
+    path = "/v1/segments",
+    tag = "estimates",
+    params(
+        ("mode" = Option<String>, Query, description = "`exact` (default) or `approx`", example = "exact"),
+        ("within" = Option<String>, Query, description = "Lookback such as `1d`", example = "1d"),
+    ),
+    responses(
+        (status = 200, description = "Counts sorted by segment", body = EstimateListBody,
+         example = json!({"segments": [{"segment": "news", "users": 2}, {"segment": "sports", "users": 2}], "exact": true, "window_seconds": 1209600, "within_seconds": 86400, "as_of": 1764000123})),
+        (status = 400, description = "Invalid mode or within", body = ErrorBody,
+         example = json!({"error": {"code": "invalid_argument", "message": "invalid within: within must be longer than 0 s"}})),
+    )
+)]
+pub(crate) async fn list(
     State(state): State<ApiState>,
     RawQuery(query): RawQuery,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let (est, mode) = estimation(&state, query.as_deref())?;
+) -> Result<Json<EstimateListBody>, ApiError> {
+    let (est, mode, within) = estimation(&state, query.as_deref())?;
+    let body = |segments: Vec<userseg_usecase::SegmentCount>,
+                exact,
+                window_seconds,
+                within_seconds,
+                as_of| {
+        EstimateListBody {
+            segments: segments
+                .into_iter()
+                .map(|s| SegmentCountBody {
+                    segment: s.segment,
+                    users: s.users,
+                })
+                .collect(),
+            exact,
+            window_seconds,
+            within_seconds,
+            as_of,
+        }
+    };
+    if let Some(w) = within {
+        let a = analytics(&state)?;
+        let l = a.count_all(Some(w)).await?;
+        return Ok(Json(body(
+            l.segments,
+            true,
+            a.window().secs(),
+            l.within_seconds,
+            l.as_of,
+        )));
+    }
     let l = est.list(mode).await?;
-    let segments: Vec<_> = l
-        .segments
-        .iter()
-        .map(|s| json!({"segment": s.segment, "users": s.users}))
-        .collect();
-    Ok(Json(json!({
-        "segments": segments,
-        "exact": l.exact,
-        "window_seconds": l.window_seconds,
-        "as_of": l.as_of,
-    })))
+    Ok(Json(body(
+        l.segments,
+        l.exact,
+        l.window_seconds,
+        l.window_seconds,
+        l.as_of,
+    )))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Up", body = serde_json::Value, example = json!({"status": "ok"}))))]
+pub(crate) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn readyz(State(state): State<ApiState>) -> Response {
+/// Log, store and processor checks.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Every check passed", body = serde_json::Value, example = json!({"status": "ready", "checks": {"log": "ok", "store": "ok"}})),
+        (status = 503, description = "A check failed (details per check)", body = serde_json::Value, example = json!({"status": "not_ready", "checks": {"log": "ok", "store": "unavailable: connection refused"}})),
+    ))]
+pub(crate) async fn readyz(State(state): State<ApiState>) -> Response {
     let mut checks = serde_json::Map::new();
     let mut ready = true;
     let mut futures = Vec::new();
@@ -309,7 +461,10 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String, example = json!("# TYPE userseg_processor_pairs_written_total counter"))))]
+pub(crate) async fn metrics(State(state): State<ApiState>) -> Response {
     match &state.metrics {
         Some(h) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -354,5 +509,7 @@ mod tests {
         assert_eq!(mode_of(Some("mode=approx")).unwrap(), Mode::Approx);
         assert!(mode_of(Some("mode=fast")).is_err());
         assert!(mode_of(Some("x=1")).is_err());
+        assert_eq!(mode_of(Some("within=7d&mode=exact")).unwrap(), Mode::Exact);
+        assert!(mode_of(Some("mode=exact&mode=approx")).is_err());
     }
 }

@@ -1,11 +1,13 @@
 //! Delivery: the gRPC service `userseg.v1.Segments` (plus gRPC health and reflection) and the
 //! HTTP/JSON API, served together on one port.
 
+mod analytics_http;
 pub mod auth;
 mod error;
 mod grpc;
 mod http;
 mod observe;
+pub mod openapi;
 pub mod tls;
 mod ui;
 
@@ -18,7 +20,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use userseg_usecase::{Estimation, Ingest};
+use userseg_usecase::{Analytics, Estimation, History, Ingest};
 
 pub use auth::{Authenticator, KeyFileError, KeySet, Role};
 pub use error::ApiError;
@@ -34,6 +36,10 @@ pub type ReadyCheck =
 pub struct ApiState {
     pub ingest: Option<Ingest>,
     pub estimation: Option<Estimation>,
+    /// User lookup, deletion, expressions, overlap, export, counts with `within`.
+    pub analytics: Option<Analytics>,
+    /// Segment count history.
+    pub history: Option<History>,
     pub ready_checks: Vec<(String, ReadyCheck)>,
     pub metrics: Option<PrometheusHandle>,
     /// When set, every route but the open ones needs `Authorization: Bearer <token>` of a key
@@ -57,6 +63,8 @@ impl ApiState {
         ApiState {
             ingest,
             estimation,
+            analytics: None,
+            history: None,
             ready_checks: Vec::new(),
             metrics: None,
             auth: None,

@@ -73,6 +73,7 @@ async fn what_a_process_does_not_serve_is_not_found_or_unimplemented() {
         .estimate(EstimateRequest {
             segment: "s".into(),
             mode: 0,
+            within_seconds: 0,
         })
         .await
         .unwrap_err();

@@ -47,7 +47,10 @@ async fn https_and_grpc_over_tls_on_one_port() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let list = grpc
-            .list_estimates(ListEstimatesRequest { mode: 0 })
+            .list_estimates(ListEstimatesRequest {
+                mode: 0,
+                within_seconds: 0,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -141,7 +144,10 @@ async fn plaintext_to_the_tls_port_fails_at_once() {
             .connect()
             .await?;
         SegmentsClient::new(channel)
-            .list_estimates(ListEstimatesRequest { mode: 0 })
+            .list_estimates(ListEstimatesRequest {
+                mode: 0,
+                within_seconds: 0,
+            })
             .await
             .map(|_| ())
             .map_err(|s| -> Box<dyn std::error::Error + Send + Sync> { Box::new(s) })?;
@@ -209,7 +215,10 @@ async fn mutual_tls_needs_a_client_certificate_of_the_client_ca() {
     // gRPC the same way.
     let anon = match support::grpc_tls(&server, &server_ca, None).await {
         Ok(ch) => SegmentsClient::new(ch)
-            .list_estimates(ListEstimatesRequest { mode: 0 })
+            .list_estimates(ListEstimatesRequest {
+                mode: 0,
+                within_seconds: 0,
+            })
             .await
             .map(|_| ())
             .map_err(|e| e.to_string()),
@@ -220,7 +229,10 @@ async fn mutual_tls_needs_a_client_certificate_of_the_client_ca() {
         .await
         .unwrap();
     SegmentsClient::new(ch)
-        .list_estimates(ListEstimatesRequest { mode: 0 })
+        .list_estimates(ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        })
         .await
         .unwrap();
 }
@@ -276,7 +288,10 @@ async fn a_rotated_certificate_is_reloaded_and_open_connections_stay() {
             200
         );
         grpc_before
-            .list_estimates(ListEstimatesRequest { mode: 0 })
+            .list_estimates(ListEstimatesRequest {
+                mode: 0,
+                within_seconds: 0,
+            })
             .await
             .unwrap();
     }

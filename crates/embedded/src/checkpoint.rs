@@ -41,6 +41,8 @@ pub struct Checkpointer {
     config: CheckpointConfig,
     clock: Arc<dyn Clock>,
     last: Mutex<(u64, Instant)>,
+    /// [`MemStore::erasures`] covered by the last snapshot.
+    erasures_done: std::sync::atomic::AtomicU64,
 }
 
 impl Checkpointer {
@@ -59,6 +61,7 @@ impl Checkpointer {
             config,
             clock,
             last: Mutex::new((recovered_offset, Instant::now())),
+            erasures_done: Default::default(),
         }
     }
 
@@ -69,7 +72,10 @@ impl Checkpointer {
             return Ok(None);
         }
         let started = Instant::now();
+        let erasures = self.store.erasures();
         snapshot::write(&self.store, &self.dir, offset)?;
+        self.erasures_done
+            .fetch_max(erasures, std::sync::atomic::Ordering::AcqRel);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = (offset, Instant::now());
         match self.wal.remove_before(offset) {
             Ok(n) if n > 0 => {
@@ -90,7 +96,13 @@ impl Checkpointer {
     fn due(&self) -> bool {
         let (offset, at) = *self.last.lock().unwrap_or_else(|e| e.into_inner());
         let behind = self.wal.committed().saturating_sub(offset);
-        behind >= self.config.wal_bytes || (behind > 0 && at.elapsed() >= self.config.interval)
+        // After a deletion, at once: the erased users must leave the snapshot and the log.
+        let erased = self.store.erasures()
+            > self
+                .erasures_done
+                .load(std::sync::atomic::Ordering::Acquire);
+        behind >= self.config.wal_bytes
+            || (behind > 0 && (erased || at.elapsed() >= self.config.interval))
     }
 
     /// Runs until cancelled. The final snapshot on shutdown is the caller's (after the
@@ -126,5 +138,129 @@ impl Checkpointer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use userseg_domain::{Pair, UserDeletion, Window};
+    use userseg_usecase::{Content, ManualClock, PairPublisher, PairSource, SegmentWriter};
+
+    use crate::wal::WalConfig;
+    use crate::{open_standalone, EmbeddedStore, Standalone};
+
+    const VICTIM: &str = "erase-me@example.com";
+    const NOW: i64 = 1_800_000_000;
+
+    fn pairs(user: &str, n: usize) -> Vec<Pair> {
+        (0..n)
+            .map(|i| Pair {
+                user_id: user.into(),
+                segment: format!("seg-{i}"),
+                ts: NOW - i as i64 * 60,
+            })
+            .collect()
+    }
+
+    /// Applies the next `n` log records to the store, as the batch processor does.
+    async fn apply_next(sa: &mut Standalone, n: usize) {
+        let store = EmbeddedStore(sa.store.clone());
+        for _ in 0..n {
+            let m = sa.source.next().await.unwrap().unwrap();
+            match m.content {
+                Content::Pairs(p) => store.write(p.into()).await.unwrap(),
+                Content::Delete(d) => store.delete_users(d).await.unwrap(),
+                Content::Invalid { reason, .. } => panic!("{reason}"),
+            }
+            sa.source.commit(vec![m.position]).await.unwrap();
+        }
+    }
+
+    /// Every byte under `dir`, file by file.
+    fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files(&p));
+            } else {
+                out.push((p.clone(), fs::read(&p).unwrap()));
+            }
+        }
+        out
+    }
+
+    fn holds(data: &[u8], id: &str) -> bool {
+        data.windows(id.len()).any(|w| w == id.as_bytes())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_user_leaves_snapshots_and_log_and_stays_deleted_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Window::DEFAULT;
+        let mut sa = open_standalone(dir.path(), w, WalConfig::new("")).unwrap();
+        sa.log.publish(pairs(VICTIM, 3)).await.unwrap();
+        sa.log.publish(pairs("keeper", 2)).await.unwrap();
+        apply_next(&mut sa, 2).await;
+        let clock = Arc::new(ManualClock::new(NOW));
+        let cp = Checkpointer::new(
+            dir.path(),
+            sa.store.clone(),
+            sa.wal.clone(),
+            CheckpointConfig::default(),
+            clock,
+            0,
+        );
+        // A snapshot with the victim in it, and the log too.
+        cp.checkpoint().unwrap();
+        assert!(files(dir.path()).iter().any(|(_, d)| holds(d, VICTIM)));
+        assert!(!cp.due(), "nothing new since the snapshot");
+
+        sa.log
+            .publish_deletion(UserDeletion::new(vec![VICTIM.into()]).unwrap())
+            .await
+            .unwrap();
+        // A pair of another user after the deletion, and a later pair of the victim that must
+        // count again.
+        sa.log.publish(pairs("keeper2", 1)).await.unwrap();
+        apply_next(&mut sa, 2).await;
+        assert_eq!(sa.store.count("seg-0", NOW), 2);
+        assert!(sa.store.user_segments(VICTIM, NOW).is_empty());
+        assert!(cp.due(), "a deletion makes a snapshot due at once");
+        cp.checkpoint().unwrap();
+        for (path, data) in files(dir.path()) {
+            assert!(
+                !holds(&data, VICTIM),
+                "{} still holds the deleted user",
+                path.display()
+            );
+        }
+
+        // Re-added later; then a crash (no final snapshot) and a restart replaying the log.
+        sa.log.publish(pairs(VICTIM, 1)).await.unwrap();
+        apply_next(&mut sa, 1).await;
+        let Standalone {
+            log,
+            wal,
+            store,
+            source,
+            lock,
+            ..
+        } = sa;
+        drop((log, store, source));
+        wal.join();
+        drop((wal, lock));
+        let sa = open_standalone(dir.path(), w, WalConfig::new("")).unwrap();
+        let got: Vec<String> = sa
+            .store
+            .user_segments(VICTIM, NOW)
+            .into_iter()
+            .map(|m| m.segment)
+            .collect();
+        assert_eq!(got, vec!["seg-0".to_string()]);
+        assert_eq!(sa.store.count("seg-0", NOW), 3);
+        assert_eq!(sa.store.count("seg-2", NOW), 0);
     }
 }

@@ -31,6 +31,7 @@ fn line(letter: &DeadLetter) -> String {
                 "user_id": p.user_id, "segment": p.segment, "ts": p.ts
             })).collect::<Vec<_>>()
         }),
+        DeadPayload::Deletion(d) => serde_json::json!({ "delete_users": d.user_ids() }),
     };
     serde_json::json!({
         "kind": letter.kind.as_str(),

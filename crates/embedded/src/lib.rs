@@ -6,15 +6,18 @@
 //! - [`standalone`]: opening a data directory (lock, snapshot, log replay).
 //! - [`checkpoint`]: snapshots of the store so the log can be truncated and restarts are fast.
 //! - [`dlq`]: dead letters appended to a file.
+//! - [`history`]: segment count samples in `DATA_DIR/history`.
 
 pub mod checkpoint;
 pub mod dlq;
+pub mod history;
 pub mod standalone;
 pub mod store;
 pub mod wal;
 
 pub use checkpoint::{CheckpointConfig, Checkpointer};
 pub use dlq::FileDeadLetters;
+pub use history::FileHistory;
 pub use standalone::{open_standalone, DataDirLock, OpenError, Recovery, Standalone};
 pub use store::{EmbeddedStore, MemStore, MemoryStats};
 pub use wal::{WalConfig, WalHandle, WalLog, WalSource};

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use userseg_domain::Window;
+use userseg_domain::{Record, Window};
 
 use crate::store::snapshot::{self, SnapshotError};
 use crate::store::MemStore;
@@ -79,9 +79,15 @@ pub fn open_standalone(
     };
     let snapshot_pairs = store.memory().live_pairs;
     wal_config.dir = data_dir.join("wal");
-    let replay = wal::replay(&wal_config.dir, offset, |pairs| {
-        // The in-memory store never refuses valid pairs.
-        let _ = store.apply(&pairs);
+    // In log order: a deletion removes what came before it, not what comes after.
+    let replay = wal::replay(&wal_config.dir, offset, |record| match record {
+        Record::Pairs(pairs) => {
+            // The in-memory store never refuses valid pairs.
+            let _ = store.apply(&pairs);
+        }
+        Record::DeleteUsers(d) => {
+            store.delete_users(d.user_ids());
+        }
     })?;
     let (log, source, handle) = wal::start(wal_config, replay.end)?;
     let recovery = Recovery {

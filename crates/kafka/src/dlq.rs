@@ -117,6 +117,13 @@ impl DeadLetterSink for KafkaDeadLetters {
                     headers: Some(headers(&letter, origin.as_ref())),
                 }]
             }
+            DeadPayload::Deletion(d) => vec![Record {
+                partition: None,
+                key: None,
+                value: serde_json::to_vec(&serde_json::json!({ "delete_users": d.user_ids() }))
+                    .unwrap_or_default(),
+                headers: Some(headers(&letter, None)),
+            }],
             DeadPayload::Pairs(pairs) => {
                 let log = pairs.iter().cloned().map(into_log_pair).collect();
                 let chunks = encode_chunks(log, self.producer.config().max_message_bytes);

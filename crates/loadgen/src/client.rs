@@ -493,6 +493,7 @@ impl Lister {
                 let r = client
                     .list_estimates(target.request(ListEstimatesRequest {
                         mode: Mode::Exact as i32,
+                        within_seconds: 0,
                     }))
                     .await?
                     .into_inner();

@@ -3,9 +3,13 @@
 //! Adapters (the embedded WAL and store, Kafka, ClickHouse) implement the ports; the delivery
 //! layer calls the use cases. Nothing here knows which adapters are wired in.
 
+pub mod analytics;
+#[cfg(feature = "testsuite")]
+pub mod analytics_suite;
 pub mod backoff;
 pub mod clock;
 pub mod estimate;
+pub mod history;
 pub mod index;
 pub mod ingest;
 pub mod ports;
@@ -13,15 +17,20 @@ pub mod processor;
 #[cfg(feature = "testsuite")]
 pub mod store_suite;
 
+pub use analytics::{
+    Analytics, AnalyticsError, CountList, Export, ExprCount, OverlapAnswer, UserSegments,
+};
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use estimate::{Estimate, EstimateList, Estimation, EstimationError};
+pub use history::{History, HistoryAnswer, HistoryConfig, HistoryError, HistorySampler};
 pub use index::{IndexConfig, IndexStatus, SegmentIndex};
 pub use ingest::{Ingest, IngestError};
 pub use ports::{
-    Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, Followed, InvalidReason,
-    LiveScan, LogFollower, Message, Mode, PairPublisher, PairSource, PortError, SegmentCount,
-    SegmentCounter, SegmentWriter,
+    Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, Followed, HistoryPoint,
+    HistoryStore, InvalidReason, LiveScan, LogFollower, Member, Membership, Message, Mode, Overlap,
+    PairPublisher, PairSource, PortError, SegmentAnalytics, SegmentCount, SegmentCounter,
+    SegmentWriter,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use userseg_domain::{Pair, UnixSeconds};
+use userseg_domain::{Expr, Pair, UnixSeconds, UserDeletion, Within};
 
 /// How an adapter failed. The split decides what the batch processor does next.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +30,18 @@ pub trait PairPublisher: Send + Sync + 'static {
     /// replicas). A pair for which this returned `Ok` must survive a crash of any component.
     async fn publish(&self, pairs: Vec<Pair>) -> Result<(), PortError>;
 
+    /// Appends a deletion of users to the same log, ordered with the pairs: after every pair
+    /// of those users published before it, before every pair published after it (Kafka: one
+    /// record per partition keyed like the pairs of its users). Resolves, like
+    /// [`publish`](Self::publish), only once the deletion is durable. Logs that cannot carry
+    /// deletions keep this default, which refuses.
+    async fn publish_deletion(&self, deletion: UserDeletion) -> Result<(), PortError> {
+        let _ = deletion;
+        Err(PortError::Permanent(
+            "this log cannot carry user deletions".into(),
+        ))
+    }
+
     /// Can the log take writes right now?
     async fn check_ready(&self) -> Result<(), PortError>;
 }
@@ -39,6 +51,9 @@ pub trait PairPublisher: Send + Sync + 'static {
 #[derive(Debug)]
 pub enum Content {
     Pairs(Vec<Pair>),
+    /// A deletion of users: the processor applies every pair delivered before it first, then
+    /// the deletion ([`SegmentWriter::delete_users`]), then goes on.
+    Delete(UserDeletion),
     Invalid {
         payload: Vec<u8>,
         reason: InvalidReason,
@@ -107,6 +122,14 @@ pub trait PairSource: Send + 'static {
     fn idle(&mut self, pause: Duration) -> impl Future<Output = ()> + Send {
         tokio::time::sleep(pause)
     }
+
+    /// True when [`next`](Self::next) would have to wait: nothing delivered is pending. The
+    /// processor then writes what it holds at once instead of waiting for its flush timer
+    /// (group commit: an idle system applies a pair within milliseconds, a busy one still
+    /// batches). Sources that cannot tell (Kafka) keep the default `false`.
+    fn is_drained(&self) -> bool {
+        false
+    }
 }
 
 /// Where dead letters go: a DLQ topic, or a file in standalone mode.
@@ -116,6 +139,8 @@ pub enum DeadPayload {
     Raw(Vec<u8>),
     /// Pairs that the store rejected for good.
     Pairs(Arc<[Pair]>),
+    /// A deletion the store rejected for good.
+    Deletion(UserDeletion),
 }
 
 /// What made a dead letter.
@@ -161,6 +186,18 @@ pub trait DeadLetterSink: Send + Sync + 'static {
 #[async_trait]
 pub trait SegmentWriter: Send + Sync + 'static {
     async fn write(&self, pairs: Arc<[Pair]>) -> Result<(), PortError>;
+
+    /// Removes every membership of these users, so that they count nowhere and are listed
+    /// nowhere, and their ids leave the store's files (snapshots written after it returns,
+    /// table parts after the mutation). Idempotent: deleting again, or users the store never
+    /// held, changes nothing. Pairs written after it returned count again as usual. Stores
+    /// without deletions keep this default, which refuses for good.
+    async fn delete_users(&self, deletion: UserDeletion) -> Result<(), PortError> {
+        let _ = deletion;
+        Err(PortError::Permanent(
+            "this store cannot delete users".into(),
+        ))
+    }
 }
 
 /// How a count is computed.
@@ -237,4 +274,133 @@ pub trait LogFollower: Send + 'static {
 
     /// Messages between the follower's position and the end of the log, when known.
     fn lag(&self) -> Option<u64>;
+}
+
+/// One live membership of a user, as [`SegmentAnalytics::user_segments`] reports it. Times may
+/// be rounded down to the store's time bucket (at most 60 s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub segment: String,
+    /// The latest ts seen for the membership.
+    pub last_seen: UnixSeconds,
+    /// When the membership ends unless a newer pair arrives: `last_seen + window`.
+    pub expires_at: UnixSeconds,
+}
+
+/// One member of a segment, as [`SegmentAnalytics::export_members`] streams it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub user_id: String,
+    /// The latest ts of the membership (may be rounded down to the store's time bucket).
+    pub last_seen: UnixSeconds,
+}
+
+/// Pairwise intersections of segments, in the order asked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overlap {
+    /// `users[i]` = |s_i|.
+    pub users: Vec<u64>,
+    /// `both[i][j]` = |s_i ∩ s_j| (symmetric; the diagonal equals `users`).
+    pub both: Vec<Vec<u64>>,
+}
+
+/// Exact reads beyond per-segment counts: per-user lookup, counts with a lookback, set
+/// expressions, overlap, export.
+///
+/// Everywhere: a membership is live at `at` when its latest ts is in `(at - d, at]`, where `d`
+/// is `within` or, when `None`, the window. Stores that bucket time (the embedded store, by at
+/// most 60 s) may be off by less than one bucket at the edges, as for counts. Segment names
+/// and user ids arrive validated, expressions parsed and within the limits of
+/// [`userseg_domain::Expr`]; adapters must still never paste them into a query unescaped.
+#[async_trait]
+pub trait SegmentAnalytics: Send + Sync + 'static {
+    /// The user's live memberships, sorted by segment; empty for an unknown user.
+    async fn user_segments(
+        &self,
+        user_id: &str,
+        at: UnixSeconds,
+    ) -> Result<Vec<Membership>, PortError>;
+
+    /// Users in one segment (exact).
+    async fn count_within(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<u64, PortError>;
+
+    /// Every segment with at least one user, sorted by name (exact).
+    async fn count_all_within(
+        &self,
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<Vec<SegmentCount>, PortError>;
+
+    /// Users the expression selects (exact). `NOT x` is relative to the universe: users with
+    /// at least one live membership (under the same `within`) in any segment.
+    async fn count_expr(
+        &self,
+        expr: &Expr,
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<u64, PortError>;
+
+    /// The pairwise intersection matrix of `segments` (2 to 64 distinct names).
+    async fn overlap(
+        &self,
+        segments: &[String],
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<Overlap, PortError>;
+
+    /// Streams every live member of `segment` to `sink`, in chunks of at most `chunk` members,
+    /// in any order, each member once, with memory bounded by the chunk size and the channel
+    /// whatever the segment's size (never built whole in memory). Returns how many were sent.
+    /// If the receiver is dropped the export stops with `Transient`.
+    async fn export_members(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+        within: Option<Within>,
+        chunk: usize,
+        sink: tokio::sync::mpsc::Sender<Vec<Member>>,
+    ) -> Result<u64, PortError>;
+}
+
+/// One point of a segment's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryPoint {
+    /// When the sample was taken.
+    pub ts: UnixSeconds,
+    pub users: u64,
+}
+
+/// Where the count samples of every segment are kept (a file log in DATA_DIR, a ClickHouse
+/// table).
+///
+/// A *sample* is taken at a tick `at` (a multiple of the sampling interval, so that several
+/// samplers sample the same ticks) and holds the count of every segment at `at`; a segment
+/// absent from it had no users then.
+#[async_trait]
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Stores the sample of tick `at` durably. Recording a tick again (a restart, or a second
+    /// sampler) keeps one sample for it: reads never see duplicates.
+    async fn record(&self, at: UnixSeconds, counts: &[SegmentCount]) -> Result<(), PortError>;
+
+    /// For each step `k` — ticks in `[from + k*step, from + (k+1)*step)`, clipped to `to`
+    /// inclusive — the latest sample, as `(its tick, the segment's users in it, 0 if absent)`;
+    /// steps without a sample are left out. Points in time order. `from <= to`, `step >= 1`.
+    async fn read(
+        &self,
+        segment: &str,
+        from: UnixSeconds,
+        to: UnixSeconds,
+        step: u64,
+    ) -> Result<Vec<HistoryPoint>, PortError>;
+
+    /// Forgets samples of ticks before `before` (retention).
+    async fn prune(&self, before: UnixSeconds) -> Result<(), PortError>;
+
+    /// The latest recorded tick, if any (a restarted sampler resumes after it).
+    async fn last_tick(&self) -> Result<Option<UnixSeconds>, PortError>;
 }

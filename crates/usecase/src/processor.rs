@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use userseg_domain::Pair;
+use userseg_domain::{Pair, UserDeletion};
 
 use crate::{
     Backoff, Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, PairSource,
@@ -107,6 +107,10 @@ enum FlushReason {
     Interval,
     /// The processor is stopping.
     Shutdown,
+    /// Nothing else was waiting in the source (group commit: an idle system applies at once).
+    Drained,
+    /// A user deletion arrived: the pairs before it are written, then it is applied.
+    Deletion,
 }
 
 impl FlushReason {
@@ -115,6 +119,8 @@ impl FlushReason {
             FlushReason::Size => "size",
             FlushReason::Interval => "interval",
             FlushReason::Shutdown => "shutdown",
+            FlushReason::Drained => "drained",
+            FlushReason::Deletion => "deletion",
         };
         metrics::counter!("userseg_processor_flushes_total", "reason" => reason).increment(1);
     }
@@ -155,6 +161,8 @@ impl BatchProcessor {
         // When the log made each buffered message durable (for the ingest → applied lag).
         let mut logged: Vec<SystemTime> = Vec::new();
         let mut deadline: Option<Instant> = None;
+        // A deletion ends the batch: the pairs before it are written first, then it.
+        let mut deletion: Option<UserDeletion> = None;
         let mut source_backoff = self.backoff();
         // Writes keep retrying until the shutdown grace has passed after `cancel`.
         let write_stop = CancellationToken::new();
@@ -188,7 +196,8 @@ impl BatchProcessor {
                         break;
                     }
                     self.commit(&mut source, done).await;
-                    continue;
+                    // Group commit: what arrived during the write goes now if nothing else waits.
+                    (!positions.is_empty() && source.is_drained()).then_some(FlushReason::Drained)
                 }
                 _ = timer, if deadline.is_some() => Some(FlushReason::Interval),
                 next = source.next() => match next {
@@ -200,6 +209,7 @@ impl BatchProcessor {
                                 pairs.extend(p);
                                 logged.extend(msg.logged_at);
                             }
+                            Content::Delete(d) => deletion = Some(d),
                             Content::Invalid { payload, reason } => {
                                 let letter = DeadLetter {
                                     payload: DeadPayload::Raw(payload),
@@ -212,7 +222,17 @@ impl BatchProcessor {
                                 }
                             }
                         }
-                        (pairs.len() >= self.config.batch_size).then_some(FlushReason::Size)
+                        // Full, a deletion, or (read-your-writes) nothing else is waiting and no
+                        // write is in flight: write now instead of waiting for the timer.
+                        if pairs.len() >= self.config.batch_size {
+                            Some(FlushReason::Size)
+                        } else if deletion.is_some() {
+                            Some(FlushReason::Deletion)
+                        } else if inflight.is_none() && source.is_drained() {
+                            Some(FlushReason::Drained)
+                        } else {
+                            None
+                        }
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -234,7 +254,23 @@ impl BatchProcessor {
                     self.commit(&mut source, done).await;
                 }
                 let done = std::mem::take(&mut positions);
-                if pairs.is_empty() {
+                if let Some(d) = deletion.take() {
+                    // In log order: the pairs before the deletion, then the deletion.
+                    if self
+                        .write_then_delete::<S>(
+                            std::mem::take(&mut pairs),
+                            std::mem::take(&mut logged),
+                            d,
+                            &write_stop,
+                        )
+                        .await
+                        .is_err()
+                    {
+                        abandoned = true;
+                        break;
+                    }
+                    self.commit(&mut source, done).await;
+                } else if pairs.is_empty() {
                     // Only dead letters: nothing to write.
                     logged.clear();
                     self.commit(&mut source, done).await;
@@ -328,6 +364,54 @@ impl BatchProcessor {
 
     fn backoff(&self) -> Backoff {
         Backoff::new(self.config.backoff_initial, self.config.backoff_max)
+    }
+
+    /// Writes `pairs` (if any), then applies `deletion`, each retried like a batch.
+    async fn write_then_delete<S: PairSource>(
+        &self,
+        pairs: Vec<Pair>,
+        logged: Vec<SystemTime>,
+        deletion: UserDeletion,
+        stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        if !pairs.is_empty() {
+            self.write_batch::<S>(pairs.into(), logged, stop.clone())
+                .await?;
+        }
+        let mut backoff = self.backoff();
+        let mut rejections: u32 = 0;
+        loop {
+            match self.writer.delete_users(deletion.clone()).await {
+                Ok(()) => {
+                    self.health.recovered();
+                    metrics::counter!("userseg_processor_users_deleted_total")
+                        .increment(deletion.len() as u64);
+                    return Ok(());
+                }
+                Err(PortError::Permanent(reason)) => {
+                    rejections += 1;
+                    if rejections > self.config.retry_attempts {
+                        tracing::error!(users = deletion.len(), %reason, "store rejected a deletion for good; dead-lettering it");
+                        let letter = DeadLetter {
+                            payload: DeadPayload::Deletion(deletion),
+                            reason,
+                            kind: DeadLetterKind::RejectedByStore,
+                            attempts: rejections,
+                        };
+                        return self.dead_letter::<S>(None, letter, stop).await;
+                    }
+                    tracing::warn!(attempt = rejections, %reason, "store rejected a deletion; retrying");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store unavailable for a deletion; pausing consumption");
+                    self.health.failing(&e);
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Err(Abandoned),
+                _ = tokio::time::sleep(backoff.pause()) => {}
+            }
+        }
     }
 
     async fn write_batch<S: PairSource>(

@@ -14,6 +14,8 @@ use crate::*;
 struct FakeSource {
     rx: mpsc::Receiver<Message<u64>>,
     committed: Arc<Mutex<Vec<u64>>>,
+    /// Reports when nothing is waiting (like the embedded log); else never (like Kafka).
+    drains: bool,
 }
 
 impl PairSource for FakeSource {
@@ -25,6 +27,9 @@ impl PairSource for FakeSource {
         self.committed.lock().unwrap().extend(positions);
         Ok(())
     }
+    fn is_drained(&self) -> bool {
+        self.drains && self.rx.is_empty()
+    }
 }
 
 /// A writer that replays a script of results, then succeeds.
@@ -33,6 +38,8 @@ struct ScriptedWriter {
     script: Mutex<VecDeque<PortError>>,
     written: Mutex<Vec<Vec<Pair>>>,
     attempts: Mutex<u32>,
+    /// Writes and deletions in the order applied: `w<pairs>` / `d<users>`.
+    ops: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -42,7 +49,20 @@ impl SegmentWriter for ScriptedWriter {
         if let Some(e) = self.script.lock().unwrap().pop_front() {
             return Err(e);
         }
+        self.ops.lock().unwrap().push(format!("w{}", pairs.len()));
         self.written.lock().unwrap().push(pairs.to_vec());
+        Ok(())
+    }
+
+    async fn delete_users(&self, deletion: userseg_domain::UserDeletion) -> Result<(), PortError> {
+        *self.attempts.lock().unwrap() += 1;
+        if let Some(e) = self.script.lock().unwrap().pop_front() {
+            return Err(e);
+        }
+        self.ops
+            .lock()
+            .unwrap()
+            .push(format!("d{}", deletion.user_ids().join(",")));
         Ok(())
     }
 }
@@ -85,6 +105,10 @@ struct Rig {
 }
 
 fn rig(config: BatchConfig, script: Vec<PortError>) -> Rig {
+    rig_with(config, script, false)
+}
+
+fn rig_with(config: BatchConfig, script: Vec<PortError>, drains: bool) -> Rig {
     let (tx, rx) = mpsc::channel(64);
     let committed = Arc::new(Mutex::new(Vec::new()));
     let writer = Arc::new(ScriptedWriter {
@@ -98,6 +122,7 @@ fn rig(config: BatchConfig, script: Vec<PortError>) -> Rig {
     let source = FakeSource {
         rx,
         committed: committed.clone(),
+        drains,
     };
     let c = cancel.clone();
     let task = tokio::spawn(async move {
@@ -300,6 +325,7 @@ async fn the_next_batch_fills_while_one_is_written_and_commits_stay_in_order() {
     let source = FakeSource {
         rx,
         committed: committed.clone(),
+        drains: false,
     };
     let cancel = CancellationToken::new();
     let c = cancel.clone();
@@ -326,4 +352,79 @@ async fn the_next_batch_fills_while_one_is_written_and_commits_stay_in_order() {
     let written: Vec<Vec<Pair>> = writer.written.lock().unwrap().clone();
     assert_eq!(written, vec![vec![pair(1)], vec![pair(2)], vec![pair(3)]]);
     cancel.cancel();
+}
+
+fn deletion(pos: u64, users: &[&str]) -> Message<u64> {
+    Message {
+        position: pos,
+        content: Content::Delete(
+            userseg_domain::UserDeletion::new(users.iter().map(|u| u.to_string()).collect())
+                .unwrap(),
+        ),
+        logged_at: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drained_source_is_written_at_once_without_waiting_for_the_timer() {
+    let r = rig_with(config(1000), vec![], true);
+    let start = tokio::time::Instant::now();
+    r.tx.send(msg(1, vec![pair(1)])).await.unwrap();
+    // The clock is paused: only the drain can trigger this write, not the 30 s timer.
+    until("the lone pair is committed", || {
+        r.committed.lock().unwrap().len() == 1
+    })
+    .await;
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "written without waiting for the flush interval"
+    );
+    assert_eq!(r.writer.written.lock().unwrap()[0], vec![pair(1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_drain_detection_the_timer_still_batches() {
+    let r = rig_with(config(1000), vec![], false);
+    r.tx.send(msg(1, vec![pair(1)])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(r.writer.written.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deletion_is_applied_after_the_pairs_before_it_and_before_those_after() {
+    let r = rig(config(1000), vec![]);
+    r.tx.send(msg(1, vec![pair(1), pair(2)])).await.unwrap();
+    r.tx.send(msg(2, vec![pair(3)])).await.unwrap();
+    r.tx.send(deletion(3, &["u1", "u3"])).await.unwrap();
+    r.tx.send(msg(4, vec![pair(1)])).await.unwrap();
+    until("everything before the deletion is committed", || {
+        r.committed.lock().unwrap().len() >= 3
+    })
+    .await;
+    assert_eq!(*r.committed.lock().unwrap(), vec![1, 2, 3]);
+    // The pair after the deletion waits for its own batch (timer), then follows.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    until("the later pair is committed", || {
+        r.committed.lock().unwrap().len() == 4
+    })
+    .await;
+    assert_eq!(*r.writer.ops.lock().unwrap(), vec!["w3", "du1,u3", "w1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_deletion_is_retried_and_stays_uncommitted_until_applied() {
+    let script = vec![
+        PortError::Transient("down".into()),
+        PortError::Transient("down".into()),
+    ];
+    let r = rig(config(1000), script);
+    r.tx.send(deletion(1, &["u9"])).await.unwrap();
+    until("the store failure is visible", || !r.health.store_ok()).await;
+    assert!(r.committed.lock().unwrap().is_empty());
+    until("the deletion is committed", || {
+        r.committed.lock().unwrap().len() == 1
+    })
+    .await;
+    assert_eq!(*r.writer.ops.lock().unwrap(), vec!["du9"]);
+    assert!(r.dlq.0.lock().unwrap().is_empty());
 }

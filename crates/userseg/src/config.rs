@@ -225,12 +225,45 @@ impl BatchArgs {
     }
 }
 
+/// Sampling of every segment's count for `/v1/segments/{s}/history`.
+#[derive(Args, Debug, Clone)]
+pub struct HistoryArgs {
+    /// How often every segment's count is sampled (whole seconds, at least 1s).
+    #[arg(long, env = "HISTORY_INTERVAL", default_value = "1m")]
+    pub history_interval: String,
+    /// How long samples are kept.
+    #[arg(long, env = "HISTORY_RETENTION", default_value = "35d")]
+    pub history_retention: String,
+}
+
+impl HistoryArgs {
+    pub fn validate(&self) -> Result<userseg_usecase::HistoryConfig> {
+        let interval = duration("HISTORY_INTERVAL", &self.history_interval)?;
+        if interval < Duration::from_secs(1) || interval.subsec_nanos() != 0 {
+            bail!("HISTORY_INTERVAL: must be whole seconds, at least 1s");
+        }
+        let retention = duration("HISTORY_RETENTION", &self.history_retention)?;
+        if retention < interval {
+            bail!("HISTORY_RETENTION: must be at least HISTORY_INTERVAL");
+        }
+        if retention > Duration::from_secs(10 * 366 * 86_400) {
+            bail!("HISTORY_RETENTION: must be at most 10 years");
+        }
+        Ok(userseg_usecase::HistoryConfig {
+            interval: interval.as_secs(),
+            retention: retention.as_secs(),
+        })
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct StandaloneArgs {
     #[command(flatten)]
     pub service: ServiceArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
+    #[command(flatten)]
+    pub history: HistoryArgs,
     /// Where the log and snapshots live.
     #[arg(long, env = "DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -253,6 +286,7 @@ pub struct StandaloneConfig {
     pub max_inflight_pairs: usize,
     pub checkpoint_interval: Duration,
     pub checkpoint_log_bytes: u64,
+    pub history: userseg_usecase::HistoryConfig,
 }
 
 impl StandaloneArgs {
@@ -287,6 +321,7 @@ impl StandaloneArgs {
             max_inflight_pairs,
             checkpoint_interval,
             checkpoint_log_bytes,
+            history: self.history.validate()?,
         })
     }
 }

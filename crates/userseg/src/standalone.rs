@@ -9,10 +9,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use userseg_api::ApiState;
 use userseg_embedded::{
-    open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, WalConfig,
-    WalHandle, WalLog,
+    open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, FileHistory,
+    WalConfig, WalHandle, WalLog,
 };
-use userseg_usecase::{BatchProcessor, Clock, Estimation, Ingest, Mode, SystemClock};
+use userseg_usecase::{
+    Analytics, BatchProcessor, Clock, Estimation, History, HistorySampler, Ingest, Mode,
+    SystemClock,
+};
 
 use crate::config::StandaloneConfig;
 use crate::observability;
@@ -66,6 +69,26 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
     let checkpoint_task = tokio::spawn(checkpointer.clone().run(checkpoint_stop.clone()));
 
     let log = opened.log;
+    let history_dir = cfg.data_dir.join("history");
+    let history_store = Arc::new(
+        FileHistory::open(&history_dir)
+            .with_context(|| format!("DATA_DIR: cannot open {}", history_dir.display()))?,
+    );
+    let sampler = HistorySampler::new(
+        Arc::new(store.clone()),
+        history_store.clone(),
+        clock.clone(),
+        cfg.history,
+    );
+    let sampler_stop = CancellationToken::new();
+    let sampler_task = tokio::spawn(sampler.run(sampler_stop.clone()));
+    let analytics = Analytics::new(
+        Arc::new(store.clone()),
+        Arc::new(log.clone()),
+        clock.clone(),
+        window,
+    );
+    let history = History::new(history_store, clock.clone(), cfg.history);
     let ingest = Ingest::new(
         Arc::new(log.clone()),
         clock.clone(),
@@ -86,6 +109,8 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
         },
     ];
     let mut state = ApiState::new(Some(ingest), Some(estimation));
+    state.analytics = Some(analytics);
+    state.history = Some(history);
     state.metrics = Some(metrics);
     state.auth = cfg.service.auth.clone();
     state
@@ -105,6 +130,8 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
         for g in gauges {
             let _ = g.await;
         }
+        sampler_stop.cancel();
+        let _ = sampler_task.await;
         drain(log, opened.wal, processor_task, processor_stop).await;
         checkpoint_stop.cancel();
         let _ = checkpoint_task.await;

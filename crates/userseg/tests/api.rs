@@ -354,6 +354,7 @@ async fn grpc_push_stream_and_estimates() {
         .estimate(EstimateRequest {
             segment: "g2".into(),
             mode: PbMode::Exact as i32,
+            within_seconds: 0,
         })
         .await
         .unwrap()
@@ -363,6 +364,7 @@ async fn grpc_push_stream_and_estimates() {
     let l = client
         .list_estimates(ListEstimatesRequest {
             mode: PbMode::Approx as i32,
+            within_seconds: 0,
         })
         .await
         .unwrap()
@@ -430,12 +432,16 @@ async fn grpc_bad_input_is_invalid_argument() {
         .estimate(EstimateRequest {
             segment: "".into(),
             mode: 0,
+            within_seconds: 0,
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = client
-        .list_estimates(ListEstimatesRequest { mode: 99 })
+        .list_estimates(ListEstimatesRequest {
+            mode: 99,
+            within_seconds: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -542,7 +548,10 @@ async fn auth_token_guards_the_api_but_not_probes() {
         .unwrap();
     let mut anon = SegmentsClient::new(channel.clone());
     let e = anon
-        .list_estimates(ListEstimatesRequest { mode: 0 })
+        .list_estimates(ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
@@ -553,7 +562,10 @@ async fn auth_token_guards_the_api_but_not_probes() {
             Ok(req)
         });
     authed
-        .list_estimates(ListEstimatesRequest { mode: 0 })
+        .list_estimates(ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        })
         .await
         .unwrap();
     // The gRPC health service stays open for load balancers.

@@ -188,11 +188,20 @@ async fn keys_new_output_parses_and_works_on_both_protocols() {
     grpc.push(authed(push.clone(), &producer)).await.unwrap();
     let e = grpc.push(authed(push, &reader)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
-    grpc.list_estimates(authed(ListEstimatesRequest { mode: 0 }, &reader))
-        .await
-        .unwrap();
+    grpc.list_estimates(authed(
+        ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        },
+        &reader,
+    ))
+    .await
+    .unwrap();
     let e = grpc
-        .list_estimates(ListEstimatesRequest { mode: 0 })
+        .list_estimates(ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
@@ -235,9 +244,15 @@ async fn sighup_reloads_the_keys_and_a_broken_file_keeps_them() {
         .await
         .unwrap();
     let mut grpc = SegmentsClient::new(channel);
-    grpc.list_estimates(authed(ListEstimatesRequest { mode: 0 }, &old))
-        .await
-        .unwrap();
+    grpc.list_estimates(authed(
+        ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        },
+        &old,
+    ))
+    .await
+    .unwrap();
 
     std::fs::write(&file, &new_block).unwrap();
     p.sighup();
@@ -247,9 +262,15 @@ async fn sighup_reloads_the_keys_and_a_broken_file_keeps_them() {
     .await;
     assert_eq!(status(&http, &segments, Some(&old)).await, 401);
     // The same connection goes on, now with the new key.
-    grpc.list_estimates(authed(ListEstimatesRequest { mode: 0 }, &new))
-        .await
-        .unwrap();
+    grpc.list_estimates(authed(
+        ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        },
+        &new,
+    ))
+    .await
+    .unwrap();
 
     // A broken file: logged with its line, the keys in use stay.
     std::fs::write(
@@ -270,9 +291,15 @@ async fn sighup_reloads_the_keys_and_a_broken_file_keeps_them() {
         .unwrap();
     assert!(line.contains("line 8: invalid type"), "{line}");
     assert_eq!(status(&http, &segments, Some(&new)).await, 200);
-    grpc.list_estimates(authed(ListEstimatesRequest { mode: 0 }, &new))
-        .await
-        .unwrap();
+    grpc.list_estimates(authed(
+        ListEstimatesRequest {
+            mode: 0,
+            within_seconds: 0,
+        },
+        &new,
+    ))
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -267,3 +267,167 @@ async fn a_second_process_cannot_share_the_data_dir() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another userseg process"));
 }
+
+async fn json(url: String) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// A deletion acknowledged before SIGKILL stays applied after the restart (pairs acknowledged
+/// after it count again), its user leaves every file in DATA_DIR once the snapshot after it is
+/// written, and history samples survive the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_and_history_survive_sigkill() {
+    const VICTIM: &str = "erase me/ü@example.com";
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let extra = [("HISTORY_INTERVAL", "1s"), ("CHECKPOINT_INTERVAL", "1h")];
+    let mut p = spawn(&data, port, &extra);
+    ready(&mut p).await;
+    let c = reqwest::Client::new();
+    let push = |pairs: Value| {
+        let (c, base) = (c.clone(), p.base.clone());
+        async move {
+            let r = c
+                .post(format!("{base}/v1/pairs"))
+                .json(&serde_json::json!({ "pairs": pairs }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    push(serde_json::json!([
+        {"user_id": VICTIM, "segment": "a"}, {"user_id": VICTIM, "segment": "b"},
+        {"user_id": "keeper", "segment": "a"}, {"user_id": "other", "segment": "b"},
+    ]))
+    .await;
+    let enc: String = VICTIM
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    // Read-your-writes: the memberships are there right after the acknowledgement.
+    until("the victim's memberships are visible", 5, async || {
+        json(format!("{}/v1/users/{enc}/segments", p.base)).await["segments"]
+            .as_array()
+            .map(Vec::len)
+            == Some(2)
+    })
+    .await;
+    // History samples every second: wait for a few with a = 2.
+    until("history has samples", 20, async || {
+        let v = json(format!(
+            "{}/v1/segments/a/history?step=1s&from={}",
+            p.base,
+            now() - 60
+        ))
+        .await;
+        v["points"]
+            .as_array()
+            .is_some_and(|pts| pts.iter().filter(|x| x["users"] == 2).count() >= 2)
+    })
+    .await;
+    let r = c
+        .delete(format!("{}/v1/users/{enc}", p.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["deleted"], 1);
+    until("the deletion is applied", 5, async || {
+        counts(&p.base).await == vec![("a".to_string(), 1), ("b".to_string(), 1)]
+    })
+    .await;
+    // A later pair of the same user counts again.
+    push(serde_json::json!([{"user_id": VICTIM, "segment": "c"}])).await;
+    until("the re-added membership is visible", 5, async || {
+        counts(&p.base).await.len() == 3
+    })
+    .await;
+    let history_before = json(format!(
+        "{}/v1/segments/a/history?step=1s&from={}",
+        p.base,
+        now() - 120
+    ))
+    .await;
+    p.child.kill().unwrap(); // SIGKILL
+    p.child.wait().unwrap();
+
+    let mut p = spawn(&data, port, &extra);
+    ready(&mut p).await;
+    assert_eq!(
+        counts(&p.base).await,
+        vec![
+            ("a".to_string(), 1),
+            ("b".to_string(), 1),
+            ("c".to_string(), 1)
+        ]
+    );
+    let v = json(format!("{}/v1/users/{enc}/segments", p.base)).await;
+    let segs: Vec<&str> = v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["segment"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        segs,
+        vec!["c"],
+        "only the membership after the deletion: {v}"
+    );
+    // Every sample taken before the kill is still there.
+    let after = json(format!(
+        "{}/v1/segments/a/history?step=1s&from={}",
+        p.base,
+        now() - 180
+    ))
+    .await;
+    let pts = |v: &Value| v["points"].as_array().cloned().unwrap_or_default();
+    for point in pts(&history_before) {
+        assert!(
+            pts(&after).contains(&point),
+            "sample {point} lost in the restart"
+        );
+    }
+    assert!(pts(&after).iter().any(|x| x["users"] == 2));
+    // Delete the victim again; after the snapshot that follows, no file holds the id.
+    let r = c
+        .post(format!("{}/v1/users/delete", p.base))
+        .json(&serde_json::json!({"user_ids": [VICTIM]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    until(
+        "no file in DATA_DIR holds the deleted user",
+        20,
+        async || {
+            let mut clean = true;
+            let mut stack = vec![data.clone()];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap().flatten() {
+                    let path = e.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    } else if let Ok(bytes) = std::fs::read(&path) {
+                        clean &= !bytes.windows(VICTIM.len()).any(|w| w == VICTIM.as_bytes());
+                    }
+                }
+            }
+            clean
+        },
+    )
+    .await;
+    assert!(
+        json(format!("{}/v1/users/{enc}/segments", p.base)).await["segments"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}

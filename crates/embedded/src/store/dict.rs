@@ -21,6 +21,7 @@ const POS_BITS: u32 = 20;
 pub struct UserDict {
     blocks: Vec<Vec<u8>>,
     len: usize,
+    erased: usize,
     table: Table,
     hasher: FixedState,
 }
@@ -33,6 +34,10 @@ struct Table {
     slots: Vec<[u8; 6]>,
     len: usize,
 }
+
+/// The tag of a slot whose entry was erased: never equal to a live tag (those have the top bit
+/// set), not empty either, so probes go on past it.
+const TOMBSTONE: u8 = 0x01;
 
 #[inline]
 fn tag_of(hash: u64) -> u8 {
@@ -91,15 +96,17 @@ impl Table {
         self.len += 1;
     }
 
-    /// Doubles the slots, rehashing every entry with `hash_of`.
+    /// Doubles the slots, rehashing every entry with `hash_of` (erased entries are dropped).
     fn grow(&mut self, hash_of: impl Fn([u8; 5]) -> u64) {
         let n = (self.slots.len() * 2).max(16);
         let old = std::mem::replace(&mut self.slots, vec![[0; 6]; n]);
         let mask = n - 1;
+        self.len = 0;
         for s in old {
-            if s[5] == 0 {
+            if s[5] == 0 || s[5] == TOMBSTONE {
                 continue;
             }
+            self.len += 1;
             let mut i = hash_of(loc_of(s)) as usize & mask;
             while self.slots[i][5] != 0 {
                 i = (i + 1) & mask;
@@ -128,6 +135,22 @@ fn entry_at(block: &[u8], mut pos: usize) -> (u32, &[u8], usize) {
     (idx, &block[pos..pos + n], pos + n)
 }
 
+/// The live entries of one block (or a copy of it): erased ids (all zero bytes; a valid id never
+/// starts with NUL) are skipped.
+pub fn entries(block: &[u8]) -> impl Iterator<Item = (u32, &[u8])> + '_ {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        while pos < block.len() {
+            let (idx, id, next) = entry_at(block, pos);
+            pos = next;
+            if id.first().is_some_and(|&b| b != 0) {
+                return Some((idx, id));
+            }
+        }
+        None
+    })
+}
+
 #[inline]
 fn at(blocks: &[Vec<u8>], loc: [u8; 5]) -> (u32, &[u8]) {
     let loc = u64::from_le_bytes([loc[0], loc[1], loc[2], loc[3], loc[4], 0, 0, 0]);
@@ -152,19 +175,71 @@ impl UserDict {
         self.len == 0
     }
 
-    /// Every `(index, id)` in index order. Ids are stored from valid `&str`s, so the bytes are
-    /// UTF-8.
+    /// Every `(index, id)` in index order, erased ids left out. Ids are stored from valid
+    /// `&str`s, so the bytes are UTF-8.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> + '_ {
-        self.blocks.iter().flat_map(|block| {
-            let mut pos = 0;
-            std::iter::from_fn(move || {
-                (pos < block.len()).then(|| {
-                    let (idx, id, next) = entry_at(block, pos);
-                    pos = next;
-                    (idx, id)
-                })
-            })
-        })
+        self.blocks.iter().flat_map(|block| entries(block))
+    }
+
+    /// Arena blocks (each a run of whole entries, in index order).
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Appends a copy of block `b`'s entries to `out` (for scanning without holding the lock).
+    pub fn copy_block(&self, b: usize, out: &mut Vec<u8>) {
+        if let Some(block) = self.blocks.get(b) {
+            out.extend_from_slice(block);
+        }
+    }
+
+    /// The index of `id` if it is interned (and not erased).
+    pub fn get_hashed(&self, hash: u64, id: &[u8]) -> Option<u32> {
+        if self.table.slots.is_empty() {
+            return None;
+        }
+        let blocks = &self.blocks;
+        self.table
+            .find(hash, |l| at(blocks, l).1 == id)
+            .ok()
+            .map(|loc| at(blocks, loc).0)
+    }
+
+    /// Erases `id`: its bytes in the arena are overwritten with zeros and its slot becomes a
+    /// tombstone, so it is found no more and [`UserDict::iter`] skips it. Its index is never
+    /// handed out again; interning the same id later gives a new index. Returns the index.
+    pub fn erase_hashed(&mut self, hash: u64, id: &[u8]) -> Option<u32> {
+        if self.table.slots.is_empty() {
+            return None;
+        }
+        let mask = self.table.slots.len() - 1;
+        let tag = tag_of(hash);
+        let mut i = hash as usize & mask;
+        loop {
+            let s = self.table.slots[i];
+            if s[5] == 0 {
+                return None;
+            }
+            if s[5] == tag && at(&self.blocks, loc_of(s)).1 == id {
+                break;
+            }
+            i = (i + 1) & mask;
+        }
+        let loc = loc_of(self.table.slots[i]);
+        self.table.slots[i][5] = TOMBSTONE;
+        let l = u64::from_le_bytes([loc[0], loc[1], loc[2], loc[3], loc[4], 0, 0, 0]);
+        let block = &mut self.blocks[(l >> POS_BITS) as usize];
+        let pos = (l & ((1 << POS_BITS) - 1)) as usize;
+        let (idx, id, end) = entry_at(block, pos);
+        let start = end - id.len();
+        block[start..end].fill(0);
+        self.erased += 1;
+        Some(idx)
+    }
+
+    /// Ids erased so far (their indices stay dead).
+    pub fn erased(&self) -> usize {
+        self.erased
     }
 
     /// Appends the entry of `idx`; returns its packed location.
@@ -341,7 +416,55 @@ impl Users {
     }
 
     pub fn len(&self) -> usize {
-        (0..self.shards.len()).map(|s| self.lock(s).len()).sum()
+        (0..self.shards.len())
+            .map(|s| {
+                let d = self.lock(s);
+                d.len() - d.erased()
+            })
+            .sum()
+    }
+
+    /// The global index of `id`, if it is interned.
+    pub fn get(&self, id: &[u8]) -> Option<u32> {
+        let hash = hash_id(id);
+        let s = self.shard_of(hash);
+        let local = self.lock(s).get_hashed(hash, id)?;
+        self.global(s, local)
+    }
+
+    /// Erases `id` (see [`UserDict::erase_hashed`]); returns its global index if it was there.
+    pub fn erase(&self, id: &[u8]) -> Option<u32> {
+        let hash = hash_id(id);
+        let s = self.shard_of(hash);
+        let local = self.lock(s).erase_hashed(hash, id)?;
+        self.global(s, local)
+    }
+
+    /// Calls `f(global index, id)` for every user, shard by shard and block by block, holding a
+    /// shard's lock only while copying one block (at most 1 MiB) into `buf`: a scan of every
+    /// user that never stalls interning for long. Stops early when `f` returns `false`.
+    pub fn scan(&self, buf: &mut Vec<u8>, mut f: impl FnMut(u32, &[u8]) -> bool) {
+        let n = self.shards.len() as u64;
+        for s in 0..self.shards.len() {
+            let mut b = 0;
+            loop {
+                buf.clear();
+                {
+                    let d = self.lock(s);
+                    if b >= d.block_count() {
+                        break;
+                    }
+                    d.copy_block(b, buf);
+                }
+                b += 1;
+                for (local, id) in entries(buf) {
+                    // Indices of present entries fit: they were handed out.
+                    if !f((u64::from(local) * n + s as u64) as u32, id) {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -458,5 +581,70 @@ mod tests {
             let mut guards = u.lock_all();
             assert_eq!(u.intern_in(&mut guards, b"user-7"), Some(want["user-7"]));
         }
+    }
+
+    impl Users {
+        fn intern_mut_shared(&self, id: &[u8]) -> u32 {
+            let mut g = self.lock_all();
+            self.intern_in(&mut g, id).unwrap()
+        }
+    }
+
+    #[test]
+    fn erased_ids_are_gone_and_come_back_with_new_indices() {
+        let u = Users::new(4);
+        let mut g = u.lock_all();
+        let ids: Vec<String> = (0..5000).map(|i| format!("user-{i}")).collect();
+        let idx: Vec<u32> = ids
+            .iter()
+            .map(|id| u.intern_in(&mut g, id.as_bytes()).unwrap())
+            .collect();
+        drop(g);
+        assert_eq!(u.erase(b"user-7"), Some(idx[7]));
+        assert_eq!(u.erase(b"user-7"), None, "erasing twice finds nothing");
+        assert_eq!(u.erase(b"never"), None);
+        assert_eq!(u.get(b"user-7"), None);
+        assert_eq!(u.get(b"user-8"), Some(idx[8]));
+        assert_eq!(u.len(), 4999);
+        let mut seen = Vec::new();
+        u.for_each(|g, id| seen.push((g, id.to_vec())));
+        assert_eq!(seen.len(), 4999);
+        assert!(seen.iter().all(|(_, id)| id != b"user-7"));
+        // No trace of an erased id's bytes in the arena.
+        let victim = b"erase-me@example.com";
+        let vi = u.intern_mut_shared(victim);
+        assert_eq!(u.erase(victim), Some(vi));
+        for s in 0..u.shards() {
+            let d = u.lock(s);
+            for b in 0..d.block_count() {
+                let mut copy = Vec::new();
+                d.copy_block(b, &mut copy);
+                assert!(!copy.windows(victim.len()).any(|w| w == victim));
+            }
+        }
+        // Re-interned: a new index; every other id keeps its own; growth keeps working.
+        let mut g = u.lock_all();
+        let again = u.intern_in(&mut g, b"user-7").unwrap();
+        assert_ne!(again, idx[7]);
+        for (i, id) in ids.iter().enumerate() {
+            if i != 7 {
+                assert_eq!(u.intern_in(&mut g, id.as_bytes()), Some(idx[i]));
+            }
+        }
+        for i in 0..50_000 {
+            u.intern_in(&mut g, format!("more-{i}").as_bytes()).unwrap();
+        }
+        drop(g);
+        assert_eq!(u.get(b"user-7"), Some(again));
+        assert_eq!(u.get(b"user-9"), Some(idx[9]));
+        // A scan lists every live id once.
+        let mut n = 0;
+        u.scan(&mut Vec::new(), |_, id| {
+            n += 1;
+            assert!(!id.is_empty());
+            true
+        });
+        assert_eq!(n, 55_000);
+        assert_eq!(u.get(victim), None);
     }
 }

@@ -7,6 +7,7 @@
 //! user), and keeps a [`ring::Ring`] of member counts per bucket with the window sum cached, so
 //! an estimate is O(1) at the time of the latest data and never touches the memberships.
 
+mod analytics;
 mod dict;
 mod members;
 mod ring;
@@ -221,6 +222,10 @@ pub struct MemStore {
     threads: usize,
     /// Batches of fewer pairs are applied on the calling thread alone.
     parallel_min: usize,
+    /// Deletions applied (see [`MemStore::erasures`]).
+    erasures: std::sync::atomic::AtomicU64,
+    /// Admits at most [`analytics::HEAVY_QUERIES`] bitset queries at once.
+    heavy: Arc<tokio::sync::Semaphore>,
 }
 
 /// Dictionary shards: a power of two, at least the cores we expect to use.
@@ -324,6 +329,8 @@ impl MemStore {
             parallel_min: parallel_min.max(1),
             users,
             segments: RwLock::new(StdHashMap::new()),
+            erasures: Default::default(),
+            heavy: Arc::new(tokio::sync::Semaphore::new(analytics::HEAVY_QUERIES)),
         }
     }
 
@@ -608,6 +615,15 @@ impl SegmentWriter for EmbeddedStore {
             .await
             .map_err(|e| PortError::Transient(format!("apply task failed: {e}")))?
     }
+
+    async fn delete_users(&self, deletion: userseg_domain::UserDeletion) -> Result<(), PortError> {
+        let store = self.0.clone();
+        let found = tokio::task::spawn_blocking(move || store.delete_users(deletion.user_ids()))
+            .await
+            .map_err(|e| PortError::Transient(format!("delete task failed: {e}")))?;
+        tracing::info!(found, "applied a user deletion");
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -648,6 +664,16 @@ mod tests {
     }
 
     userseg_usecase::store_test_suite!(make_store, seeds = 40, steps = 60);
+
+    async fn make_analytics(window: Window) -> userseg_usecase::analytics_suite::SuiteAnalytics {
+        let s = EmbeddedStore(Arc::new(MemStore::new(window)));
+        userseg_usecase::analytics_suite::SuiteAnalytics {
+            writer: Arc::new(s.clone()),
+            analytics: Arc::new(s),
+        }
+    }
+
+    userseg_usecase::analytics_test_suite!(make_analytics, seeds = 30, steps = 50);
 
     fn p(u: u32, s: u32, ts: i64) -> Pair {
         Pair {

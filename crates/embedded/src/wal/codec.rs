@@ -1,9 +1,14 @@
-//! Encoding of one log record: a batch of pairs.
+//! Encoding of one log record: a batch of pairs, or a deletion of users.
 //!
-//! Frame: len u32 LE, crc32 u32 LE of the payload, payload. Payload: varint count, then per
-//! pair varint len + user id, varint len + segment, zigzag varint ts.
+//! Frame: len u32 LE, crc32 u32 LE of the payload, payload. Pairs payload: varint count, then
+//! per pair varint len + user id, varint len + segment, zigzag varint ts. Deletion payload:
+//! bytes `00 DE`, varint count, then per user varint len + user id (a pairs payload starting
+//! with a count of 0 is exactly one byte long, so the two never collide and logs written before
+//! deletions existed read as before).
 
-use userseg_domain::Pair;
+use userseg_domain::{Pair, Record, UserDeletion};
+
+const DELETION_MARK: [u8; 2] = [0x00, 0xDE];
 
 pub const FRAME_HEADER: usize = 8;
 
@@ -40,6 +45,23 @@ pub fn encode_record(pairs: &[Pair], out: &mut Vec<u8>) {
         out.extend_from_slice(p.segment.as_bytes());
         put_varint(out, ((p.ts << 1) ^ (p.ts >> 63)) as u64);
     }
+    finish_frame(out, start);
+}
+
+/// Appends one framed record holding a deletion to `out`.
+pub fn encode_deletion(deletion: &UserDeletion, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER]);
+    out.extend_from_slice(&DELETION_MARK);
+    put_varint(out, deletion.len() as u64);
+    for id in deletion.user_ids() {
+        put_varint(out, id.len() as u64);
+        out.extend_from_slice(id.as_bytes());
+    }
+    finish_frame(out, start);
+}
+
+fn finish_frame(out: &mut [u8], start: usize) {
     let payload = &out[start + FRAME_HEADER..];
     let len = payload.len() as u32;
     let crc = crc32fast::hash(payload);
@@ -55,6 +77,23 @@ fn get_str(buf: &[u8], pos: &mut usize) -> Option<String> {
 }
 
 /// Decodes a payload (without its frame header).
+pub fn decode(payload: &[u8]) -> Option<Record> {
+    if let Some(rest) = payload.strip_prefix(&DELETION_MARK) {
+        let mut pos = 0;
+        let n = get_varint(rest, &mut pos)? as usize;
+        let mut ids = Vec::with_capacity(n.min(rest.len()));
+        for _ in 0..n {
+            ids.push(get_str(rest, &mut pos)?);
+        }
+        if pos != rest.len() {
+            return None;
+        }
+        return UserDeletion::from_log(ids).ok().map(Record::DeleteUsers);
+    }
+    decode_payload(payload).map(Record::Pairs)
+}
+
+/// Decodes a pairs payload (without its frame header).
 pub fn decode_payload(payload: &[u8]) -> Option<Vec<Pair>> {
     let mut pos = 0;
     let n = get_varint(payload, &mut pos)? as usize;
@@ -120,6 +159,41 @@ mod tests {
             for cut in 0..buf.len() {
                 prop_assert!(matches!(read_frame(&buf[..cut]), Frame::Incomplete));
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn deletions_round_trip(ids in proptest::collection::btree_set("[a-z0-9 /é]{1,20}", 1..50)) {
+            let d = UserDeletion::new(ids.into_iter().collect()).unwrap();
+            let mut buf = Vec::new();
+            encode_deletion(&d, &mut buf);
+            match read_frame(&buf) {
+                Frame::Ok(payload, n) => {
+                    prop_assert_eq!(n, buf.len());
+                    prop_assert_eq!(decode(payload), Some(Record::DeleteUsers(d)));
+                }
+                _ => prop_assert!(false, "frame did not read back"),
+            }
+        }
+    }
+
+    #[test]
+    fn pairs_records_still_decode_as_pairs() {
+        for n in [0usize, 1, 3] {
+            let pairs: Vec<Pair> = (0..n)
+                .map(|i| Pair {
+                    user_id: format!("u{i}"),
+                    segment: "s".into(),
+                    ts: i as i64,
+                })
+                .collect();
+            let mut buf = Vec::new();
+            encode_record(&pairs, &mut buf);
+            let Frame::Ok(payload, _) = read_frame(&buf) else {
+                panic!("frame")
+            };
+            assert_eq!(decode(payload), Some(Record::Pairs(pairs)));
         }
     }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
-use userseg_domain::Pair;
+use userseg_domain::{Pair, Record, UserDeletion};
 use userseg_usecase::{Content, Message, PairPublisher, PairSource, PortError};
 
 use codec::{Frame, FRAME_HEADER};
@@ -84,13 +84,13 @@ fn list_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Replays every record at or after `from`, calling `apply` with its pairs, and returns the
+/// Replays every record at or after `from` in log order, calling `apply` with it, and returns the
 /// offset where new records go. A torn record at the very tail (a crash mid-write, never
 /// acknowledged) is cut off; corruption anywhere else is an error.
 pub fn replay(
     dir: &Path,
     from: u64,
-    mut apply: impl FnMut(Vec<Pair>),
+    mut apply: impl FnMut(Record),
 ) -> Result<ReplayStats, WalError> {
     let io_err = |path: &Path, source| WalError::Io {
         path: path.to_owned(),
@@ -102,6 +102,7 @@ pub fn replay(
         end: from,
         records: 0,
         pairs: 0,
+        deletions: 0,
         truncated_bytes: 0,
     };
     for (i, (base, path)) in files.iter().enumerate() {
@@ -118,14 +119,16 @@ pub fn replay(
                 Frame::Ok(payload, n) => {
                     let start = base + pos as u64;
                     if start >= from {
-                        let pairs =
-                            codec::decode_payload(payload).ok_or_else(|| WalError::Corrupt {
-                                path: path.clone(),
-                                at: pos as u64,
-                            })?;
+                        let record = codec::decode(payload).ok_or_else(|| WalError::Corrupt {
+                            path: path.clone(),
+                            at: pos as u64,
+                        })?;
                         stats.records += 1;
-                        stats.pairs += pairs.len() as u64;
-                        apply(pairs);
+                        match &record {
+                            Record::Pairs(p) => stats.pairs += p.len() as u64,
+                            Record::DeleteUsers(_) => stats.deletions += 1,
+                        }
+                        apply(record);
                     }
                     pos += n;
                 }
@@ -164,12 +167,14 @@ pub struct ReplayStats {
     pub end: u64,
     pub records: u64,
     pub pairs: u64,
+    /// Deletion records replayed.
+    pub deletions: u64,
     pub truncated_bytes: u64,
 }
 
 struct Request {
     frame: Vec<u8>,
-    pairs: Vec<Pair>,
+    record: Record,
     permit: OwnedSemaphorePermit,
     done: oneshot::Sender<Result<(), PortError>>,
 }
@@ -207,7 +212,7 @@ pub struct WalLog {
 
 /// A committed record handed to the processor: its end offset, its pairs, its share of the
 /// in-flight bound, and when it became durable.
-type Committed = (u64, Vec<Pair>, OwnedSemaphorePermit, std::time::SystemTime);
+type Committed = (u64, Record, OwnedSemaphorePermit, std::time::SystemTime);
 
 /// Consuming side (batch processor): implements [`PairSource`].
 pub struct WalSource {
@@ -336,18 +341,22 @@ impl Writer {
                     self.offset += buf.len() as u64;
                     self.shared.written.store(self.offset, Ordering::Release);
                     metrics::counter!("userseg_wal_bytes_total").increment(buf.len() as u64);
+                    let mut deleted = false;
                     for r in group.drain(..) {
                         end += r.frame.len() as u64;
                         let _ = r.done.send(Ok(()));
+                        deleted |= matches!(r.record, Record::DeleteUsers(_));
                         if out
-                            .blocking_send((end, r.pairs, r.permit, logged_at))
+                            .blocking_send((end, r.record, r.permit, logged_at))
                             .is_err()
                         {
                             // The processor is gone (shutting down): the record is durable and
                             // will be replayed at the next start.
                         }
                     }
-                    if let Err(e) = self.maybe_roll() {
+                    // A file holding a deletion is closed at once, so that the checkpoint after
+                    // the deletion removes it with the erased users' earlier pairs.
+                    if let Err(e) = self.maybe_roll(deleted) {
                         self.fail(&format!("rolling the log failed: {e}"));
                     }
                 }
@@ -383,8 +392,8 @@ impl Writer {
         self.file.sync_data()
     }
 
-    fn maybe_roll(&mut self) -> io::Result<()> {
-        if self.offset - self.file_base < self.config.segment_bytes {
+    fn maybe_roll(&mut self, force: bool) -> io::Result<()> {
+        if self.offset - self.file_base < self.config.segment_bytes && !force {
             return Ok(());
         }
         let path = self.config.dir.join(file_name(self.offset));
@@ -401,48 +410,52 @@ impl Writer {
     }
 }
 
-#[async_trait]
-impl PairPublisher for WalLog {
-    async fn publish(&self, pairs: Vec<Pair>) -> Result<(), PortError> {
-        if let Some(b) = self
+impl WalLog {
+    fn check_broken(&self) -> Result<(), PortError> {
+        match self
             .shared
             .broken
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         {
-            return Err(PortError::Transient(b));
+            Some(b) => Err(PortError::Transient(b)),
+            None => Ok(()),
         }
-        let n = pairs.len();
-        if n > self.max_inflight {
-            return Err(PortError::Overloaded(format!(
-                "a request of {n} pairs exceeds MAX_INFLIGHT_PAIRS ({})",
-                self.max_inflight
-            )));
-        }
-        let permit = match tokio::time::timeout(
+    }
+
+    /// Room for `n` pairs (or users) in flight, waiting up to the enqueue timeout.
+    async fn permit(&self, n: usize) -> Result<OwnedSemaphorePermit, PortError> {
+        match tokio::time::timeout(
             self.enqueue_timeout,
             self.permits.clone().acquire_many_owned(n as u32),
         )
         .await
         {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(PortError::Transient("the log is shut down".into())),
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(PortError::Transient("the log is shut down".into())),
             Err(_) => {
                 metrics::counter!("userseg_wal_overloaded_total").increment(1);
-                return Err(PortError::Overloaded(format!(
+                Err(PortError::Overloaded(format!(
                     "{} pairs are waiting to be applied; try again shortly",
                     self.max_inflight
-                )));
+                )))
             }
-        };
-        let mut frame = Vec::with_capacity(n * 32 + 16);
-        codec::encode_record(&pairs, &mut frame);
+        }
+    }
+
+    /// Hands a framed record to the writer; resolves once it is fsynced.
+    async fn append(
+        &self,
+        frame: Vec<u8>,
+        record: Record,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(), PortError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Request {
                 frame,
-                pairs,
+                record,
                 permit,
                 done,
             })
@@ -450,6 +463,35 @@ impl PairPublisher for WalLog {
             .map_err(|_| PortError::Transient("the log is shut down".into()))?;
         wait.await
             .map_err(|_| PortError::Transient("the log writer stopped".into()))?
+    }
+}
+
+#[async_trait]
+impl PairPublisher for WalLog {
+    async fn publish(&self, pairs: Vec<Pair>) -> Result<(), PortError> {
+        self.check_broken()?;
+        let n = pairs.len();
+        if n > self.max_inflight {
+            return Err(PortError::Overloaded(format!(
+                "a request of {n} pairs exceeds MAX_INFLIGHT_PAIRS ({})",
+                self.max_inflight
+            )));
+        }
+        let permit = self.permit(n).await?;
+        let mut frame = Vec::with_capacity(n * 32 + 16);
+        codec::encode_record(&pairs, &mut frame);
+        self.append(frame, Record::Pairs(pairs), permit).await
+    }
+
+    async fn publish_deletion(&self, deletion: UserDeletion) -> Result<(), PortError> {
+        self.check_broken()?;
+        // One permit per user bounds what deletions hold in memory, like pairs.
+        let n = deletion.len().min(self.max_inflight);
+        let permit = self.permit(n).await?;
+        let mut frame = Vec::with_capacity(n * 32 + 16);
+        codec::encode_deletion(&deletion, &mut frame);
+        self.append(frame, Record::DeleteUsers(deletion), permit)
+            .await
     }
 
     async fn check_ready(&self) -> Result<(), PortError> {
@@ -477,14 +519,21 @@ impl PairSource for WalSource {
             .rx
             .recv()
             .await
-            .map(|(end, pairs, permit, logged_at)| Message {
+            .map(|(end, record, permit, logged_at)| Message {
                 position: WalPosition {
                     end,
                     _permit: permit,
                 },
-                content: Content::Pairs(pairs),
+                content: match record {
+                    Record::Pairs(p) => Content::Pairs(p),
+                    Record::DeleteUsers(d) => Content::Delete(d),
+                },
                 logged_at: Some(logged_at),
             }))
+    }
+
+    fn is_drained(&self) -> bool {
+        self.rx.is_empty()
     }
 
     async fn commit(&mut self, positions: Vec<WalPosition>) -> Result<(), PortError> {
@@ -569,7 +618,11 @@ mod tests {
         handle.join();
         assert!(list_files(dir.path()).unwrap().len() > 2);
         let mut seen = Vec::new();
-        let stats = replay(dir.path(), 0, |p| seen.push(p[0].user_id.clone())).unwrap();
+        let stats = replay(dir.path(), 0, |r| match r {
+            Record::Pairs(p) => seen.push(p[0].user_id.clone()),
+            Record::DeleteUsers(d) => panic!("no deletion was logged: {d:?}"),
+        })
+        .unwrap();
         assert_eq!(stats.records, 20);
         assert_eq!(stats.pairs, 100);
         assert_eq!(stats.end, *ends.last().unwrap());
@@ -603,7 +656,12 @@ mod tests {
         drop(log);
         handle.join();
         let mut total = 0;
-        replay(dir.path(), 0, |p| total += p.len()).unwrap();
+        replay(dir.path(), 0, |r| {
+            if let Record::Pairs(p) = r {
+                total += p.len()
+            }
+        })
+        .unwrap();
         assert_eq!(total, 5);
     }
 

@@ -79,6 +79,7 @@ fn approx_bytes(m: &Message<Position>) -> usize {
             .map(|p| p.user_id.len() + p.segment.len() + 64)
             .sum(),
         Content::Invalid { payload, .. } => payload.len() + 128,
+        Content::Delete(d) => d.user_ids().iter().map(|u| u.len() + 32).sum(),
     }
 }
 

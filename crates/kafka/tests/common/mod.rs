@@ -182,6 +182,9 @@ pub fn pairs_of(messages: &[Message<Position>]) -> Vec<Pair> {
             userseg_usecase::Content::Invalid { reason, .. } => {
                 panic!("unexpected invalid message at {:?}: {reason}", m.position)
             }
+            userseg_usecase::Content::Delete(d) => {
+                panic!("unexpected deletion at {:?}: {d:?}", m.position)
+            }
         })
         .collect()
 }
@@ -191,7 +194,7 @@ pub fn pair_count(messages: &[Message<Position>]) -> usize {
         .iter()
         .map(|m| match &m.content {
             userseg_usecase::Content::Pairs(p) => p.len(),
-            userseg_usecase::Content::Invalid { .. } => 0,
+            userseg_usecase::Content::Invalid { .. } | userseg_usecase::Content::Delete(_) => 0,
         })
         .sum()
 }

@@ -60,6 +60,8 @@ const SAMPLES: &[(&str, &str)] = &[
     ("MAX_INFLIGHT_PAIRS", "2000000"),
     ("CHECKPOINT_INTERVAL", "1m"),
     ("CHECKPOINT_LOG_BYTES", "1GiB"),
+    ("HISTORY_INTERVAL", "10s"),
+    ("HISTORY_RETENTION", "7d"),
     ("KAFKA_BROKER_URL", "kafka:9092"),
     ("KAFKA_TOPIC", "pairs"),
     ("KAFKA_DLQ_TOPIC", "pairs-dlq"),

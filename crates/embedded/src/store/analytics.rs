@@ -1,0 +1,579 @@
+//! Analytics on the embedded store: per-user lookup, deletion, counts with a lookback, set
+//! expressions, overlap and member export.
+//!
+//! No new index is kept (memory stays that of the store). A set expression or an overlap scans
+//! the segments it names into bitsets over the user indices (one bit per interned user: 1.2 MiB
+//! at 10M users), deciding each membership's liveness from its bucket code, then combines
+//! them word by word. Dense segments (the large ones) are scanned as arrays of 2-byte codes;
+//! the rest are tables of at most a few hundred thousand slots. A per-user lookup probes each
+//! segment once. An export scans the user dictionary block by block against the segment's
+//! bitset, so its memory is one bitset plus one block whatever the segment's size.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::mpsc;
+use userseg_domain::{Expr, UnixSeconds, Within};
+use userseg_usecase::{Member, Membership, Overlap, PortError, SegmentCount};
+
+use super::{read, write, MemStore, Members, Segment};
+
+/// Most heavy queries (expressions, overlaps, exports) computing at once; each holds a few
+/// bitsets of `users / 8` bytes.
+pub(crate) const HEAVY_QUERIES: usize = 2;
+
+/// Bitset words covering user indices below `universe`.
+fn words(universe: usize) -> usize {
+    universe.div_ceil(64)
+}
+
+impl Segment {
+    /// The bucket of `user`'s membership, if any.
+    pub(crate) fn bucket_of_user(&self, user: u32) -> Option<i64> {
+        let coder = self.coder;
+        match &self.members {
+            Members::Narrow(r) => r.get(user).map(|c| coder.decode(c)),
+            Members::Wide(r) => r.get(user).map(|c| coder.decode(c)),
+        }
+    }
+
+    /// Removes `user`'s membership; returns whether there was one.
+    pub(crate) fn remove_user(&mut self, user: u32) -> bool {
+        let coder = self.coder;
+        let bucket = match &mut self.members {
+            Members::Narrow(r) => r.remove(user).map(|c| coder.decode(c)),
+            Members::Wide(r) => r.remove(user).map(|c| coder.decode(c)),
+        };
+        match bucket {
+            Some(b) => {
+                if self.ring.holds(b) {
+                    self.ring.dec(b);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// ORs the members whose bucket is above `lo` into `bits`.
+    pub(crate) fn fill_bits(&self, lo: i64, bits: &mut [u64]) {
+        // A code's bucket is `top - d`, `d = (top_code - code) mod M`: live iff `d < top - lo`.
+        let (top_code, k) = self.coder.live_window(lo);
+        if k <= 0 {
+            return;
+        }
+        match &self.members {
+            Members::Narrow(r) => r.fill_bits(bits, top_code, k),
+            Members::Wide(r) => r.fill_bits(bits, top_code, k),
+        }
+    }
+}
+
+fn popcount(bits: &[u64]) -> u64 {
+    bits.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Where an export's members go, chunk by chunk.
+struct ExportSink<'a> {
+    seg: &'a RwLock<Segment>,
+    lo: i64,
+    bucket_secs: i64,
+    sink: &'a mpsc::Sender<Vec<Member>>,
+    sent: u64,
+    failed: Option<PortError>,
+}
+
+impl ExportSink<'_> {
+    /// Sends the pending members that are still live; false once the receiver is gone.
+    fn flush(&mut self, pending: &mut Vec<(u32, String)>) -> bool {
+        let members: Vec<Member> = {
+            let seg = read(self.seg);
+            pending
+                .drain(..)
+                .filter_map(|(u, user_id)| {
+                    // Re-checked: the membership may have been deleted since the bitset.
+                    let b = seg.bucket_of_user(u).filter(|&b| b > self.lo)?;
+                    Some(Member {
+                        user_id,
+                        last_seen: b * self.bucket_secs,
+                    })
+                })
+                .collect()
+        };
+        if members.is_empty() {
+            return true;
+        }
+        let n = members.len() as u64;
+        if self.sink.blocking_send(members).is_err() {
+            self.failed = Some(PortError::Transient(
+                "the export's receiver went away".into(),
+            ));
+            return false;
+        }
+        self.sent += n;
+        true
+    }
+}
+
+/// A set during expression evaluation: `bits`, or its complement within the universe.
+struct Set {
+    bits: Vec<u64>,
+    negated: bool,
+}
+
+fn eval(expr: &Expr, sets: &HashMap<&str, Vec<u64>>, n: usize) -> Set {
+    let leaf = |s: &str| sets.get(s).cloned().unwrap_or_else(|| vec![0; n]);
+    match expr {
+        Expr::Segment(s) => Set {
+            bits: leaf(s),
+            negated: false,
+        },
+        Expr::Not(e) => {
+            let s = eval(e, sets, n);
+            Set {
+                bits: s.bits,
+                negated: !s.negated,
+            }
+        }
+        // A ∧ ¬B = A \ B; ¬A ∧ ¬B = ¬(A ∨ B).
+        Expr::And(items) | Expr::Or(items) => {
+            let and = matches!(expr, Expr::And(_));
+            let mut pos: Option<Vec<u64>> = None;
+            let mut neg: Option<Vec<u64>> = None;
+            for e in items {
+                let s = eval(e, sets, n);
+                // For AND: positives are intersected, negatives' sets united. For OR (by De
+                // Morgan): positives united, negatives' sets intersected.
+                let (slot, combine_and) = if s.negated {
+                    (&mut neg, !and)
+                } else {
+                    (&mut pos, and)
+                };
+                match slot {
+                    None => *slot = Some(s.bits),
+                    Some(acc) => {
+                        for (a, b) in acc.iter_mut().zip(&s.bits) {
+                            if combine_and {
+                                *a &= b;
+                            } else {
+                                *a |= b;
+                            }
+                        }
+                    }
+                }
+            }
+            match (pos, neg, and) {
+                (Some(p), None, _) => Set {
+                    bits: p,
+                    negated: false,
+                },
+                (None, Some(q), _) => Set {
+                    bits: q,
+                    negated: true,
+                },
+                // AND: P \ N.
+                (Some(mut p), Some(q), true) => {
+                    for (a, b) in p.iter_mut().zip(&q) {
+                        *a &= !b;
+                    }
+                    Set {
+                        bits: p,
+                        negated: false,
+                    }
+                }
+                // OR: P ∪ ¬Q = ¬(Q \ P).
+                (Some(p), Some(mut q), false) => {
+                    for (a, b) in q.iter_mut().zip(&p) {
+                        *a &= !b;
+                    }
+                    Set {
+                        bits: q,
+                        negated: true,
+                    }
+                }
+                (None, None, _) => Set {
+                    bits: vec![0; n],
+                    negated: false,
+                },
+            }
+        }
+    }
+}
+
+/// Runs `f` over `items` on up to `threads` threads, results in item order.
+fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .skip(1)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        let mut out: Vec<R> = items
+            .chunks(chunk)
+            .next()
+            .unwrap_or(&[])
+            .iter()
+            .map(f)
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(part) => out.extend(part),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        out
+    })
+}
+
+impl MemStore {
+    fn lo(&self, at: UnixSeconds, within: Option<Within>) -> i64 {
+        let w = within.unwrap_or(Within::full(self.window));
+        self.bucketing.live_range_within(at, w).0
+    }
+
+    fn segment_opt(&self, name: &str) -> Option<Arc<RwLock<Segment>>> {
+        read(&self.segments).get(name).cloned()
+    }
+
+    /// The live memberships of `user_id`, sorted by segment. Times are bucket starts.
+    pub fn user_segments(&self, user_id: &str, at: UnixSeconds) -> Vec<Membership> {
+        let Some(user) = self.users.get(user_id.as_bytes()) else {
+            return Vec::new();
+        };
+        let lo = self.lo(at, None);
+        let bs = self.bucketing.bucket_secs();
+        let wb = self.bucketing.window_buckets();
+        let segments: Vec<(Box<str>, Arc<RwLock<Segment>>)> = read(&self.segments)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out: Vec<Membership> = segments
+            .iter()
+            .filter_map(|(name, seg)| {
+                let b = read(seg).bucket_of_user(user)?;
+                (b > lo).then(|| Membership {
+                    segment: name.to_string(),
+                    last_seen: b * bs,
+                    expires_at: (b + wb) * bs,
+                })
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| a.segment.cmp(&b.segment));
+        out
+    }
+
+    /// Users in `segment` under a lookback.
+    pub fn count_within(&self, segment: &str, at: UnixSeconds, within: Option<Within>) -> u64 {
+        let lo = self.lo(at, within);
+        self.segment_opt(segment)
+            .map_or(0, |s| read(&s).ring.sum_above(lo))
+    }
+
+    /// Every segment with users under a lookback, sorted by name.
+    pub fn count_all_within(&self, at: UnixSeconds, within: Option<Within>) -> Vec<SegmentCount> {
+        let lo = self.lo(at, within);
+        let segments = read(&self.segments);
+        let mut out: Vec<SegmentCount> = segments
+            .iter()
+            .filter_map(|(name, s)| {
+                let users = read(s).ring.sum_above(lo);
+                (users > 0).then(|| SegmentCount {
+                    segment: name.to_string(),
+                    users,
+                })
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| a.segment.cmp(&b.segment));
+        out
+    }
+
+    /// Bitsets of the live members of each name (all zero for unknown segments), built in
+    /// parallel, each of `n` words.
+    fn bitsets(&self, names: &[&str], lo: i64, n: usize) -> Vec<Vec<u64>> {
+        let segs: Vec<Option<Arc<RwLock<Segment>>>> =
+            names.iter().map(|s| self.segment_opt(s)).collect();
+        par_map(&segs, self.threads, |seg| {
+            let mut bits = vec![0u64; n];
+            if let Some(seg) = seg {
+                read(seg).fill_bits(lo, &mut bits);
+            }
+            bits
+        })
+    }
+
+    /// Users with at least one membership above `lo`.
+    fn universe_count(&self, lo: i64, n: usize) -> u64 {
+        let segs: Vec<Arc<RwLock<Segment>>> = read(&self.segments).values().cloned().collect();
+        let parts = par_map(
+            &segs
+                .chunks(segs.len().div_ceil(self.threads.max(1)).max(1))
+                .collect::<Vec<_>>(),
+            self.threads,
+            |part| {
+                let mut bits = vec![0u64; n];
+                for seg in part.iter() {
+                    read(seg).fill_bits(lo, &mut bits);
+                }
+                bits
+            },
+        );
+        let mut all = vec![0u64; n];
+        for p in parts {
+            for (a, b) in all.iter_mut().zip(&p) {
+                *a |= b;
+            }
+        }
+        popcount(&all)
+    }
+
+    /// Users the expression selects (exact at bucket precision).
+    pub fn count_expr(&self, expr: &Expr, at: UnixSeconds, within: Option<Within>) -> u64 {
+        let lo = self.lo(at, within);
+        let n = words(self.users.universe());
+        let names = expr.segments();
+        let bits = self.bitsets(&names, lo, n);
+        let sets: HashMap<&str, Vec<u64>> = names.iter().copied().zip(bits).collect();
+        let set = eval(expr, &sets, n);
+        if set.negated {
+            // The set is within the universe (it is made of live memberships).
+            self.universe_count(lo, n) - popcount(&set.bits)
+        } else {
+            popcount(&set.bits)
+        }
+    }
+
+    /// The pairwise intersections of `segments`.
+    pub fn overlap(&self, segments: &[String], at: UnixSeconds, within: Option<Within>) -> Overlap {
+        let lo = self.lo(at, within);
+        let n = words(self.users.universe());
+        let names: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let bits = self.bitsets(&names, lo, n);
+        let k = bits.len();
+        // Blocks of words small enough that all segments' blocks stay in cache together.
+        const BLOCK: usize = 512;
+        let blocks: Vec<usize> = (0..n.div_ceil(BLOCK)).collect();
+        let per_thread = blocks.len().div_ceil(self.threads.max(1)).max(1);
+        let parts = par_map(
+            &blocks.chunks(per_thread).collect::<Vec<_>>(),
+            self.threads,
+            |mine| {
+                let mut both = vec![0u64; k * k];
+                for &b in mine.iter() {
+                    let (from, to) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
+                    for i in 0..k {
+                        let a = &bits[i][from..to];
+                        for j in i..k {
+                            let c = &bits[j][from..to];
+                            both[i * k + j] += a
+                                .iter()
+                                .zip(c)
+                                .map(|(x, y)| u64::from((x & y).count_ones()))
+                                .sum::<u64>();
+                        }
+                    }
+                }
+                both
+            },
+        );
+        // Upper triangle summed over the parts, mirrored below the diagonal.
+        let mut flat = vec![0u64; k * k];
+        for p in parts {
+            for (a, b) in flat.iter_mut().zip(&p) {
+                *a += b;
+            }
+        }
+        let both: Vec<Vec<u64>> = (0..k)
+            .map(|i| (0..k).map(|j| flat[i.min(j) * k + i.max(j)]).collect())
+            .collect();
+        Overlap {
+            users: (0..k).map(|i| both[i][i]).collect(),
+            both,
+        }
+    }
+
+    /// Streams the live members of `segment` to `sink` in chunks of at most `chunk` (blocking:
+    /// call from a blocking thread). Memory: one bitset and one dictionary block.
+    pub fn export_blocking(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+        within: Option<Within>,
+        chunk: usize,
+        sink: &mpsc::Sender<Vec<Member>>,
+    ) -> Result<u64, PortError> {
+        let chunk = chunk.max(1);
+        let Some(seg) = self.segment_opt(segment) else {
+            return Ok(0);
+        };
+        let lo = self.lo(at, within);
+        let n = words(self.users.universe());
+        let mut bits = vec![0u64; n];
+        read(&seg).fill_bits(lo, &mut bits);
+        let mut left = popcount(&bits);
+        if left == 0 {
+            return Ok(0);
+        }
+        let mut out = ExportSink {
+            seg: &seg,
+            lo,
+            bucket_secs: self.bucketing.bucket_secs(),
+            sink,
+            sent: 0,
+            failed: None,
+        };
+        let mut pending: Vec<(u32, String)> = Vec::with_capacity(chunk);
+        let mut buf = Vec::new();
+        self.users.scan(&mut buf, |u, id| {
+            let (w, bit) = (u as usize / 64, u % 64);
+            if bits.get(w).is_some_and(|x| x & (1 << bit) != 0) {
+                pending.push((u, String::from_utf8_lossy(id).into_owned()));
+                left -= 1;
+                if pending.len() >= chunk && !out.flush(&mut pending) {
+                    return false;
+                }
+            }
+            // Every member found: the rest of the dictionary holds none.
+            left > 0
+        });
+        if out.failed.is_none() && !pending.is_empty() {
+            out.flush(&mut pending);
+        }
+        match out.failed {
+            Some(e) => Err(e),
+            None => Ok(out.sent),
+        }
+    }
+
+    /// Removes every membership of these users and erases their ids from the dictionary, so
+    /// that they count nowhere, are listed nowhere, and later snapshots do not hold them.
+    /// Returns how many of them the store held.
+    pub fn delete_users(&self, user_ids: &[String]) -> usize {
+        let found: Vec<u32> = user_ids
+            .iter()
+            .filter_map(|id| self.users.get(id.as_bytes()))
+            .collect();
+        if found.is_empty() {
+            return 0;
+        }
+        let segs: Vec<Arc<RwLock<Segment>>> = read(&self.segments).values().cloned().collect();
+        let removed: Vec<u64> = par_map(
+            &segs
+                .chunks(segs.len().div_ceil(self.threads.max(1)).max(1))
+                .collect::<Vec<_>>(),
+            self.threads,
+            |part| {
+                let mut n = 0u64;
+                for seg in part.iter() {
+                    let mut seg = write(seg);
+                    for &u in &found {
+                        n += u64::from(seg.remove_user(u));
+                    }
+                }
+                n
+            },
+        );
+        // Memberships first, then the ids: a snapshot being written meanwhile may hold a
+        // membership of an erased user, which loading skips (the deletion is replayed anyway).
+        for id in user_ids {
+            self.users.erase(id.as_bytes());
+        }
+        self.erasures
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        metrics::counter!("userseg_embedded_deleted_memberships_total")
+            .increment(removed.iter().sum());
+        found.len()
+    }
+
+    /// How many deletions were applied since the store was opened (the checkpointer writes a
+    /// fresh snapshot after one, so the erased ids leave the disk promptly).
+    pub fn erasures(&self) -> u64 {
+        self.erasures.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl super::EmbeddedStore {
+    /// Runs a heavy query on a blocking thread, at most [`HEAVY_QUERIES`] at once.
+    async fn heavy<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&MemStore) -> R + Send + 'static,
+    ) -> Result<R, PortError> {
+        let _permit = self
+            .0
+            .heavy
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| PortError::Transient("the store is closing".into()))?;
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| PortError::Transient(format!("query task failed: {e}")))
+    }
+}
+
+#[async_trait::async_trait]
+impl userseg_usecase::SegmentAnalytics for super::EmbeddedStore {
+    async fn user_segments(
+        &self,
+        user_id: &str,
+        at: UnixSeconds,
+    ) -> Result<Vec<Membership>, PortError> {
+        Ok(self.0.user_segments(user_id, at))
+    }
+
+    async fn count_within(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<u64, PortError> {
+        Ok(self.0.count_within(segment, at, within))
+    }
+
+    async fn count_all_within(
+        &self,
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<Vec<SegmentCount>, PortError> {
+        Ok(self.0.count_all_within(at, within))
+    }
+
+    async fn count_expr(
+        &self,
+        expr: &Expr,
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<u64, PortError> {
+        let expr = expr.clone();
+        self.heavy(move |s| s.count_expr(&expr, at, within)).await
+    }
+
+    async fn overlap(
+        &self,
+        segments: &[String],
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<Overlap, PortError> {
+        let segments = segments.to_vec();
+        self.heavy(move |s| s.overlap(&segments, at, within)).await
+    }
+
+    async fn export_members(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+        within: Option<Within>,
+        chunk: usize,
+        sink: mpsc::Sender<Vec<Member>>,
+    ) -> Result<u64, PortError> {
+        let segment = segment.to_owned();
+        self.heavy(move |s| s.export_blocking(&segment, at, within, chunk, &sink))
+            .await?
+    }
+}
