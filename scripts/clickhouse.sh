@@ -7,6 +7,9 @@
 #   scripts/clickhouse.sh status DIR              exit 0 when the server in DIR answers /ping
 #
 # `start` writes DIR/clickhouse.env holding USERSEG_TEST_CLICKHOUSE_URL=http://127.0.0.1:PORT.
+# With CLICKHOUSE_HTTPS_CERT and CLICKHOUSE_HTTPS_KEY (PEM files) set, the server also serves
+# HTTPS on another free port, and clickhouse.env also holds
+# USERSEG_TEST_CLICKHOUSE_HTTPS_URL=https://localhost:PORT.
 # Without HTTP_PORT a restart reuses the ports of the previous run in DIR when they are still
 # free, otherwise it picks free ones. The native TCP and interserver ports are always distinct
 # free ports.
@@ -71,8 +74,23 @@ read_pid() {
 }
 
 write_config() {
-  local dir=$1 http=$2 tcp=$3 inter=$4
+  local dir=$1 http=$2 tcp=$3 inter=$4 https=${5:-}
   mkdir -p "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/format_schemas" "$dir/log"
+  local tls=""
+  if [ -n "$https" ]; then
+    tls="<https_port>$https</https_port>
+    <openSSL>
+        <server>
+            <certificateFile>$CLICKHOUSE_HTTPS_CERT</certificateFile>
+            <privateKeyFile>$CLICKHOUSE_HTTPS_KEY</privateKeyFile>
+            <verificationMode>none</verificationMode>
+            <loadDefaultCAFile>false</loadDefaultCAFile>
+            <cacheSessions>true</cacheSessions>
+            <disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols>
+            <preferServerCiphers>true</preferServerCiphers>
+        </server>
+    </openSSL>"
+  fi
   cat >"$dir/config.xml" <<EOF
 <?xml version="1.0"?>
 <yandex>
@@ -88,6 +106,7 @@ write_config() {
     <tcp_port>$tcp</tcp_port>
     <interserver_http_port>$inter</interserver_http_port>
     <interserver_http_host>127.0.0.1</interserver_http_host>
+    $tls
     <max_connections>1024</max_connections>
     <keep_alive_timeout>3</keep_alive_timeout>
     <max_concurrent_queries>100</max_concurrent_queries>
@@ -199,8 +218,12 @@ cmd_start() {
   else
     inter=$(free_port "$http" "$tcp")
   fi
+  local https=""
+  if [ -n "${CLICKHOUSE_HTTPS_CERT:-}" ] && [ -n "${CLICKHOUSE_HTTPS_KEY:-}" ]; then
+    https=$(free_port "$http" "$tcp" "$inter")
+  fi
   printf 'HTTP_PORT=%s\nTCP_PORT=%s\nINTERSERVER_PORT=%s\n' "$http" "$tcp" "$inter" >"$dir/ports"
-  write_config "$dir" "$http" "$tcp" "$inter"
+  write_config "$dir" "$http" "$tcp" "$inter" "$https"
 
   local server
   server=$(find_server)
@@ -234,6 +257,9 @@ cmd_start() {
     die "port $http is served by pid $listener, not by the server started as pid $pid"
   fi
   echo "USERSEG_TEST_CLICKHOUSE_URL=http://127.0.0.1:$http" >"$dir/clickhouse.env"
+  if [ -n "$https" ]; then
+    echo "USERSEG_TEST_CLICKHOUSE_HTTPS_URL=https://localhost:$https" >>"$dir/clickhouse.env"
+  fi
   echo "clickhouse.sh: started pid $pid, http://127.0.0.1:$http (tcp $tcp, interserver $inter), data in $dir/data"
 }
 

@@ -5,7 +5,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -39,51 +38,6 @@ fn not_served(what: &str) -> ApiError {
     let mut e = ApiError::invalid(format!("this process does not serve {what}"));
     e.status = Some(StatusCode::NOT_FOUND);
     e
-}
-
-/// Requires the bearer token (when one is configured) on the API, not on probes or metrics.
-pub(crate) async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    let Some(token) = state.auth_token.as_deref() else {
-        return next.run(req).await;
-    };
-    let path = req.uri().path();
-    let protected = path.starts_with("/v1/") || path.starts_with("/userseg.v1.Segments/");
-    if !protected {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        return next.run(req).await;
-    }
-    metrics::counter!("userseg_auth_failures_total").increment(1);
-    let message = if given.is_empty() {
-        "missing bearer token: send Authorization: Bearer <API_TOKEN>"
-    } else {
-        "wrong bearer token"
-    };
-    let is_grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if is_grpc {
-        return tonic::Status::unauthenticated(message)
-            .into_http::<Body>()
-            .into_response();
-    }
-    ApiError::new(ErrorKind::Unauthenticated, message).into_response()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Deserialize)]

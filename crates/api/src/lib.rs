@@ -1,10 +1,12 @@
 //! Delivery: the gRPC service `userseg.v1.Segments` (plus gRPC health and reflection) and the
 //! HTTP/JSON API, served together on one port.
 
+pub mod auth;
 mod error;
 mod grpc;
 mod http;
 mod observe;
+pub mod tls;
 mod ui;
 
 use std::future::Future;
@@ -18,8 +20,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use userseg_usecase::{Estimation, Ingest};
 
+pub use auth::{Authenticator, KeyFileError, KeySet, Role};
 pub use error::ApiError;
 pub use observe::HTTP_ROUTES;
+pub use tls::{serve_tls, TlsError, TlsFiles, TlsReloader};
 
 /// A named readiness check (the broker, ClickHouse, the batch processor...).
 pub type ReadyCheck =
@@ -32,8 +36,9 @@ pub struct ApiState {
     pub estimation: Option<Estimation>,
     pub ready_checks: Vec<(String, ReadyCheck)>,
     pub metrics: Option<PrometheusHandle>,
-    /// When set, `/v1/*` and the `Segments` gRPC service need `Authorization: Bearer <token>`.
-    pub auth_token: Option<Arc<str>>,
+    /// When set, every route but the open ones needs `Authorization: Bearer <token>` of a key
+    /// with the route's role (see [`auth`]).
+    pub auth: Option<Authenticator>,
     /// Largest request body (HTTP) or message (gRPC), in bytes.
     pub max_request_bytes: usize,
     /// Request bytes being decoded at once, at most (bounds memory under load).
@@ -54,7 +59,7 @@ impl ApiState {
             estimation,
             ready_checks: Vec::new(),
             metrics: None,
-            auth_token: None,
+            auth: None,
             max_request_bytes,
             inflight_bytes: Arc::new(Semaphore::new(
                 (max_request_bytes * 16).min(Semaphore::MAX_PERMITS),
@@ -67,6 +72,9 @@ impl ApiState {
 
 /// The whole API as one router: HTTP routes plus the gRPC services.
 pub fn router(state: ApiState) -> Router {
+    if state.auth.is_some() {
+        auth::describe_metrics();
+    }
     let grpc = grpc::routes(state.clone());
     // gRPC requests (by content type) go to the tonic services; anything else unmatched gets
     // a JSON 404.
@@ -91,7 +99,10 @@ pub fn router(state: ApiState) -> Router {
     }
     routes
         .fallback_service(fallback)
-        .layer(axum::middleware::from_fn_with_state(state, http::auth))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            auth::middleware,
+        ))
         .layer(axum::middleware::from_fn(observe::observe))
 }
 

@@ -79,7 +79,11 @@ async fn start(opts: Options) -> Server {
     let ingest = Ingest::new(Arc::new(opened.log), clock.clone(), window, opts.limits);
     let estimation = Estimation::new(Arc::new(store), clock, window, Duration::ZERO);
     let mut state = ApiState::new(Some(ingest), Some(estimation));
-    state.auth_token = opts.token.map(Arc::from);
+    state.auth = opts.token.map(|t| {
+        userseg_api::Authenticator::new(Some(t), None)
+            .unwrap()
+            .unwrap()
+    });
     state.overload_wait = Duration::from_millis(100);
     let always: ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
     state.ready_checks.push(("test".into(), always));

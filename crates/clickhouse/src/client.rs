@@ -41,10 +41,18 @@ impl ClickHouseClient {
         let ping_url = base
             .join("ping")
             .map_err(|e| ClickHouseError::Config(format!("address {:?}: {e}", config.addr)))?;
+        let roots = match &config.ca_pem {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ClickHouseError::Config(format!("CA certificates: {e}")))?,
+            None => Vec::new(),
+        };
         let build = |timeout: Option<Duration>| {
             let mut builder = reqwest::Client::builder()
                 .connect_timeout(config.connect_timeout)
                 .pool_idle_timeout(Duration::from_secs(2)); // below the server's keep_alive_timeout (3 s)
+            for cert in &roots {
+                builder = builder.add_root_certificate(cert.clone());
+            }
             if let Some(t) = timeout {
                 builder = builder.timeout(t);
             }

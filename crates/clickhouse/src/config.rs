@@ -25,6 +25,9 @@ pub struct ClickHouseConfig {
     /// A write of more pairs is split into several INSERTs of at most this many rows
     ///.
     pub max_rows_per_insert: usize,
+    /// PEM CA certificates trusted for an `https://` address, besides the system's (a private
+    /// CA that signed ClickHouse's certificate).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for ClickHouseConfig {
@@ -37,6 +40,7 @@ impl Default for ClickHouseConfig {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             max_rows_per_insert: 500_000,
+            ca_pem: None,
         }
     }
 }
@@ -58,6 +62,7 @@ impl fmt::Debug for ClickHouseConfig {
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_rows_per_insert", &self.max_rows_per_insert)
+            .field("ca_pem_bytes", &self.ca_pem.as_ref().map(Vec::len))
             .finish()
     }
 }

@@ -112,9 +112,14 @@ pub struct LoadArgs {
     /// HTTP body format: json or ndjson.
     #[arg(long, env = "LOAD_HTTP_BODY", value_enum, default_value_t = HttpBody::Json)]
     pub http_body: HttpBody,
-    /// Bearer token, when the server requires one (its API_TOKEN).
+    /// Bearer token, when the server requires one: its API_TOKEN, or the token of a key with
+    /// the ingest role (and read, for --verify and --ts-spread).
     #[arg(long, env = "LOAD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificates to trust for an https:// target (besides the system's), e.g. the CA
+    /// that signed the server's TLS_CERT_FILE.
+    #[arg(long, env = "LOAD_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Print the summary as one JSON object on stdout (and no progress bar).
     #[arg(long, env = "LOAD_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{ListEstimatesRequest, Mode, PushResponse};
@@ -129,19 +129,27 @@ impl Codec for PreEncoded {
 /// The connection details shared by every client of a run.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// `http://host:port`, no trailing slash.
+    /// `http://host:port` or `https://host:port`, no trailing slash.
     pub base: String,
     /// `Bearer <token>`.
     pub auth: Option<String>,
+    /// PEM CA certificates trusted for an https target, besides the system's.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Target {
-    pub fn new(url: &str, token: Option<&str>) -> Result<Target, String> {
+    pub fn new(url: &str, token: Option<&str>, ca_pem: Option<Vec<u8>>) -> Result<Target, String> {
         let base = url.trim().trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
+        if !base.starts_with("http://") && !base.starts_with("https://") {
             return Err(format!(
-                "LOAD_TARGET: {url:?} must be an http:// URL like http://127.0.0.1:8080 (TLS is not supported)"
+                "LOAD_TARGET: {url:?} must be an http:// or https:// URL like http://127.0.0.1:8080"
             ));
+        }
+        if let Some(pem) = &ca_pem {
+            reqwest::Certificate::from_pem_bundle(pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or("LOAD_CA_FILE: holds no PEM certificate")?;
         }
         if let Some(t) = token {
             if MetadataValue::try_from(format!("Bearer {t}")).is_err() {
@@ -151,6 +159,7 @@ impl Target {
         Ok(Target {
             base,
             auth: token.map(|t| format!("Bearer {t}")),
+            ca_pem,
         })
     }
 
@@ -166,8 +175,18 @@ impl Target {
 
     /// A gRPC connection (one HTTP/2 connection per worker, so the server can spread them).
     pub async fn channel(&self) -> Result<Channel, String> {
-        Endpoint::from_shared(self.base.clone())
-            .map_err(|e| format!("LOAD_TARGET: {e}"))?
+        let mut endpoint =
+            Endpoint::from_shared(self.base.clone()).map_err(|e| format!("LOAD_TARGET: {e}"))?;
+        if self.base.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(pem) = &self.ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| format!("LOAD_TARGET: TLS: {e}"))?;
+        }
+        endpoint
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .connect()
@@ -184,7 +203,15 @@ impl Target {
     }
 
     pub fn http_client(&self) -> Result<reqwest::Client, String> {
-        reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &self.ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("LOAD_CA_FILE: {e}"))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        builder
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(60))
             .build()

@@ -461,14 +461,21 @@ async fn verify(args: &LoadArgs, ctx: &Ctx, lister: &mut Lister, counts: &Target
 
 pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
     args.validate()?;
-    let target = Target::new(&args.target, args.token.as_deref()).map_err(LoadError::Config)?;
+    let ca_pem = match &args.ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            LoadError::Config(format!("LOAD_CA_FILE: cannot read {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let target = Target::new(&args.target, args.token.as_deref(), ca_pem.clone())
+        .map_err(LoadError::Config)?;
     let total = args.total_pairs();
 
     // The server's window: needed to keep every ts acceptable, and to verify.
     // Counts (and the window) come from --verify-target when given: in the distributed mode
     // the ingest service does not serve estimates.
     let counts = match &args.verify_target {
-        Some(url) => Target::new(url, args.token.as_deref()).map_err(LoadError::Config)?,
+        Some(url) => Target::new(url, args.token.as_deref(), ca_pem).map_err(LoadError::Config)?,
         None => target.clone(),
     };
     let mut lister = lister(&args, &counts).await?;

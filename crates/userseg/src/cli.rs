@@ -30,6 +30,8 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Push a synthetic workload to a running server and report throughput (and verify counts).
     Load(Box<userseg_loadgen::LoadArgs>),
+    /// API keys: `userseg keys new --name NAME --roles ingest,read`.
+    Keys(crate::keys::KeysArgs),
     /// Print the version.
     Version,
 }

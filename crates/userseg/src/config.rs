@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use userseg_api::{Authenticator, TlsFiles, TlsReloader};
 use userseg_domain::{Limits, Window};
 use userseg_usecase::BatchConfig;
 
@@ -34,9 +35,22 @@ pub struct ServiceArgs {
     /// Port to listen on.
     #[arg(long, env = "SERVICE_PORT", default_value_t = 8080)]
     pub service_port: u16,
-    /// When set, the API requires `Authorization: Bearer <API_TOKEN>` (probes and /metrics do not).
+    /// When set, the API requires `Authorization: Bearer <API_TOKEN>` (probes and /metrics do not):
+    /// a shortcut for one key with the admin role.
     #[arg(long, env = "API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// TOML file of API keys with roles (`[[key]]` name, sha256, roles); reloaded on SIGHUP.
+    #[arg(long, env = "API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// PEM certificate chain: serve HTTPS and gRPC over TLS (with TLS_KEY_FILE); reloaded on SIGHUP.
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of TLS_CERT_FILE.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: when set, clients must present a certificate they signed (mutual TLS).
+    #[arg(long, env = "TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
     /// How long a membership lives after the latest ts of its pair.
     #[arg(long, env = "WINDOW", default_value = "14d")]
     pub window: String,
@@ -70,7 +84,10 @@ pub struct BatchArgs {
 #[derive(Clone)]
 pub struct ServiceConfig {
     pub addr: SocketAddr,
-    pub api_token: Option<String>,
+    /// API keys (API_TOKEN, API_KEYS_FILE); `None`: the API is open.
+    pub auth: Option<Authenticator>,
+    /// TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE; `None`: plaintext.
+    pub tls: Option<TlsReloader>,
     pub window: Window,
     pub limits: Limits,
 }
@@ -79,7 +96,8 @@ impl std::fmt::Debug for ServiceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServiceConfig")
             .field("addr", &self.addr)
-            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
             .field("window", &self.window)
             .field("limits", &self.limits)
             .finish()
@@ -148,9 +166,19 @@ impl ServiceArgs {
                 bail!("API_TOKEN: must be at least 16 characters");
             }
         }
+        let auth = Authenticator::new(self.api_token.as_deref(), self.api_keys_file.as_deref())?;
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsReloader::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca_file.clone(),
+            })?),
+            _ => None,
+        };
         Ok(ServiceConfig {
             addr: SocketAddr::new(ip, self.service_port),
-            api_token: self.api_token.clone(),
+            auth,
+            tls,
             window,
             limits: Limits {
                 max_pairs_per_request: self.max_pairs_per_request,

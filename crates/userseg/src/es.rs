@@ -70,7 +70,7 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     ));
     let mut state = ApiState::new(None, Some(estimation));
     state.metrics = Some(metrics);
-    state.auth_token = cfg.service.api_token.as_deref().map(Arc::from);
+    state.auth = cfg.service.auth.clone();
     state
         .ready_checks
         .push(("processor".into(), server::processor_check(health)));

@@ -11,8 +11,10 @@
 pub mod cli;
 pub mod config;
 pub mod es;
+pub mod keys;
 pub mod migrate;
 pub mod observability;
+mod reload;
 mod server;
 pub mod standalone;
 pub mod uss;

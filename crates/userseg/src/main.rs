@@ -17,6 +17,9 @@ fn main() -> Result<()> {
         println!("userseg {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    if let Command::Keys(args) = cli.command {
+        return userseg::keys::run(args);
+    }
     observability::init_logging(&cli.log_format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -49,7 +52,7 @@ fn main() -> Result<()> {
                 .await
                 .map(|_| ())
                 .map_err(Into::into),
-            Command::Version => Ok(()),
+            Command::Version | Command::Keys(_) => Ok(()),
         }
     });
     if let Err(e) = &result {

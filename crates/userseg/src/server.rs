@@ -20,6 +20,7 @@ use crate::config::ServiceConfig;
 /// order (requests drained, batches flushed, final snapshot written).
 pub struct Server {
     addr: SocketAddr,
+    tls: bool,
     shutdown: CancellationToken,
     task: JoinHandle<Result<()>>,
 }
@@ -30,9 +31,10 @@ impl Server {
         self.addr
     }
 
-    /// `http://<addr>`, the base URL of the HTTP and gRPC API.
+    /// `http://<addr>` (`https://` with TLS), the base URL of the HTTP and gRPC API.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Asks the role to stop (the same as firing the shutdown token given to `start`).
@@ -78,12 +80,27 @@ where
     F: Future<Output = Result<()>> + Send + 'static,
 {
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, role, window_seconds = service.window.secs(), "userseg listening");
-    let http = tokio::spawn(userseg_api::serve(
-        listener,
-        userseg_api::router(state),
-        shutdown.clone(),
-    ));
+    crate::reload::on_sighup(state.auth.clone(), service.tls.clone())?;
+    tracing::info!(
+        %addr,
+        role,
+        tls = service.tls.is_some(),
+        mutual_tls = service.tls.as_ref().is_some_and(|t| t.files().client_ca.is_some()),
+        api_keys = state.auth.is_some(),
+        window_seconds = service.window.secs(),
+        "userseg listening"
+    );
+    let router = userseg_api::router(state);
+    let tls = service.tls.is_some();
+    let http = match service.tls.clone() {
+        Some(config) => tokio::spawn(userseg_api::serve_tls(
+            listener,
+            router,
+            config,
+            shutdown.clone(),
+        )),
+        None => tokio::spawn(userseg_api::serve(listener, router, shutdown.clone())),
+    };
     let stopped = shutdown.clone();
     let task = tokio::spawn(async move {
         stopped.cancelled().await;
@@ -94,6 +111,7 @@ where
     });
     Ok(Server {
         addr,
+        tls,
         shutdown,
         task,
     })

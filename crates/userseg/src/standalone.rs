@@ -87,7 +87,7 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
     ];
     let mut state = ApiState::new(Some(ingest), Some(estimation));
     state.metrics = Some(metrics);
-    state.auth_token = cfg.service.api_token.as_deref().map(Arc::from);
+    state.auth = cfg.service.auth.clone();
     state
         .ready_checks
         .push(("processor".into(), server::processor_check(health)));

@@ -35,7 +35,7 @@ pub async fn start(cfg: UssConfig, shutdown: CancellationToken) -> Result<Server
     );
     let mut state = ApiState::new(Some(ingest), None);
     state.metrics = Some(metrics);
-    state.auth_token = cfg.service.api_token.as_deref().map(Arc::from);
+    state.auth = cfg.service.auth.clone();
     let teardown = async move {
         if let Err(e) = publisher.flush(Duration::from_secs(10)).await {
             tracing::warn!(error = %e, "producer flush on shutdown failed");

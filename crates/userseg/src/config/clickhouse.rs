@@ -41,6 +41,9 @@ pub struct ClickHouseArgs {
         default_value_t = 500_000
     )]
     pub clickhouse_max_rows_per_insert: usize,
+    /// PEM CA certificates to trust for an https:// CLICKHOUSE_ADDR, besides the system's.
+    #[arg(long, env = "CLICKHOUSE_CA_FILE")]
+    pub clickhouse_ca_file: Option<std::path::PathBuf>,
 }
 
 impl ClickHouseArgs {
@@ -59,6 +62,10 @@ impl ClickHouseArgs {
                 &self.clickhouse_connect_timeout,
             )?,
             max_rows_per_insert: self.clickhouse_max_rows_per_insert,
+            ca_pem: match &self.clickhouse_ca_file {
+                Some(path) => Some(ca_file(path)?),
+                None => None,
+            },
         };
         if let Err(e) = check_database_name(&c.database) {
             bail!("CLICKHOUSE_DATABASE: {e}");
@@ -82,9 +89,9 @@ fn addr(addr: &str) -> Result<String> {
         Ok(url) => url,
         Err(e) => bail!("{var}: {addr:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8123"),
     };
-    if url.scheme() != "http" {
+    if url.scheme() != "http" && url.scheme() != "https" {
         bail!(
-            "{var}: scheme {:?} is not supported; use http:// (put a TLS-terminating proxy in front for https)",
+            "{var}: scheme {:?} is not supported; use http:// or https://",
             url.scheme()
         );
     }
@@ -100,6 +107,19 @@ fn addr(addr: &str) -> Result<String> {
         bail!("{var}: must not have a query or fragment");
     }
     Ok(addr.to_owned())
+}
+
+fn ca_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    let var = "CLICKHOUSE_CA_FILE";
+    let pem = match std::fs::read(path) {
+        Ok(pem) => pem,
+        Err(e) => bail!("{var}: cannot read {}: {e}", path.display()),
+    };
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(pem),
+        Ok(_) => bail!("{var}: {} holds no PEM certificate", path.display()),
+        Err(e) => bail!("{var}: {}: {e}", path.display()),
+    }
 }
 
 fn at_least_1ms(var: &str, value: &str) -> Result<Duration> {
@@ -136,7 +156,12 @@ mod tests {
     fn errors_name_the_variable() {
         let cases: &[(&str, &str, &str)] = &[
             ("--clickhouse-addr", "not a url", "CLICKHOUSE_ADDR"),
-            ("--clickhouse-addr", "https://ch:8443", "CLICKHOUSE_ADDR"),
+            ("--clickhouse-addr", "ftp://ch:8443", "CLICKHOUSE_ADDR"),
+            (
+                "--clickhouse-ca-file",
+                "/nonexistent/ca.pem",
+                "CLICKHOUSE_CA_FILE",
+            ),
             ("--clickhouse-addr", "http://u:p@ch:8123", "CLICKHOUSE_ADDR"),
             (
                 "--clickhouse-addr",

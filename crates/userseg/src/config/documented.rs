@@ -234,19 +234,79 @@ fn effective(role: &str, flags: &[&str]) -> anyhow::Result<String> {
     Ok(format!("{config} log_format={}", cli.log_format))
 }
 
+/// Flags setting a variable whose value is a file that must exist and parse (keys, TLS): the
+/// files are made in `dir`; the TLS files need each other.
+fn file_sample(var: &str, dir: &Path) -> Option<Vec<String>> {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    if !dir.join("server.key").exists() {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("cert");
+        std::fs::write(dir.join("ca.crt"), ca_cert.pem()).expect("write");
+        std::fs::write(dir.join("server.crt"), cert.pem()).expect("write");
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
+        let token_sha256 = userseg_api::auth::token_sha256_hex("a-token-for-the-sample");
+        std::fs::write(
+            dir.join("keys.toml"),
+            format!("[[key]]\nname = \"a\"\nsha256 = \"{token_sha256}\"\nroles = [\"read\"]\n"),
+        )
+        .expect("write");
+    }
+    let cert_and_key = [
+        "--tls-cert-file".to_string(),
+        path("server.crt"),
+        "--tls-key-file".to_string(),
+        path("server.key"),
+    ];
+    match var {
+        "API_KEYS_FILE" => Some(vec!["--api-keys-file".into(), path("keys.toml")]),
+        "CLICKHOUSE_CA_FILE" => Some(vec!["--clickhouse-ca-file".into(), path("ca.crt")]),
+        "TLS_CERT_FILE" | "TLS_KEY_FILE" => Some(cert_and_key.to_vec()),
+        "TLS_CLIENT_CA_FILE" => {
+            let mut v = cert_and_key.to_vec();
+            v.extend(["--tls-client-ca-file".to_string(), path("ca.crt")]);
+            Some(v)
+        }
+        _ => None,
+    }
+}
+
 #[test]
 fn every_documented_variable_changes_the_configuration() {
     let samples: BTreeMap<&str, &str> = SAMPLES.iter().copied().collect();
+    let files = tempfile::tempdir().expect("tempdir");
     for (role, vars) in flags() {
         let default = effective(&role, &[]).expect("the defaults are valid");
+        let tls_args = file_sample("TLS_CERT_FILE", files.path()).unwrap_or_default();
+        let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+        let tls_only = effective(&role, &tls_args);
         for (var, long) in vars {
-            let value = samples
-                .get(var.as_str())
-                .unwrap_or_else(|| panic!("no sample value for {var}; add one to SAMPLES"));
-            let flag = format!("--{long}");
-            let set = effective(&role, &[&flag, value])
-                .unwrap_or_else(|e| panic!("{role} {flag} {value}: {e:#}"));
-            assert_ne!(set, default, "{role}: {var}={value} changes nothing");
+            let (args, what) = match file_sample(&var, files.path()) {
+                Some(args) => (args, "a generated file".to_string()),
+                None => {
+                    let value = samples
+                        .get(var.as_str())
+                        .unwrap_or_else(|| panic!("no sample value for {var}; add one to SAMPLES"));
+                    (
+                        vec![format!("--{long}"), value.to_string()],
+                        value.to_string(),
+                    )
+                }
+            };
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let set = effective(&role, &args).unwrap_or_else(|e| panic!("{role} {args:?}: {e:#}"));
+            assert_ne!(set, default, "{role}: {var}={what} changes nothing");
+            if var == "TLS_CLIENT_CA_FILE" {
+                let tls_only = tls_only.as_ref().expect("TLS alone is valid");
+                assert_ne!(&set, tls_only, "{role}: {var} changes nothing beyond TLS");
+            }
         }
     }
 }
