@@ -7,7 +7,7 @@ COPY . .
 RUN cargo build --release -p userseg && cp target/release/userseg /userseg
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
     && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 userseg
 COPY --from=build /userseg /usr/local/bin/userseg
 USER userseg

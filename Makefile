@@ -1,5 +1,8 @@
 # userseg — see README.md. Every target is a thin wrapper over cargo or scripts/.
-.PHONY: run test lint fmt migrate version bench build clean
+.PHONY: help run test lint fmt migrate version bench build clean
+
+help: ## This list of targets
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 run: ## Standalone mode on the embedded store (DATA_DIR=./data, port 8080)
 	cargo run --release -p userseg -- standalone
@@ -11,21 +14,21 @@ lint: ## Formatting and clippy, warnings are errors
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-fmt:
+fmt: ## Format every crate
 	cargo fmt --all
 
 migrate: ## Apply ClickHouse migrations (CLICKHOUSE_ADDR, CLICKHOUSE_DATABASE, ...)
 	cargo run --release -p userseg -- migrate
 
-version:
+version: ## Print the version
 	@cargo run --quiet --release -p userseg -- version
 
 bench: ## Benchmarks; writes docs/BENCHMARKS.md
 	scripts/bench.sh
 
-build:
+build: ## Release build of the binary (target/release/userseg)
 	cargo build --release -p userseg
 
-clean:
+clean: ## Remove build output and test servers
 	cargo clean
 	rm -rf .test-servers

@@ -58,7 +58,8 @@ PY
 }
 
 COMMANDS=()
-run() { COMMANDS+=("$*"); "$@"; }
+# Commands are recorded repo-relative (the report must not name this machine's paths).
+run() { COMMANDS+=("${*//$PWD\//}"); "$@"; }
 
 # (1) and (5): standalone ingest, durable (fdatasync before every acknowledgement).
 if part standalone; then

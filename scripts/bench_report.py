@@ -56,6 +56,9 @@ follow = load("s3_follow.json") or {}
 es_rss = load("s3_es_rss.json") or {}
 es_restart = load("s3_restart.json") or {}
 commands = open(os.path.join(work, "commands.txt")).read().strip()
+# Repo-relative commands: never this machine's absolute paths.
+repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+commands = commands.replace(repo + "/", "")
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 lines = []

@@ -16,6 +16,9 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v clickhouse-server >/dev/null 2>&1 || [ -x /usr/bin/clickhouse ] || need_apt+=(clickhouse-server clickhouse-client)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# OpenSSL headers: librdkafka is built with TLS and SASL/SCRAM support (rdkafka's ssl feature).
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || need_apt+=(libssl-dev)
 # Chromium: the web console's test runs in a real headless browser.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 # PostgreSQL: tansu's durable storage for the broker-restart test.

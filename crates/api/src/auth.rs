@@ -119,6 +119,7 @@ pub const HTTP_ACCESS: &[(&str, &str, Access)] = &[
     ("GET", "/healthz", Open),
     ("GET", "/readyz", Open),
     ("GET", "/metrics", Open),
+    ("GET", "/openapi.json", Open),
     ("GET", "/ui", Open),
     ("GET", "/ui/", Open),
     ("GET", "/ui/{*}", Open),
@@ -131,6 +132,12 @@ pub const GRPC_ACCESS: &[(&str, Access)] = &[
     ("userseg.v1.Segments/PushStream", Needs(Role::Ingest)),
     ("userseg.v1.Segments/Estimate", Needs(Role::Read)),
     ("userseg.v1.Segments/ListEstimates", Needs(Role::Read)),
+    ("userseg.v1.Segments/Count", Needs(Role::Read)),
+    ("userseg.v1.Segments/Overlap", Needs(Role::Read)),
+    ("userseg.v1.Segments/History", Needs(Role::Read)),
+    ("userseg.v1.Segments/GetUserSegments", Needs(Role::Members)),
+    ("userseg.v1.Segments/ExportMembers", Needs(Role::Members)),
+    ("userseg.v1.Segments/DeleteUsers", Needs(Role::Admin)),
     ("grpc.health.v1.Health/*", Open),
     ("grpc.reflection.v1.ServerReflection/*", Open),
     ("grpc.reflection.v1alpha.ServerReflection/*", Open),
@@ -307,10 +314,9 @@ impl KeySet {
         }
         let mut keys: Vec<Key> = Vec::with_capacity(raw.key.len());
         for entry in raw.key {
-            let start = entry.span().start;
             let k = entry.into_inner();
             validate_key_name(k.name.get_ref())
-                .map_err(|m| invalid(k.name.span().start, format!("key {start}: {m}")))?;
+                .map_err(|m| invalid(k.name.span().start, format!("key {m}")))?;
             let name = k.name.get_ref().clone();
             if keys.iter().any(|other| other.name == name) {
                 return Err(invalid(
@@ -721,6 +727,7 @@ mod tests {
             (format!("{good}\n[[key]]\nname = \"b\"\nsha256 = \"{}\"\nroles = []\n", token_sha256_hex("b")), 9, "roles is empty"),
             (format!("{good}\n[[key]]\nname = \"b\"\nsha256 = \"{}\"\nrole = [\"read\"]\n", token_sha256_hex("b")), 9, "unknown field"),
             (format!("{good}\n[[key]\n"), 6, ""),
+            (format!("{good}\n[[key]]\nname = \"\"\nsha256 = \"{}\"\nroles = [\"read\"]\n", token_sha256_hex("b")), 7, "key name must be 1 to 128 bytes"),
             (format!("{good}\n[[key]]\nname = \"b\"\nroles = [\"read\"]\n"), 6, "sha256"),
         ];
         for (text, line, needle) in cases {

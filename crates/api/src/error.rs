@@ -13,8 +13,6 @@ pub struct ApiError {
     pub index: Option<usize>,
     /// Line of the offending NDJSON line (1-based).
     pub line: Option<usize>,
-    /// A more precise HTTP status than the kind's, when HTTP has one (415).
-    pub status: Option<StatusCode>,
 }
 
 impl ApiError {
@@ -24,12 +22,20 @@ impl ApiError {
             message: message.into(),
             index: None,
             line: None,
-            status: None,
         }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// A role asked for something it does not serve (a USS for estimates, an ES for ingest):
+    /// over HTTP the route is not found on this process.
+    pub fn not_served(what: &str) -> Self {
+        Self::new(
+            ErrorKind::NotFound,
+            format!("this process does not serve {what}"),
+        )
     }
 
     pub fn with_index(mut self, index: Option<usize>) -> Self {
@@ -38,9 +44,6 @@ impl ApiError {
     }
 
     pub fn http_status(&self) -> StatusCode {
-        if let Some(s) = self.status {
-            return s;
-        }
         match self.kind {
             ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

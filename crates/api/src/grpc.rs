@@ -23,15 +23,26 @@ pub(crate) fn routes(state: ApiState) -> axum::Router {
         reporter.set_serving::<SegmentsServer<GrpcApi>>().await;
     });
     let mut routes = tonic::service::Routes::new(service).add_service(health);
-    match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(userseg_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-    {
-        Ok(reflection) => routes = routes.add_service(reflection),
-        Err(e) => tracing::error!(error = %e, "grpc reflection is unavailable"),
+    // Reflection in both versions: grpcurl and current clients speak v1, older tools (and
+    // Python's grpcio-reflection, Postman, Evans) only v1alpha. Each lists both.
+    match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => routes = routes.add_service(v1).add_service(v1alpha),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "grpc reflection is unavailable")
+        }
     }
     routes.into_axum_router()
+}
+
+/// What reflection describes: our service, health, and the reflection services themselves.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    use tonic_reflection::pb::{v1, v1alpha};
+    tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(userseg_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(v1alpha::FILE_DESCRIPTOR_SET)
 }
 
 pub(crate) struct GrpcApi {
@@ -53,8 +64,17 @@ fn mode(m: i32) -> Result<Mode, Status> {
     match PbMode::try_from(m) {
         Ok(PbMode::Unspecified | PbMode::Exact) => Ok(Mode::Exact),
         Ok(PbMode::Approx) => Ok(Mode::Approx),
-        Err(_) => Err(Status::invalid_argument(format!("unknown mode {m}"))),
+        Err(_) => Err(ApiError::invalid(format!("unknown mode {m}")).into()),
     }
+}
+
+/// A method of a service this role does not serve (a USS for estimates, an ES for ingest).
+fn not_served(what: &str) -> Status {
+    ApiError::new(
+        ErrorKind::Unsupported,
+        format!("this process does not serve {what}"),
+    )
+    .into()
 }
 
 impl GrpcApi {
@@ -62,7 +82,7 @@ impl GrpcApi {
         self.state
             .ingest
             .as_ref()
-            .ok_or_else(|| Status::unimplemented("this process does not serve ingest"))
+            .ok_or_else(|| not_served("ingest"))
     }
 }
 
@@ -88,7 +108,7 @@ impl Segments for GrpcApi {
         let mut inflight = FuturesUnordered::new();
         let mut accepted: u64 = 0;
         let mut batch_no: u64 = 0;
-        let mut failure: Option<(u64, userseg_usecase::IngestError)> = None;
+        let mut failure: Option<(u64, ApiError)> = None;
         let pipeline = self.state.stream_pipeline.max(1);
         // Validate each batch as it arrives and make up to `pipeline` batches durable at once,
         // so one stream keeps the group commit busy.
@@ -97,7 +117,7 @@ impl Segments for GrpcApi {
                 match inflight.next().await {
                     Some((_, Ok(n))) => accepted += n as u64,
                     Some((b, Err(e))) => {
-                        failure = Some((b, e));
+                        failure = Some((b, ApiError::from(e)));
                         break;
                     }
                     None => {}
@@ -109,7 +129,7 @@ impl Segments for GrpcApi {
                 done = inflight.next(), if !inflight.is_empty() => {
                     match done {
                         Some((_, Ok(n))) => accepted += n as u64,
-                        Some((b, Err(e))) => { failure = Some((b, e)); break; }
+                        Some((b, Err(e))) => { failure = Some((b, ApiError::from(e))); break; }
                         None => {}
                     }
                     continue;
@@ -128,12 +148,10 @@ impl Segments for GrpcApi {
                     // The client went away or sent garbage: what was acknowledged stays.
                     failure = Some((
                         batch_no,
-                        userseg_usecase::IngestError::Publish(
-                            userseg_usecase::PortError::Permanent(format!(
-                                "stream error: {}",
-                                status.message()
-                            )),
-                        ),
+                        ApiError::invalid(format!(
+                            "the request stream broke: {}",
+                            status.message()
+                        )),
                     ));
                     break;
                 }
@@ -144,7 +162,7 @@ impl Segments for GrpcApi {
                 Ok(n) => accepted += n as u64,
                 Err(e) => {
                     if failure.is_none() {
-                        failure = Some((b, e));
+                        failure = Some((b, ApiError::from(e)));
                     }
                 }
             }
@@ -152,19 +170,12 @@ impl Segments for GrpcApi {
         match failure {
             None => Ok(Response::new(PushResponse { accepted })),
             Some((b, e)) => {
-                let api = ApiError::from(e);
-                let code = if matches!(api.kind, ErrorKind::PayloadTooLarge) {
-                    tonic::Code::InvalidArgument
-                } else {
-                    api.grpc_code()
-                };
-                Err(Status::new(
-                    code,
-                    format!(
-                        "batch {b}: {}; {accepted} pairs of other batches in this stream were accepted",
-                        api.message
-                    ),
-                ))
+                let mut e = e;
+                e.message = format!(
+                    "batch {b}: {}; {accepted} pairs of other batches in this stream were accepted",
+                    e.message
+                );
+                Err(e.into())
             }
         }
     }
@@ -177,7 +188,7 @@ impl Segments for GrpcApi {
             .state
             .estimation
             .as_ref()
-            .ok_or_else(|| Status::unimplemented("this process does not serve estimates"))?;
+            .ok_or_else(|| not_served("estimates"))?;
         let req = request.into_inner();
         let e = est
             .estimate(&req.segment, mode(req.mode)?)
@@ -200,7 +211,7 @@ impl Segments for GrpcApi {
             .state
             .estimation
             .as_ref()
-            .ok_or_else(|| Status::unimplemented("this process does not serve estimates"))?;
+            .ok_or_else(|| not_served("estimates"))?;
         let l = est
             .list(mode(request.into_inner().mode)?)
             .await

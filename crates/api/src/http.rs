@@ -27,17 +27,11 @@ pub(crate) fn routes(state: ApiState) -> Router {
 }
 
 pub(crate) async fn not_found(req: Request) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        Json(json!({"error": {"code": "not_found", "message": format!("no route for {} {}", req.method(), req.uri().path())}})),
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!("no route for {} {}", req.method(), req.uri().path()),
     )
-        .into_response()
-}
-
-fn not_served(what: &str) -> ApiError {
-    let mut e = ApiError::invalid(format!("this process does not serve {what}"));
-    e.status = Some(StatusCode::NOT_FOUND);
-    e
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -80,13 +74,12 @@ fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
         // curl -d sends x-www-form-urlencoded unless told otherwise; the body is still JSON.
         "" | "application/json" | "application/x-www-form-urlencoded" => Ok(Format::Json),
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(Format::NdJson),
-        other => {
-            let mut e = ApiError::invalid(format!(
+        other => Err(ApiError::new(
+            ErrorKind::Unsupported,
+            format!(
                 "unsupported content type {other:?}; send application/json or application/x-ndjson"
-            ));
-            e.status = Some(StatusCode::UNSUPPORTED_MEDIA_TYPE);
-            Err(e)
-        }
+            ),
+        )),
     }
 }
 
@@ -150,7 +143,10 @@ async fn push(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let ingest = state.ingest.as_ref().ok_or_else(|| not_served("ingest"))?;
+    let ingest = state
+        .ingest
+        .as_ref()
+        .ok_or_else(|| ApiError::not_served("ingest"))?;
     let format = format_of(&headers)?;
     let max = state.max_request_bytes;
     let declared = headers
@@ -219,7 +215,7 @@ fn estimation<'a>(
     let est = state
         .estimation
         .as_ref()
-        .ok_or_else(|| not_served("estimates"))?;
+        .ok_or_else(|| ApiError::not_served("estimates"))?;
     Ok((est, mode_of(query)?))
 }
 

@@ -94,8 +94,28 @@ async fn a_client_trusting_another_ca_is_refused() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
+fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap()
+        })
+        .clone()
+}
+
+fn counter(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_to_the_tls_port_fails_at_once() {
+    let metrics = metrics();
     let ca = Ca::new("test CA");
     let dir = tempfile::tempdir().unwrap();
     let files = write_tls_files(dir.path(), &ca.server(), None);
@@ -140,6 +160,13 @@ async fn plaintext_to_the_tls_port_fails_at_once() {
         .await
         .expect("the server closes a garbage connection")
         .ok();
+    // Counted (the other tests of this binary only add to the counter).
+    let plaintext = r#"userseg_tls_handshake_failures_total{reason="plaintext"}"#;
+    assert!(
+        counter(&metrics.render(), plaintext) >= 3.0,
+        "{}",
+        metrics.render()
+    );
     // And still serves TLS.
     let r = https_client(&ca, None)
         .get(format!("{}/healthz", server.https()))

@@ -444,10 +444,7 @@ async fn scan_rate() {
         "scan_rate: inserted {rows} rows in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = userseg_testkit::now();
 
     for round in 0..3 {
         // The raw body alone.

@@ -33,7 +33,7 @@ fn line(letter: &DeadLetter) -> String {
         }),
     };
     serde_json::json!({
-        "kind": letter.kind,
+        "kind": letter.kind.as_str(),
         "reason": letter.reason,
         "attempts": letter.attempts,
         "payload": payload,
@@ -63,6 +63,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use userseg_domain::Pair;
+    use userseg_usecase::DeadLetterKind;
 
     #[tokio::test]
     async fn appends_one_json_line_per_letter() {
@@ -71,7 +72,7 @@ mod tests {
         sink.send(DeadLetter {
             payload: DeadPayload::Raw(vec![0xde, 0xad]),
             reason: "undecodable: x".into(),
-            kind: "undecodable",
+            kind: DeadLetterKind::Undecodable,
             attempts: 0,
         })
         .await
@@ -83,7 +84,7 @@ mod tests {
                 ts: 3,
             }])),
             reason: "nope".into(),
-            kind: "rejected_by_store",
+            kind: DeadLetterKind::RejectedByStore,
             attempts: 4,
         })
         .await

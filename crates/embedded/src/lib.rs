@@ -1,4 +1,5 @@
-//! Standalone-mode adapters: everything userseg needs in one process, no external service.
+//! Embedded adapters: everything standalone mode needs in one process, no external service,
+//! and the exact in-memory store the estimation service (ES) keeps as its index.
 //!
 //! - [`wal`]: the write-ahead log (the embedded counterpart of Kafka): durable, group-committed.
 //! - [`store`]: the exact in-memory segment store (the embedded counterpart of ClickHouse).

@@ -4,6 +4,7 @@ use prost::Message as _;
 use userseg_domain::{validate_segment, validate_user_id, Pair, PairError};
 use userseg_proto::v1::{LogPair, PairBatch};
 use userseg_proto::PAIR_BATCH_VERSION;
+use userseg_usecase::InvalidReason;
 
 /// Why a message value could not be turned into pairs. The `Display` text is the reason given
 /// to the dead-letter queue: it starts with `undecodable` for bytes that are not a `PairBatch`
@@ -14,6 +15,18 @@ pub enum DecodeError {
     Undecodable(String),
     #[error("invalid pair {index}: {error}")]
     InvalidPair { index: usize, error: PairError },
+}
+
+impl From<DecodeError> for InvalidReason {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::Undecodable(why) => InvalidReason::Undecodable(why),
+            DecodeError::InvalidPair { index, error } => InvalidReason::InvalidPair {
+                index,
+                reason: error.to_string(),
+            },
+        }
+    }
 }
 
 /// Encodes pairs as one `PairBatch` of the current version.

@@ -75,7 +75,7 @@ fn headers(letter: &DeadLetter, origin: Option<&Origin>) -> OwnedHeaders {
     let mut h = OwnedHeaders::new()
         .insert(Header {
             key: HEADER_KIND,
-            value: Some(letter.kind),
+            value: Some(letter.kind.as_str()),
         })
         .insert(Header {
             key: HEADER_REASON,
@@ -153,12 +153,12 @@ impl DeadLetterSink for KafkaDeadLetters {
             .await
         {
             Ok(acked) => {
-                metrics::counter!("userseg_kafka_dead_letters_total", "kind" => letter.kind)
+                metrics::counter!("userseg_kafka_dead_letters_total", "kind" => letter.kind.as_str())
                     .increment(messages as u64);
                 if let Some(first) = acked.first() {
                     tracing::info!(
                         topic = %self.dlq_topic(),
-                        kind = letter.kind,
+                        kind = letter.kind.as_str(),
                         attempts = letter.attempts,
                         partition = first.partition,
                         offset = first.offset,

@@ -120,6 +120,13 @@ pub struct LoadArgs {
     /// that signed the server's TLS_CERT_FILE.
     #[arg(long, env = "LOAD_CA_FILE")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate for a server with mutual TLS (its TLS_CLIENT_CA_FILE), with
+    /// --key-file.
+    #[arg(long, env = "LOAD_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of --cert-file.
+    #[arg(long, env = "LOAD_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<std::path::PathBuf>,
     /// Print the summary as one JSON object on stdout (and no progress bar).
     #[arg(long, env = "LOAD_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,

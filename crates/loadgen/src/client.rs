@@ -12,13 +12,13 @@ use serde::Deserialize;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{ListEstimatesRequest, Mode, PushResponse};
 
 use crate::pace::Gate;
-use crate::run::unix_now;
+use userseg_usecase::{Clock, SystemClock};
 
 /// Why a request failed, and whether trying again later may help.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +135,8 @@ pub struct Target {
     pub auth: Option<String>,
     /// PEM CA certificates trusted for an https target, besides the system's.
     pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, for a server with mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Target {
@@ -160,7 +162,18 @@ impl Target {
             base,
             auth: token.map(|t| format!("Bearer {t}")),
             ca_pem,
+            identity: None,
         })
+    }
+
+    /// Presents this client certificate (PEM certificate, PEM key) to an https target.
+    pub fn with_identity(mut self, identity: Option<(Vec<u8>, Vec<u8>)>) -> Result<Target, String> {
+        if let Some((cert, key)) = &identity {
+            reqwest::Identity::from_pem(&[cert.as_slice(), b"\n", key.as_slice()].concat())
+                .map_err(|e| format!("LOAD_CERT_FILE / LOAD_KEY_FILE: {e}"))?;
+        }
+        self.identity = identity;
+        Ok(self)
     }
 
     fn request<T>(&self, msg: T) -> Request<T> {
@@ -181,6 +194,9 @@ impl Target {
             let mut tls = ClientTlsConfig::new().with_native_roots();
             if let Some(pem) = &self.ca_pem {
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some((cert, key)) = &self.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
             }
             endpoint = endpoint
                 .tls_config(tls)
@@ -204,6 +220,13 @@ impl Target {
 
     pub fn http_client(&self) -> Result<reqwest::Client, String> {
         let mut builder = reqwest::Client::builder();
+        if let Some((cert, key)) = &self.identity {
+            let pem = [cert.as_slice(), b"\n", key.as_slice()].concat();
+            builder = builder.identity(
+                reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| format!("LOAD_CERT_FILE / LOAD_KEY_FILE: {e}"))?,
+            );
+        }
         if let Some(pem) = &self.ca_pem {
             for cert in reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| format!("LOAD_CA_FILE: {e}"))?
@@ -290,7 +313,7 @@ fn paced(
                     cut.store(i, Ordering::Relaxed);
                     return None;
                 }
-                lock(&released).push(unix_now());
+                lock(&released).push(SystemClock.now());
                 Some((body.bytes, (rest, i + 1, gate)))
             }
         },
@@ -323,7 +346,7 @@ impl Pusher {
                 }
                 began = Some(Instant::now());
                 let cut_at = Arc::new(AtomicUsize::new(usize::MAX));
-                let now = unix_now();
+                let now = SystemClock.now();
                 let (stream, log) = match gate {
                     Some(g) => {
                         // The first body goes now; the stream logs the others as they go.
@@ -365,7 +388,7 @@ impl Pusher {
                             break;
                         }
                         began.get_or_insert_with(Instant::now);
-                        released.push(unix_now());
+                        released.push(SystemClock.now());
                         grpc.ready().await.map_err(transport)?;
                         let resp = grpc
                             .unary(
@@ -393,7 +416,7 @@ impl Pusher {
                             break;
                         }
                         began.get_or_insert_with(Instant::now);
-                        released.push(unix_now());
+                        released.push(SystemClock.now());
                         let mut req = client
                             .post(url.as_str())
                             .header(reqwest::header::CONTENT_TYPE, *content_type)

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use userseg_usecase::{Backoff, Clock, SystemClock};
 
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
@@ -30,10 +31,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// --verify: poll interval.
 const POLL_EVERY: Duration = Duration::from_millis(200);
 
-pub(crate) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+fn unix_now() -> i64 {
+    SystemClock.now()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -217,7 +216,7 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
         stats.generated += raw.len() as u64;
         ctx.encode(&raw, &mut bodies);
 
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         let mut failing_since: Option<Instant> = None;
         let mut gate = gate.clone();
         loop {
@@ -286,9 +285,8 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
                         break 'units;
                     }
                     stats.retries += 1;
-                    let wait = backoff.mul_f64(jitter.random_range(0.5..1.5));
+                    let wait = backoff.pause().mul_f64(jitter.random_range(0.5..1.5));
                     tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     if ctx.max_age > 0 && refresh(&mut raw, unix_now() - ctx.max_age + 1) {
                         ctx.encode(&raw, &mut bodies);
                     }
@@ -467,7 +465,19 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
         })?),
         None => None,
     };
+    let read = |var: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| LoadError::Config(format!("{var}: cannot read {}: {e}", path.display())))
+    };
+    let identity = match (&args.cert_file, &args.key_file) {
+        (Some(cert), Some(key)) => {
+            Some((read("LOAD_CERT_FILE", cert)?, read("LOAD_KEY_FILE", key)?))
+        }
+        _ => None,
+    };
     let target = Target::new(&args.target, args.token.as_deref(), ca_pem.clone())
+        .map_err(LoadError::Config)?
+        .with_identity(identity.clone())
         .map_err(LoadError::Config)?;
     let total = args.total_pairs();
 

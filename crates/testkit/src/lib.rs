@@ -76,7 +76,8 @@ pub mod servers {
     /// The variable holding the ClickHouse HTTP URL under test.
     pub const CLICKHOUSE_VAR: &str = "USERSEG_TEST_CLICKHOUSE_URL";
 
-    fn required(name: &str, how: &str) -> String {
+    /// The variable `name`; without it the test fails saying to run `make test`, or `how`.
+    pub fn required(name: &str, how: &str) -> String {
         match std::env::var(name) {
             Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
             _ => panic!(

@@ -2,7 +2,7 @@
 //! awaited until it answers, killed with SIGKILL, and killed when dropped.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -111,8 +111,8 @@ impl Proc {
         let _ = self.child.wait();
     }
 
-    /// Sends SIGTERM and waits for the exit, at most `secs`; returns whether it exited 0.
-    pub fn sigterm(&mut self, secs: u64) -> bool {
+    /// Sends SIGTERM and waits for the exit (failing the test after `secs`).
+    pub async fn sigterm(&mut self, secs: u64) -> ExitStatus {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill")
             .args(["-TERM", &pid])
@@ -122,14 +122,14 @@ impl Proc {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
+                return status;
             }
             assert!(
                 Instant::now() < deadline,
                 "no exit within {secs} s after SIGTERM:\n{}",
                 self.logs()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

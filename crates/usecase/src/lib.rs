@@ -3,23 +3,26 @@
 //! Adapters (the embedded WAL and store, Kafka, ClickHouse) implement the ports; the delivery
 //! layer calls the use cases. Nothing here knows which adapters are wired in.
 
+pub mod backoff;
 pub mod clock;
 pub mod estimate;
+pub mod index;
 pub mod ingest;
 pub mod ports;
 pub mod processor;
-pub mod replica;
 #[cfg(feature = "testsuite")]
 pub mod store_suite;
 
+pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use estimate::{Estimate, EstimateList, Estimation, EstimationError};
+pub use index::{IndexConfig, IndexStatus, SegmentIndex};
 pub use ingest::{Ingest, IngestError};
 pub use ports::{
-    Content, DeadLetter, DeadLetterSink, DeadPayload, Followed, LiveScan, LogFollower, Message,
-    Mode, PairPublisher, PairSource, PortError, SegmentCount, SegmentCounter, SegmentWriter,
+    Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, Followed, InvalidReason,
+    LiveScan, LogFollower, Message, Mode, PairPublisher, PairSource, PortError, SegmentCount,
+    SegmentCounter, SegmentWriter,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
-pub use replica::{Replica, ReplicaConfig, ReplicaStatus};
 #[cfg(test)]
 mod processor_tests;

@@ -39,7 +39,41 @@ pub trait PairPublisher: Send + Sync + 'static {
 #[derive(Debug)]
 pub enum Content {
     Pairs(Vec<Pair>),
-    Invalid { payload: Vec<u8>, reason: String },
+    Invalid {
+        payload: Vec<u8>,
+        reason: InvalidReason,
+    },
+}
+
+/// Why a message of the log holds no usable pairs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InvalidReason {
+    /// Not a pair batch of a known version: not protobuf, no value, an unknown version.
+    Undecodable(String),
+    /// A pair batch with a pair that fails validation (`index` is 0-based).
+    InvalidPair { index: usize, reason: String },
+}
+
+impl InvalidReason {
+    /// The kind of the dead letter this message becomes.
+    pub fn kind(&self) -> DeadLetterKind {
+        match self {
+            InvalidReason::Undecodable(_) => DeadLetterKind::Undecodable,
+            InvalidReason::InvalidPair { .. } => DeadLetterKind::InvalidPair,
+        }
+    }
+}
+
+/// The reason given to the dead-letter queue: `undecodable: …` or `invalid pair N: …`.
+impl std::fmt::Display for InvalidReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InvalidReason::Undecodable(why) => write!(f, "undecodable: {why}"),
+            InvalidReason::InvalidPair { index, reason } => {
+                write!(f, "invalid pair {index}: {reason}")
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -84,13 +118,34 @@ pub enum DeadPayload {
     Pairs(Arc<[Pair]>),
 }
 
+/// What made a dead letter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeadLetterKind {
+    /// A message of the log that is not a pair batch of a known version.
+    Undecodable,
+    /// A message of the log with a pair that fails validation.
+    InvalidPair,
+    /// Pairs the store refused for good, after the retries.
+    RejectedByStore,
+}
+
+impl DeadLetterKind {
+    /// The stable name in DLQ headers, files and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterKind::Undecodable => "undecodable",
+            DeadLetterKind::InvalidPair => "invalid_pair",
+            DeadLetterKind::RejectedByStore => "rejected_by_store",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
     pub payload: DeadPayload,
     /// Why: the decode error, the invalid pair, or the store's rejection.
     pub reason: String,
-    /// A short machine-readable kind: `undecodable`, `invalid_pair`, `rejected_by_store`.
-    pub kind: &'static str,
+    pub kind: DeadLetterKind,
     /// How many times the store was tried (0 for undecodable or invalid messages).
     pub attempts: u32,
 }

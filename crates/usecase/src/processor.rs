@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use userseg_domain::Pair;
 
 use crate::{
-    Content, DeadLetter, DeadLetterSink, DeadPayload, PairSource, PortError, SegmentWriter,
+    Backoff, Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, PairSource,
+    PortError, SegmentWriter,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,7 +155,7 @@ impl BatchProcessor {
         // When the log made each buffered message durable (for the ingest → applied lag).
         let mut logged: Vec<SystemTime> = Vec::new();
         let mut deadline: Option<Instant> = None;
-        let mut source_backoff = self.config.backoff_initial;
+        let mut source_backoff = self.backoff();
         // Writes keep retrying until the shutdown grace has passed after `cancel`.
         let write_stop = CancellationToken::new();
         let grace_timer = {
@@ -192,7 +193,7 @@ impl BatchProcessor {
                 _ = timer, if deadline.is_some() => Some(FlushReason::Interval),
                 next = source.next() => match next {
                     Ok(Some(msg)) => {
-                        source_backoff = self.config.backoff_initial;
+                        source_backoff.reset();
                         positions.push(msg.position);
                         match msg.content {
                             Content::Pairs(p) => {
@@ -200,15 +201,10 @@ impl BatchProcessor {
                                 logged.extend(msg.logged_at);
                             }
                             Content::Invalid { payload, reason } => {
-                                let kind = if reason.starts_with("undecodable") {
-                                    "undecodable"
-                                } else {
-                                    "invalid_pair"
-                                };
                                 let letter = DeadLetter {
                                     payload: DeadPayload::Raw(payload),
-                                    reason,
-                                    kind,
+                                    kind: reason.kind(),
+                                    reason: reason.to_string(),
                                     attempts: 0,
                                 };
                                 if self.dead_letter(Some(&mut source), letter, &cancel).await.is_err() {
@@ -221,8 +217,7 @@ impl BatchProcessor {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "source failed; retrying");
-                        source.idle(source_backoff).await;
-                        source_backoff = (source_backoff * 2).min(self.config.backoff_max);
+                        source.idle(source_backoff.pause()).await;
                         None
                     }
                 },
@@ -256,35 +251,11 @@ impl BatchProcessor {
                 deadline = Some(Instant::now() + self.config.flush_interval);
             }
         }
-        // Stopping: finish the write in flight and the pending batch, within the grace period.
         if !abandoned {
-            if let Some((write, done)) = inflight.take() {
-                match write.await {
-                    Ok(()) => self.commit(&mut source, done).await,
-                    Err(Abandoned) => abandoned = true,
-                }
-            }
-        }
-        drop(inflight);
-        if !abandoned && !positions.is_empty() {
-            FlushReason::Shutdown.count();
-            let n = pairs.len();
-            let done = std::mem::take(&mut positions);
-            let written = if pairs.is_empty() {
-                Ok(())
-            } else {
-                let batch: Arc<[Pair]> = std::mem::take(&mut pairs).into();
-                let logged = std::mem::take(&mut logged);
-                self.write_batch::<S>(batch, logged, write_stop.clone())
-                    .await
-            };
-            match written {
-                Ok(()) => {
-                    self.commit(&mut source, done).await;
-                    tracing::info!(pairs = n, "flushed the last batch on shutdown");
-                }
-                Err(Abandoned) => abandoned = true,
-            }
+            abandoned = self
+                .finish(&mut source, inflight, pairs, positions, logged, &write_stop)
+                .await
+                .is_err();
         }
         if abandoned {
             tracing::warn!(
@@ -293,6 +264,35 @@ impl BatchProcessor {
         }
         grace_timer.abort();
         source
+    }
+
+    /// Stopping: finishes the write in flight and then the pending batch, within the grace
+    /// period, committing each once written.
+    async fn finish<S: PairSource>(
+        &self,
+        source: &mut S,
+        inflight: Option<(WriteFuture<'_>, Vec<S::Position>)>,
+        pairs: Vec<Pair>,
+        positions: Vec<S::Position>,
+        logged: Vec<SystemTime>,
+        write_stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        if let Some((write, done)) = inflight {
+            write.await?;
+            self.commit(source, done).await;
+        }
+        if positions.is_empty() {
+            return Ok(());
+        }
+        FlushReason::Shutdown.count();
+        let n = pairs.len();
+        if !pairs.is_empty() {
+            self.write_batch::<S>(pairs.into(), logged, write_stop.clone())
+                .await?;
+        }
+        self.commit(source, positions).await;
+        tracing::info!(pairs = n, "flushed the last batch on shutdown");
+        Ok(())
     }
 
     /// Waits for a write. A normal write ends well within the group's poll interval, so the
@@ -326,13 +326,17 @@ impl BatchProcessor {
         }
     }
 
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.config.backoff_initial, self.config.backoff_max)
+    }
+
     async fn write_batch<S: PairSource>(
         &self,
         batch: Arc<[Pair]>,
         logged: Vec<SystemTime>,
         stop: CancellationToken,
     ) -> Result<(), Abandoned> {
-        let mut backoff = self.config.backoff_initial;
+        let mut backoff = self.backoff();
         let mut rejections: u32 = 0;
         loop {
             let started = std::time::Instant::now();
@@ -375,7 +379,7 @@ impl BatchProcessor {
                         let letter = DeadLetter {
                             payload: DeadPayload::Pairs(batch),
                             reason,
-                            kind: "rejected_by_store",
+                            kind: DeadLetterKind::RejectedByStore,
                             attempts: rejections,
                         };
                         return self.dead_letter::<S>(None, letter, &stop).await;
@@ -389,15 +393,14 @@ impl BatchProcessor {
                         .increment(1);
                     metrics::counter!("userseg_processor_retries_total", "kind" => "transient")
                         .increment(1);
-                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "store unavailable; pausing consumption");
+                    tracing::warn!(error = %e, backoff_ms = backoff.current().as_millis() as u64, "store unavailable; pausing consumption");
                     self.health.failing(&e);
                 }
             }
             tokio::select! {
                 _ = stop.cancelled() => return Err(Abandoned),
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.pause()) => {}
             }
-            backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }
 
@@ -407,31 +410,31 @@ impl BatchProcessor {
         letter: DeadLetter,
         stop: &CancellationToken,
     ) -> Result<(), Abandoned> {
-        let mut backoff = self.config.backoff_initial;
+        let mut backoff = self.backoff();
         loop {
             match self.dead_letters.send(letter.clone()).await {
                 Ok(()) => {
                     self.health.0.dead_letters.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("userseg_dead_letters_total", "kind" => letter.kind)
+                    metrics::counter!("userseg_dead_letters_total", "kind" => letter.kind.as_str())
                         .increment(1);
-                    tracing::warn!(kind = letter.kind, reason = %letter.reason, "dead-lettered a message");
+                    tracing::warn!(kind = letter.kind.as_str(), reason = %letter.reason, "dead-lettered a message");
                     return Ok(());
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "dead-letter sink failed; retrying");
                 }
             }
+            let wait = backoff.pause();
             let pause = async {
                 match source.as_deref_mut() {
-                    Some(s) => s.idle(backoff).await,
-                    None => tokio::time::sleep(backoff).await,
+                    Some(s) => s.idle(wait).await,
+                    None => tokio::time::sleep(wait).await,
                 }
             };
             tokio::select! {
                 _ = stop.cancelled() => return Err(Abandoned),
                 _ = pause => {}
             }
-            backoff = (backoff * 2).min(self.config.backoff_max);
         }
     }
 }

@@ -207,7 +207,7 @@ async fn permanent_rejection_is_retried_then_dead_lettered_then_committed() {
     assert_eq!(*r.writer.attempts.lock().unwrap(), 4);
     let dlq = r.dlq.0.lock().unwrap();
     assert_eq!(dlq.len(), 1);
-    assert_eq!(dlq[0].kind, "rejected_by_store");
+    assert_eq!(dlq[0].kind, DeadLetterKind::RejectedByStore);
     assert_eq!(dlq[0].attempts, 4);
     assert!(dlq[0].reason.contains("type mismatch"));
     match &dlq[0].payload {
@@ -225,7 +225,7 @@ async fn invalid_messages_are_dead_lettered_and_committed_with_the_next_flush() 
         position: 2,
         content: Content::Invalid {
             payload: b"garbage".to_vec(),
-            reason: "undecodable: bad protobuf".into(),
+            reason: InvalidReason::Undecodable("bad protobuf".into()),
         },
         logged_at: None,
     })
@@ -239,7 +239,9 @@ async fn invalid_messages_are_dead_lettered_and_committed_with_the_next_flush() 
     r.tx.send(msg(3, vec![pair(3)])).await.unwrap();
     until("the flush", || r.committed.lock().unwrap().len() == 3).await;
     assert_eq!(*r.committed.lock().unwrap(), vec![1, 2, 3]);
-    assert_eq!(r.dlq.0.lock().unwrap()[0].kind, "undecodable");
+    let dlq = r.dlq.0.lock().unwrap();
+    assert_eq!(dlq[0].kind, DeadLetterKind::Undecodable);
+    assert_eq!(dlq[0].reason, "undecodable: bad protobuf");
 }
 
 #[tokio::test(start_paused = true)]

@@ -12,7 +12,7 @@ use userseg_clickhouse::ClickHouseStore;
 use userseg_embedded::{EmbeddedStore, MemStore};
 use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaFollower, KafkaPublisher, KafkaSource};
 use userseg_usecase::{
-    BatchProcessor, Clock, Estimation, Mode, Replica, ReplicaConfig, SegmentCounter, SystemClock,
+    BatchProcessor, Clock, Estimation, IndexConfig, Mode, SegmentCounter, SegmentIndex, SystemClock,
 };
 
 use crate::config::EsConfig;
@@ -54,9 +54,9 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let counter: Arc<dyn SegmentCounter> = if cfg.index {
-        let (replica, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop);
+        let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop);
         background.extend(tasks);
-        Arc::new(replica)
+        Arc::new(index)
     } else {
         Arc::new(store)
     };
@@ -138,28 +138,28 @@ fn start_index(
     store: &ClickHouseStore,
     clock: Arc<dyn Clock>,
     stop: &CancellationToken,
-) -> (Replica, Vec<JoinHandle<()>>) {
+) -> (SegmentIndex, Vec<JoinHandle<()>>) {
     let mem = Arc::new(MemStore::new(cfg.service.window));
-    let index = EmbeddedStore(mem.clone());
-    let replica = Replica::new(
-        Arc::new(index.clone()),
-        Arc::new(index),
+    let memberships = EmbeddedStore(mem.clone());
+    let index = SegmentIndex::new(
+        Arc::new(memberships.clone()),
+        Arc::new(memberships),
         Arc::new(store.clone()),
-        ReplicaConfig::default(),
+        IndexConfig::default(),
     );
     let kafka = cfg.kafka.clone();
     let open = move || {
         let kafka = kafka.clone();
         async move { KafkaFollower::open(&kafka).await }
     };
-    let run = tokio::spawn(replica.clone().run(
+    let run = tokio::spawn(index.clone().run(
         open,
         Arc::new(store.clone()),
         clock.clone(),
         stop.clone(),
     ));
     let expire = tokio::spawn(expire_index(mem, clock, stop.clone()));
-    (replica, vec![run, expire])
+    (index, vec![run, expire])
 }
 
 /// Expires the index every [`INDEX_EXPIRE_INTERVAL`] and refreshes its size gauges every

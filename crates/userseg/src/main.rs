@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 use userseg::cli::{Cli, Command};
 use userseg::{es, migrate, observability, standalone, uss};
 
@@ -26,27 +27,9 @@ fn main() -> Result<()> {
         .build()?;
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Standalone(args) => {
-                let config = args.validate()?;
-                standalone::start(config, observability::shutdown_on_signals()?)
-                    .await?
-                    .wait()
-                    .await
-            }
-            Command::Uss(args) => {
-                let config = args.validate()?;
-                uss::start(config, observability::shutdown_on_signals()?)
-                    .await?
-                    .wait()
-                    .await
-            }
-            Command::Es(args) => {
-                let config = args.validate()?;
-                es::start(config, observability::shutdown_on_signals()?)
-                    .await?
-                    .wait()
-                    .await
-            }
+            Command::Standalone(args) => serve(args.validate()?, standalone::start).await,
+            Command::Uss(args) => serve(args.validate()?, uss::start).await,
+            Command::Es(args) => serve(args.validate()?, es::start).await,
             Command::Migrate(args) => migrate::run(&args.validate()?).await,
             Command::Load(args) => userseg_loadgen::run(*args)
                 .await
@@ -59,4 +42,15 @@ fn main() -> Result<()> {
         tracing::error!(error = format!("{e:#}"), "userseg stopped with an error");
     }
     result
+}
+
+/// Starts a role with `config` and runs it until SIGTERM / SIGINT have stopped it.
+async fn serve<C, F>(config: C, start: impl FnOnce(C, CancellationToken) -> F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<userseg::Server>>,
+{
+    start(config, observability::shutdown_on_signals()?)
+        .await?
+        .wait()
+        .await
 }

@@ -7,12 +7,15 @@ mod common;
 
 use std::process::Command;
 
-use common::{required_env, seg, until, Cluster};
+use common::{seg, servers, until, Api, Cluster};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{Pair, PushRequest};
 
 fn clickhouse(cmd: &str, port: Option<&str>) {
-    let dir = required_env("USERSEG_TEST_CLICKHOUSE_DIR");
+    let dir = servers::required(
+        "USERSEG_TEST_CLICKHOUSE_DIR",
+        "the directory of `scripts/clickhouse.sh start DIR`",
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/clickhouse.sh");
     let mut c = Command::new("bash");
     c.arg(script).arg(cmd).arg(&dir);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, now, until, Cluster, Proc};
+use common::{free_port, now, until, Api, Cluster, Proc};
 use serde_json::{json, Value};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{Pair as GrpcPair, PushRequest};

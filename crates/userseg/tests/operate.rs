@@ -386,3 +386,97 @@ async fn tls_with_keys_and_a_certificate_rotated_on_sighup() {
     assert_eq!(status(&before, &url, Some(token)).await, 200);
     assert!(p.log().contains("reloaded the TLS certificate"));
 }
+
+fn load(port: u16, extra: &[&str]) -> std::process::Output {
+    let target = format!("https://localhost:{port}");
+    let mut args = vec![
+        "load",
+        "--target",
+        &target,
+        "--pairs",
+        "1000",
+        "--users",
+        "300",
+        "--segments",
+        "2",
+        "--verify",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_userseg"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_with_a_client_certificate_against_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let files = write_tls_files(dir.path(), &server_ca.server(), Some(&client_ca));
+    let mut p = spawn(
+        dir.path(),
+        &[
+            ("TLS_CERT_FILE", files.cert.to_str().unwrap()),
+            ("TLS_KEY_FILE", files.key.to_str().unwrap()),
+            (
+                "TLS_CLIENT_CA_FILE",
+                files.client_ca.as_ref().unwrap().to_str().unwrap(),
+            ),
+        ],
+    );
+    let client = client_ca.client("loadgen");
+    let ca = dir.path().join("server-ca.pem");
+    let cert = dir.path().join("client.crt");
+    let key = dir.path().join("client.key");
+    std::fs::write(&ca, server_ca.pem()).unwrap();
+    std::fs::write(&cert, &client.cert_pem).unwrap();
+    std::fs::write(&key, &client.key_pem).unwrap();
+    let with_cert = https_client(&server_ca, Some(&client));
+    let url = format!("https://localhost:{}/healthz", p.port);
+    until(&mut p, "mutual TLS answers", async || {
+        status(&with_cert, &url, None).await == 200
+    })
+    .await;
+    let (ca, cert, key) = (
+        ca.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+    );
+
+    for protocol in ["grpc", "http"] {
+        let out = load(
+            p.port,
+            &[
+                "--ca-file",
+                ca,
+                "--cert-file",
+                cert,
+                "--key-file",
+                key,
+                "--protocol",
+                protocol,
+                "--segment-prefix",
+                protocol,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{protocol} load with a client certificate failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = load(p.port, &["--ca-file", ca]);
+    assert!(
+        !out.status.success(),
+        "load without a client certificate succeeded"
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("cannot reach the server"), "{text}");
+}

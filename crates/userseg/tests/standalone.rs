@@ -1,8 +1,7 @@
 //! End-to-end tests of the real `userseg` binary in standalone mode.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,64 +9,25 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{Pair, PushRequest};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use userseg_testkit::{free_port, now, until, Proc};
 
 fn spawn(data: &Path, port: u16, extra: &[(&str, &str)]) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data.with_extension("log"))
-        .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_userseg"));
-    cmd.arg("standalone")
-        .env("DATA_DIR", data)
-        .env("SERVICE_HOST", "127.0.0.1")
-        .env("SERVICE_PORT", port.to_string())
-        .env("FLUSH_INTERVAL", "50ms")
-        .stdout(Stdio::null())
-        .stderr(log);
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    Proc {
-        child: cmd.spawn().unwrap(),
-        base: format!("http://127.0.0.1:{port}"),
-    }
+    let mut env = vec![
+        ("DATA_DIR".to_string(), data.to_string_lossy().into_owned()),
+        ("FLUSH_INTERVAL".to_string(), "50ms".to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Proc::spawn(
+        env!("CARGO_BIN_EXE_userseg"),
+        &["standalone"],
+        &env,
+        port,
+        data.with_extension("log"),
+    )
 }
 
 async fn ready(p: &mut Proc) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::get(format!("{}/readyz", p.base)).await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        if let Ok(Some(status)) = p.child.try_wait() {
-            panic!("userseg exited early with {status}");
-        }
-        assert!(Instant::now() < deadline, "userseg never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    p.ready().await;
 }
 
 async fn counts(base: &str) -> Vec<(String, u64)> {
@@ -88,24 +48,6 @@ async fn counts(base: &str) -> Vec<(String, u64)> {
             )
         })
         .collect()
-}
-
-async fn until<F>(what: &str, secs: u64, mut f: F)
-where
-    F: AsyncFnMut() -> bool,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 /// Pushes from several clients while the process is killed with SIGKILL; after a restart every
@@ -158,8 +100,7 @@ async fn every_acknowledged_pair_survives_sigkill() {
         acked.iter().map(|a| a.load(Ordering::SeqCst)).sum::<u64>() >= 60_000
     })
     .await;
-    p.child.kill().unwrap(); // SIGKILL
-    p.child.wait().unwrap();
+    p.sigkill();
     for t in tasks {
         let _ = t.await;
     }
@@ -274,20 +215,7 @@ async fn sigterm_shuts_down_gracefully() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let pid = p.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = p.sigterm(30).await;
     assert!(status.success(), "exit status {status}");
     let snapshots: Vec<_> = std::fs::read_dir(data.join("snapshots")).unwrap().collect();
     assert_eq!(snapshots.len(), 1, "a final snapshot is written");

@@ -1,35 +1,16 @@
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use userseg_clickhouse::{migrate, ClickHouseConfig, ClickHouseStore};
 use userseg_domain::{Pair, UnixSeconds, Window};
 
-pub const URL_VAR: &str = "USERSEG_TEST_CLICKHOUSE_URL";
-
-/// The test server's URL; panics with instructions when it is not set.
+/// The test server's URL; fails the test with instructions when it is not set.
 pub fn server_url() -> String {
-    match std::env::var(URL_VAR) {
-        Ok(url) if !url.trim().is_empty() => url.trim().to_string(),
-        _ => panic!(
-            "{URL_VAR} is not set: these tests need a real ClickHouse server. Start one with \
-             `scripts/clickhouse.sh start /tmp/userseg-ch` and then \
-             `set -a; . /tmp/userseg-ch/clickhouse.env; set +a` before `cargo test -p userseg-clickhouse`"
-        ),
-    }
+    userseg_testkit::servers::clickhouse()
 }
 
 /// A config pointing at the test server with a database name no other test uses.
 pub fn fresh_config() -> ClickHouseConfig {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let database = format!(
-        "userseg_test_{}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        nanos
-    );
+    let database = userseg_testkit::unique("userseg_test");
     ClickHouseConfig {
         addr: server_url(),
         database,

@@ -27,12 +27,6 @@ fn assert_permanent<T: std::fmt::Debug>(r: Result<T, PortError>, what: &str) -> 
     }
 }
 
-/// A port on which nothing listens.
-fn unused_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 async fn assert_all_transient(store: &ClickHouseStore) -> String {
     let m = assert_transient(store.write(vec![pair("u", "s", T0)].into()).await, "write");
     assert_transient(store.count("s", T0, Mode::Exact).await, "count");
@@ -45,7 +39,7 @@ async fn assert_all_transient(store: &ClickHouseStore) -> String {
 #[tokio::test]
 async fn nothing_listening_is_transient() {
     let config = ClickHouseConfig {
-        addr: format!("http://127.0.0.1:{}", unused_port()),
+        addr: format!("http://127.0.0.1:{}", userseg_testkit::free_port()),
         connect_timeout: Duration::from_secs(2),
         ..ClickHouseConfig::default()
     };
@@ -180,7 +174,7 @@ async fn a_stopped_server_is_transient_and_a_restart_keeps_the_data() {
     let _ = std::fs::remove_dir_all(&dir);
     let guard = ServerDir(dir.clone());
     let dir_s = dir.to_string_lossy().to_string();
-    let port = unused_port().to_string();
+    let port = userseg_testkit::free_port().to_string();
     run_script(&["start", &dir_s, &port]);
     let env = std::fs::read_to_string(dir.join("clickhouse.env")).expect("clickhouse.env");
     assert_eq!(

@@ -13,7 +13,7 @@ use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
-use userseg_usecase::{Content, Message, PairSource, PortError};
+use userseg_usecase::{Content, InvalidReason, Message, PairSource, PortError};
 
 use crate::codec::decode_batch;
 use crate::config::{consumer_config, KafkaConfig};
@@ -78,7 +78,7 @@ fn approx_bytes(m: &Message<Position>) -> usize {
             .iter()
             .map(|p| p.user_id.len() + p.segment.len() + 64)
             .sum(),
-        Content::Invalid { payload, reason } => payload.len() + reason.len() + 64,
+        Content::Invalid { payload, .. } => payload.len() + 128,
     }
 }
 
@@ -188,10 +188,10 @@ fn convert(topic: &str, provenance: &Provenance, m: &BorrowedMessage<'_>) -> Mes
     };
     let decoded = match m.payload() {
         None => Err((
-            "undecodable: the message has no value".to_string(),
+            InvalidReason::Undecodable("the message has no value".into()),
             Vec::new(),
         )),
-        Some(bytes) => decode_batch(bytes).map_err(|e| (e.to_string(), bytes.to_vec())),
+        Some(bytes) => decode_batch(bytes).map_err(|e| (e.into(), bytes.to_vec())),
     };
     metrics::counter!("userseg_kafka_consumed_messages_total").increment(1);
     let content = match decoded {

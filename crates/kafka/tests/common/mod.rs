@@ -1,10 +1,8 @@
 //! Helpers for the tests against a real broker (USERSEG_TEST_KAFKA).
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -16,49 +14,17 @@ use userseg_domain::Pair;
 use userseg_kafka::{ensure_topics, KafkaConfig, KafkaPublisher, KafkaSource, Position};
 use userseg_usecase::{Message, PairPublisher, PairSource};
 
+pub use userseg_testkit::{free_port, init_tracing, servers, unique};
+
 /// The broker under test. Never skips: without a broker these tests fail, loudly.
 pub fn broker() -> String {
-    match std::env::var("USERSEG_TEST_KAFKA") {
-        Ok(b) if !b.trim().is_empty() => b,
-        _ => panic!(
-            "USERSEG_TEST_KAFKA is not set. These tests need a real Kafka-protocol broker: run \
-             `scripts/tansu.sh start /tmp/userseg-tansu && . /tmp/userseg-tansu/tansu.env && \
-             export USERSEG_TEST_KAFKA` and run the tests again"
-        ),
-    }
-}
-
-pub fn init_tracing() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-            )
-            .with_test_writer()
-            .try_init();
-    });
-}
-
-/// A name no other test (or earlier run) uses.
-pub fn unique(name: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!(
-        "t-{name}-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    servers::kafka()
 }
 
 /// A configuration with its own topic, DLQ topic and group.
 pub fn config(name: &str, partitions: i32) -> KafkaConfig {
     init_tracing();
-    let base = unique(name);
+    let base = unique(&format!("t-{name}"));
     let mut c = KafkaConfig::new(broker());
     c.topic = base.clone();
     c.dlq_topic = format!("{base}-dlq");

@@ -34,6 +34,9 @@ const NOT_SETTINGS: &[&str] = &[
     "MODE_APPROX",
     // read by tracing-subscriber, documented next to LOG_FORMAT
     "RUST_LOG",
+    // read by scripts/clickhouse.sh: serve https too (tests of ClickHouse over TLS)
+    "CLICKHOUSE_HTTPS_CERT",
+    "CLICKHOUSE_HTTPS_KEY",
     // exported by scripts/test.sh for the tests
     "USERSEG_TEST_CLICKHOUSE_URL",
     "USERSEG_TEST_KAFKA",

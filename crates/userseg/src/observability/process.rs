@@ -89,6 +89,8 @@ pub fn record() {
     metrics::gauge!("process_start_time_seconds").set(s.start_time);
 }
 
+// The only unsafe code of the workspace (which denies it): libc::sysconf, a read-only query.
+#[allow(unsafe_code)]
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -99,6 +101,7 @@ fn clock_ticks() -> f64 {
     }
 }
 
+#[allow(unsafe_code)]
 fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -160,7 +160,7 @@ impl LogFollower for FakeFollower {
 }
 
 struct Harness {
-    replica: Replica,
+    replica: SegmentIndex,
     index: Arc<MapIndex>,
     scan: Arc<FakeScan>,
     events: Events,
@@ -169,20 +169,20 @@ struct Harness {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn config() -> ReplicaConfig {
-    ReplicaConfig {
+fn config() -> IndexConfig {
+    IndexConfig {
         scan_chunk_pairs: 2,
         scan_buffer_chunks: 1,
-        ..ReplicaConfig::default()
+        ..IndexConfig::default()
     }
 }
 
-/// Starts a replica whose `open` fails `open_failures` times and whose scan fails
+/// Starts an index whose `open` fails `open_failures` times and whose scan fails
 /// `scan_failures` times.
 fn start(scanned: Vec<Pair>, open_failures: u32, scan_failures: u32, index: MapIndex) -> Harness {
     let events: Events = Arc::default();
     let index = Arc::new(index);
-    let replica = Replica::new(index.clone(), index.clone(), Arc::new(Fallback), config());
+    let replica = SegmentIndex::new(index.clone(), index.clone(), Arc::new(Fallback), config());
     let scan = Arc::new(FakeScan {
         pairs: scanned,
         fail_times: AtomicU32::new(scan_failures),

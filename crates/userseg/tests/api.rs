@@ -1,19 +1,18 @@
-//! HTTP and gRPC API tests against the real API stack in process: axum + tonic on one port,
-//! ingest into the real write-ahead log, the batch processor, the embedded store.
+//! HTTP and gRPC API tests against standalone mode started in process by the same
+//! `userseg::standalone::start` the binary runs: axum + tonic on one port, ingest into the real
+//! write-ahead log, the batch processor, the embedded store.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use userseg_api::{ApiState, ReadyCheck};
-use userseg_domain::{Limits, Window};
-use userseg_embedded::{open_standalone, EmbeddedStore, FileDeadLetters, WalConfig};
+use userseg::cli::{Cli, Command};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{
     EstimateRequest, ListEstimatesRequest, Mode as PbMode, Pair as PbPair, PushRequest,
 };
-use userseg_usecase::{BatchConfig, BatchProcessor, Estimation, Ingest, SystemClock};
+use userseg_testkit::now;
 
 struct Server {
     base: String,
@@ -27,85 +26,35 @@ impl Drop for Server {
     }
 }
 
-struct Options {
-    token: Option<&'static str>,
-    limits: Limits,
-    max_inflight: usize,
-    run_processor: bool,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            token: None,
-            limits: Limits::default(),
-            max_inflight: 1_000_000,
-            run_processor: true,
-        }
-    }
-}
-
-async fn start(opts: Options) -> Server {
+/// Standalone mode on a free port and a fresh data directory, with `flags` (and a 20 ms flush
+/// interval unless they set one).
+async fn start(flags: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let window = Window::DEFAULT;
-    let mut wal = WalConfig::new(dir.path().join("wal"));
-    wal.max_inflight_pairs = opts.max_inflight;
-    wal.enqueue_timeout = Duration::from_millis(100);
-    let opened = open_standalone(dir.path(), window, wal).unwrap();
-    let store = EmbeddedStore(opened.store.clone());
-    let stop = CancellationToken::new();
-    if opts.run_processor {
-        let processor = BatchProcessor::new(
-            Arc::new(store.clone()),
-            Arc::new(FileDeadLetters::new(dir.path().join("dlq"))),
-            BatchConfig {
-                batch_size: 1000,
-                flush_interval: Duration::from_millis(20),
-                ..BatchConfig::default()
-            },
-        );
-        let s = stop.clone();
-        tokio::spawn(async move { processor.run(opened.source, s).await });
-    } else {
-        // Keep the source alive (and unread) so nothing is ever applied.
-        let source = opened.source;
-        let s = stop.clone();
-        tokio::spawn(async move {
-            s.cancelled().await;
-            drop(source);
-        });
+    let data = dir.path().join("data");
+    let mut argv = vec![
+        "userseg",
+        "standalone",
+        "--service-port",
+        "0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    if !flags.contains(&"--flush-interval") {
+        argv.extend_from_slice(&["--flush-interval", "20ms"]);
     }
-    let clock = Arc::new(SystemClock);
-    let ingest = Ingest::new(Arc::new(opened.log), clock.clone(), window, opts.limits);
-    let estimation = Estimation::new(Arc::new(store), clock, window, Duration::ZERO);
-    let mut state = ApiState::new(Some(ingest), Some(estimation));
-    state.auth = opts.token.map(|t| {
-        userseg_api::Authenticator::new(Some(t), None)
-            .unwrap()
-            .unwrap()
-    });
-    state.overload_wait = Duration::from_millis(100);
-    let always: ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
-    state.ready_checks.push(("test".into(), always));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(userseg_api::serve(
-        listener,
-        userseg_api::router(state),
-        stop.clone(),
-    ));
+    argv.extend_from_slice(flags);
+    let Command::Standalone(args) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!("parsed the standalone command")
+    };
+    let stop = CancellationToken::new();
+    let server = userseg::standalone::start(args.validate().unwrap(), stop.clone())
+        .await
+        .unwrap();
     Server {
-        base: format!("http://{addr}"),
+        base: server.url(),
         _dir: dir,
         stop,
     }
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 async fn post(s: &Server, body: Value) -> (u16, Value) {
@@ -150,7 +99,7 @@ async fn until_counts(s: &Server, want: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_push_and_estimate() {
-    let s = start(Options::default()).await;
+    let s = start(&[]).await;
     let (status, body) = post(
         &s,
         json!({"pairs": [
@@ -192,14 +141,12 @@ async fn http_push_and_estimate() {
 /// rejected request is stored, even its valid pairs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_bad_input_is_rejected_whole_with_specific_errors() {
-    let limits = Limits {
-        max_pairs_per_request: 3,
-        max_request_bytes: 4096,
-    };
-    let s = start(Options {
-        limits,
-        ..Options::default()
-    })
+    let s = start(&[
+        "--max-pairs-per-request",
+        "3",
+        "--max-request-bytes",
+        "4096",
+    ])
     .await;
     let ok = json!({"user_id": "good", "segment": "kept-out"});
     let n = now();
@@ -340,6 +287,7 @@ async fn http_bad_input_is_rejected_whole_with_specific_errors() {
     assert_eq!(err["error"]["index"], 1);
     let (st, err) = post_raw(&s, "text/csv", b"u,s".to_vec()).await;
     assert_eq!(st, 415);
+    assert_eq!(err["error"]["code"], "unsupported");
     assert!(err["error"]["message"]
         .as_str()
         .unwrap()
@@ -376,7 +324,7 @@ fn pb(user: &str, segment: &str, ts: Option<i64>) -> PbPair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_push_stream_and_estimates() {
-    let s = start(Options::default()).await;
+    let s = start(&[]).await;
     let mut client = SegmentsClient::connect(s.base.clone()).await.unwrap();
     let r = client
         .push(PushRequest {
@@ -430,13 +378,12 @@ async fn grpc_push_stream_and_estimates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_bad_input_is_invalid_argument() {
-    let s = start(Options {
-        limits: Limits {
-            max_pairs_per_request: 10,
-            max_request_bytes: 2048,
-        },
-        ..Options::default()
-    })
+    let s = start(&[
+        "--max-pairs-per-request",
+        "10",
+        "--max-request-bytes",
+        "2048",
+    ])
     .await;
     let mut client = SegmentsClient::connect(s.base.clone()).await.unwrap();
     let err = client
@@ -513,47 +460,54 @@ async fn grpc_bad_input_is_invalid_argument() {
     until_counts(&s, json!([{"segment": "stream", "users": 2}])).await;
 }
 
+/// Past MAX_INFLIGHT_PAIRS accepted but not yet applied (nothing is applied: the batch waits
+/// for an hour), HTTP answers 503 `overloaded` with retry-after and gRPC RESOURCE_EXHAUSTED,
+/// once the log's enqueue wait (5 s) ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_answers_503_and_resource_exhausted() {
-    let s = start(Options {
-        max_inflight: 5,
-        run_processor: false,
-        ..Options::default()
-    })
+    let s = start(&[
+        "--max-pairs-per-request",
+        "5",
+        "--max-inflight-pairs",
+        "5",
+        "--flush-interval",
+        "1h",
+    ])
     .await;
     let five: Vec<Value> = (0..5)
         .map(|i| json!({"user_id": format!("u{i}"), "segment": "s"}))
         .collect();
     let (st, _) = post(&s, json!({ "pairs": five })).await;
     assert_eq!(st, 200);
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/pairs", s.base))
-        .json(&json!({"pairs": [{"user_id": "x", "segment": "s"}]}))
-        .send()
-        .await
-        .unwrap();
+    let http = async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/pairs", s.base))
+            .json(&json!({"pairs": [{"user_id": "x", "segment": "s"}]}))
+            .send()
+            .await
+            .unwrap()
+    };
+    let grpc = async {
+        let mut client = SegmentsClient::connect(s.base.clone()).await.unwrap();
+        client
+            .push(PushRequest {
+                pairs: vec![pb("x", "s", None)],
+            })
+            .await
+            .unwrap_err()
+    };
+    let (r, e) = tokio::join!(http, grpc);
     assert_eq!(r.status().as_u16(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     let err: Value = r.json().await.unwrap();
     assert_eq!(err["error"]["code"], "overloaded");
-    let mut client = SegmentsClient::connect(s.base.clone()).await.unwrap();
-    let e = client
-        .push(PushRequest {
-            pairs: vec![pb("x", "s", None)],
-        })
-        .await
-        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_token_guards_the_api_but_not_probes() {
     let token = "0123456789abcdef-secret";
-    let s = start(Options {
-        token: Some(token),
-        ..Options::default()
-    })
-    .await;
+    let s = start(&["--api-token", token]).await;
     let http = reqwest::Client::new();
     let r = http
         .post(format!("{}/v1/pairs", s.base))
@@ -619,31 +573,48 @@ async fn auth_token_guards_the_api_but_not_probes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_services() {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let s = start(Options::default()).await;
+    let s = start(&[]).await;
     let channel = tonic::transport::Endpoint::from_shared(s.base.clone())
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected reflection response");
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(names.contains(&"userseg.v1.Segments"), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    // One listing per protocol version; v1alpha as grpcio-reflection, Postman or Evans speak it.
+    macro_rules! list_services {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut client = ServerReflectionClient::new(channel.clone());
+            let mut stream = client
+                .server_reflection_info(tokio_stream::iter(vec![req]))
+                .await
+                .unwrap()
+                .into_inner();
+            let resp = stream.message().await.unwrap().unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+                panic!("unexpected reflection response");
+            };
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            names
+        }};
+    }
+    let v1 = list_services!(v1);
+    let v1alpha = list_services!(v1alpha);
+    assert_eq!(
+        v1,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "userseg.v1.Segments",
+        ]
+    );
+    assert_eq!(v1alpha, v1);
 }

@@ -1,111 +1,43 @@
-//! End to end against the real `userseg standalone` process.
-//!
-//! The binary belongs to another crate, so `CARGO_BIN_EXE_userseg` is not available here. The
-//! test runs `cargo build -p userseg --bin userseg` (same profile as the test; a no-op when up to
-//! date, so the binary is never stale) and starts `<target dir>/<profile>/userseg`. Set
-//! `USERSEG_BIN` to use another binary and skip the build.
-//!
-//! The server gets a free port and a temp DATA_DIR; readiness is polled on `/readyz`.
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+//! The load generator (`userseg load`, crate userseg-loadgen) end to end against the real
+//! `userseg standalone` process: a free port, a temp DATA_DIR, readiness polled on `/readyz`.
 
 use userseg_loadgen::{run, LoadArgs, LoadError, Summary};
+use userseg_testkit::{free_port, Proc};
 
 const TOKEN: &str = "loadgen-test-token-0123456789";
 
-fn server_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("USERSEG_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let release = !cfg!(debug_assertions);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "--quiet", "-p", "userseg", "--bin", "userseg"]);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().expect("run cargo build -p userseg");
-    assert!(status.success(), "cargo build -p userseg failed");
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(t) if Path::new(&t).is_absolute() => PathBuf::from(t),
-        Some(t) => root.join(t),
-        None => root.join("target"),
-    };
-    target
-        .join(if release { "release" } else { "debug" })
-        .join("userseg")
-}
-
 struct Server {
-    child: Child,
+    _proc: Proc,
     url: String,
-    log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
-}
-
 async fn start_server(window: &str) -> Server {
-    let bin = server_binary();
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let log = dir.path().join("server.log");
-    let log_file = std::fs::File::create(&log).expect("server log");
-    let child = Command::new(&bin)
-        .arg("standalone")
-        .env("DATA_DIR", dir.path().join("data"))
-        .env("SERVICE_HOST", "127.0.0.1")
-        .env("SERVICE_PORT", port.to_string())
-        .env("WINDOW", window)
-        .env("API_TOKEN", TOKEN)
-        .env("FLUSH_INTERVAL", "100ms")
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-    let mut server = Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        log,
+    let env: Vec<(String, String)> = [
+        (
+            "DATA_DIR",
+            dir.path().join("data").to_string_lossy().into_owned(),
+        ),
+        ("WINDOW", window.to_owned()),
+        ("API_TOKEN", TOKEN.to_owned()),
+        ("FLUSH_INTERVAL", "100ms".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut proc = Proc::spawn(
+        env!("CARGO_BIN_EXE_userseg"),
+        &["standalone"],
+        &env,
+        free_port(),
+        dir.path().join("server.log"),
+    );
+    proc.ready().await;
+    Server {
+        url: proc.base.clone(),
+        _proc: proc,
         _dir: dir,
-    };
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            panic!(
-                "the server exited ({status}): {}",
-                std::fs::read_to_string(&server.log).unwrap_or_default()
-            );
-        }
-        let ready = client
-            .get(format!("{}/readyz", server.url))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ready {
-            return server;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server was not ready in 60 s: {}",
-            std::fs::read_to_string(&server.log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

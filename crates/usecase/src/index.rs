@@ -21,13 +21,13 @@ use tokio_util::sync::CancellationToken;
 use userseg_domain::{Pair, UnixSeconds};
 
 use crate::{
-    Clock, Followed, LiveScan, LogFollower, Mode, PortError, SegmentCount, SegmentCounter,
+    Backoff, Clock, Followed, LiveScan, LogFollower, Mode, PortError, SegmentCount, SegmentCounter,
     SegmentWriter,
 };
 
 /// Tuning of the index's loading and retries.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReplicaConfig {
+pub struct IndexConfig {
     /// Pairs per chunk of the start-up scan.
     pub scan_chunk_pairs: usize,
     /// Chunks buffered between the scan and the index (bounds the scan's memory).
@@ -37,9 +37,9 @@ pub struct ReplicaConfig {
     pub backoff_max: Duration,
 }
 
-impl Default for ReplicaConfig {
+impl Default for IndexConfig {
     fn default() -> Self {
-        ReplicaConfig {
+        IndexConfig {
             scan_chunk_pairs: 50_000,
             scan_buffer_chunks: 4,
             backoff_initial: Duration::from_millis(100),
@@ -57,7 +57,7 @@ struct State {
 
 /// Where the index stands, for logs, readiness details and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReplicaStatus {
+pub struct IndexStatus {
     /// Estimates come from the index (else from the store of record).
     pub serving: bool,
     pub scanned_pairs: u64,
@@ -66,53 +66,34 @@ pub struct ReplicaStatus {
 
 /// The index as a [`SegmentCounter`]: the index once it has loaded, the fallback before.
 #[derive(Clone)]
-pub struct Replica {
+pub struct SegmentIndex {
     writer: Arc<dyn SegmentWriter>,
     index: Arc<dyn SegmentCounter>,
     fallback: Arc<dyn SegmentCounter>,
     state: Arc<State>,
-    config: ReplicaConfig,
+    config: IndexConfig,
 }
 
-struct Backoff {
-    next: Duration,
-    initial: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(c: &ReplicaConfig) -> Self {
-        Backoff {
-            next: c.backoff_initial,
-            initial: c.backoff_initial,
-            max: c.backoff_max,
-        }
-    }
-    fn reset(&mut self) {
-        self.next = self.initial;
-    }
-    /// Waits the current backoff; false when cancelled meanwhile.
-    async fn wait(&mut self, cancel: &CancellationToken) -> bool {
-        let pause = self.next;
-        self.next = (self.next * 2).min(self.max);
-        tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = tokio::time::sleep(pause) => true,
-        }
+/// Waits the next backoff pause; false when cancelled meanwhile.
+async fn wait(backoff: &mut Backoff, cancel: &CancellationToken) -> bool {
+    let pause = backoff.pause();
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(pause) => true,
     }
 }
 
-impl Replica {
+impl SegmentIndex {
     /// `writer` and `index` are the two sides of the same in-memory store; `fallback` answers
     /// until the index has loaded.
     pub fn new(
         writer: Arc<dyn SegmentWriter>,
         index: Arc<dyn SegmentCounter>,
         fallback: Arc<dyn SegmentCounter>,
-        config: ReplicaConfig,
+        config: IndexConfig,
     ) -> Self {
         metrics::gauge!("userseg_index_serving").set(0.0);
-        Replica {
+        SegmentIndex {
             writer,
             index,
             fallback,
@@ -121,8 +102,8 @@ impl Replica {
         }
     }
 
-    pub fn status(&self) -> ReplicaStatus {
-        ReplicaStatus {
+    pub fn status(&self) -> IndexStatus {
+        IndexStatus {
             serving: self.state.serving.load(Ordering::Acquire),
             scanned_pairs: self.state.scanned_pairs.load(Ordering::Relaxed),
             followed_pairs: self.state.followed_pairs.load(Ordering::Relaxed),
@@ -149,7 +130,7 @@ impl Replica {
         Fut: Future<Output = Result<F, PortError>> + Send,
     {
         let started = Instant::now();
-        let mut backoff = Backoff::new(&self.config);
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut follower = loop {
             let opened = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -159,7 +140,7 @@ impl Replica {
                 Ok(f) => break f,
                 Err(e) => {
                     tracing::warn!(error = %e, "index: cannot open the log follower; will retry");
-                    if !backoff.wait(&cancel).await {
+                    if !wait(&mut backoff, &cancel).await {
                         return;
                     }
                 }
@@ -183,7 +164,7 @@ impl Replica {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "index: scanning the store of record failed; will retry");
-                    if !backoff.wait(&cancel).await {
+                    if !wait(&mut backoff, &cancel).await {
                         return;
                     }
                 }
@@ -220,7 +201,7 @@ impl Replica {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "index: following the log failed; will retry");
-                    if !backoff.wait(&cancel).await {
+                    if !wait(&mut backoff, &cancel).await {
                         return;
                     }
                 }
@@ -255,14 +236,14 @@ impl Replica {
 
     /// Applies followed pairs, retrying until the index takes them; false when cancelled.
     async fn apply(&self, pairs: Arc<[Pair]>, cancel: &CancellationToken) -> bool {
-        let mut backoff = Backoff::new(&self.config);
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         loop {
             match self.writer.write(pairs.clone()).await {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::error!(error = %e, pairs = pairs.len(), "index: applying pairs failed; will retry");
                     metrics::counter!("userseg_index_apply_errors_total").increment(1);
-                    if !backoff.wait(cancel).await {
+                    if !wait(&mut backoff, cancel).await {
                         return false;
                     }
                 }
@@ -272,7 +253,7 @@ impl Replica {
 }
 
 #[async_trait]
-impl SegmentCounter for Replica {
+impl SegmentCounter for SegmentIndex {
     async fn count(
         &self,
         segment: &str,
@@ -308,5 +289,5 @@ impl SegmentCounter for Replica {
 }
 
 #[cfg(test)]
-#[path = "replica_tests.rs"]
+#[path = "index_tests.rs"]
 mod tests;
