@@ -50,7 +50,7 @@ pub const HTTP_ROUTES: &[&str] = &[
     "/readyz",
     "/metrics",
     "/ui/",
-    "/ui/{asset}",
+    "/ui/{*asset}",
 ];
 
 /// Records one request: `userseg_http_*` for HTTP, `userseg_grpc_*` for gRPC.

@@ -28,7 +28,8 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
         .route("/ui/", get(index))
-        .route("/ui/{asset}", get(asset))
+        // A catch-all, as the access table spells the console's routes (`/ui/{*}`: open).
+        .route("/ui/{*asset}", get(asset))
 }
 
 fn page(body: &'static str, media_type: &'static str) -> Response {

@@ -211,6 +211,12 @@ async fn standalone_exports_exactly_the_documented_metrics_with_real_values() {
         .unwrap();
     assert_eq!(r.status(), 400);
 
+    // Paths no route serves are labelled together, never by their text.
+    let r = reqwest::get(format!("{}/no/such/path-4711", p.base))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
     // gRPC: one good push, one invalid.
     let mut grpc = SegmentsClient::connect(p.base.clone()).await.unwrap();
     let good = PushRequest {
@@ -302,6 +308,14 @@ async fn standalone_exports_exactly_the_documented_metrics_with_real_values() {
         4.0
     );
     assert!(v("userseg_wal_commit_seconds_count", &[]) >= 3.0);
+    assert_eq!(
+        v(
+            "userseg_http_errors_total",
+            &[("route", "unmatched"), ("code", "not_found")]
+        ),
+        1.0
+    );
+    assert!(!text.contains("path-4711"), "a path became a label");
     assert!(v("process_resident_memory_bytes", &[]) > 1e6);
     assert!(v("process_open_fds", &[]) >= 3.0);
     until("DATA_DIR bytes are sampled", 20, async || {
