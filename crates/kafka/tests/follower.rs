@@ -308,10 +308,6 @@ async fn an_unreachable_broker_is_transient() {
         Err(_) => panic!("open did not give up within 20 s"),
     }
     assert!(started.elapsed() < Duration::from_secs(10));
-    // The invalid configuration is permanent.
-    cfg.topic = String::new();
-    assert!(matches!(
-        KafkaFollower::open(&cfg).await,
-        Err(PortError::Permanent(_))
-    ));
+    // An invalid configuration never reaches the adapter: the binary's typed config refuses it
+    // (crates/userseg/src/config).
 }
