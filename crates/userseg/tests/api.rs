@@ -470,6 +470,7 @@ async fn grpc_bad_input_is_invalid_argument() {
 /// for an hour), HTTP answers 503 `overloaded` with retry-after and gRPC RESOURCE_EXHAUSTED,
 /// once the log's enqueue wait (5 s) ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "read-your-writes applies a batch as soon as the log runs dry, so an idle server can no longer be held full from outside; the budget is tested by the log's unit test full_inflight_budget_answers_overloaded and the mapping by api's error tests; a deterministic end-to-end form is open work (see the issue note)"]
 async fn overload_answers_503_and_resource_exhausted() {
     let s = start(&[
         "--max-pairs-per-request",
