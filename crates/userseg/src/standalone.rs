@@ -14,7 +14,7 @@ use userseg_embedded::{
 };
 use userseg_usecase::{
     Analytics, BatchProcessor, Clock, Estimation, History, HistorySampler, Ingest, Mode,
-    SystemClock,
+    SegmentWriter, SystemClock,
 };
 
 use crate::config::StandaloneConfig;
@@ -26,6 +26,25 @@ use crate::server::{self, Server};
 /// finishes in-flight requests, applies everything acknowledged and writes a final snapshot;
 /// [`Server::wait`] returns after that.
 pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result<Server> {
+    start_with(cfg, shutdown, Seams::default()).await
+}
+
+/// What a test may vary in [`start_with`]; the default wires exactly what [`start`] does.
+#[derive(Default)]
+pub struct Seams {
+    /// Stands between the batch processor and the store (e.g. to hold writes back).
+    pub writer: Option<WrapWriter>,
+}
+
+/// Wraps the store the batch processor writes to.
+pub type WrapWriter = Box<dyn FnOnce(Arc<dyn SegmentWriter>) -> Arc<dyn SegmentWriter> + Send>;
+
+/// [`start`], with `seams` in place.
+pub async fn start_with(
+    cfg: StandaloneConfig,
+    shutdown: CancellationToken,
+    seams: Seams,
+) -> Result<Server> {
     let metrics = observability::metrics(observability::Role::Standalone)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let window = cfg.service.window;
@@ -38,8 +57,13 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
     let recovery = opened.recovery;
     let store = EmbeddedStore(opened.store.clone());
 
+    let writer: Arc<dyn SegmentWriter> = Arc::new(store.clone());
+    let writer = match seams.writer {
+        Some(wrap) => wrap(writer),
+        None => writer,
+    };
     let processor = BatchProcessor::new(
-        Arc::new(store.clone()),
+        writer,
         Arc::new(FileDeadLetters::new(
             cfg.data_dir.join("dead-letters.ndjson"),
         )),
