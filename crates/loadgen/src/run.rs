@@ -47,12 +47,12 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 /// The seed of worker `id`'s generator.
-pub fn worker_seed(seed: u64, id: usize) -> u64 {
+pub(crate) fn worker_seed(seed: u64, id: usize) -> u64 {
     splitmix(seed ^ splitmix(id as u64 + 1))
 }
 
 /// How many pairs worker `id` of `n` sends out of `total`.
-pub fn quota(total: u64, n: usize, id: usize) -> u64 {
+pub(crate) fn quota(total: u64, n: usize, id: usize) -> u64 {
     let n = n as u128;
     let id = id as u128;
     let t = u128::from(total);
@@ -61,7 +61,7 @@ pub fn quota(total: u64, n: usize, id: usize) -> u64 {
 
 /// The margin kept between the oldest ts sent and the server's expiry, so that pairs stay valid
 /// while in flight (and through a few retries).
-pub fn ts_margin(window: u64) -> u64 {
+pub(crate) fn ts_margin(window: u64) -> u64 {
     (window / 100).clamp(2, 300)
 }
 

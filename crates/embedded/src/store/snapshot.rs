@@ -228,7 +228,10 @@ fn u64_at<R: Read>(r: &mut R, path: &Path) -> Result<u64, SnapshotError> {
 }
 
 /// Loads the newest snapshot in `dir`, if any: the store and the log offset to replay from.
-pub fn load_latest(dir: &Path, window: Window) -> Result<Option<(MemStore, u64)>, SnapshotError> {
+pub(crate) fn load_latest(
+    dir: &Path,
+    window: Window,
+) -> Result<Option<(MemStore, u64)>, SnapshotError> {
     let Some((_, path)) = list(dir).map_err(io_error(dir))?.pop() else {
         return Ok(None);
     };
