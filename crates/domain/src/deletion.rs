@@ -56,6 +56,10 @@ impl UserDeletion {
         &self.user_ids
     }
 
+    pub fn into_user_ids(self) -> Vec<String> {
+        self.user_ids
+    }
+
     /// How many distinct users (what `{"deleted": N}` reports).
     pub fn len(&self) -> usize {
         self.user_ids.len()
@@ -130,10 +134,7 @@ mod tests {
         let d = UserDeletion::new((0..25).map(|i| format!("u{i}")).collect()).unwrap();
         let parts: Vec<UserDeletion> = d.chunks(10).collect();
         assert_eq!(parts.len(), 3);
-        let joined: Vec<String> = parts
-            .into_iter()
-            .flat_map(|p| p.user_ids().to_vec())
-            .collect();
+        let joined: Vec<String> = parts.into_iter().flat_map(|p| p.into_user_ids()).collect();
         assert_eq!(joined, d.user_ids());
     }
 }

@@ -4,9 +4,9 @@
 
 mod support;
 
-use prost::Message;
 use serde_json::Value;
 use tonic::codegen::http::uri::PathAndQuery;
+use tonic_prost::prost::Message;
 use userseg_api::auth::{
     grpc_access, http_access, registered_http_routes, token_sha256_hex, Access,
 };
