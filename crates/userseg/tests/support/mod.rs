@@ -1,33 +1,36 @@
-//! Shared by the auth and TLS tests: a real API stack in process (write-ahead log, batch
-//! processor, embedded store) and certificates made with rcgen.
+//! Standalone mode in process, started by the same `userseg::standalone::start` the binary
+//! runs (on a free port and a fresh data directory), and certificates made with rcgen. Shared
+//! by the API, auth and TLS tests.
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
 };
 use tokio_util::sync::CancellationToken;
-use userseg_api::{ApiState, TlsReloader};
-use userseg_domain::{Limits, Window};
-use userseg_embedded::{open_standalone, EmbeddedStore, FileDeadLetters, WalConfig};
-use userseg_usecase::{BatchConfig, BatchProcessor, Estimation, Ingest, SystemClock};
+use userseg::cli::{Cli, Command};
+use userseg::config::StandaloneConfig;
+use userseg::standalone::Seams;
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// `http://` and the address.
+    pub base: String,
     pub stop: CancellationToken,
     _dir: tempfile::TempDir,
 }
 
 impl Server {
     pub fn http(&self) -> String {
-        format!("http://{}", self.addr)
+        self.base.clone()
     }
+    /// By the name the test certificates carry.
     pub fn https(&self) -> String {
         format!("https://localhost:{}", self.addr.port())
     }
@@ -39,53 +42,54 @@ impl Drop for Server {
     }
 }
 
-/// Starts the whole API (standalone wiring) with `configure` applied to its state, over TLS
-/// when `tls` is given.
-pub async fn start(configure: impl FnOnce(&mut ApiState), tls: Option<TlsReloader>) -> Server {
+/// Standalone mode with `flags` (and a 20 ms flush interval unless they set one).
+pub async fn start(flags: &[&str]) -> Server {
+    start_with(flags, |_, _| {}).await
+}
+
+/// [`start`], with `configure` applied to the validated config and the wiring's seams (for
+/// what has no flag: an authenticator or TLS files made in the test, a store that holds
+/// writes).
+pub async fn start_with(
+    flags: &[&str],
+    configure: impl FnOnce(&mut StandaloneConfig, &mut Seams),
+) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
-    let window = Window::DEFAULT;
-    let opened =
-        open_standalone(dir.path(), window, WalConfig::new(dir.path().join("wal"))).expect("open");
-    let store = EmbeddedStore(opened.store.clone());
-    let stop = CancellationToken::new();
-    let processor = BatchProcessor::new(
-        Arc::new(store.clone()),
-        Arc::new(FileDeadLetters::new(dir.path().join("dlq"))),
-        BatchConfig {
-            flush_interval: Duration::from_millis(20),
-            ..BatchConfig::default()
-        },
-    );
-    let s = stop.clone();
-    tokio::spawn(async move { processor.run(opened.source, s).await });
-    let clock = Arc::new(SystemClock);
-    let ingest = Ingest::new(
-        Arc::new(opened.log),
-        clock.clone(),
-        window,
-        Limits::default(),
-    );
-    let estimation = Estimation::new(Arc::new(store), clock, window, Duration::ZERO);
-    let mut state = ApiState::new(Some(ingest), Some(estimation));
-    configure(&mut state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = userseg_api::router(state);
-    match tls {
-        Some(tls) => {
-            tokio::spawn(userseg_api::serve_tls(listener, router, tls, stop.clone()));
-        }
-        None => {
-            tokio::spawn(userseg_api::serve(listener, router, stop.clone()));
-        }
+    let data = dir.path().join("data");
+    let mut argv = vec![
+        "userseg",
+        "standalone",
+        "--service-port",
+        "0",
+        "--data-dir",
+        data.to_str().expect("utf-8 temp dir"),
+    ];
+    if !flags.contains(&"--flush-interval") {
+        argv.extend_from_slice(&["--flush-interval", "20ms"]);
     }
+    argv.extend_from_slice(flags);
+    let Command::Standalone(args) = Cli::try_parse_from(argv).expect("flags").command else {
+        unreachable!("parsed the standalone command")
+    };
+    let mut config = args.validate().expect("valid flags");
+    let mut seams = Seams::default();
+    configure(&mut config, &mut seams);
+    let stop = CancellationToken::new();
+    let server = userseg::standalone::start_with(config, stop.clone(), seams)
+        .await
+        .expect("standalone starts");
+    let addr = server.addr();
     Server {
         addr,
+        base: format!("http://{addr}"),
         stop,
         _dir: dir,
     }
+}
+
+/// The process's metrics recorder: the one every role started in this process installs.
+pub fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
+    userseg::observability::metrics(userseg::observability::Role::Standalone).expect("metrics")
 }
 
 /// A certificate authority made for one test.
