@@ -9,10 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
 use tokio_util::sync::CancellationToken;
 use userseg::cli::{Cli, Command};
 use userseg::config::StandaloneConfig;
@@ -92,62 +88,7 @@ pub fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
     userseg::observability::metrics(userseg::observability::Role::Standalone).expect("metrics")
 }
 
-/// A certificate authority made for one test.
-pub struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, as PEM.
-#[derive(Clone)]
-pub struct Identity {
-    pub cert_pem: String,
-    pub key_pem: String,
-}
-
-impl Ca {
-    pub fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let issuer =
-            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca");
-        Ca { issuer }
-    }
-
-    pub fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Identity {
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        params.distinguished_name.push(
-            DnType::CommonName,
-            names.first().copied().unwrap_or("client"),
-        );
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        Identity {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
-    }
-
-    /// A server certificate for localhost and 127.0.0.1.
-    pub fn server(&self) -> Identity {
-        self.issue(
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )
-    }
-
-    /// A client certificate (for mutual TLS).
-    pub fn client(&self, name: &str) -> Identity {
-        self.issue(&[name], ExtendedKeyUsagePurpose::ClientAuth)
-    }
-}
+pub use userseg_testkit::tls::{Ca, Identity};
 
 /// Writes a server identity (and optionally a client CA) into `dir`; returns the files.
 pub fn write_tls_files(dir: &Path, id: &Identity, client_ca: Option<&Ca>) -> userseg_api::TlsFiles {
