@@ -243,3 +243,61 @@ fn lag_of_group(kafka: &str, group: &str, topic: &str) -> i64 {
         .sum();
     end - committed
 }
+
+/// The broker bug that makes USS's producer non-idempotent, reproduced with a bare idempotent
+/// producer (run by `scripts/repro/tansu-sqlite-epoch-bump.sh`; ignored in `make test` because
+/// it shows tansu 0.6.0 failing, not userseg): a message that times out while the broker is
+/// away makes librdkafka bump the producer's epoch locally; its next produce, once the broker
+/// is back, makes tansu's sqlite storage panic ("more or less than one row") and refuse every
+/// later produce, from any client, until it is restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reproduces a tansu 0.6.0 bug; run by scripts/repro/tansu-sqlite-epoch-bump.sh"]
+async fn tansu_sqlite_panics_on_a_locally_bumped_epoch() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let tansu = Tansu::sqlite();
+    let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", &tansu.addr)
+        .create()
+        .unwrap();
+    let topic = rdkafka::admin::NewTopic::new("t", 1, rdkafka::admin::TopicReplication::Fixed(1));
+    admin
+        .create_topics([&topic], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &tansu.addr)
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "2000")
+        .set("reconnect.backoff.max.ms", "200")
+        .create()
+        .unwrap();
+    let send = |v: &'static str| {
+        let producer = producer.clone();
+        async move {
+            producer
+                .send(FutureRecord::<(), _>::to("t").payload(v), Duration::from_secs(5))
+                .await
+                .map_err(|(e, _)| e)
+        }
+    };
+    send("before").await.expect("produced before the restart");
+    tansu.stop();
+    send("away").await.expect_err("times out while the broker is away");
+    tansu.restart();
+    // The bumped epoch reaches the broker: its storage panics and never answers a produce again.
+    let after = send("after").await;
+    assert!(after.is_err(), "tansu accepted the bumped epoch: fixed?");
+    until("tansu's storage panicked", 10, async || {
+        tansu.log().contains("more or less than one row")
+    })
+    .await;
+    let fresh: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &tansu.addr)
+        .set("message.timeout.ms", "3000")
+        .create()
+        .unwrap();
+    let r = fresh
+        .send(FutureRecord::<(), _>::to("t").payload("x"), Duration::from_secs(5))
+        .await;
+    assert!(r.is_err(), "a fresh, non-idempotent producer is refused too");
+}
