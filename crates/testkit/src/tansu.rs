@@ -61,7 +61,10 @@ impl Tansu {
 
     /// Stops the broker (SIGTERM); its directory stays.
     pub fn stop(&self) {
-        run(Command::new(script()).arg("stop").arg(self.dir.path()), "stop");
+        run(
+            Command::new(script()).arg("stop").arg(self.dir.path()),
+            "stop",
+        );
     }
 
     /// Starts the stopped broker again in the same directory, on the same port, with the same

@@ -126,9 +126,11 @@ async fn broker_restart_with_its_data_loses_and_doubles_nothing() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
     assert!(started.elapsed() < Duration::from_secs(6));
-    until("the pusher is refused while the broker is away", 30, async || {
-        seen.unavailable.load(Ordering::SeqCst) >= 2
-    })
+    until(
+        "the pusher is refused while the broker is away",
+        30,
+        async || seen.unavailable.load(Ordering::SeqCst) >= 2,
+    )
     .await;
     until("USS is not ready", 30, async || uss.readyz().await.0 == 503).await;
     let written_before = es.metric("userseg_processor_batches_written_total").await;
@@ -192,13 +194,17 @@ async fn broker_restart_with_its_data_loses_and_doubles_nothing() {
             ts: None,
         })
         .collect();
-    until("USS acknowledges after the second restart", 60, async || {
-        grpc.push(PushRequest {
-            pairs: later.clone(),
-        })
-        .await
-        .is_ok()
-    })
+    until(
+        "USS acknowledges after the second restart",
+        60,
+        async || {
+            grpc.push(PushRequest {
+                pairs: later.clone(),
+            })
+            .await
+            .is_ok()
+        },
+    )
     .await;
     until("the new ES counts the new pairs", 60, async || {
         es2.counts().await.contains(&seg("later", 60))
@@ -275,14 +281,19 @@ async fn tansu_sqlite_panics_on_a_locally_bumped_epoch() {
         let producer = producer.clone();
         async move {
             producer
-                .send(FutureRecord::<(), _>::to("t").payload(v), Duration::from_secs(5))
+                .send(
+                    FutureRecord::<(), _>::to("t").payload(v),
+                    Duration::from_secs(5),
+                )
                 .await
                 .map_err(|(e, _)| e)
         }
     };
     send("before").await.expect("produced before the restart");
     tansu.stop();
-    send("away").await.expect_err("times out while the broker is away");
+    send("away")
+        .await
+        .expect_err("times out while the broker is away");
     tansu.restart();
     // The bumped epoch reaches the broker: its storage panics and never answers a produce again.
     let after = send("after").await;
@@ -297,7 +308,13 @@ async fn tansu_sqlite_panics_on_a_locally_bumped_epoch() {
         .create()
         .unwrap();
     let r = fresh
-        .send(FutureRecord::<(), _>::to("t").payload("x"), Duration::from_secs(5))
+        .send(
+            FutureRecord::<(), _>::to("t").payload("x"),
+            Duration::from_secs(5),
+        )
         .await;
-    assert!(r.is_err(), "a fresh, non-idempotent producer is refused too");
+    assert!(
+        r.is_err(),
+        "a fresh, non-idempotent producer is refused too"
+    );
 }
