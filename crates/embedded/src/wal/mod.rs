@@ -80,7 +80,7 @@ pub enum WalError {
 pub enum LogFault {
     /// A write found no space: it was cut back, nothing of the refused requests is stored, and
     /// writes resume by themselves once a probe finds room.
-    #[error("disk full: no space left for the write-ahead log in DATA_DIR ({0}); nothing of this request was stored; writes resume by themselves once space is freed")]
+    #[error("disk full: no space left for the write-ahead log in DATA_DIR ({0}); writes are refused (nothing of a refused request is stored) and resume by themselves once space is freed")]
     DiskFull(String),
     /// An fsync failed (or a failed write could not be cut back): refused until restart.
     #[error("the write-ahead log stopped: {0}; writes are refused until a restart recovers from the log")]
