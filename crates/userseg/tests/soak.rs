@@ -284,7 +284,7 @@ async fn standalone_soak_with_sigkills_loses_nothing_and_keeps_rss_flat() {
     let (_, s) = summary(gen).await;
 
     // Figures.
-    let l = lags.lock().unwrap();
+    let l = std::mem::take(&mut *lags.lock().unwrap());
     println!(
         "soak: pairs generated {}, accepted {} ({:.0} pairs/s), retries {}, errors {}",
         s["pairs_generated"],
@@ -313,7 +313,7 @@ async fn standalone_soak_with_sigkills_loses_nothing_and_keeps_rss_flat() {
     );
     let curve_text: Vec<String> = curve
         .iter()
-        .step_by(((curve.len() / 30).max(1)) as usize)
+        .step_by((curve.len() / 30).max(1))
         .map(|(t, r, _)| format!("{t}s:{r:.0}"))
         .collect();
     println!("soak: RSS MiB curve {}", curve_text.join(" "));
@@ -340,7 +340,6 @@ async fn standalone_soak_with_sigkills_loses_nothing_and_keeps_rss_flat() {
     );
     assert!(kills.load(Ordering::SeqCst) >= 1);
     let acked_probes = l.acked;
-    drop(l);
     let c = reqwest::Client::new();
     assert_eq!(
         probe_count(&c, &base).await,
