@@ -45,6 +45,9 @@ fn spawn_server(data: &Path, port: u16, logs: &Path) -> Proc {
         ("DATA_DIR", data.to_string_lossy().as_ref()),
         // Snapshots (and log truncation) during the run, so kills land around them too.
         ("CHECKPOINT_INTERVAL", "10s"),
+        // Bounds the pairs accepted but not yet applied (default 1,000,000, ~100 MiB): a
+        // moment of backlog on a busy machine then shows as a short overload, not as RSS.
+        ("MAX_INFLIGHT_PAIRS", "200000"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
