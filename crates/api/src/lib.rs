@@ -3,6 +3,9 @@
 
 mod analytics_http;
 pub mod auth;
+pub mod conn;
+#[doc(hidden)]
+pub mod decode;
 mod error;
 mod grpc;
 mod http;
@@ -115,13 +118,30 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting and lets
-/// in-flight requests finish.
+/// in-flight requests finish. Every connection gets the limits of [`conn`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(conn::serve(stream, router.clone(), graceful.watcher()));
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
