@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use prost::Message as _;
-use userseg_api::{ApiError, KeySet, KeyFileError};
+use userseg_api::{ApiError, KeyFileError, KeySet};
 use userseg_domain::{
     parse_duration, ErrorKind, Expr, Pair, RawPair, Record, UserDeletion, Window, Within,
 };
@@ -163,7 +163,10 @@ pub fn http_ndjson(data: &[u8]) {
             validate(pairs);
         }
         Err(e) => {
-            specific(&e, &[ErrorKind::InvalidArgument, ErrorKind::PayloadTooLarge]);
+            specific(
+                &e,
+                &[ErrorKind::InvalidArgument, ErrorKind::PayloadTooLarge],
+            );
             if e.kind == ErrorKind::InvalidArgument {
                 let line = e.line.unwrap_or_else(|| panic!("no line in {}", e.message));
                 assert!(line >= 1 && line <= data.split(|b| *b == b'\n').count());
@@ -201,7 +204,11 @@ pub fn kafka_record(data: &[u8]) {
     match userseg_kafka::decode_batch(data) {
         Ok(pairs) => {
             let again = userseg_kafka::decode_batch(&userseg_kafka::encode_batch(&pairs));
-            assert_eq!(again.as_ref(), Ok(&pairs), "a decoded batch does not round-trip");
+            assert_eq!(
+                again.as_ref(),
+                Ok(&pairs),
+                "a decoded batch does not round-trip"
+            );
         }
         Err(e) => {
             let why = e.to_string();
@@ -378,7 +385,10 @@ fn open_history(bytes: &[u8]) {
     let h = FileHistory::open(&dir).unwrap_or_else(|e| panic!("a history file's bytes: {e}"));
     let day = HISTORY_DAY * 86_400;
     runtime().block_on(async {
-        let last = h.last_tick().await.unwrap_or_else(|e| panic!("last_tick: {e}"));
+        let last = h
+            .last_tick()
+            .await
+            .unwrap_or_else(|e| panic!("last_tick: {e}"));
         for seg in ["a", "b", "sports"] {
             for (from, to, step) in [
                 (day, day + 86_399, 60),
@@ -397,7 +407,11 @@ fn open_history(bytes: &[u8]) {
         }
         // Reads of ranges wholly before what retention keeps.
         if h.prune(day + 3600).await.is_ok() {
-            for (from, to) in [(day, day + 60), (day - 86_400, day - 86_340), (i64::MIN, day)] {
+            for (from, to) in [
+                (day, day + 60),
+                (day - 86_400, day - 86_340),
+                (i64::MIN, day),
+            ] {
                 let points = h.read("a", from, to, 60).await;
                 assert!(points.is_ok_and(|p| p.is_empty()), "pruned ticks read back");
             }
@@ -418,7 +432,10 @@ pub fn keys_file(data: &[u8]) {
         Ok(keys) => assert!(!keys.is_empty()),
         Err(KeyFileError::Invalid { line, message, .. }) => {
             assert!(!message.is_empty());
-            assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "line {line}");
+            assert!(
+                line >= 1 && line <= text.lines().count().max(1) + 1,
+                "line {line}"
+            );
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
@@ -439,7 +456,12 @@ pub fn expr(data: &[u8]) {
             let _ = e.matches_indexed(&segments, &|i| i % 2 == 0);
         }
         Err(e) => {
-            assert!(e.at <= text.len(), "error at {} of {} bytes", e.at, text.len());
+            assert!(
+                e.at <= text.len(),
+                "error at {} of {} bytes",
+                e.at,
+                text.len()
+            );
             assert!(!e.to_string().is_empty());
         }
     }
@@ -490,7 +512,10 @@ fn seeds_ndjson() -> Vec<Vec<u8>> {
 }
 
 fn seeds_delete() -> Vec<Vec<u8>> {
-    vec![br#"{"user_ids":["u1","u2","u1"]}"#.to_vec(), br#"{"user_ids":[]}"#.to_vec()]
+    vec![
+        br#"{"user_ids":["u1","u2","u1"]}"#.to_vec(),
+        br#"{"user_ids":[]}"#.to_vec(),
+    ]
 }
 
 /// A valid `PushRequest` of `pairs`.
@@ -529,7 +554,10 @@ fn sample_pairs() -> Vec<Pair> {
 }
 
 fn seeds_kafka() -> Vec<Vec<u8>> {
-    vec![userseg_kafka::encode_batch(&sample_pairs()), userseg_kafka::encode_batch(&[])]
+    vec![
+        userseg_kafka::encode_batch(&sample_pairs()),
+        userseg_kafka::encode_batch(&[]),
+    ]
 }
 
 fn seeds_wal() -> Vec<Vec<u8>> {
@@ -548,9 +576,7 @@ fn seeds_wal() -> Vec<Vec<u8>> {
 /// A valid snapshot of a small store.
 pub fn snapshot_bytes(pairs: &[Pair]) -> Vec<u8> {
     let store = MemStore::new(window());
-    store
-        .apply(pairs)
-        .unwrap_or_else(|e| panic!("apply: {e}"));
+    store.apply(pairs).unwrap_or_else(|e| panic!("apply: {e}"));
     let dir = scratch().join("seed-snapshots");
     let _ = std::fs::remove_dir_all(&dir);
     let path = snapshot::write(&store, &dir, 7).unwrap_or_else(|e| panic!("snapshot: {e}"));
@@ -611,15 +637,24 @@ fn seeds_keys() -> Vec<Vec<u8>> {
 }
 
 fn seeds_expr() -> Vec<Vec<u8>> {
-    ["sports AND NOT news", "(a OR b) AND (c OR NOT (d AND e))", "a"]
-        .iter()
-        .map(|s| s.as_bytes().to_vec())
-        .collect()
+    [
+        "sports AND NOT news",
+        "(a OR b) AND (c OR NOT (d AND e))",
+        "a",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
 }
 
 fn seeds_params() -> Vec<Vec<u8>> {
-    ["7d", "1d12h", "within=7d&q=a+AND+b", "from=0&to=9223372036854775807&step=1h"]
-        .iter()
-        .map(|s| s.as_bytes().to_vec())
-        .collect()
+    [
+        "7d",
+        "1d12h",
+        "within=7d&q=a+AND+b",
+        "from=0&to=9223372036854775807&step=1h",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
 }

@@ -35,10 +35,16 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), 1..=255u8).prop_map(|(i, b)| Mutation::Flip(i, b)),
         any::<usize>().prop_map(Mutation::Cut),
-        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..16))
+        (
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..16)
+        )
             .prop_map(|(i, b)| Mutation::Insert(i, b)),
         (any::<usize>(), 1..16usize).prop_map(|(i, n)| Mutation::Remove(i, n)),
-        (any::<usize>(), prop_oneof![Just(0u8), Just(0x7f), Just(0x80), Just(0xff)])
+        (
+            any::<usize>(),
+            prop_oneof![Just(0u8), Just(0x7f), Just(0x80), Just(0xff)]
+        )
             .prop_map(|(i, b)| Mutation::Set(i, b)),
     ]
 }
@@ -86,9 +92,19 @@ fn json_value() -> impl Strategy<Value = String> {
     ];
     leaf.prop_recursive(6, 64, 6, |inner| {
         prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
+            proptest::collection::vec(inner.clone(), 0..4)
+                .prop_map(|v| format!("[{}]", v.join(","))),
             proptest::collection::vec(
-                (prop_oneof![Just("user_id"), Just("segment"), Just("ts"), Just("pairs"), Just("x")], inner),
+                (
+                    prop_oneof![
+                        Just("user_id"),
+                        Just("segment"),
+                        Just("ts"),
+                        Just("pairs"),
+                        Just("x")
+                    ],
+                    inner
+                ),
                 0..4
             )
             .prop_map(|kv| {
@@ -119,7 +135,8 @@ fn json_pair() -> impl Strategy<Value = String> {
         "[a-z0-9]{1,8}".prop_map(|v| format!("\"user_id\":\"{v}\"")),
         "[a-z:._-]{1,8}".prop_map(|v| format!("\"segment\":\"{v}\"")),
         any::<i64>().prop_map(|v| format!("\"ts\":{v}")),
-        prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(NOW), Just(0)].prop_map(|v| format!("\"ts\":{v}")),
+        prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(NOW), Just(0)]
+            .prop_map(|v| format!("\"ts\":{v}")),
         any::<f64>().prop_map(|v| format!("\"ts\":{v:?}")),
         json_value().prop_map(|v| format!("\"ts\":{v}")),
         json_value().prop_map(|v| format!("\"user_id\":{v}")),
@@ -302,8 +319,14 @@ fn deep_json_nesting_is_refused() {
             delete_body(body.as_bytes());
         }
         if depth > 128 {
-            let e = userseg_api::decode::push_json(arrays.as_bytes()).map(|_| ()).unwrap_err();
-            assert!(e.message.contains("recursion limit") || e.message.contains("invalid type"), "{}", e.message);
+            let e = userseg_api::decode::push_json(arrays.as_bytes())
+                .map(|_| ())
+                .unwrap_err();
+            assert!(
+                e.message.contains("recursion limit") || e.message.contains("invalid type"),
+                "{}",
+                e.message
+            );
         }
     }
 }
@@ -312,7 +335,14 @@ fn deep_json_nesting_is_refused() {
 /// never wrapped into a plausible time.
 #[test]
 fn ts_bounds_and_floats() {
-    for ts in [i64::MIN.to_string(), i64::MAX.to_string(), "9223372036854775808".into(), "1.5".into(), "1e3".into(), "-0".into()] {
+    for ts in [
+        i64::MIN.to_string(),
+        i64::MAX.to_string(),
+        "9223372036854775808".into(),
+        "1.5".into(),
+        "1e3".into(),
+        "-0".into(),
+    ] {
         let body = format!("{{\"pairs\":[{{\"user_id\":\"u\",\"segment\":\"s\",\"ts\":{ts}}}]}}");
         match userseg_api::decode::push_json(body.as_bytes()) {
             Ok(pairs) => {
@@ -339,4 +369,3 @@ fn seeds_are_valid() {
         }
     }
 }
-

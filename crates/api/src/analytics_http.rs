@@ -242,7 +242,10 @@ pub(crate) async fn delete_users(
         } else {
             ErrorKind::InvalidArgument
         };
-        ApiError::new(kind, format!("could not read the request body: {}", e.body_text()))
+        ApiError::new(
+            kind,
+            format!("could not read the request body: {}", e.body_text()),
+        )
     })?;
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();

@@ -220,33 +220,59 @@ pub(crate) async fn push(
     if declared.is_some_and(|n| n > max) {
         return Err(too_large(max));
     }
-    let reserve = declared.unwrap_or(max).max(1);
-    let _permit = tokio::time::timeout(
-        state.overload_wait,
-        state.inflight_bytes.acquire_many(reserve as u32),
-    )
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            ErrorKind::Overloaded,
-            "too many request bytes in flight; try again shortly",
-        )
-    })?
-    .map_err(|_| ApiError::new(ErrorKind::Unavailable, "shutting down"))?;
-    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
-        let text = e.to_string();
-        if text.contains("length limit") {
-            too_large(max)
-        } else {
-            ApiError::invalid(format!("could not read the request body: {text}"))
-        }
-    })?;
+    let (bytes, _permit) = read_body(&state, body, max).await?;
     let raw = match format {
         Format::Json => parse_json(&bytes)?,
         Format::NdJson => parse_ndjson(&bytes, ingest.limits().max_pairs_per_request)?,
     };
     let accepted = ingest.push(raw).await?;
     Ok(Json(AcceptedBody { accepted }))
+}
+
+/// Reads a body of at most `max` bytes, taking room in the in-flight budget
+/// (`ApiState::inflight_bytes`) for each chunk as it arrives, and holding it until the
+/// request is answered. Room is never reserved ahead for bytes not yet received: a client that
+/// declares a large body and stalls (slowly, or on many HTTP/2 streams at once) holds only what
+/// it sent, so it cannot starve other clients of the budget.
+async fn read_body(
+    state: &ApiState,
+    body: Body,
+    max: usize,
+) -> Result<(bytes::Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    use futures::StreamExt as _;
+    let overloaded = || {
+        ApiError::new(
+            ErrorKind::Overloaded,
+            "too many request bytes in flight; try again shortly",
+        )
+    };
+    let deadline = tokio::time::Instant::now() + state.overload_wait;
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut buf = bytes::BytesMut::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid(format!("could not read the request body: {e}")))?;
+        if buf.len() + chunk.len() > max {
+            return Err(too_large(max));
+        }
+        if chunk.is_empty() {
+            continue;
+        }
+        // chunk.len() <= max <= u32::MAX (MAX_REQUEST_BYTES is bounded by the config).
+        let n = u32::try_from(chunk.len()).map_err(|_| too_large(max))?;
+        let permit =
+            tokio::time::timeout_at(deadline, state.inflight_bytes.clone().acquire_many_owned(n))
+                .await
+                .map_err(|_| overloaded())?
+                .map_err(|_| ApiError::new(ErrorKind::Unavailable, "shutting down"))?;
+        match &mut held {
+            Some(h) => h.merge(permit),
+            None => held = Some(permit),
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((buf.freeze(), held))
 }
 
 fn mode_of(query: Option<&str>) -> Result<Mode, ApiError> {

@@ -115,6 +115,37 @@ pub fn router(state: ApiState) -> Router {
             auth::middleware,
         ))
         .layer(axum::middleware::from_fn(observe::observe))
+        .layer(axum::middleware::from_fn(catch_panic))
+}
+
+/// A handler that panics (a bug) answers 500 `internal` through the one error mapping instead
+/// of dropping the connection, and the panic is logged with the route.
+async fn catch_panic(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    use futures::FutureExt as _;
+    let what = format!("{} {}", req.method(), req.uri().path());
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(resp) => resp,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(request = %what, panic = %why, "a request handler panicked");
+            ApiError::new(
+                userseg_domain::ErrorKind::Internal,
+                format!("internal error while serving {what}"),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting and lets
