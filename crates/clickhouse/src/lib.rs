@@ -20,7 +20,7 @@ mod migrate;
 mod scan;
 mod store;
 
-pub use client::{looks_like_exception, quote_string, ClickHouseClient, ResponseStream};
+pub use client::{looks_like_exception, quote_string, recording, ClickHouseClient, ResponseStream};
 pub use config::{check_database_name, ClickHouseConfig};
 pub use error::{ClickHouseError, CONFIG_ERROR_CODES, DATA_ERROR_CODES};
 pub use migrate::{
