@@ -134,6 +134,33 @@ impl ClickHouseClient {
         .await
     }
 
+    /// [`execute`](Self::execute) with server settings in the URL (e.g. a larger
+    /// `max_query_size` for a statement with a long list of literals).
+    pub async fn execute_with(
+        &self,
+        sql: &str,
+        settings: &[(&str, &str)],
+    ) -> Result<(), ClickHouseError> {
+        self.post(settings, sql.as_bytes().to_vec())
+            .await
+            .map(|_| ())
+    }
+
+    /// [`query`](Self::query) with more server settings in the URL.
+    pub async fn query_with(
+        &self,
+        sql: &str,
+        settings: &[(&str, &str)],
+    ) -> Result<Bytes, ClickHouseError> {
+        let max = self.max_execution_secs.to_string();
+        let mut params = vec![
+            ("wait_end_of_query", "1"),
+            ("max_execution_time", max.as_str()),
+        ];
+        params.extend_from_slice(settings);
+        self.post(&params, sql.as_bytes().to_vec()).await
+    }
+
     /// Sends `insert` (e.g. `INSERT INTO db.t (a, b) FORMAT RowBinary`) with `body` as its data.
     pub async fn insert(&self, insert: &str, body: Vec<u8>) -> Result<(), ClickHouseError> {
         self.post(&[("query", insert)], body).await.map(|_| ())
@@ -471,6 +498,10 @@ pub(crate) mod rowbinary {
         buf.extend_from_slice(&v.to_le_bytes());
     }
 
+    pub fn put_u64(buf: &mut Vec<u8>, v: u64) {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+
     fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {
             buf.push((v as u8) | 0x80);
@@ -510,6 +541,10 @@ pub(crate) mod rowbinary {
             let mut a = [0u8; 8];
             a.copy_from_slice(b);
             Ok(u64::from_le_bytes(a))
+        }
+
+        pub fn u8(&mut self) -> Result<u8, String> {
+            Ok(self.take(1)?[0])
         }
 
         pub fn u32(&mut self) -> Result<u32, String> {

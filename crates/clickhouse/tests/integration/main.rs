@@ -6,6 +6,7 @@
 
 mod common;
 
+mod analytics;
 mod approx;
 mod errors;
 mod migrations;
