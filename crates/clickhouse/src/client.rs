@@ -134,33 +134,6 @@ impl ClickHouseClient {
         .await
     }
 
-    /// [`execute`](Self::execute) with server settings in the URL (e.g. a larger
-    /// `max_query_size` for a statement with a long list of literals).
-    pub async fn execute_with(
-        &self,
-        sql: &str,
-        settings: &[(&str, &str)],
-    ) -> Result<(), ClickHouseError> {
-        self.post(settings, sql.as_bytes().to_vec())
-            .await
-            .map(|_| ())
-    }
-
-    /// [`query`](Self::query) with more server settings in the URL.
-    pub async fn query_with(
-        &self,
-        sql: &str,
-        settings: &[(&str, &str)],
-    ) -> Result<Bytes, ClickHouseError> {
-        let max = self.max_execution_secs.to_string();
-        let mut params = vec![
-            ("wait_end_of_query", "1"),
-            ("max_execution_time", max.as_str()),
-        ];
-        params.extend_from_slice(settings);
-        self.post(&params, sql.as_bytes().to_vec()).await
-    }
-
     /// Sends `insert` (e.g. `INSERT INTO db.t (a, b) FORMAT RowBinary`) with `body` as its data.
     pub async fn insert(&self, insert: &str, body: Vec<u8>) -> Result<(), ClickHouseError> {
         self.post(&[("query", insert)], body).await.map(|_| ())

@@ -8,6 +8,7 @@ mod common;
 
 mod analytics;
 mod approx;
+mod deletion;
 mod errors;
 mod migrations;
 mod names;

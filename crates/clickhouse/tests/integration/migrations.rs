@@ -70,7 +70,13 @@ async fn migrations_are_applied_once_recorded_and_idempotent() {
 
     assert_eq!(
         tables(&store).await,
-        vec!["agg_day", "agg_day_mv", "history", "pairs", "schema_migrations"]
+        vec![
+            "agg_day",
+            "agg_day_mv",
+            "history",
+            "pairs",
+            "schema_migrations"
+        ]
     );
     store.check_ready().await.expect("ready once migrated");
 }
