@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use userseg_clickhouse::recording::{Recording, Statement};
 use userseg_clickhouse::{applied_migrations, migrate, ClickHouseConfig, ClickHouseStore};
-use userseg_domain::{Pair, Window};
-use userseg_usecase::{LiveScan, Mode, SegmentCounter, SegmentWriter};
+use userseg_domain::{Expr, Pair, UserDeletion, Window, Within};
+use userseg_usecase::{
+    HistoryStore, LiveScan, Mode, SegmentAnalytics, SegmentCounter, SegmentWriter,
+};
 
 const DAY: i64 = 86_400;
 /// The instant the counts are asked at: 2025-11-24 16:00:00 UTC.
@@ -90,11 +92,11 @@ async fn export_statements_with_their_answers() {
         store.write(Arc::from(second)).await.unwrap()
     );
     // A write spanning more days than one INSERT may touch (it is split by day).
-    let long: Vec<Pair> = (0..150)
+    let long: Vec<Pair> = (0..100)
         .map(|d| Pair {
             user_id: format!("backfill-{d}"),
             segment: "backfill".into(),
-            ts: T - 200 * DAY + d * DAY,
+            ts: T - 130 * DAY + d * DAY,
         })
         .collect();
     step!(
@@ -128,9 +130,64 @@ async fn export_statements_with_their_answers() {
         store.scan_live(1000, 1000, tx).await.unwrap();
         drain.await.unwrap();
     });
+    // Analytics (lookups, lookbacks, expressions, overlap, export).
+    let within = Some(Within::from_secs(3 * DAY as u64, window).unwrap());
+    for (name, w) in [("window", None), ("within 3 days", within)] {
+        let label: &str = Box::leak(format!("analytics, {name}").into_boxed_str());
+        step!(label, {
+            store.user_segments("user-3", T).await.unwrap();
+            store
+                .user_segments("user '1' \\ \"quoted\"", T)
+                .await
+                .unwrap();
+            store.count_within("sports", T, w).await.unwrap();
+            store.count_all_within(T, w).await.unwrap();
+            for q in [
+                "sports AND news",
+                "sports OR NOT (news AND a.b:c-d_e)",
+                "NOT sports",
+            ] {
+                store
+                    .count_expr(&Expr::parse(q).unwrap(), T, w)
+                    .await
+                    .unwrap();
+            }
+            let segs: Vec<String> = ["sports", "news", "a.b:c-d_e", "backfill"]
+                .map(String::from)
+                .into();
+            store.overlap(&segs, T, w).await.unwrap();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            store.export_members("news", T, w, 100, tx).await.unwrap();
+            drain.await.unwrap();
+        });
+    }
+    // Count history.
+    step!("history", {
+        for k in 0..5 {
+            let counts = store
+                .count_all(T - 3600 + k * 600, Mode::Exact)
+                .await
+                .unwrap()
+                .0;
+            store.record(T - 3600 + k * 600, &counts).await.unwrap();
+        }
+        store.read("sports", T - 7200, T, 600).await.unwrap();
+        store.read("news", T - 3600, T, 1).await.unwrap();
+        store.last_tick().await.unwrap();
+        store.prune(T - 1800).await.unwrap();
+        store.read("sports", T - 7200, T, 600).await.unwrap();
+    });
     step!("drop expired partitions", {
         let dropped = store.drop_expired_partitions(T).await.unwrap();
         assert!(!dropped.is_empty(), "the backfill's old days expire");
+    });
+    step!("delete users (after retention)", {
+        let d = UserDeletion::new(vec!["user-3".into(), "user-4".into(), "nobody".into()]).unwrap();
+        store.delete_users(d).await.unwrap();
+        store.count_all(T, Mode::Exact).await.unwrap();
+        store.count_all(T, Mode::Approx).await.unwrap();
+        store.user_segments("user-3", T).await.unwrap();
     });
     step!("count after retention", {
         store.count_all(T, Mode::Exact).await.unwrap();
