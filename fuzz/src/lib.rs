@@ -452,8 +452,8 @@ pub fn expr(data: &[u8]) {
             for s in &segments {
                 assert!(userseg_domain::validate_segment(s).is_ok(), "{s:?}");
             }
-            let _ = e.matches(&|s: &str| s.len() % 2 == 0);
-            let _ = e.matches_indexed(&segments, &|i| i % 2 == 0);
+            let _ = e.matches(&|s: &str| s.len().is_multiple_of(2));
+            let _ = e.matches_indexed(&segments, &|i| i.is_multiple_of(2));
         }
         Err(e) => {
             assert!(
