@@ -453,7 +453,6 @@ pub fn expr(data: &[u8]) {
                 assert!(userseg_domain::validate_segment(s).is_ok(), "{s:?}");
             }
             let _ = e.matches(&|s: &str| s.len().is_multiple_of(2));
-            let _ = e.matches_indexed(&segments, &|i| i.is_multiple_of(2));
         }
         Err(e) => {
             assert!(
