@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make fuzz`: every fuzz target of the userseg-fuzz crate (fuzz/) under AFL++, coverage-guided,
 # FUZZ_SECS seconds each (default 60). FUZZ_TARGETS="a b" picks targets (default: all).
+# The first run installs cargo-afl and builds the instrumented binary (long: a release build of
+# the workspace's dependencies, in target/fuzz).
 # Findings go to target/fuzz/out/<target>/default/crashes; the run fails if there is any.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +12,10 @@ scripts/install-fuzz.sh
 
 # Instrumented build in its own target directory, so normal builds keep their cache.
 export CARGO_TARGET_DIR="$PWD/target/fuzz"
-cargo afl build --release -p userseg-fuzz --features afl --bin userseg-fuzz --quiet
+# FUZZ_SKIP_BUILD=1 fuzzes the binary already built (a rerun).
+if [ -z "${FUZZ_SKIP_BUILD:-}" ]; then
+  cargo afl build --release -p userseg-fuzz --features afl --bin userseg-fuzz --quiet
+fi
 BIN="$CARGO_TARGET_DIR/release/userseg-fuzz"
 OUT="$CARGO_TARGET_DIR/out"
 TARGETS="${FUZZ_TARGETS:-$("$BIN" --list | cut -f1)}"
@@ -25,7 +30,8 @@ for t in $TARGETS; do
   rm -rf "$seeds" "$OUT/$t"
   "$BIN" "$t" --seeds "$seeds"
   echo "fuzz: $t for ${FUZZ_SECS}s"
-  cargo afl fuzz -V "$FUZZ_SECS" -i "$seeds" -o "$OUT/$t" -- "$BIN" "$t" >"$OUT/$t.log" 2>&1 || {
+  # -t: per-input limit in ms (generous: the first runs on a loaded machine are slow).
+  cargo afl fuzz -t 5000 -V "$FUZZ_SECS" -i "$seeds" -o "$OUT/$t" -- "$BIN" "$t" >"$OUT/$t.log" 2>&1 || {
     echo "fuzz: afl-fuzz failed on $t, see $OUT/$t.log"
     tail -20 "$OUT/$t.log"
     failed=1

@@ -9,8 +9,12 @@ if ! cargo afl --version >/dev/null 2>&1; then
   cargo install cargo-afl --version "$AFL_VERSION" --locked --quiet
 fi
 # AFL++ itself (afl-fuzz and its runtime) is built once per rustc version.
-if ! cargo afl fuzz -h >/dev/null 2>&1; then
-  echo "install-fuzz: building AFL++"
-  cargo afl config --build
-fi
+help="$(cargo afl fuzz -h 2>&1 || true)"
+case "$help" in
+  *afl-fuzz*) ;;
+  *)
+    echo "install-fuzz: building AFL++"
+    cargo afl config --build
+    ;;
+esac
 echo "install-fuzz: ok ($(cargo afl --version 2>/dev/null | head -1))"
