@@ -21,7 +21,7 @@ OUT="$CARGO_TARGET_DIR/out"
 TARGETS="${FUZZ_TARGETS:-$("$BIN" --list | cut -f1)}"
 
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 AFL_QUIET=1
-export AFL_SKIP_BIN_CHECK=1 AFL_NO_AFFINITY=1
+export AFL_NO_AFFINITY=1
 failed=0
 mkdir -p "$OUT"
 printf '%-14s %10s %10s %8s %8s\n' target execs execs/s corpus crashes >"$OUT.summary"
