@@ -279,6 +279,10 @@ impl FileHistory {
         let inner = self.lock();
         let step = step.max(1) as i128;
         let lo = from.max(inner.min_tick);
+        if lo > to {
+            // Wholly before what retention keeps (and an empty day range for the map below).
+            return Ok(Vec::new());
+        }
         let mut out: Vec<HistoryPoint> = Vec::new();
         let mut last_k: Option<i128> = None;
         let first_day = lo.div_euclid(DAY);

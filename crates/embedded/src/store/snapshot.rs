@@ -395,7 +395,7 @@ fn read_dictionary(
     file: &mut File,
     path: &Path,
     footer: &Footer,
-) -> Result<(Users, Vec<u32>), SnapshotError> {
+) -> Result<(Users, Remap), SnapshotError> {
     let io_err = io_error(path);
     file.seek(SeekFrom::Start(footer.dict_offset))
         .map_err(&io_err)?;
@@ -420,7 +420,8 @@ fn read_dictionary(
         return Err(corrupt(path, format!("dictionary claims {count} users")));
     }
     let mut dict = Users::with_capacity(super::SHARDS, count as usize);
-    let mut remap: Vec<u32> = Vec::new();
+    let mut remap = Remap::Dense(Vec::new());
+    let mut last_old: Option<usize> = None;
     let mut id = Vec::with_capacity(256);
     for _ in 0..count {
         let mut head = [0u8; 6];
@@ -435,11 +436,12 @@ fn read_dictionary(
         let new = dict
             .intern_mut(&id)
             .ok_or_else(|| corrupt(path, "too many users"))?;
-        if old >= remap.len() {
-            // Indices are written in increasing order, so this grows the map gradually.
-            remap.resize((old + 1).max(remap.len() * 9 / 8), u32::MAX);
+        // Indices are written in strictly increasing order.
+        if last_old.is_some_and(|l| old <= l) {
+            return Err(corrupt(path, format!("user index {old} out of order")));
         }
-        remap[old] = new;
+        last_old = Some(old);
+        remap.insert(old, new, count as usize);
     }
     Ok((dict, remap))
 }
@@ -541,6 +543,51 @@ fn plan_workers(records: &[Record]) -> Vec<Vec<usize>> {
     work.into_iter().map(|(_, mine)| mine).collect()
 }
 
+/// The old (written) index of each user to its new index. Dense while the old indices are
+/// not much sparser than the users (the usual case: a lookup per membership), a sorted list
+/// otherwise, so a dictionary whose indices are sparse (many users expired since the last
+/// restart), or corrupt behind a valid checksum, never sizes a table from its largest index.
+enum Remap {
+    Dense(Vec<u32>),
+    Sparse(Vec<(u32, u32)>),
+}
+
+impl Remap {
+    /// Records `old -> new`; `old` increases from call to call. `count` is the number of users.
+    fn insert(&mut self, old: usize, new: u32, count: usize) {
+        match self {
+            Remap::Dense(v) => {
+                if old < v.len() {
+                    v[old] = new;
+                } else if old <= count.saturating_mul(16).saturating_add(1 << 20) {
+                    v.resize((old + 1).max(v.len() * 9 / 8), u32::MAX);
+                    v[old] = new;
+                } else {
+                    let mut sparse: Vec<(u32, u32)> = v
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| **n != u32::MAX)
+                        .map(|(o, n)| (o as u32, *n))
+                        .collect();
+                    sparse.push((old as u32, new));
+                    *self = Remap::Sparse(sparse);
+                }
+            }
+            Remap::Sparse(v) => v.push((old as u32, new)),
+        }
+    }
+
+    fn get(&self, old: usize) -> Option<u32> {
+        match self {
+            Remap::Dense(v) => v.get(old).copied().filter(|u| *u != u32::MAX),
+            Remap::Sparse(v) => {
+                let old = u32::try_from(old).ok()?;
+                v.binary_search_by_key(&old, |e| e.0).ok().map(|i| v[i].1)
+            }
+        }
+    }
+}
+
 /// A loaded segment: its record's index, the segment, the checksum of its record.
 type Built = (usize, Segment, crc32fast::Hasher);
 
@@ -557,7 +604,7 @@ struct Record {
 
 struct LoadCtx<'a> {
     path: &'a Path,
-    remap: &'a [u32],
+    remap: &'a Remap,
     universe: usize,
     ring_len: i64,
     window_buckets: i64,
@@ -643,8 +690,8 @@ impl LoadCtx<'_> {
                 // A user missing from the dictionary was erased (deleted) while the snapshot
                 // was being written: the deletion is in the log after the snapshot's offset and
                 // is replayed, so its membership is dropped here. (Checksums catch corruption.)
-                match self.remap.get(old).filter(|u| **u != u32::MAX) {
-                    Some(&user) => seg.observe(user, i64::from(bucket)),
+                match self.remap.get(old) {
+                    Some(user) => seg.observe(user, i64::from(bucket)),
                     None => skipped += 1,
                 }
             }
