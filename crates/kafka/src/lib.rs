@@ -29,10 +29,10 @@ mod publisher;
 mod source;
 
 pub use admin::ensure_topics;
-pub use codec::{decode_batch, encode_batch, DecodeError};
+pub use codec::{decode_batch, decode_record, encode_batch, encode_deletion, DecodeError};
 pub use config::{Compression, KafkaConfig, UnknownCompression, MESSAGE_OVERHEAD_BYTES};
 pub use dlq::{
-    KafkaDeadLetters, HEADER_ATTEMPTS, HEADER_KIND, HEADER_PAIRS, HEADER_PART, HEADER_REASON,
+    KafkaDeadLetters, HEADER_ATTEMPTS, HEADER_KIND, HEADER_PAIRS, HEADER_PART, HEADER_REASON, HEADER_USERS,
     HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
 };
 pub use error::SetupError;

@@ -260,6 +260,11 @@ pub enum Followed {
     /// Valid pairs read from the log (undecodable messages and invalid pairs are skipped and
     /// counted by the adapter: the batch processor dead-letters them).
     Pairs(Vec<Pair>),
+    /// A deletion of users read from the log: the index applies it after every [`Pairs`]
+    /// handed out before it and before those handed out after it (log order, per user).
+    ///
+    /// [`Pairs`]: Followed::Pairs
+    Delete(UserDeletion),
     /// The follower has read everything the log held when it started following, on every
     /// partition. Sent once.
     CaughtUp,
