@@ -296,7 +296,9 @@ mod tests {
 
     #[test]
     fn deletion_chunks_respect_the_limit_and_keep_order() {
-        let ids: Vec<String> = (0..10_000).map(|i| format!("user-{i:06}-{}", "x".repeat(i % 200))).collect();
+        let ids: Vec<String> = (0..10_000)
+            .map(|i| format!("user-{i:06}-{}", "x".repeat(i % 200)))
+            .collect();
         let chunks = encode_deletion_chunks(ids.clone(), 100_000);
         assert!(chunks.len() > 5, "{}", chunks.len());
         let mut back = Vec::new();

@@ -352,8 +352,7 @@ impl LogFollower for KafkaFollower {
             };
             // Merge what is already fetched, never waiting for more, up to a deletion.
             let mut cx = Context::from_waker(Waker::noop());
-            while deletion.is_none() && pairs.len() < MERGE_PAIRS && !progress.catching_up_now()
-            {
+            while deletion.is_none() && pairs.len() < MERGE_PAIRS && !progress.catching_up_now() {
                 let mut recv = pin!(consumer.recv());
                 match recv.as_mut().poll(&mut cx) {
                     Poll::Ready(Ok(m)) => deletion = progress.take(&m, &mut pairs),

@@ -168,7 +168,8 @@ impl Inner {
             groups[partition as usize].push(into_log_pair(p));
         }
         let max = self.config().max_message_bytes;
-        self.deliver(groups, |group| encode_chunks(group, max)).await
+        self.deliver(groups, |group| encode_chunks(group, max))
+            .await
     }
 
     /// One deletion record per partition holding the users of that partition (split only if
@@ -285,7 +286,10 @@ impl PairPublisher for KafkaPublisher {
     async fn publish_deletion(&self, deletion: UserDeletion) -> Result<(), PortError> {
         let started = Instant::now();
         let users = deletion.len();
-        let result = self.inner.bounded(self.inner.publish_deletion(deletion)).await;
+        let result = self
+            .inner
+            .bounded(self.inner.publish_deletion(deletion))
+            .await;
         match result {
             Ok((messages, bytes)) => {
                 metrics::counter!("userseg_kafka_published_messages_total")

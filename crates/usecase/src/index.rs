@@ -208,7 +208,9 @@ impl SegmentIndex {
                     if !self.delete(deletion, &cancel).await {
                         return;
                     }
-                    self.state.followed_deletions.fetch_add(1, Ordering::Relaxed);
+                    self.state
+                        .followed_deletions
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Followed::CaughtUp) => {
                     if !self.state.serving.swap(true, Ordering::AcqRel) {

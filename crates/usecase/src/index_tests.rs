@@ -98,7 +98,11 @@ impl SegmentAnalytics for MapIndex {
             .collect())
     }
     async fn count_within(&self, s: &str, at: i64, w: Option<Within>) -> Result<u64, PortError> {
-        Ok(self.live(at, w).iter().filter(|(seg, _, _)| seg == s).count() as u64)
+        Ok(self
+            .live(at, w)
+            .iter()
+            .filter(|(seg, _, _)| seg == s)
+            .count() as u64)
     }
     async fn count_all_within(
         &self,
@@ -124,7 +128,12 @@ impl SegmentAnalytics for MapIndex {
             .filter(|u| e.matches(&|s| live.iter().any(|(seg, x, _)| seg == s && x == *u)))
             .count() as u64)
     }
-    async fn overlap(&self, _s: &[String], _at: i64, _w: Option<Within>) -> Result<Overlap, PortError> {
+    async fn overlap(
+        &self,
+        _s: &[String],
+        _at: i64,
+        _w: Option<Within>,
+    ) -> Result<Overlap, PortError> {
         Ok(Overlap {
             users: vec![1],
             both: vec![vec![1]],
@@ -230,7 +239,12 @@ impl SegmentAnalytics for Fallback {
     async fn count_expr(&self, _e: &Expr, _at: i64, _w: Option<Within>) -> Result<u64, PortError> {
         Ok(999)
     }
-    async fn overlap(&self, _s: &[String], _at: i64, _w: Option<Within>) -> Result<Overlap, PortError> {
+    async fn overlap(
+        &self,
+        _s: &[String],
+        _at: i64,
+        _w: Option<Within>,
+    ) -> Result<Overlap, PortError> {
         Ok(Overlap {
             users: vec![999],
             both: vec![vec![999]],
@@ -562,7 +576,10 @@ async fn deletions_apply_in_log_order_with_the_pairs_and_scanned_pairs() {
         h.replica.status().followed_deletions == 2
     })
     .await;
-    until("the pair after it", || h.replica.status().followed_pairs == 4).await;
+    until("the pair after it", || {
+        h.replica.status().followed_pairs == 4
+    })
+    .await;
     assert_eq!(h.index.fail_writes.load(Ordering::SeqCst), 0);
     let u2 = h.replica.user_segments("u2", NOW).await.unwrap();
     assert_eq!(
@@ -577,7 +594,13 @@ async fn deletions_apply_in_log_order_with_the_pairs_and_scanned_pairs() {
 async fn analytics_come_from_the_store_of_record_until_the_index_serves() {
     let h = start(vec![pair("u1", "a", NOW)], 0, 0, MapIndex::default());
     until("the scan", || h.replica.status().scanned_pairs == 1).await;
-    let w = Some(Within::from_secs(50, userseg_domain::Window::from_secs(WINDOW as u64).unwrap()).unwrap());
+    let w = Some(
+        Within::from_secs(
+            50,
+            userseg_domain::Window::from_secs(WINDOW as u64).unwrap(),
+        )
+        .unwrap(),
+    );
     let expr = Expr::parse("NOT a").unwrap();
     let segs = vec!["a".to_string(), "b".to_string()];
     // Loaded, not caught up: every read is the store of record's.
@@ -586,9 +609,15 @@ async fn analytics_come_from_the_store_of_record_until_the_index_serves() {
         "fallback"
     );
     assert_eq!(h.replica.count_within("a", NOW, w).await, Ok(999));
-    assert_eq!(h.replica.count_all_within(NOW, w).await.unwrap()[0].users, 999);
+    assert_eq!(
+        h.replica.count_all_within(NOW, w).await.unwrap()[0].users,
+        999
+    );
     assert_eq!(h.replica.count_expr(&expr, NOW, None).await, Ok(999));
-    assert_eq!(h.replica.overlap(&segs, NOW, None).await.unwrap().users, [999]);
+    assert_eq!(
+        h.replica.overlap(&segs, NOW, None).await.unwrap().users,
+        [999]
+    );
     assert_eq!(export(&h.replica, "a").await, ["fallback"]);
 
     h.tx.send(Ok(Followed::CaughtUp)).unwrap();
@@ -602,9 +631,15 @@ async fn analytics_come_from_the_store_of_record_until_the_index_serves() {
         }]
     );
     assert_eq!(h.replica.count_within("a", NOW, w).await, Ok(1));
-    assert_eq!(h.replica.count_all_within(NOW, w).await.unwrap()[0].users, 1);
+    assert_eq!(
+        h.replica.count_all_within(NOW, w).await.unwrap()[0].users,
+        1
+    );
     assert_eq!(h.replica.count_expr(&expr, NOW, None).await, Ok(0));
-    assert_eq!(h.replica.overlap(&segs, NOW, None).await.unwrap().users, [1]);
+    assert_eq!(
+        h.replica.overlap(&segs, NOW, None).await.unwrap().users,
+        [1]
+    );
     assert_eq!(export(&h.replica, "a").await, ["u1"]);
     h.cancel.cancel();
     h.task.await.unwrap();

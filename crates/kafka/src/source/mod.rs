@@ -5,8 +5,8 @@ mod context;
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -215,7 +215,8 @@ impl KafkaSource {
         }
         self.shared.forget(&list);
         let before = self.pending.len();
-        self.pending.retain(|m| !revoked.contains(&m.position.partition));
+        self.pending
+            .retain(|m| !revoked.contains(&m.position.partition));
         self.pending_bytes = self.pending.iter().map(approx_bytes).sum();
         self.flush_marker_sent = false;
         self.shared.revoke_pending.store(false, Ordering::Release);
