@@ -412,7 +412,7 @@ impl PairSource for KafkaSource {
     async fn next(&mut self) -> Result<Option<Message<Position>>, PortError> {
         loop {
             if self.shared.revoke_pending() {
-                if self.handed == self.settled {
+                if self.settled >= self.handed {
                     self.hand_over().await;
                     continue;
                 }
