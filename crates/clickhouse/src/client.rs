@@ -471,6 +471,10 @@ pub(crate) mod rowbinary {
         buf.extend_from_slice(&v.to_le_bytes());
     }
 
+    pub fn put_u64(buf: &mut Vec<u8>, v: u64) {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+
     fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {
             buf.push((v as u8) | 0x80);
@@ -510,6 +514,10 @@ pub(crate) mod rowbinary {
             let mut a = [0u8; 8];
             a.copy_from_slice(b);
             Ok(u64::from_le_bytes(a))
+        }
+
+        pub fn u8(&mut self) -> Result<u8, String> {
+            Ok(self.take(1)?[0])
         }
 
         pub fn u32(&mut self) -> Result<u32, String> {

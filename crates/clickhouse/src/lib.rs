@@ -13,15 +13,20 @@
 //!
 //! The schema and its trade-offs are described in `docs/CLICKHOUSE.md`.
 
+mod analytics;
 mod client;
 mod config;
+mod delete;
 mod error;
+mod history;
 mod migrate;
+mod rows;
 mod scan;
 mod store;
 
 pub use client::{looks_like_exception, quote_string, ClickHouseClient, ResponseStream};
 pub use config::{check_database_name, ClickHouseConfig};
+pub use delete::DEFAULT_MUTATION_TIMEOUT;
 pub use error::{ClickHouseError, CONFIG_ERROR_CODES, DATA_ERROR_CODES};
 pub use migrate::{
     applied_migrations, latest_version, migrate, migrate_to, AppliedMigration, Migration,

@@ -43,6 +43,7 @@ async fn migrations_are_applied_once_recorded_and_idempotent() {
     assert_eq!(versions, (1..=latest_version()).collect::<Vec<_>>());
     assert_eq!(applied[0].name, "pairs");
     assert_eq!(applied[1].name, "approx_sketches");
+    assert_eq!(applied[2].name, "history");
 
     let again = migrate(&config).await.expect("second migrate");
     assert!(
@@ -69,7 +70,13 @@ async fn migrations_are_applied_once_recorded_and_idempotent() {
 
     assert_eq!(
         tables(&store).await,
-        vec!["agg_day", "agg_day_mv", "pairs", "schema_migrations"]
+        vec![
+            "agg_day",
+            "agg_day_mv",
+            "history",
+            "pairs",
+            "schema_migrations"
+        ]
     );
     store.check_ready().await.expect("ready once migrated");
 }
