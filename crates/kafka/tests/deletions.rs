@@ -318,7 +318,7 @@ async fn a_deletion_between_pairs_of_a_user_is_applied_in_log_order() {
                     .map(|p| p.segment),
             ),
             Ok(Ok(Followed::Delete(d))) => {
-                assert_eq!(d.user_ids(), [user.clone()]);
+                assert_eq!(d.user_ids(), std::slice::from_ref(&user));
                 seen.push("DELETE".into());
             }
             Ok(Ok(Followed::CaughtUp)) => {}

@@ -126,7 +126,8 @@ pub trait PairSource: Send + 'static {
     /// True when [`next`](Self::next) would have to wait: nothing delivered is pending. The
     /// processor then writes what it holds at once instead of waiting for its flush timer
     /// (group commit: an idle system applies a pair within milliseconds, a busy one still
-    /// batches). Sources that cannot tell (Kafka) keep the default `false`.
+    /// batches). Sources that cannot tell keep the default `false` (Kafka says `true` only while
+    /// a revocation waits for the processor to write and commit what it holds).
     fn is_drained(&self) -> bool {
         false
     }
