@@ -80,9 +80,18 @@ async fn old_records_still_decode_and_deletions_land_in_their_users_partitions()
         .await
         .expect("publish a large deletion");
 
+    // The batch processor's source decodes both formats.
+    let total = small.len() + large.len();
+    let mut source = KafkaSource::new(&cfg).expect("source");
+    let got = read_until(&mut source, LONG, |m| {
+        m.iter().any(|m| matches!(m.content, Content::Pairs(_))) && deleted(m).len() >= total
+    })
+    .await;
+    source.close().await;
+
     // On the topic: version 2 records, keyed by their first id, each holding only users of
     // its partition, within the size limit, the ids in request order.
-    let raw = read_raw(&cfg, &cfg.topic, 3, 1 + 3 + 7).await;
+    let raw = read_raw(&cfg, &cfg.topic, 3, got.len()).await;
     let mut by_partition: BTreeMap<i32, Vec<String>> = BTreeMap::new();
     let mut records = 0;
     for m in &raw {
@@ -120,9 +129,6 @@ async fn old_records_still_decode_and_deletions_land_in_their_users_partitions()
         assert_eq!(ids, &expected, "partition {p}");
     }
 
-    // The batch processor's source decodes both formats.
-    let mut source = KafkaSource::new(&cfg).expect("source");
-    let got = read_until(&mut source, LONG, |m| m.len() >= raw.len()).await;
     let pairs: Vec<Pair> = got
         .iter()
         .flat_map(|m| match &m.content {
@@ -143,7 +149,6 @@ async fn old_records_still_decode_and_deletions_land_in_their_users_partitions()
     let mut expected: Vec<String> = small.iter().chain(&large).cloned().collect();
     expected.sort();
     assert_eq!(all_deleted, expected);
-    source.close().await;
 }
 
 /// One operation a store was asked for, by which member.
@@ -292,6 +297,9 @@ async fn a_deletion_between_pairs_of_a_user_is_applied_in_log_order() {
         .chain(after.iter().cloned())
         .collect();
 
+    // The index's follower, opened before anything is committed, reads from the start.
+    let mut follower = KafkaFollower::open(&cfg).await.expect("follower");
+
     // The batch processor: the pairs before the deletion are written, then the deletion, then
     // the pairs after it.
     let store = Recorder::default();
@@ -305,8 +313,7 @@ async fn a_deletion_between_pairs_of_a_user_is_applied_in_log_order() {
     stop.cancel();
     task.await.expect("processor").close().await;
 
-    // The index's follower hands the same order out.
-    let mut follower = KafkaFollower::open(&cfg).await.expect("follower");
+    // The follower hands the same order out.
     let mut seen: Vec<String> = Vec::new();
     let deadline = Instant::now() + LONG;
     while seen.len() < expected.len() {
@@ -412,8 +419,17 @@ async fn a_rebalance_never_lets_a_late_write_land_after_the_new_owners_deletion(
         .publish(vec![pair(&user, "after", 2)])
         .await
         .expect("publish");
+    // A deletion of a neighbour (same partition) makes its owner write the later pair now.
+    let neighbour = (0..)
+        .map(|i| format!("neighbour-{i}"))
+        .find(|n| partition_for(n.as_bytes(), 2) == partition_for(user.as_bytes(), 2))
+        .expect("a neighbour");
+    publisher
+        .publish_deletion(deletion(std::slice::from_ref(&neighbour)))
+        .await
+        .expect("publish the neighbour's deletion");
     until("the deletion and the later pair", LONG, || {
-        store.history_of(&user).len() >= 3
+        store.history_of(&neighbour) == ["DELETE"]
     })
     .await;
     stop_a.cancel();

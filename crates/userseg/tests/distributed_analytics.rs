@@ -387,7 +387,9 @@ async fn race(
 }
 
 /// USS + ES (`index`: ES_INDEX) on a random workload, every read against the model; a racing
-/// deletion; history; SIGKILL of ES.
+/// deletion; history; SIGKILL of ES. With the index, a second ES joins the group after the
+/// first round (a rebalance while deletions flow; both sample history into one table, and
+/// both answer every read).
 async fn analytics_equal_the_model(index: bool, seed: u64) {
     let cluster = Cluster::new(if index { "an_index" } else { "an_ch" });
     cluster.migrate();
@@ -419,7 +421,17 @@ async fn analytics_equal_the_model(index: bool, seed: u64) {
     let base = now() / 60 * 60 - 60;
     let users = users();
 
+    let mut second: Option<Proc> = None;
     for round in 0..3 {
+        if round == 1 && index {
+            let mut es2 = cluster.spawn("es", &es_env);
+            es2.ready().await;
+            until("the second index serves", 60, async || {
+                es2.metric("userseg_index_serving").await == 1.0
+            })
+            .await;
+            second = Some(es2);
+        }
         let n = rng.random_range(40..120);
         let pairs: Vec<Pair> = (0..n)
             .map(|_| Pair {
@@ -448,6 +460,9 @@ async fn analytics_equal_the_model(index: bool, seed: u64) {
         model.apply(&back);
         settled(&c, &es, &model, "the round is applied").await;
         check_everything(&c, &es, &model, &mut rng, &format!("round {round}")).await;
+        if let Some(es2) = &second {
+            settled(&c, es2, &model, "the second ES has the round").await;
+        }
     }
 
     // gRPC: a deletion, and a count, like HTTP.
@@ -498,6 +513,10 @@ async fn analytics_equal_the_model(index: bool, seed: u64) {
     model.apply(&survivors);
     settled(&c, &es, &model, "everything is applied").await;
     check_everything(&c, &es, &model, &mut rng, "after the race").await;
+    if let Some(es2) = &second {
+        settled(&c, es2, &model, "the second ES has everything").await;
+        check_everything(&c, es2, &model, &mut rng, "the second ES after the race").await;
+    }
 
     // History: once everything is applied, every sampled tick holds the model's counts.
     let quiet_since = now() + 1;
@@ -509,8 +528,14 @@ async fn analytics_equal_the_model(index: bool, seed: u64) {
         let points = history_points(&c, &es, s, quiet_since).await;
         let ticks: Vec<i64> = points.iter().map(|p| p.0).collect();
         assert!(ticks.windows(2).all(|w| w[0] < w[1]), "{s}: {ticks:?}");
-        for (tick, users) in points {
+        for &(tick, users) in &points {
             assert_eq!(users, model.count(s, tick, None), "{s} at {tick}");
+        }
+        if let Some(es2) = &second {
+            // Both sampled the same ticks into one table: each reads one sample per tick.
+            let other = history_points(&c, es2, s, quiet_since).await;
+            let n = points.len().min(other.len());
+            assert_eq!(other[..n], points[..n], "{s}: the two ES disagree");
         }
     }
     let before_kill = history_points(&c, &es, "a", quiet_since - 120).await;
