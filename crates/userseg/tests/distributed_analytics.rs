@@ -278,7 +278,11 @@ async fn clickhouse_segments(c: &Client, cluster: &Cluster, user: &str) -> BTree
         .collect()
 }
 
+/// The samples of `segment` from `from` on, one per 1 s step (none while `from` is ahead).
 async fn history_points(c: &Client, es: &Proc, segment: &str, from: i64) -> Vec<(i64, u64)> {
+    if from >= now() {
+        return Vec::new();
+    }
     let from = from.to_string();
     let v = c
         .get(
