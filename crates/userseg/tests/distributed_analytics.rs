@@ -143,8 +143,17 @@ fn counts_of(v: &Value) -> Vec<SegmentCount> {
         .collect()
 }
 
-/// Every read of `es` equals the model's, at the time the server answered (`as_of`).
-async fn check_everything(c: &Client, es: &Proc, model: &Model, rng: &mut StdRng, ctx: &str) {
+/// Every read of `es` equals the model's, at the time the server answered (`as_of`): counts of
+/// every segment under every lookback, user lookups, and (`full`) members, expressions and
+/// overlaps.
+async fn check_reads(
+    c: &Client,
+    es: &Proc,
+    model: &Model,
+    rng: &mut StdRng,
+    full: bool,
+    ctx: &str,
+) {
     let base = &es.base;
     let w = Window::DEFAULT.secs();
     for text in WITHINS {
@@ -166,6 +175,9 @@ async fn check_everything(c: &Client, es: &Proc, model: &Model, rng: &mut StdRng
                 model.count(s, at, within),
                 "{ctx}: /v1/segments/{s} within {text:?}"
             );
+            if !full {
+                continue;
+            }
             // Members: NDJSON, any order.
             let r = c
                 .http
@@ -192,6 +204,9 @@ async fn check_everything(c: &Client, es: &Proc, model: &Model, rng: &mut StdRng
                 model.members(s, now(), within),
                 "{ctx}: members of {s} within {text:?}"
             );
+        }
+        if !full {
+            continue;
         }
         for _ in 0..4 {
             let q_expr = expression(rng, 3);
@@ -269,7 +284,11 @@ async fn clickhouse_segments(c: &Client, cluster: &Cluster, user: &str) -> BTree
         .send()
         .await
         .expect("clickhouse");
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap_or_default());
+    assert!(
+        r.status().is_success(),
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
     r.text()
         .await
         .expect("tsv")
@@ -295,7 +314,12 @@ async fn history_points(c: &Client, es: &Proc, segment: &str, from: i64) -> Vec<
         .as_array()
         .expect("points")
         .iter()
-        .map(|p| (p["ts"].as_i64().expect("ts"), p["users"].as_u64().expect("users")))
+        .map(|p| {
+            (
+                p["ts"].as_i64().expect("ts"),
+                p["users"].as_u64().expect("users"),
+            )
+        })
         .collect()
 }
 
@@ -351,8 +375,14 @@ async fn race(
     // Pairs acknowledged before the deletion was sent precede it in the log; pairs sent after
     // it was acknowledged follow it.
     let must_go = acked.iter().filter(|(_, ack)| *ack < sent).count();
-    let must_stay = acked.iter().position(|(s, _)| *s > deleted).unwrap_or(pairs);
-    assert!(must_go > 0 && must_stay < pairs, "the deletion did not race the pairs");
+    let must_stay = acked
+        .iter()
+        .position(|(s, _)| *s > deleted)
+        .unwrap_or(pairs);
+    assert!(
+        must_go > 0 && must_stay < pairs,
+        "the deletion did not race the pairs"
+    );
     let mut cut = None;
     until("the race is applied", 60, async || {
         let v = c
@@ -463,7 +493,15 @@ async fn analytics_equal_the_model(index: bool, seed: u64) {
         c.push(&uss, &back).await;
         model.apply(&back);
         settled(&c, &es, &model, "the round is applied").await;
-        check_everything(&c, &es, &model, &mut rng, &format!("round {round}")).await;
+        check_reads(
+            &c,
+            &es,
+            &model,
+            &mut rng,
+            round == 2,
+            &format!("round {round}"),
+        )
+        .await;
         if let Some(es2) = &second {
             settled(&c, es2, &model, "the second ES has the round").await;
         }
@@ -516,10 +554,18 @@ async fn analytics_equal_the_model(index: bool, seed: u64) {
         .collect();
     model.apply(&survivors);
     settled(&c, &es, &model, "everything is applied").await;
-    check_everything(&c, &es, &model, &mut rng, "after the race").await;
+    check_reads(&c, &es, &model, &mut rng, true, "after the race").await;
     if let Some(es2) = &second {
         settled(&c, es2, &model, "the second ES has everything").await;
-        check_everything(&c, es2, &model, &mut rng, "the second ES after the race").await;
+        check_reads(
+            &c,
+            es2,
+            &model,
+            &mut rng,
+            true,
+            "the second ES after the race",
+        )
+        .await;
     }
 
     // History: once everything is applied, every sampled tick holds the model's counts.
@@ -564,10 +610,13 @@ async fn analytics_equal_the_model(index: bool, seed: u64) {
         clickhouse_segments(&c, &cluster, &victim).await.is_empty()
     })
     .await;
-    check_everything(&c, &es, &model, &mut rng, "after SIGKILL").await;
+    check_reads(&c, &es, &model, &mut rng, true, "after SIGKILL").await;
     let after = history_points(&c, &es, "a", quiet_since - 120).await;
     for point in &before_kill {
-        assert!(after.contains(point), "sample {point:?} lost in the restart");
+        assert!(
+            after.contains(point),
+            "sample {point:?} lost in the restart"
+        );
     }
     until("the restarted ES samples again", 30, async || {
         history_points(&c, &es, "a", killed_at + 1)

@@ -136,10 +136,7 @@ async fn odd_names_never_break_analytics_deletion_or_history() {
         store.count_expr(&not_any, T0, None).await.expect("expr"),
         n + 1 - 4
     );
-    let both = Expr::And(vec![
-        Expr::Segment("plain".into()),
-        Expr::Segment(seg(0)),
-    ]);
+    let both = Expr::And(vec![Expr::Segment("plain".into()), Expr::Segment(seg(0))]);
     assert_eq!(store.count_expr(&both, T0, None).await.expect("expr"), 1);
     let mut asked = names.clone();
     asked.push("plain".into());
