@@ -16,6 +16,8 @@
 #   TANSU_STORAGE   memory (default, fast, lost on stop) or sqlite (DIR/tansu.db, survives a
 #                   restart with the same DIR and PORT) or any storage URL tansu accepts
 #   TANSU_WAIT_SECS how long to wait for the port (default 30)
+#   TANSU_ADVERTISED the listener URL the broker advertises to clients (default
+#                   tcp://127.0.0.1:PORT), e.g. a TLS-terminating proxy's address
 #
 # Typical test run:
 #   scripts/tansu.sh start /tmp/userseg-kafka && . /tmp/userseg-kafka/tansu.env && export USERSEG_TEST_KAFKA
@@ -96,7 +98,7 @@ start() {
   # setsid: the broker outlives this script and is not hit by the caller's Ctrl-C.
   (cd "$dir" && exec setsid "$TANSU_BIN" broker \
     --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "${TANSU_ADVERTISED:-tcp://127.0.0.1:$port}" \
     --storage-engine "$storage" \
     >"$dir/tansu.log" 2>&1 </dev/null) &
   local pid=$!

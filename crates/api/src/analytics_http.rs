@@ -100,6 +100,11 @@ pub(crate) fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a
         .map(|(_, v)| v.as_str())
 }
 
+/// A query parameter the route cannot do without.
+fn required<'a>(params: &'a [(String, String)], key: &str) -> Result<&'a str, ApiError> {
+    param(params, key).ok_or_else(|| ApiError::invalid(format!("missing query parameter {key}")))
+}
+
 pub(crate) fn within_param(
     a: &Analytics,
     params: &[(String, String)],
@@ -298,7 +303,7 @@ pub(crate) async fn count(
     let a = analytics(&state)?;
     let params = query_params(query.as_deref(), &["q", "within"])?;
     let within = within_param(a, &params)?;
-    let q = param(&params, "q").ok_or_else(|| ApiError::invalid("missing query parameter q"))?;
+    let q = required(&params, "q")?;
     let c = a.count_expr(q, within).await?;
     Ok(Json(CountBody {
         query: c.query,
@@ -344,8 +349,7 @@ pub(crate) async fn overlap(
     let a = analytics(&state)?;
     let params = query_params(query.as_deref(), &["segments", "within"])?;
     let within = within_param(a, &params)?;
-    let list = param(&params, "segments")
-        .ok_or_else(|| ApiError::invalid("missing query parameter segments"))?;
+    let list = required(&params, "segments")?;
     let o = a
         .overlap(userseg_usecase::analytics::split_segments(list), within)
         .await?;

@@ -286,7 +286,7 @@ pub fn validate_key_name(name: &str) -> Result<(), String> {
 
 impl KeySet {
     /// One admin key (what `API_TOKEN` means).
-    pub fn admin_token(name: &str, token: &str) -> KeySet {
+    pub(crate) fn admin_token(name: &str, token: &str) -> KeySet {
         KeySet {
             keys: vec![Key {
                 name: name.to_owned(),

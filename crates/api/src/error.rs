@@ -31,19 +31,19 @@ impl ApiError {
 
     /// A role asked for something it does not serve (a USS for estimates, an ES for ingest):
     /// over HTTP the route is not found on this process.
-    pub fn not_served(what: &str) -> Self {
+    pub(crate) fn not_served(what: &str) -> Self {
         Self::new(
             ErrorKind::NotFound,
             format!("this process does not serve {what}"),
         )
     }
 
-    pub fn with_index(mut self, index: Option<usize>) -> Self {
+    pub(crate) fn with_index(mut self, index: Option<usize>) -> Self {
         self.index = index;
         self
     }
 
-    pub fn http_status(&self) -> StatusCode {
+    pub(crate) fn http_status(&self) -> StatusCode {
         match self.kind {
             ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -56,7 +56,7 @@ impl ApiError {
         }
     }
 
-    pub fn grpc_code(&self) -> tonic::Code {
+    pub(crate) fn grpc_code(&self) -> tonic::Code {
         match self.kind {
             ErrorKind::InvalidArgument | ErrorKind::PayloadTooLarge => tonic::Code::InvalidArgument,
             ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,

@@ -85,7 +85,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Builds the rustls server configuration from the files (ALPN h2 and http/1.1).
-pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+pub(crate) fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let chain = certs("TLS_CERT_FILE", &files.cert)?;
     let key_pem = read("TLS_KEY_FILE", &files.key)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {

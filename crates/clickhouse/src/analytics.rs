@@ -45,10 +45,11 @@ pub(crate) mod sql {
             .join(", ")
     }
 
-    /// `(segment String, last_seen UInt32)` of the user's live memberships, by segment.
+    /// `(segment String, last_seen UInt32)` of the user's live memberships, by segment, from
+    /// the copy of the pairs ordered by user.
     pub fn user_segments(db: &str, user_id: &str, after: Option<u32>) -> String {
         format!(
-            "SELECT segment, toUInt32(max(ts)) FROM {db}.pairs \
+            "SELECT segment, toUInt32(max(ts)) FROM {db}.pairs_by_user \
              WHERE user_id = {user} AND {time} GROUP BY segment ORDER BY segment FORMAT RowBinary",
             user = quote_string(user_id),
             time = ts_filter(after),
@@ -132,16 +133,20 @@ pub(crate) mod sql {
         )
     }
 
-    /// `(i UInt8, j UInt8, users UInt64)` for `1 <= i <= j <= names.len()`: the users in both
-    /// `names[i-1]` and `names[j-1]`, pairs without users left out. Each live user's segments
-    /// among `names` become an array `s`; every pair of its elements is counted once.
+    /// `(i UInt8, j UInt8, users UInt64)` for `0 <= i <= j < names.len()`: the users in both
+    /// `names[i]` and `names[j]`, pairs without users left out. Each live user's memberships
+    /// among `names` become a mask `m` (as for expressions); users are counted by mask (a few
+    /// thousand distinct masks for millions of users), and each mask's set bits `b` give the
+    /// pairs it adds its count to. The answer is at most 64·65/2 rows whatever the data.
     pub fn overlap(db: &str, names: &[&str], after: Option<u32>) -> String {
         format!(
-            "SELECT i, j, toUInt64(count()) FROM \
-             (SELECT i, arrayJoin(s) AS j FROM (SELECT arrayJoin(s) AS i, s FROM \
-             (SELECT groupUniqArray(toUInt8(indexOf([{list}], segment))) AS s FROM {db}.pairs \
-             WHERE segment IN ({list}) AND {time} GROUP BY user_id))) \
-             WHERE i <= j GROUP BY i, j FORMAT RowBinary",
+            "SELECT toUInt8(i), toUInt8(j), toUInt64(sum(c)) FROM \
+             (SELECT i, arrayJoin(b) AS j, c FROM (SELECT arrayJoin(b) AS i, b, c FROM \
+             (SELECT arrayFilter(k -> bitAnd(bitShiftRight(m, k), 1) = 1, range({n})) AS b, count() AS c FROM \
+             (SELECT groupBitOr({bit}) AS m FROM {db}.pairs WHERE segment IN ({list}) AND {time} GROUP BY user_id) \
+             GROUP BY m))) WHERE i <= j GROUP BY i, j FORMAT RowBinary",
+            n = names.len(),
+            bit = segment_bit(names),
             list = list(names),
             time = ts_filter(after),
         )
@@ -317,13 +322,13 @@ impl ClickHouseStore {
                 let i = usize::from(r.u8().map_err(ClickHouseError::Decode)?);
                 let j = usize::from(r.u8().map_err(ClickHouseError::Decode)?);
                 let users = r.u64().map_err(ClickHouseError::Decode)?;
-                if i == 0 || j == 0 || i > n || j > n {
+                if i >= n || j >= n {
                     return Err(ClickHouseError::Decode(format!(
-                        "overlap returned segment indexes ({i}, {j}) outside 1..={n}"
+                        "overlap returned segment indexes ({i}, {j}) outside 0..{n}"
                     )));
                 }
-                both[i - 1][j - 1] = users;
-                both[j - 1][i - 1] = users;
+                both[i][j] = users;
+                both[j][i] = users;
             }
         }
         let both: Vec<Vec<u64>> = index
@@ -468,7 +473,7 @@ mod tests {
     fn lookups_and_counts_escape_their_names() {
         assert_eq!(
             sql::user_segments("`d`", "o'b\\", Some(7)),
-            "SELECT segment, toUInt32(max(ts)) FROM `d`.pairs WHERE user_id = 'o\\'b\\\\' \
+            "SELECT segment, toUInt32(max(ts)) FROM `d`.pairs_by_user WHERE user_id = 'o\\'b\\\\' \
              AND ts > toDateTime(7) GROUP BY segment ORDER BY segment FORMAT RowBinary"
         );
         assert_eq!(
@@ -511,13 +516,14 @@ mod tests {
     }
 
     #[test]
-    fn overlap_counts_pairs_of_each_users_segments() {
+    fn overlap_counts_users_by_mask() {
         assert_eq!(
             sql::overlap("`d`", &["a", "b'"], Some(3)),
-            "SELECT i, j, toUInt64(count()) FROM (SELECT i, arrayJoin(s) AS j FROM \
-             (SELECT arrayJoin(s) AS i, s FROM (SELECT groupUniqArray(toUInt8(indexOf(['a', 'b\\''], segment))) AS s \
-             FROM `d`.pairs WHERE segment IN ('a', 'b\\'') AND ts > toDateTime(3) GROUP BY user_id))) \
-             WHERE i <= j GROUP BY i, j FORMAT RowBinary"
+            "SELECT toUInt8(i), toUInt8(j), toUInt64(sum(c)) FROM (SELECT i, arrayJoin(b) AS j, c FROM \
+             (SELECT arrayJoin(b) AS i, b, c FROM (SELECT arrayFilter(k -> bitAnd(bitShiftRight(m, k), 1) = 1, range(2)) AS b, \
+             count() AS c FROM (SELECT groupBitOr(bitShiftLeft(toUInt64(indexOf(['a', 'b\\''], segment) > 0), \
+             (indexOf(['a', 'b\\''], segment) + 63) % 64)) AS m FROM `d`.pairs WHERE segment IN ('a', 'b\\'') \
+             AND ts > toDateTime(3) GROUP BY user_id) GROUP BY m))) WHERE i <= j GROUP BY i, j FORMAT RowBinary"
         );
     }
 

@@ -341,12 +341,6 @@ impl Expr {
             Expr::Or(v) => v.iter().any(|e| e.matches(is_member)),
         }
     }
-
-    /// [`Expr::matches`] with the segments given by their index in [`Expr::segments`], for
-    /// evaluators that work on sets: `is_member(i)` is membership of `segments()[i]`.
-    pub fn matches_indexed(&self, segments: &[&str], is_member: &impl Fn(usize) -> bool) -> bool {
-        self.matches(&|s| segments.iter().position(|x| *x == s).is_some_and(is_member))
-    }
 }
 
 fn is_keyword(s: &str) -> bool {
@@ -535,11 +529,6 @@ mod tests {
         let member = |s: &str| s == "a";
         assert!(!e.matches(&member));
         assert!(Expr::parse("a AND NOT b").unwrap().matches(&member));
-        let segs = e.segments();
-        assert_eq!(
-            e.matches_indexed(&segs, &|i| segs[i] == "c"),
-            e.matches(&|s| s == "c")
-        );
     }
 
     fn arb_expr() -> impl Strategy<Value = Expr> {

@@ -5,37 +5,15 @@
 //!
 //! cargo run --release -p userseg-embedded --example analytics -- [pairs] [segments] [users]
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use userseg_domain::{Expr, Pair, Window, Within};
+use common::{latency_ms, rss_bytes, Rng, Scale};
+use userseg_domain::{Expr, Within};
 use userseg_embedded::MemStore;
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn ms(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1e3
-}
 
 /// p50 / p99 / max in milliseconds of `n` runs of `f`.
 fn timed(n: usize, mut f: impl FnMut(usize)) -> serde_json::Value {
@@ -46,7 +24,9 @@ fn timed(n: usize, mut f: impl FnMut(usize)) -> serde_json::Value {
         t.push(s.elapsed());
     }
     t.sort();
-    serde_json::json!({"p50": ms(&t, 0.5), "p99": ms(&t, 0.99), "max": ms(&t, 1.0), "runs": n})
+    let mut latency = latency_ms(&t);
+    latency["runs"] = n.into();
+    latency
 }
 
 #[derive(serde::Serialize)]
@@ -56,47 +36,14 @@ struct Line<'a> {
 }
 
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.replace('_', "").parse().ok())
-        .collect();
-    let pairs = *args.first().unwrap_or(&10_000_000);
-    let segments = *args.get(1).unwrap_or(&500);
-    let users = *args.get(2).unwrap_or(&(pairs / 5).max(1));
-    let window = Window::DEFAULT;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let harmonic: f64 = (1..=segments).map(|k| 1.0 / k as f64).sum();
-    let sizes: Vec<u64> = (1..=segments)
-        .map(|k| ((pairs as f64 / harmonic) / k as f64).max(1.0) as u64)
-        .map(|s| s.min(users))
-        .collect();
+    let scale = Scale::from_args();
+    let (segments, users, window, now) = (scale.segments, scale.users, scale.window, scale.now);
+    let sizes = &scale.sizes;
 
     let rss0 = rss_bytes();
     let store = Arc::new(MemStore::new(window));
-    let mut rng = Rng(0x9e3779b97f4a7c15);
-    let mut batch = Vec::with_capacity(100_000);
-    for (k, &size) in sizes.iter().enumerate() {
-        let segment = format!("segment-{k:03}");
-        let stride = (rng.next() % users.max(2)) | 1;
-        let mut u = rng.next() % users;
-        for _ in 0..size {
-            u = (u + stride) % users;
-            batch.push(Pair {
-                user_id: format!("user-{u:012}"),
-                segment: segment.clone(),
-                ts: now - (rng.next() % (13 * 86_400)) as i64,
-            });
-            if batch.len() == batch.capacity() {
-                let _ = store.apply(&batch);
-                batch.clear();
-            }
-        }
-    }
-    let _ = store.apply(&batch);
-    drop(batch);
+    let mut rng = Rng::new();
+    scale.fill(&store, &mut rng);
     let rss1 = rss_bytes();
     let mem = store.memory();
     let live = mem.live_pairs;
@@ -188,6 +135,7 @@ fn main() {
         "{}",
         serde_json::json!({
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "requested_pairs": scale.pairs,
             "live_pairs": live,
             "users": mem.users,
             "segments": segments,

@@ -3,90 +3,24 @@
 //!
 //! cargo run --release -p userseg-embedded --example scale -- [pairs] [segments] [users]
 
-use std::time::{Duration, Instant};
+mod common;
 
-use userseg_domain::{Pair, Window};
+use std::time::Instant;
+
+use common::{latency_ms, rss_bytes, Rng, Scale};
 use userseg_embedded::store::snapshot;
 use userseg_embedded::MemStore;
 
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
-/// xorshift: cheap deterministic randomness.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1e3
-}
-
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.replace('_', "").parse().ok())
-        .collect();
-    let pairs = *args.first().unwrap_or(&10_000_000);
-    let segments = *args.get(1).unwrap_or(&500);
-    let users = *args.get(2).unwrap_or(&(pairs / 5).max(1));
-    let window = Window::DEFAULT;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-
-    // Segment sizes follow a Zipf-like law: segment k gets a share ∝ 1/(k+1).
-    let harmonic: f64 = (1..=segments).map(|k| 1.0 / k as f64).sum();
-    let sizes: Vec<u64> = (1..=segments)
-        .map(|k| ((pairs as f64 / harmonic) / k as f64).max(1.0) as u64)
-        .map(|s| s.min(users))
-        .collect();
-    let total: u64 = sizes.iter().sum();
+    let scale = Scale::from_args();
+    let (pairs, segments, window, now) = (scale.pairs, scale.segments, scale.window, scale.now);
+    // Pairs generated in all (a segment holds at most every user).
+    let total: u64 = scale.sizes.iter().sum();
 
     let rss0 = rss_bytes();
     let store = MemStore::new(window);
-    let mut rng = Rng(0x9e3779b97f4a7c15);
     let started = Instant::now();
-    let mut batch = Vec::with_capacity(100_000);
-    let mut applying = Duration::ZERO;
-    for (k, &size) in sizes.iter().enumerate() {
-        let segment = format!("segment-{k:03}");
-        // Distinct users per segment: a random stride walk over the user space.
-        let stride = (rng.next() % users.max(2)) | 1;
-        let mut u = rng.next() % users;
-        for _ in 0..size {
-            u = (u + stride) % users;
-            batch.push(Pair {
-                user_id: format!("user-{u:012}"),
-                segment: segment.clone(),
-                ts: now - (rng.next() % (13 * 86_400)) as i64,
-            });
-            if batch.len() == batch.capacity() {
-                let t = Instant::now();
-                let _ = store.apply(&batch);
-                applying += t.elapsed();
-                batch.clear();
-            }
-        }
-    }
-    let t = Instant::now();
-    let _ = store.apply(&batch);
-    applying += t.elapsed();
-    drop(batch);
+    let applying = scale.fill(&store, &mut Rng::new());
     let ingest = started.elapsed();
     let rss1 = rss_bytes();
     let mem = store.memory();
@@ -143,8 +77,8 @@ fn main() {
             "accounted_bytes_per_live_pair": (mem.member_bytes + mem.dict_bytes) as f64 / live as f64,
             "member_bytes_per_live_pair": mem.member_bytes as f64 / live as f64,
             "dict_bytes_per_user": mem.dict_bytes as f64 / mem.users.max(1) as f64,
-            "estimate_all_ms": {"p50": percentile(&all, 0.5), "p99": percentile(&all, 0.99), "max": percentile(&all, 1.0)},
-            "estimate_one_ms": {"p50": percentile(&one, 0.5), "p99": percentile(&one, 0.99), "max": percentile(&one, 1.0)},
+            "estimate_all_ms": latency_ms(&all),
+            "estimate_one_ms": latency_ms(&one),
             "snapshot_write_seconds": snap_write.as_secs_f64(),
             "snapshot_bytes": snap_bytes,
             "restart_from_snapshot_seconds": snap_load.as_secs_f64(),

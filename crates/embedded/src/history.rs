@@ -172,11 +172,6 @@ impl FileHistory {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Bytes on disk (all files).
-    pub fn disk_bytes(&self) -> u64 {
-        self.lock().days.values().map(|d| d.len).sum()
-    }
-
     /// Bytes appended since open.
     pub fn appended_bytes(&self) -> u64 {
         self.lock().appended

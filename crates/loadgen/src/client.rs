@@ -22,7 +22,7 @@ use userseg_usecase::{Clock, SystemClock};
 
 /// Why a request failed, and whether trying again later may help.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SendError {
+pub(crate) struct SendError {
     /// The gRPC code (e.g. `RESOURCE_EXHAUSTED`), `http_<status>`, or `transport`.
     pub kind: String,
     pub message: String,
@@ -31,7 +31,7 @@ pub struct SendError {
 }
 
 /// The upper-snake name of a gRPC code, as in the gRPC spec.
-pub fn code_name(code: Code) -> &'static str {
+pub(crate) fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",
@@ -128,7 +128,7 @@ impl Codec for PreEncoded {
 
 /// The connection details shared by every client of a run.
 #[derive(Clone, Debug)]
-pub struct Target {
+pub(crate) struct Target {
     /// `http://host:port` or `https://host:port`, no trailing slash.
     pub base: String,
     /// `Bearer <token>`.
@@ -140,7 +140,11 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn new(url: &str, token: Option<&str>, ca_pem: Option<Vec<u8>>) -> Result<Target, String> {
+    pub(crate) fn new(
+        url: &str,
+        token: Option<&str>,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<Target, String> {
         let base = url.trim().trim_end_matches('/').to_string();
         if !base.starts_with("http://") && !base.starts_with("https://") {
             return Err(format!(
@@ -167,7 +171,10 @@ impl Target {
     }
 
     /// Presents this client certificate (PEM certificate, PEM key) to an https target.
-    pub fn with_identity(mut self, identity: Option<(Vec<u8>, Vec<u8>)>) -> Result<Target, String> {
+    pub(crate) fn with_identity(
+        mut self,
+        identity: Option<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Target, String> {
         if let Some((cert, key)) = &identity {
             reqwest::Identity::from_pem(&[cert.as_slice(), b"\n", key.as_slice()].concat())
                 .map_err(|e| format!("LOAD_CERT_FILE / LOAD_KEY_FILE: {e}"))?;
@@ -187,7 +194,7 @@ impl Target {
     }
 
     /// A gRPC connection (one HTTP/2 connection per worker, so the server can spread them).
-    pub async fn channel(&self) -> Result<Channel, String> {
+    pub(crate) async fn channel(&self) -> Result<Channel, String> {
         let mut endpoint =
             Endpoint::from_shared(self.base.clone()).map_err(|e| format!("LOAD_TARGET: {e}"))?;
         if self.base.starts_with("https://") {
@@ -218,7 +225,7 @@ impl Target {
             })
     }
 
-    pub fn http_client(&self) -> Result<reqwest::Client, String> {
+    pub(crate) fn http_client(&self) -> Result<reqwest::Client, String> {
         let mut builder = reqwest::Client::builder();
         if let Some((cert, key)) = &self.identity {
             let pem = [cert.as_slice(), b"\n", key.as_slice()].concat();
@@ -243,7 +250,7 @@ impl Target {
 }
 
 /// One worker's connection.
-pub enum Pusher {
+pub(crate) enum Pusher {
     GrpcStream(tonic::client::Grpc<Channel>),
     GrpcUnary(tonic::client::Grpc<Channel>),
     Http {
@@ -263,14 +270,14 @@ const PUSH_STREAM: &str = "/userseg.v1.Segments/PushStream";
 
 /// One encoded request body (or stream message), and the pairs it carries.
 #[derive(Clone, Debug)]
-pub struct Body {
+pub(crate) struct Body {
     pub bytes: Bytes,
     pub pairs: u64,
 }
 
 /// The outcome of [`Pusher::send`].
 #[derive(Debug)]
-pub struct Sent {
+pub(crate) struct Sent {
     /// The pairs the server accepted, or why the unit failed.
     pub result: Result<u64, SendError>,
     /// `Some(n)` when the gate held back the bodies from index `n` on (their slot was after
@@ -329,7 +336,12 @@ impl Pusher {
     /// Sends one unit: the bodies of one stream (PushStream), or exactly one body (Push, HTTP).
     /// With a gate (`--rate`), each body waits for its slot first. Returns the pairs the server
     /// accepted, and whether the gate held bodies back.
-    pub async fn send(&mut self, target: &Target, bodies: &[Body], mut gate: Option<Gate>) -> Sent {
+    pub(crate) async fn send(
+        &mut self,
+        target: &Target,
+        bodies: &[Body],
+        mut gate: Option<Gate>,
+    ) -> Sent {
         let mut began: Option<Instant> = None;
         let mut cut: Option<usize> = None;
         let mut released: Vec<i64> = Vec::with_capacity(bodies.len());
@@ -459,7 +471,7 @@ fn transport(e: tonic::transport::Error) -> SendError {
 
 /// The server's counts of every segment it lists.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Listing {
+pub(crate) struct Listing {
     pub segments: HashMap<String, u64>,
     pub exact: bool,
     pub window_seconds: u64,
@@ -481,13 +493,13 @@ struct JsonSegment {
 }
 
 /// Lists the counts, by gRPC `ListEstimates` or `GET /v1/segments` (exact mode).
-pub enum Lister {
+pub(crate) enum Lister {
     Grpc(SegmentsClient<Channel>),
     Http(reqwest::Client),
 }
 
 impl Lister {
-    pub async fn list(&mut self, target: &Target) -> Result<Listing, SendError> {
+    pub(crate) async fn list(&mut self, target: &Target) -> Result<Listing, SendError> {
         match self {
             Lister::Grpc(client) => {
                 let r = client

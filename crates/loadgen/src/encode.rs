@@ -9,7 +9,7 @@ use crate::workload::GenPair;
 
 /// Characters allowed in the user id and segment prefixes: the segment name alphabet, which
 /// needs no escaping in JSON either.
-pub fn valid_prefix(p: &str) -> bool {
+pub(crate) fn valid_prefix(p: &str) -> bool {
     p.bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }

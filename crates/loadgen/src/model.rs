@@ -140,7 +140,7 @@ pub struct Comparison {
 
 /// Compares `actual(segment name)` (0 when the server does not list it) with `expected`, whose
 /// index `s` is the segment named `names[s]`.
-pub fn compare(
+pub(crate) fn compare(
     names: &[Box<str>],
     expected: &[Expected],
     actual: impl Fn(&str) -> u64,

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 /// How far the schedule may lag behind the clock: the largest catch-up burst, in time at the
 /// configured rate.
-pub const MAX_DEBT: Duration = Duration::from_secs(1);
+pub(crate) const MAX_DEBT: Duration = Duration::from_secs(1);
 
 /// The longest step a single batch moves the schedule by, so that absurdly low rates cannot
 /// overflow the clock arithmetic (such a run waits "forever" either way).
@@ -28,7 +28,7 @@ const MAX_STEP_SECS: f64 = 1e9;
 
 /// The shared schedule of a run.
 #[derive(Debug)]
-pub struct Pacer {
+pub(crate) struct Pacer {
     /// Pairs per second, finite and > 0.
     rate: f64,
     max_debt: Duration,
@@ -38,11 +38,11 @@ pub struct Pacer {
 
 impl Pacer {
     /// A pacer for `rate` pairs per second (finite, > 0), with the default [`MAX_DEBT`].
-    pub fn new(rate: f64) -> Pacer {
+    pub(crate) fn new(rate: f64) -> Pacer {
         Pacer::with_max_debt(rate, MAX_DEBT)
     }
 
-    pub fn with_max_debt(rate: f64, max_debt: Duration) -> Pacer {
+    pub(crate) fn with_max_debt(rate: f64, max_debt: Duration) -> Pacer {
         Pacer {
             rate,
             max_debt,
@@ -71,14 +71,18 @@ impl Pacer {
 
 /// A worker's handle on the pacer: also knows the run's deadline and its stop signal.
 #[derive(Clone, Debug)]
-pub struct Gate {
+pub(crate) struct Gate {
     pacer: Arc<Pacer>,
     deadline: Option<Instant>,
     stop: watch::Receiver<bool>,
 }
 
 impl Gate {
-    pub fn new(pacer: Arc<Pacer>, deadline: Option<Instant>, stop: watch::Receiver<bool>) -> Gate {
+    pub(crate) fn new(
+        pacer: Arc<Pacer>,
+        deadline: Option<Instant>,
+        stop: watch::Receiver<bool>,
+    ) -> Gate {
         Gate {
             pacer,
             deadline,
@@ -88,7 +92,7 @@ impl Gate {
 
     /// The same gate ignoring the deadline: for re-sending bodies the server may already have
     /// seen.
-    pub fn without_deadline(self) -> Gate {
+    pub(crate) fn without_deadline(self) -> Gate {
         Gate {
             deadline: None,
             ..self
@@ -97,7 +101,7 @@ impl Gate {
 
     /// Waits for the slot of a batch of `pairs`. `false`: do not send it, because its slot is
     /// at or after the deadline, or the run is stopping (which also ends the wait early).
-    pub async fn pass(&mut self, pairs: u64) -> bool {
+    pub(crate) async fn pass(&mut self, pairs: u64) -> bool {
         if *self.stop.borrow() {
             return false;
         }

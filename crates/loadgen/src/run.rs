@@ -47,12 +47,12 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 /// The seed of worker `id`'s generator.
-pub fn worker_seed(seed: u64, id: usize) -> u64 {
+pub(crate) fn worker_seed(seed: u64, id: usize) -> u64 {
     splitmix(seed ^ splitmix(id as u64 + 1))
 }
 
 /// How many pairs worker `id` of `n` sends out of `total`.
-pub fn quota(total: u64, n: usize, id: usize) -> u64 {
+pub(crate) fn quota(total: u64, n: usize, id: usize) -> u64 {
     let n = n as u128;
     let id = id as u128;
     let t = u128::from(total);
@@ -61,7 +61,7 @@ pub fn quota(total: u64, n: usize, id: usize) -> u64 {
 
 /// The margin kept between the oldest ts sent and the server's expiry, so that pairs stay valid
 /// while in flight (and through a few retries).
-pub fn ts_margin(window: u64) -> u64 {
+pub(crate) fn ts_margin(window: u64) -> u64 {
     (window / 100).clamp(2, 300)
 }
 
@@ -459,58 +459,10 @@ async fn verify(args: &LoadArgs, ctx: &Ctx, lister: &mut Lister, counts: &Target
 
 pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
     args.validate()?;
-    let ca_pem = match &args.ca_file {
-        Some(path) => Some(std::fs::read(path).map_err(|e| {
-            LoadError::Config(format!("LOAD_CA_FILE: cannot read {}: {e}", path.display()))
-        })?),
-        None => None,
-    };
-    let read = |var: &str, path: &std::path::Path| {
-        std::fs::read(path)
-            .map_err(|e| LoadError::Config(format!("{var}: cannot read {}: {e}", path.display())))
-    };
-    let identity = match (&args.cert_file, &args.key_file) {
-        (Some(cert), Some(key)) => {
-            Some((read("LOAD_CERT_FILE", cert)?, read("LOAD_KEY_FILE", key)?))
-        }
-        _ => None,
-    };
-    let target = Target::new(&args.target, args.token.as_deref(), ca_pem.clone())
-        .map_err(LoadError::Config)?
-        .with_identity(identity.clone())
-        .map_err(LoadError::Config)?;
+    let (target, counts) = targets(&args)?;
     let total = args.total_pairs();
-
-    // The server's window: needed to keep every ts acceptable, and to verify.
-    // Counts (and the window) come from --verify-target when given: in the distributed mode
-    // the ingest service does not serve estimates.
-    let counts = match &args.verify_target {
-        Some(url) => Target::new(url, args.token.as_deref(), ca_pem).map_err(LoadError::Config)?,
-        None => target.clone(),
-    };
     let mut lister = lister(&args, &counts).await?;
-    let mut spread = args.ts_spread.as_secs();
-    if spread > 0 || args.verify {
-        let listing = list_once(&mut lister, &counts).await?;
-        let w = listing.window_seconds;
-        let max_age = w.saturating_sub(ts_margin(w));
-        if spread > max_age {
-            eprintln!(
-                "warning: LOAD_TS_SPREAD: {spread} s reaches past the server's window of {w} s \
-                 (older pairs are rejected); using {max_age} s"
-            );
-            spread = max_age;
-        }
-    } else if args.protocol == Protocol::Http {
-        // A connectivity check (gRPC connects its channels below).
-        let client = target.http_client().map_err(LoadError::Config)?;
-        if let Err(e) = client.get(format!("{}/healthz", target.base)).send().await {
-            return Err(LoadError::Connect {
-                target: target.base.clone(),
-                message: e.to_string(),
-            });
-        }
-    }
+    let spread = ts_spread(&args, &target, &counts, &mut lister).await?;
 
     let workload = Workload::new(
         args.users,
@@ -560,26 +512,7 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
         let q = total.map(|t| quota(t, args.concurrency, id));
         handles.push(tokio::spawn(worker(ctx.clone(), id, p, q)));
     }
-    let ticker = {
-        let ctx = ctx.clone();
-        let pb = pb.clone();
-        let timed = total.is_none();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tick.tick().await;
-                let accepted = ctx.accepted.load(Ordering::Relaxed);
-                if timed {
-                    let el = started.elapsed();
-                    pb.set_position(el.as_millis() as u64);
-                    let rate = accepted as f64 / el.as_secs_f64().max(1e-3);
-                    pb.set_message(format!("{accepted} pairs, {rate:.0} pairs/s"));
-                } else {
-                    pb.set_position(accepted);
-                }
-            }
-        })
-    };
+    let ticker = spawn_ticker(ctx.clone(), pb.clone(), started, total.is_none());
     let mut stats = Stats::new();
     for h in handles {
         match h.await {
@@ -591,8 +524,111 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
     ticker.abort();
     pb.finish_and_clear();
 
+    let mut summary = summarize(&args, &target, spread, &stats, elapsed);
+    summary.fatal = lock(&ctx.fatal).clone();
+    if args.verify && summary.fatal.is_none() {
+        summary.verify = Some(verify(&args, &ctx, &mut lister, &counts).await);
+    }
+    report(&args, summary)
+}
+
+/// Where to push, and where to read counts (and the window) from: `--verify-target` when
+/// given (in the distributed mode the ingest service does not serve estimates), else the same.
+fn targets(args: &LoadArgs) -> Result<(Target, Target), LoadError> {
+    let ca_pem = match &args.ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            LoadError::Config(format!("LOAD_CA_FILE: cannot read {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let read = |var: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| LoadError::Config(format!("{var}: cannot read {}: {e}", path.display())))
+    };
+    let identity = match (&args.cert_file, &args.key_file) {
+        (Some(cert), Some(key)) => {
+            Some((read("LOAD_CERT_FILE", cert)?, read("LOAD_KEY_FILE", key)?))
+        }
+        _ => None,
+    };
+    let target = Target::new(&args.target, args.token.as_deref(), ca_pem.clone())
+        .map_err(LoadError::Config)?
+        .with_identity(identity)
+        .map_err(LoadError::Config)?;
+    let counts = match &args.verify_target {
+        Some(url) => Target::new(url, args.token.as_deref(), ca_pem).map_err(LoadError::Config)?,
+        None => target.clone(),
+    };
+    Ok((target, counts))
+}
+
+/// The spread of event times, kept inside the server's window (asked for when needed: to
+/// keep every ts acceptable, and to verify); otherwise a connectivity check over HTTP (gRPC
+/// connects its channels when the pushers are made).
+async fn ts_spread(
+    args: &LoadArgs,
+    target: &Target,
+    counts: &Target,
+    lister: &mut Lister,
+) -> Result<u64, LoadError> {
+    let mut spread = args.ts_spread.as_secs();
+    if spread > 0 || args.verify {
+        let listing = list_once(lister, counts).await?;
+        let w = listing.window_seconds;
+        let max_age = w.saturating_sub(ts_margin(w));
+        if spread > max_age {
+            eprintln!(
+                "warning: LOAD_TS_SPREAD: {spread} s reaches past the server's window of {w} s \
+                 (older pairs are rejected); using {max_age} s"
+            );
+            spread = max_age;
+        }
+    } else if args.protocol == Protocol::Http {
+        let client = target.http_client().map_err(LoadError::Config)?;
+        if let Err(e) = client.get(format!("{}/healthz", target.base)).send().await {
+            return Err(LoadError::Connect {
+                target: target.base.clone(),
+                message: e.to_string(),
+            });
+        }
+    }
+    Ok(spread)
+}
+
+/// Shows progress every 200 ms: pairs (a run of N pairs) or time and rate (a timed run).
+fn spawn_ticker(
+    ctx: Arc<Ctx>,
+    pb: ProgressBar,
+    started: Instant,
+    timed: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let accepted = ctx.accepted.load(Ordering::Relaxed);
+            if timed {
+                let el = started.elapsed();
+                pb.set_position(el.as_millis() as u64);
+                let rate = accepted as f64 / el.as_secs_f64().max(1e-3);
+                pb.set_message(format!("{accepted} pairs, {rate:.0} pairs/s"));
+            } else {
+                pb.set_position(accepted);
+            }
+        }
+    })
+}
+
+/// The run's summary from the workers' statistics (no fatal error, not verified yet).
+fn summarize(
+    args: &LoadArgs,
+    target: &Target,
+    spread: u64,
+    stats: &Stats,
+    elapsed: Duration,
+) -> Summary {
     let q = |q: f64| stats.latency_us.value_at_quantile(q) as f64 / 1000.0;
-    let mut summary = Summary {
+    Summary {
         protocol: args.protocol.as_str(),
         target: target.base.clone(),
         users: args.users,
@@ -621,13 +657,15 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
             p99_ms: q(0.99),
             max_ms: stats.latency_us.max() as f64 / 1000.0,
         },
-        errors: stats.errors,
-        fatal: lock(&ctx.fatal).clone(),
+        errors: stats.errors.clone(),
+        fatal: None,
         verify: None,
-    };
-    if args.verify && summary.fatal.is_none() {
-        summary.verify = Some(verify(&args, &ctx, &mut lister, &counts).await);
     }
+}
+
+/// Prints the summary (JSON or text) and turns a fatal error or a failed verification into
+/// the run's error.
+fn report(args: &LoadArgs, summary: Summary) -> Result<Summary, LoadError> {
     if args.json {
         print(&format!("{}\n", summary.to_json()));
     } else {

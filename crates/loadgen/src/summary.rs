@@ -187,60 +187,68 @@ impl Summary {
             let _ = writeln!(s, "  STOPPED     {f}");
         }
         if let Some(v) = &self.verify {
-            let c = &v.comparison;
-            let verdict = match (&v.error, v.ok, c.mismatches.is_empty()) {
-                (Some(e), _, _) => format!("FAILED: {e}"),
-                (None, true, true) => format!("OK: {} segments match", c.segments_checked),
-                (None, true, false) => format!(
-                    "{} of {} segments differ, but the server's counts are not exact",
-                    c.mismatches.len(),
-                    c.segments_checked
-                ),
-                (None, false, _) => format!(
-                    "FAILED: {} of {} segments differ",
-                    c.mismatches.len(),
-                    c.segments_checked
-                ),
-            };
-            let _ = writeln!(s, "  verify      {verdict}");
-            let _ = writeln!(
-                s,
-                "              as_of {}, window {} s, tolerance {} s at expiry and {} s ahead ({} memberships near an edge), largest relative error {:.6}",
-                v.as_of,
-                v.window_seconds,
-                v.tolerance.expiry,
-                v.tolerance.now,
-                c.uncertain,
-                c.max_relative_error
-            );
-            let expired = v.memberships.saturating_sub(c.expected_users);
-            let _ = writeln!(
-                s,
-                "              users summed over segments: server {}, expected {} (of {} memberships sent, {} expired)",
-                thousands(c.actual_users),
-                thousands(c.expected_users),
-                thousands(v.memberships),
-                thousands(expired)
-            );
-            let _ = writeln!(
-                s,
-                "              {} polls over {:.2} s; model {:.1} MiB",
-                v.polls,
-                v.waited_secs,
-                v.model_bytes as f64 / (1 << 20) as f64
-            );
-            for m in c.mismatches.iter().take(10) {
-                let _ = writeln!(
-                    s,
-                    "              {}: server {} expected {} (range {}..={})",
-                    m.segment, m.actual, m.expected, m.expected_min, m.expected_max
-                );
-            }
-            if c.mismatches.len() > 10 {
-                let _ = writeln!(s, "              ... and {} more", c.mismatches.len() - 10);
-            }
+            v.human(&mut s);
         }
         s
+    }
+}
+
+impl VerifyReport {
+    /// The verification's lines of [`Summary::human`].
+    fn human(&self, s: &mut String) {
+        let v = self;
+        let c = &v.comparison;
+        let verdict = match (&v.error, v.ok, c.mismatches.is_empty()) {
+            (Some(e), _, _) => format!("FAILED: {e}"),
+            (None, true, true) => format!("OK: {} segments match", c.segments_checked),
+            (None, true, false) => format!(
+                "{} of {} segments differ, but the server's counts are not exact",
+                c.mismatches.len(),
+                c.segments_checked
+            ),
+            (None, false, _) => format!(
+                "FAILED: {} of {} segments differ",
+                c.mismatches.len(),
+                c.segments_checked
+            ),
+        };
+        let _ = writeln!(s, "  verify      {verdict}");
+        let _ = writeln!(
+            s,
+            "              as_of {}, window {} s, tolerance {} s at expiry and {} s ahead ({} memberships near an edge), largest relative error {:.6}",
+            v.as_of,
+            v.window_seconds,
+            v.tolerance.expiry,
+            v.tolerance.now,
+            c.uncertain,
+            c.max_relative_error
+        );
+        let expired = v.memberships.saturating_sub(c.expected_users);
+        let _ = writeln!(
+            s,
+            "              users summed over segments: server {}, expected {} (of {} memberships sent, {} expired)",
+            thousands(c.actual_users),
+            thousands(c.expected_users),
+            thousands(v.memberships),
+            thousands(expired)
+        );
+        let _ = writeln!(
+            s,
+            "              {} polls over {:.2} s; model {:.1} MiB",
+            v.polls,
+            v.waited_secs,
+            v.model_bytes as f64 / (1 << 20) as f64
+        );
+        for m in c.mismatches.iter().take(10) {
+            let _ = writeln!(
+                s,
+                "              {}: server {} expected {} (range {}..={})",
+                m.segment, m.actual, m.expected, m.expected_min, m.expected_max
+            );
+        }
+        if c.mismatches.len() > 10 {
+            let _ = writeln!(s, "              ... and {} more", c.mismatches.len() - 10);
+        }
     }
 }
 
@@ -290,5 +298,48 @@ mod tests {
         assert_eq!(v["rate_limit_pairs_per_sec"], 200_000.0);
         assert_eq!(v["pairs_per_sec"], 199_000.0);
         assert_eq!(rate(0.5), "0.5");
+    }
+
+    #[test]
+    fn verify_lines() {
+        let mismatch = |k: u64| crate::model::Mismatch {
+            segment: format!("seg-{k}"),
+            actual: 5,
+            expected: 7,
+            expected_min: 6,
+            expected_max: 8,
+        };
+        let s = Summary {
+            protocol: "http",
+            verify: Some(VerifyReport {
+                ok: false,
+                exact: true,
+                memberships: 1000,
+                comparison: Comparison {
+                    segments_checked: 20,
+                    expected_users: 900,
+                    actual_users: 880,
+                    mismatches: (0..12).map(mismatch).collect(),
+                    ..Comparison::default()
+                },
+                ..VerifyReport::default()
+            }),
+            ..Summary::default()
+        };
+        let h = s.human();
+        assert!(
+            h.contains("  verify      FAILED: 12 of 20 segments differ\n"),
+            "{h}"
+        );
+        assert!(
+            h.contains("server 880, expected 900 (of 1,000 memberships sent, 100 expired)"),
+            "{h}"
+        );
+        assert!(
+            h.contains("seg-9: server 5 expected 7 (range 6..=8)\n"),
+            "{h}"
+        );
+        assert!(!h.contains("seg-10:"), "{h}");
+        assert!(h.contains("... and 2 more\n"), "{h}");
     }
 }

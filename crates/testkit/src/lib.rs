@@ -7,6 +7,8 @@ use std::sync::Once;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub mod process;
+pub mod tansu;
+pub mod tls;
 
 pub use process::Proc;
 

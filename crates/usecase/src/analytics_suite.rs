@@ -6,177 +6,20 @@
 //! All times and lookbacks are multiples of 60 s and the window is 14 days, so stores that
 //! bucket time by up to 60 s must match the exact model exactly.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use userseg_domain::{Expr, Pair, UnixSeconds, UserDeletion, Window, Within};
+use rand::Rng;
+use userseg_domain::{Expr, Pair, UnixSeconds, UserDeletion, Within};
 
-use crate::{
-    HistoryPoint, HistoryStore, Member, Membership, Overlap, SegmentAnalytics, SegmentCount,
-    SegmentWriter,
-};
-
-/// The exact meaning of every analytics read, by brute force: the latest ts of each
-/// (user, segment), scanned in full for every question.
-#[derive(Clone, Debug)]
-pub struct Model {
-    pub window: Window,
-    latest: HashMap<(String, String), UnixSeconds>,
-}
-
-impl Model {
-    pub fn new(window: Window) -> Model {
-        Model {
-            window,
-            latest: HashMap::new(),
-        }
-    }
-
-    pub fn apply(&mut self, pairs: &[Pair]) {
-        for p in pairs {
-            let e = self
-                .latest
-                .entry((p.user_id.clone(), p.segment.clone()))
-                .or_insert(p.ts);
-            *e = (*e).max(p.ts);
-        }
-    }
-
-    pub fn delete(&mut self, users: &[String]) {
-        let users: HashSet<&String> = users.iter().collect();
-        self.latest.retain(|(u, _), _| !users.contains(u));
-    }
-
-    fn within(&self, within: Option<Within>) -> Within {
-        within.unwrap_or(Within::full(self.window))
-    }
-
-    /// Live `(user, segment, latest ts)`.
-    pub fn live(
-        &self,
-        at: UnixSeconds,
-        within: Option<Within>,
-    ) -> impl Iterator<Item = (&str, &str, UnixSeconds)> + '_ {
-        let w = self.within(within);
-        self.latest
-            .iter()
-            .filter(move |(_, ts)| w.is_live(**ts, at))
-            .map(|((u, s), ts)| (u.as_str(), s.as_str(), *ts))
-    }
-
-    fn sets(
-        &self,
-        at: UnixSeconds,
-        within: Option<Within>,
-    ) -> (HashSet<&str>, HashMap<&str, HashSet<&str>>) {
-        let mut universe = HashSet::new();
-        let mut by_segment: HashMap<&str, HashSet<&str>> = HashMap::new();
-        for (u, s, _) in self.live(at, within) {
-            universe.insert(u);
-            by_segment.entry(s).or_default().insert(u);
-        }
-        (universe, by_segment)
-    }
-
-    pub fn user_segments(&self, user: &str, at: UnixSeconds) -> Vec<Membership> {
-        let mut out: Vec<Membership> = self
-            .live(at, None)
-            .filter(|(u, _, _)| *u == user)
-            .map(|(_, s, ts)| Membership {
-                segment: s.to_owned(),
-                last_seen: ts,
-                expires_at: ts + self.window.secs() as i64,
-            })
-            .collect();
-        out.sort_by(|a, b| a.segment.cmp(&b.segment));
-        out
-    }
-
-    pub fn count(&self, segment: &str, at: UnixSeconds, within: Option<Within>) -> u64 {
-        self.live(at, within)
-            .filter(|(_, s, _)| *s == segment)
-            .count() as u64
-    }
-
-    pub fn count_all(&self, at: UnixSeconds, within: Option<Within>) -> Vec<SegmentCount> {
-        let mut m: BTreeMap<&str, u64> = BTreeMap::new();
-        for (_, s, _) in self.live(at, within) {
-            *m.entry(s).or_default() += 1;
-        }
-        m.into_iter()
-            .map(|(s, users)| SegmentCount {
-                segment: s.to_owned(),
-                users,
-            })
-            .collect()
-    }
-
-    pub fn count_expr(&self, expr: &Expr, at: UnixSeconds, within: Option<Within>) -> u64 {
-        let (universe, by_segment) = self.sets(at, within);
-        universe
-            .iter()
-            .filter(|u| expr.matches(&|s| by_segment.get(s).is_some_and(|m| m.contains(*u))))
-            .count() as u64
-    }
-
-    pub fn overlap(&self, segments: &[String], at: UnixSeconds, within: Option<Within>) -> Overlap {
-        let (_, by_segment) = self.sets(at, within);
-        let empty = HashSet::new();
-        let sets: Vec<&HashSet<&str>> = segments
-            .iter()
-            .map(|s| by_segment.get(s.as_str()).unwrap_or(&empty))
-            .collect();
-        Overlap {
-            users: sets.iter().map(|s| s.len() as u64).collect(),
-            both: sets
-                .iter()
-                .map(|a| {
-                    sets.iter()
-                        .map(|b| a.intersection(b).count() as u64)
-                        .collect()
-                })
-                .collect(),
-        }
-    }
-
-    /// Live members, sorted by user id.
-    pub fn members(&self, segment: &str, at: UnixSeconds, within: Option<Within>) -> Vec<Member> {
-        let mut out: Vec<Member> = self
-            .live(at, within)
-            .filter(|(_, s, _)| *s == segment)
-            .map(|(u, _, ts)| Member {
-                user_id: u.to_owned(),
-                last_seen: ts,
-            })
-            .collect();
-        out.sort_by(|a, b| a.user_id.cmp(&b.user_id));
-        out
-    }
-}
+use crate::suite_model::{pair, Workload, W};
+pub use crate::suite_model::{window, Model, T0};
+use crate::{HistoryPoint, HistoryStore, Member, SegmentAnalytics, SegmentCount, SegmentWriter};
 
 /// A store under test: the writing side and the analytics side of one instance.
 pub struct SuiteAnalytics {
     pub writer: Arc<dyn SegmentWriter>,
     pub analytics: Arc<dyn SegmentAnalytics>,
-}
-
-/// The window every suite test uses.
-pub fn window() -> Window {
-    Window::DEFAULT
-}
-
-const W: i64 = 14 * 86_400;
-/// A minute-aligned start time (2025-11-24T00:00:00Z).
-pub const T0: UnixSeconds = 1_763_942_400;
-
-fn pair(user: &str, segment: &str, ts: UnixSeconds) -> Pair {
-    Pair {
-        user_id: user.into(),
-        segment: segment.into(),
-        ts,
-    }
 }
 
 fn within(secs: u64) -> Option<Within> {
@@ -540,51 +383,32 @@ fn random_expr(rng: &mut StdRng, segments: usize, depth: u32) -> Expr {
 /// random lookbacks, a random expression, the overlap of random segments, a random user's
 /// memberships, a random segment's members) is compared with the model.
 pub async fn random_workloads_match_brute_force_model(s: SuiteAnalytics, seed: u64, steps: usize) {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut load = Workload::new(seed, 3..80, 2..7);
     let mut m = Model::new(window());
-    let mut sent: Vec<Pair> = Vec::new();
-    let mut now = T0;
-    let users = rng.random_range(3..80);
-    let segments = rng.random_range(2..7);
     for step in 0..steps {
-        let ctx = format!("seed {seed} step {step} at {now}");
-        match rng.random_range(0..12) {
+        let ctx = format!("seed {seed} step {step} at {}", load.now);
+        match load.rng.random_range(0..12) {
             0..=5 => {
-                let n = rng.random_range(1..60);
-                let batch: Vec<Pair> = (0..n)
-                    .map(|_| {
-                        if !sent.is_empty() && rng.random_bool(0.2) {
-                            sent[rng.random_range(0..sent.len())].clone()
-                        } else {
-                            let minutes = rng.random_range(-(W / 60 - 1)..=5);
-                            pair(
-                                &format!("user-{}", rng.random_range(0..users)),
-                                &format!("seg-{}", rng.random_range(0..segments)),
-                                now + minutes * 60,
-                            )
-                        }
-                    })
-                    .collect();
-                sent.extend(batch.iter().cloned());
+                let batch = load.batch(1..60, 0.2);
                 s.write(&mut m, batch).await;
             }
             6 => {
-                let n = rng.random_range(1..4);
-                let ids: Vec<String> = (0..n)
-                    .map(|_| format!("user-{}", rng.random_range(0..users + 2)))
-                    .collect();
+                let n = load.rng.random_range(1..4);
+                let ids: Vec<String> = (0..n).map(|_| load.user(2)).collect();
                 let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
                 s.delete(&mut m, &refs).await;
             }
-            7..=8 => now += rng.random_range(0..=3 * 24 * 60) * 60,
-            _ => now += rng.random_range(0..=5) * 60,
+            7..=8 => load.days_pass(),
+            _ => load.minutes_pass(),
         }
+        let (now, segments) = (load.now, load.segments as usize);
+        let rng = &mut load.rng;
         let w = match rng.random_range(0..4) {
             0 => None,
             _ => within(rng.random_range(1..=W / 60) as u64 * 60),
         };
         s.check_all(&m, now, w, &ctx).await;
-        let e = random_expr(&mut rng, segments, 3);
+        let e = random_expr(rng, segments, 3);
         assert_eq!(
             s.analytics
                 .count_expr(&e, now, w)
@@ -600,15 +424,16 @@ pub async fn random_workloads_match_brute_force_model(s: SuiteAnalytics, seed: u
             m.overlap(&segs, now, w),
             "{ctx}: overlap within {w:?}"
         );
-        let user = format!("user-{}", rng.random_range(0..users));
+        let user = load.user(0);
         assert_eq!(
             s.analytics.user_segments(&user, now).await.expect("lookup"),
             m.user_segments(&user, now),
             "{ctx}: segments of {user}"
         );
-        let seg = format!("seg-{}", rng.random_range(0..segments));
+        let seg = load.segment();
+        let chunk = load.rng.random_range(1..50);
         assert_eq!(
-            s.export(&seg, now, w, rng.random_range(1..50)).await,
+            s.export(&seg, now, w, chunk).await,
             m.members(&seg, now, w),
             "{ctx}: members of {seg} within {w:?}"
         );
@@ -723,48 +548,21 @@ pub async fn history_prunes_before_retention(h: Arc<dyn HistoryStore>) {
 }
 
 /// Generates one `#[tokio::test]` per analytics suite case. `$make` is an async fn taking the
-/// suite's [`Window`] and returning a fresh [`SuiteAnalytics`].
+/// suite's [`window`] and returning a fresh [`SuiteAnalytics`].
 #[macro_export]
 macro_rules! analytics_test_suite {
     ($make:ident, seeds = $seeds:expr, steps = $steps:expr) => {
         mod analytics_suite {
             use $crate::analytics_suite as suite;
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn user_lookup_lists_live_memberships_sorted() {
-                suite::user_lookup_lists_live_memberships_sorted(
-                    super::$make(suite::window()).await,
-                )
-                .await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn within_counts_only_recent_memberships() {
-                suite::within_counts_only_recent_memberships(super::$make(suite::window()).await)
-                    .await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn expressions_follow_set_semantics() {
-                suite::expressions_follow_set_semantics(super::$make(suite::window()).await).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn overlap_is_the_symmetric_intersection_matrix() {
-                suite::overlap_is_the_symmetric_intersection_matrix(
-                    super::$make(suite::window()).await,
-                )
-                .await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn export_streams_every_live_member_once() {
-                suite::export_streams_every_live_member_once(super::$make(suite::window()).await)
-                    .await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn deleted_users_count_nowhere_until_new_pairs() {
-                suite::deleted_users_count_nowhere_until_new_pairs(
-                    super::$make(suite::window()).await,
-                )
-                .await;
-            }
+            $crate::__suite_tests!(suite, super::$make(suite::window()).await;
+                user_lookup_lists_live_memberships_sorted,
+                within_counts_only_recent_memberships,
+                expressions_follow_set_semantics,
+                overlap_is_the_symmetric_intersection_matrix,
+                export_streams_every_live_member_once,
+                deleted_users_count_nowhere_until_new_pairs,
+            );
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn random_workloads_match_brute_force_model() {
                 for seed in 0..$seeds {
@@ -788,18 +586,11 @@ macro_rules! history_test_suite {
         mod history_suite {
             use $crate::analytics_suite as suite;
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn history_steps_hold_their_latest_sample() {
-                suite::history_steps_hold_their_latest_sample(super::$make().await).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn history_keeps_one_sample_per_tick() {
-                suite::history_keeps_one_sample_per_tick(super::$make().await).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn history_prunes_before_retention() {
-                suite::history_prunes_before_retention(super::$make().await).await;
-            }
+            $crate::__suite_tests!(suite, super::$make().await;
+                history_steps_hold_their_latest_sample,
+                history_keeps_one_sample_per_tick,
+                history_prunes_before_retention,
+            );
         }
     };
 }

@@ -145,12 +145,6 @@ impl HistorySampler {
         }
     }
 
-    /// The first tick strictly after `t`.
-    pub fn next_tick(&self, t: UnixSeconds) -> UnixSeconds {
-        let i = self.config.interval.max(1) as i64;
-        (t.div_euclid(i) + 1) * i
-    }
-
     /// Records the sample of tick `at` and prunes samples older than the retention.
     pub async fn sample(&self, at: UnixSeconds) -> Result<(), PortError> {
         let (counts, _) = self.counter.count_all(at, Mode::Exact).await?;

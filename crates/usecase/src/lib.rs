@@ -16,6 +16,8 @@ pub mod ports;
 pub mod processor;
 #[cfg(feature = "testsuite")]
 pub mod store_suite;
+#[cfg(feature = "testsuite")]
+pub mod suite_model;
 
 pub use analytics::{
     Analytics, AnalyticsError, CountList, Export, ExprCount, OverlapAnswer, UserSegments,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use userseg_domain::{Pair, UserDeletion};
 
 use crate::{
-    Backoff, Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, PairSource,
+    Backoff, Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, Message, PairSource,
     PortError, SegmentWriter,
 };
 
@@ -129,6 +129,42 @@ impl FlushReason {
 /// The batch was given up because the processor is stopping; it stays uncommitted.
 struct Abandoned;
 
+/// Why the consuming loop ended.
+enum Stop {
+    /// Cancelled, or the source closed: write what is pending, within the shutdown grace.
+    Finish,
+    /// A write was given up: what is pending stays uncommitted too.
+    Abandoned,
+}
+
+/// The pending batch (filling) and the batch being written.
+struct Batches<'a, P> {
+    pairs: Vec<Pair>,
+    /// The positions of every message in the pending batch, committed once it is written.
+    positions: Vec<P>,
+    /// When the log made each pending message durable (for the ingest → applied lag).
+    logged: Vec<SystemTime>,
+    /// A deletion ends the batch: the pairs before it are written first, then it.
+    deletion: Option<UserDeletion>,
+    /// When the pending batch is due (`flush_interval` after its first message).
+    deadline: Option<Instant>,
+    /// The batch being written, and the positions to commit once it is.
+    inflight: Option<(WriteFuture<'a>, Vec<P>)>,
+}
+
+impl<P> Default for Batches<'_, P> {
+    fn default() -> Self {
+        Batches {
+            pairs: Vec::new(),
+            positions: Vec::new(),
+            logged: Vec::new(),
+            deletion: None,
+            deadline: None,
+            inflight: None,
+        }
+    }
+}
+
 /// A batch being written in the background.
 type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Abandoned>> + Send + 'a>>;
 
@@ -156,144 +192,23 @@ impl BatchProcessor {
     /// One batch is written while the next one fills, so consuming and writing overlap;
     /// positions are still committed in order, each only after its batch was written.
     pub async fn run<S: PairSource>(&self, mut source: S, cancel: CancellationToken) -> S {
-        let mut pairs: Vec<Pair> = Vec::new();
-        let mut positions: Vec<S::Position> = Vec::new();
-        // When the log made each buffered message durable (for the ingest → applied lag).
-        let mut logged: Vec<SystemTime> = Vec::new();
-        let mut deadline: Option<Instant> = None;
-        // A deletion ends the batch: the pairs before it are written first, then it.
-        let mut deletion: Option<UserDeletion> = None;
-        let mut source_backoff = self.backoff();
         // Writes keep retrying until the shutdown grace has passed after `cancel`.
         let write_stop = CancellationToken::new();
-        let grace_timer = {
-            let (cancel, write_stop) = (cancel.clone(), write_stop.clone());
-            let grace = self.config.shutdown_grace;
-            tokio::spawn(async move {
-                cancel.cancelled().await;
-                tokio::time::sleep(grace).await;
-                write_stop.cancel();
-            })
-        };
-        let mut inflight: Option<(WriteFuture<'_>, Vec<S::Position>)> = None;
-        let mut abandoned = false;
-        loop {
-            let timer = tokio::time::sleep_until(
-                deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
-            );
-            let flush = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                written = async {
-                    match inflight.as_mut() {
-                        Some((write, _)) => write.await,
-                        None => std::future::pending().await,
-                    }
-                }, if inflight.is_some() => {
-                    let done = inflight.take().map(|(_, p)| p).unwrap_or_default();
-                    if written.is_err() {
-                        abandoned = true;
-                        break;
-                    }
-                    self.commit(&mut source, done).await;
-                    // Group commit: what arrived during the write goes now if nothing else waits.
-                    (!positions.is_empty() && source.is_drained()).then_some(FlushReason::Drained)
-                }
-                _ = timer, if deadline.is_some() => Some(FlushReason::Interval),
-                next = source.next() => match next {
-                    Ok(Some(msg)) => {
-                        source_backoff.reset();
-                        positions.push(msg.position);
-                        match msg.content {
-                            Content::Pairs(p) => {
-                                pairs.extend(p);
-                                logged.extend(msg.logged_at);
-                            }
-                            Content::Delete(d) => deletion = Some(d),
-                            Content::Invalid { payload, reason } => {
-                                let letter = DeadLetter {
-                                    payload: DeadPayload::Raw(payload),
-                                    kind: reason.kind(),
-                                    reason: reason.to_string(),
-                                    attempts: 0,
-                                };
-                                if self.dead_letter(Some(&mut source), letter, &cancel).await.is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                        // Full, a deletion, or (read-your-writes) nothing else is waiting and no
-                        // write is in flight: write now instead of waiting for the timer.
-                        if pairs.len() >= self.config.batch_size {
-                            Some(FlushReason::Size)
-                        } else if deletion.is_some() {
-                            Some(FlushReason::Deletion)
-                        } else if inflight.is_none() && source.is_drained() {
-                            Some(FlushReason::Drained)
-                        } else {
-                            None
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "source failed; retrying");
-                        source.idle(source_backoff.pause()).await;
-                        None
-                    }
-                },
-            };
-            if let Some(reason) = flush {
-                reason.count();
-                // At most one write in flight: wait for the previous one (keeping the source
-                // alive), commit it, then start this one.
-                if let Some((write, done)) = inflight.take() {
-                    if Self::wait_alive(&mut source, write).await.is_err() {
-                        abandoned = true;
-                        break;
-                    }
-                    self.commit(&mut source, done).await;
-                }
-                let done = std::mem::take(&mut positions);
-                if let Some(d) = deletion.take() {
-                    // In log order: the pairs before the deletion, then the deletion.
-                    if self
-                        .write_then_delete::<S>(
-                            std::mem::take(&mut pairs),
-                            std::mem::take(&mut logged),
-                            d,
-                            &write_stop,
-                        )
-                        .await
-                        .is_err()
-                    {
-                        abandoned = true;
-                        break;
-                    }
-                    self.commit(&mut source, done).await;
-                } else if pairs.is_empty() {
-                    // Only dead letters: nothing to write.
-                    logged.clear();
-                    self.commit(&mut source, done).await;
-                } else {
-                    let batch: Arc<[Pair]> = std::mem::take(&mut pairs).into();
-                    let logged = std::mem::take(&mut logged);
-                    inflight = Some((
-                        Box::pin(self.write_batch::<S>(batch, logged, write_stop.clone())),
-                        done,
-                    ));
-                }
-                deadline = None;
-            } else if deadline.is_none() && !positions.is_empty() {
-                deadline = Some(Instant::now() + self.config.flush_interval);
+        let grace_timer = self.grace_timer(&cancel, &write_stop);
+        let mut batches = Batches::default();
+        let mut stop = self
+            .consume(&mut source, &mut batches, &cancel, &write_stop)
+            .await;
+        if let Stop::Finish = stop {
+            if self
+                .finish(&mut source, batches, &write_stop)
+                .await
+                .is_err()
+            {
+                stop = Stop::Abandoned;
             }
         }
-        if !abandoned {
-            abandoned = self
-                .finish(&mut source, inflight, pairs, positions, logged, &write_stop)
-                .await
-                .is_err();
-        }
-        if abandoned {
+        if let Stop::Abandoned = stop {
             tracing::warn!(
                 "abandoned unwritten batches on shutdown; they stay uncommitted and are delivered again"
             );
@@ -302,17 +217,190 @@ impl BatchProcessor {
         source
     }
 
+    /// Cancels `write_stop` once the shutdown grace has passed after `cancel`.
+    fn grace_timer(
+        &self,
+        cancel: &CancellationToken,
+        write_stop: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let (cancel, write_stop) = (cancel.clone(), write_stop.clone());
+        let grace = self.config.shutdown_grace;
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            tokio::time::sleep(grace).await;
+            write_stop.cancel();
+        })
+    }
+
+    /// The consuming loop: collects messages into the pending batch and flushes it when it is
+    /// full, due, or nothing else waits, until told to stop.
+    async fn consume<'a, S: PairSource>(
+        &'a self,
+        source: &mut S,
+        batches: &mut Batches<'a, S::Position>,
+        cancel: &CancellationToken,
+        write_stop: &CancellationToken,
+    ) -> Stop {
+        let mut source_backoff = self.backoff();
+        loop {
+            match self
+                .collect(source, batches, &mut source_backoff, cancel)
+                .await
+            {
+                Err(stop) => return stop,
+                Ok(Some(reason)) => {
+                    reason.count();
+                    if self.flush(source, batches, write_stop).await.is_err() {
+                        return Stop::Abandoned;
+                    }
+                }
+                Ok(None) => {
+                    if batches.deadline.is_none() && !batches.positions.is_empty() {
+                        batches.deadline = Some(Instant::now() + self.config.flush_interval);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the next event: a stop, the end of the write in flight (committed here), the
+    /// flush timer, or a message (added to the pending batch). Says whether to flush now.
+    async fn collect<S: PairSource>(
+        &self,
+        source: &mut S,
+        batches: &mut Batches<'_, S::Position>,
+        source_backoff: &mut Backoff,
+        cancel: &CancellationToken,
+    ) -> Result<Option<FlushReason>, Stop> {
+        let deadline = batches.deadline;
+        let timer = tokio::time::sleep_until(
+            deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
+        );
+        let inflight = &mut batches.inflight;
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(Stop::Finish),
+            written = async {
+                match inflight.as_mut() {
+                    Some((write, _)) => write.await,
+                    None => std::future::pending().await,
+                }
+            }, if inflight.is_some() => {
+                let done = batches.inflight.take().map(|(_, p)| p).unwrap_or_default();
+                if written.is_err() {
+                    return Err(Stop::Abandoned);
+                }
+                self.commit(source, done).await;
+                // Group commit: what arrived during the write goes now if nothing else waits.
+                Ok((!batches.positions.is_empty() && source.is_drained())
+                    .then_some(FlushReason::Drained))
+            }
+            _ = timer, if deadline.is_some() => Ok(Some(FlushReason::Interval)),
+            next = source.next() => match next {
+                Ok(Some(msg)) => {
+                    source_backoff.reset();
+                    self.add(source, batches, msg, cancel).await
+                }
+                Ok(None) => Err(Stop::Finish),
+                Err(e) => {
+                    tracing::warn!(error = %e, "source failed; retrying");
+                    source.idle(source_backoff.pause()).await;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    /// Adds a message to the pending batch (an undecodable one goes to the dead letters) and
+    /// says whether to flush now: the batch is full, a deletion ends it, or (read-your-writes)
+    /// nothing else is waiting and no write is in flight.
+    async fn add<S: PairSource>(
+        &self,
+        source: &mut S,
+        batches: &mut Batches<'_, S::Position>,
+        msg: Message<S::Position>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<FlushReason>, Stop> {
+        batches.positions.push(msg.position);
+        match msg.content {
+            Content::Pairs(p) => {
+                batches.pairs.extend(p);
+                batches.logged.extend(msg.logged_at);
+            }
+            Content::Delete(d) => batches.deletion = Some(d),
+            Content::Invalid { payload, reason } => {
+                let letter = DeadLetter {
+                    payload: DeadPayload::Raw(payload),
+                    kind: reason.kind(),
+                    reason: reason.to_string(),
+                    attempts: 0,
+                };
+                if self
+                    .dead_letter(Some(source), letter, cancel)
+                    .await
+                    .is_err()
+                {
+                    return Err(Stop::Finish);
+                }
+            }
+        }
+        Ok(if batches.pairs.len() >= self.config.batch_size {
+            Some(FlushReason::Size)
+        } else if batches.deletion.is_some() {
+            Some(FlushReason::Deletion)
+        } else if batches.inflight.is_none() && source.is_drained() {
+            Some(FlushReason::Drained)
+        } else {
+            None
+        })
+    }
+
+    /// Flushes the pending batch. At most one write is in flight: the previous one is awaited
+    /// (keeping the source alive) and committed first. A deletion is applied in log order (the
+    /// pairs before it, then it) and committed; a batch of pairs starts writing in the
+    /// background; a batch of dead letters only is committed at once.
+    async fn flush<'a, S: PairSource>(
+        &'a self,
+        source: &mut S,
+        batches: &mut Batches<'a, S::Position>,
+        write_stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        if let Some((write, done)) = batches.inflight.take() {
+            Self::wait_alive(source, write).await?;
+            self.commit(source, done).await;
+        }
+        batches.deadline = None;
+        let pairs = std::mem::take(&mut batches.pairs);
+        let logged = std::mem::take(&mut batches.logged);
+        let done = std::mem::take(&mut batches.positions);
+        if let Some(deletion) = batches.deletion.take() {
+            self.write_then_delete::<S>(pairs, logged, deletion, write_stop)
+                .await?;
+            self.commit(source, done).await;
+        } else if pairs.is_empty() {
+            self.commit(source, done).await;
+        } else {
+            let write = self.write_batch::<S>(pairs.into(), logged, write_stop.clone());
+            batches.inflight = Some((Box::pin(write), done));
+        }
+        Ok(())
+    }
+
     /// Stopping: finishes the write in flight and then the pending batch, within the grace
     /// period, committing each once written.
     async fn finish<S: PairSource>(
         &self,
         source: &mut S,
-        inflight: Option<(WriteFuture<'_>, Vec<S::Position>)>,
-        pairs: Vec<Pair>,
-        positions: Vec<S::Position>,
-        logged: Vec<SystemTime>,
+        batches: Batches<'_, S::Position>,
         write_stop: &CancellationToken,
     ) -> Result<(), Abandoned> {
+        let Batches {
+            pairs,
+            positions,
+            logged,
+            inflight,
+            ..
+        } = batches;
         if let Some((write, done)) = inflight {
             write.await?;
             self.commit(source, done).await;
@@ -414,6 +502,27 @@ impl BatchProcessor {
         }
     }
 
+    /// Records a confirmed write: health, counters, write time, ingest → applied lag.
+    fn written(&self, pairs: usize, started: std::time::Instant, logged: Vec<SystemTime>) {
+        self.health.recovered();
+        let health = &self.health.0;
+        health
+            .pairs_written
+            .fetch_add(pairs as u64, Ordering::Relaxed);
+        health.batches_written.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("userseg_processor_pairs_written_total").increment(pairs as u64);
+        metrics::counter!("userseg_processor_batches_written_total").increment(1);
+        metrics::histogram!("userseg_processor_batch_pairs").record(pairs as f64);
+        metrics::histogram!("userseg_processor_write_seconds").record(started.elapsed());
+        let applied = SystemTime::now();
+        let lag = metrics::histogram!("userseg_processor_applied_lag_seconds");
+        for t in logged {
+            lag.record(applied.duration_since(t).unwrap_or_default());
+        }
+    }
+
+    /// Writes a batch, retrying transient failures until `stop` and permanent rejections
+    /// `retry_attempts` times, then dead-lettering it.
     async fn write_batch<S: PairSource>(
         &self,
         batch: Arc<[Pair]>,
@@ -427,26 +536,7 @@ impl BatchProcessor {
             let result = self.writer.write(batch.clone()).await;
             match result {
                 Ok(()) => {
-                    self.health.recovered();
-                    self.health
-                        .0
-                        .pairs_written
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    self.health
-                        .0
-                        .batches_written
-                        .fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("userseg_processor_pairs_written_total")
-                        .increment(batch.len() as u64);
-                    metrics::counter!("userseg_processor_batches_written_total").increment(1);
-                    metrics::histogram!("userseg_processor_batch_pairs").record(batch.len() as f64);
-                    metrics::histogram!("userseg_processor_write_seconds")
-                        .record(started.elapsed());
-                    let applied = SystemTime::now();
-                    let lag = metrics::histogram!("userseg_processor_applied_lag_seconds");
-                    for t in logged {
-                        lag.record(applied.duration_since(t).unwrap_or_default());
-                    }
+                    self.written(batch.len(), started, logged);
                     return Ok(());
                 }
                 Err(PortError::Permanent(reason)) => {

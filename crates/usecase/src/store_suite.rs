@@ -4,36 +4,19 @@
 //! All times are multiples of 60 s and the window is 14 days, so stores that bucket time by up to
 //! 60 s must match the exact model exactly.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use userseg_domain::{Pair, UnixSeconds, Window};
+use rand::Rng;
+use userseg_domain::{Pair, UnixSeconds};
 
+use crate::suite_model::{pair, Model, Workload, W};
+pub use crate::suite_model::{window, T0};
 use crate::{Mode, SegmentCount, SegmentCounter, SegmentWriter};
 
 /// A store under test: both sides of one instance.
 pub struct SuiteStore {
     pub writer: Arc<dyn SegmentWriter>,
     pub counter: Arc<dyn SegmentCounter>,
-}
-
-/// The window every suite test uses.
-pub fn window() -> Window {
-    Window::DEFAULT
-}
-
-const W: i64 = 14 * 86_400;
-/// A minute-aligned start time (2025-11-24T00:00:00Z).
-pub const T0: UnixSeconds = 1_763_942_400;
-
-fn pair(user: &str, segment: &str, ts: UnixSeconds) -> Pair {
-    Pair {
-        user_id: user.into(),
-        segment: segment.into(),
-        ts,
-    }
 }
 
 async fn write(s: &SuiteStore, pairs: Vec<Pair>) {
@@ -160,71 +143,40 @@ pub async fn odd_but_valid_names_round_trip(s: SuiteStore) {
 /// against a brute-force model: a user is in a segment at `t` when the latest ts of its pairs
 /// there is newer than `t - window`.
 pub async fn random_streams_match_brute_force_model(s: SuiteStore, seed: u64, steps: usize) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut model: HashMap<(String, String), UnixSeconds> = HashMap::new();
-    let mut sent: Vec<Pair> = Vec::new();
-    let mut now = T0;
-    let users = rng.random_range(3..60);
-    let segments = rng.random_range(1..8);
+    let mut load = Workload::new(seed, 3..60, 1..8);
+    let mut model = Model::new(window());
     for step in 0..steps {
-        match rng.random_range(0..10) {
+        match load.rng.random_range(0..10) {
             0..=5 => {
-                let n = rng.random_range(1..40);
-                let mut batch = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let p = if !sent.is_empty() && rng.random_bool(0.25) {
-                        // A re-send of a pair already written.
-                        sent[rng.random_range(0..sent.len())].clone()
-                    } else {
-                        // Event times anywhere from almost a window ago to 5 minutes ahead.
-                        let minutes = rng.random_range(-(W / 60 - 1)..=5);
-                        pair(
-                            &format!("user-{}", rng.random_range(0..users)),
-                            &format!("seg-{}", rng.random_range(0..segments)),
-                            now + minutes * 60,
-                        )
-                    };
-                    batch.push(p);
-                }
-                for p in &batch {
-                    let e = model
-                        .entry((p.user_id.clone(), p.segment.clone()))
-                        .or_insert(p.ts);
-                    *e = (*e).max(p.ts);
-                }
-                sent.extend(batch.iter().cloned());
+                let batch = load.batch(1..40, 0.25);
+                model.apply(&batch);
                 write(&s, batch).await;
             }
-            6..=7 => now += rng.random_range(0..=3 * 24 * 60) * 60,
-            _ => now += rng.random_range(0..=5) * 60,
+            6..=7 => load.days_pass(),
+            _ => load.minutes_pass(),
         }
-        let mut expected: BTreeMap<String, u64> = BTreeMap::new();
-        for ((_, seg), ts) in &model {
-            if *ts > now - W {
-                *expected.entry(seg.clone()).or_default() += 1;
-            }
-        }
-        let expected: Vec<(String, u64)> = expected.into_iter().collect();
+        let now = load.now;
+        let expected: Vec<(String, u64)> = model
+            .count_all(now, None)
+            .into_iter()
+            .map(|SegmentCount { segment, users }| (segment, users))
+            .collect();
         assert_eq!(
             all(&s, now).await,
             expected,
             "seed {seed} step {step}: count_all at {now}"
         );
-        let probe = format!("seg-{}", rng.random_range(0..segments));
-        let want = expected
-            .iter()
-            .find(|(name, _)| *name == probe)
-            .map_or(0, |(_, n)| *n);
+        let probe = load.segment();
         assert_eq!(
             count(&s, &probe, now).await,
-            want,
+            model.count(&probe, now, None),
             "seed {seed} step {step}: count({probe}) at {now}"
         );
     }
 }
 
 /// Generates one `#[tokio::test]` per suite case. `$make` is an async fn taking the suite's
-/// [`Window`] and returning a fresh [`SuiteStore`]; `$seeds` random-stream cases of `$steps`
+/// [`window`] and returning a fresh [`SuiteStore`]; `$seeds` random-stream cases of `$steps`
 /// steps each are run.
 #[macro_export]
 macro_rules! store_test_suite {
@@ -232,40 +184,14 @@ macro_rules! store_test_suite {
         mod store_suite {
             use $crate::store_suite as suite;
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn empty_store_counts_zero() {
-                suite::empty_store_counts_zero(super::$make(suite::window()).await).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn counts_distinct_users_and_resends_do_not_inflate() {
-                suite::counts_distinct_users_and_resends_do_not_inflate(
-                    super::$make(suite::window()).await,
-                )
-                .await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn membership_expires_exactly_one_window_after_latest_ts() {
-                suite::membership_expires_exactly_one_window_after_latest_ts(
-                    super::$make(suite::window()).await,
-                )
-                .await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn latest_ts_wins_and_backfill_never_shortens() {
-                suite::latest_ts_wins_and_backfill_never_shortens(
-                    super::$make(suite::window()).await,
-                )
-                .await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn list_is_sorted_and_omits_empty_segments() {
-                suite::list_is_sorted_and_omits_empty_segments(super::$make(suite::window()).await)
-                    .await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn odd_but_valid_names_round_trip() {
-                suite::odd_but_valid_names_round_trip(super::$make(suite::window()).await).await;
-            }
+            $crate::__suite_tests!(suite, super::$make(suite::window()).await;
+                empty_store_counts_zero,
+                counts_distinct_users_and_resends_do_not_inflate,
+                membership_expires_exactly_one_window_after_latest_ts,
+                latest_ts_wins_and_backfill_never_shortens,
+                list_is_sorted_and_omits_empty_segments,
+                odd_but_valid_names_round_trip,
+            );
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn random_streams_match_brute_force_model() {
                 for seed in 0..$seeds {

@@ -82,7 +82,7 @@ const SEGMENT_SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Keeps `userseg_segment_users{segment}` current: one gauge per segment, set to 0 when a
 /// segment empties (a gauge cannot be removed; segments number in the hundreds).
-pub fn spawn_segment_gauges(
+pub(crate) fn spawn_segment_gauges(
     estimation: Estimation,
     mode: Mode,
     stop: CancellationToken,
@@ -118,7 +118,7 @@ pub fn spawn_segment_gauges(
 }
 
 /// Keeps `userseg_data_dir_bytes` and `userseg_wal_unapplied_bytes` current (standalone).
-pub fn spawn_data_dir_gauges(
+pub(crate) fn spawn_data_dir_gauges(
     data_dir: PathBuf,
     unapplied: impl Fn() -> u64 + Send + 'static,
     stop: CancellationToken,
@@ -141,7 +141,7 @@ pub fn spawn_data_dir_gauges(
 }
 
 /// Bytes of the regular files under `dir` (not following symlinks); unreadable entries count 0.
-pub fn dir_bytes(dir: &Path) -> u64 {
+fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -6,7 +6,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use userseg_api::{Authenticator, TlsReloader};
 
 /// Reloads `auth`'s keys file and `tls`'s files on every SIGHUP (a no-op for what is unset).
-pub fn on_sighup(auth: Option<Authenticator>, tls: Option<TlsReloader>) -> Result<()> {
+pub(crate) fn on_sighup(auth: Option<Authenticator>, tls: Option<TlsReloader>) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     for what in ["api_keys", "tls"] {
         for result in ["ok", "error"] {
@@ -27,7 +27,7 @@ fn outcome(what: &'static str, ok: bool) {
     metrics::counter!("userseg_reloads_total", "what" => what, "result" => result).increment(1);
 }
 
-pub fn reload(auth: Option<&Authenticator>, tls: Option<&TlsReloader>) {
+pub(crate) fn reload(auth: Option<&Authenticator>, tls: Option<&TlsReloader>) {
     if let Some(auth) = auth {
         if let Some(file) = auth.file() {
             match auth.reload() {

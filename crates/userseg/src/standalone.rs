@@ -1,6 +1,7 @@
 //! Standalone mode: the same use cases as the distributed mode, wired to the embedded adapters
 //! (write-ahead log instead of Kafka, in-memory store with snapshots instead of ClickHouse).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,11 +11,11 @@ use tokio_util::sync::CancellationToken;
 use userseg_api::ApiState;
 use userseg_embedded::{
     open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, FileHistory,
-    WalConfig, WalHandle, WalLog,
+    WalConfig, WalHandle, WalLog, WalSource,
 };
 use userseg_usecase::{
     Analytics, BatchProcessor, Clock, Estimation, History, HistorySampler, Ingest, Mode,
-    SystemClock,
+    ProcessorHealth, SegmentWriter, SystemClock,
 };
 
 use crate::config::StandaloneConfig;
@@ -26,6 +27,25 @@ use crate::server::{self, Server};
 /// finishes in-flight requests, applies everything acknowledged and writes a final snapshot;
 /// [`Server::wait`] returns after that.
 pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result<Server> {
+    start_with(cfg, shutdown, Seams::default()).await
+}
+
+/// What a test may vary in [`start_with`]; the default wires exactly what [`start`] does.
+#[derive(Default)]
+pub struct Seams {
+    /// Stands between the batch processor and the store (e.g. to hold writes back).
+    pub writer: Option<WrapWriter>,
+}
+
+/// Wraps the store the batch processor writes to.
+pub type WrapWriter = Box<dyn FnOnce(Arc<dyn SegmentWriter>) -> Arc<dyn SegmentWriter> + Send>;
+
+/// [`start`], with `seams` in place.
+pub async fn start_with(
+    cfg: StandaloneConfig,
+    shutdown: CancellationToken,
+    seams: Seams,
+) -> Result<Server> {
     let metrics = observability::metrics(observability::Role::Standalone)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let window = cfg.service.window;
@@ -38,21 +58,7 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
     let recovery = opened.recovery;
     let store = EmbeddedStore(opened.store.clone());
 
-    let processor = BatchProcessor::new(
-        Arc::new(store.clone()),
-        Arc::new(FileDeadLetters::new(
-            cfg.data_dir.join("dead-letters.ndjson"),
-        )),
-        cfg.batch.clone(),
-    );
-    let health = processor.health();
-    let processor_stop = CancellationToken::new();
-    let processor_task = {
-        let stop = processor_stop.clone();
-        let source = opened.source;
-        tokio::spawn(async move { processor.run(source, stop).await })
-    };
-
+    let (processor, health) = spawn_processor(&cfg, &store, opened.source, seams);
     let checkpointer = Arc::new(Checkpointer::new(
         &cfg.data_dir,
         opened.store.clone(),
@@ -65,30 +71,17 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
         clock.clone(),
         recovery.snapshot_offset,
     ));
-    let checkpoint_stop = CancellationToken::new();
-    let checkpoint_task = tokio::spawn(checkpointer.clone().run(checkpoint_stop.clone()));
+    let checkpoints = Background::spawn(|stop| checkpointer.clone().run(stop));
+    let (history, sampler) = history(&cfg, &store, &clock)?;
+    let sampling = Background::spawn(|stop| sampler.run(stop));
 
     let log = opened.log;
-    let history_dir = cfg.data_dir.join("history");
-    let history_store = Arc::new(
-        FileHistory::open(&history_dir)
-            .with_context(|| format!("DATA_DIR: cannot open {}", history_dir.display()))?,
-    );
-    let sampler = HistorySampler::new(
-        Arc::new(store.clone()),
-        history_store.clone(),
-        clock.clone(),
-        cfg.history,
-    );
-    let sampler_stop = CancellationToken::new();
-    let sampler_task = tokio::spawn(sampler.run(sampler_stop.clone()));
     let analytics = Analytics::new(
         Arc::new(store.clone()),
         Arc::new(log.clone()),
         clock.clone(),
         window,
     );
-    let history = History::new(history_store, clock.clone(), cfg.history);
     let ingest = Ingest::new(
         Arc::new(log.clone()),
         clock.clone(),
@@ -96,18 +89,7 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
         cfg.service.limits,
     );
     let estimation = Estimation::new(Arc::new(store), clock, window, Duration::ZERO);
-    let gauges_stop = CancellationToken::new();
-    let gauges = [
-        observability::spawn_segment_gauges(estimation.clone(), Mode::Exact, gauges_stop.clone()),
-        {
-            let wal = opened.wal.clone();
-            observability::spawn_data_dir_gauges(
-                cfg.data_dir.clone(),
-                move || wal.written().saturating_sub(wal.committed()),
-                gauges_stop.clone(),
-            )
-        },
-    ];
+    let gauges = spawn_gauges(&cfg, &estimation, &opened.wal);
     let mut state = ApiState::new(Some(ingest), Some(estimation));
     state.analytics = Some(analytics);
     state.history = Some(history);
@@ -126,15 +108,12 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
     // dropping `log` closes the log.
     let lock = opened.lock;
     let teardown = async move {
-        gauges_stop.cancel();
         for g in gauges {
-            let _ = g.await;
+            g.stop().await;
         }
-        sampler_stop.cancel();
-        let _ = sampler_task.await;
-        drain(log, opened.wal, processor_task, processor_stop).await;
-        checkpoint_stop.cancel();
-        let _ = checkpoint_task.await;
+        sampling.stop().await;
+        drain(log, opened.wal, processor).await;
+        checkpoints.stop().await;
         final_snapshot(checkpointer).await;
         drop(lock);
         Ok(())
@@ -149,23 +128,112 @@ pub async fn start(cfg: StandaloneConfig, shutdown: CancellationToken) -> Result
     )
 }
 
+/// A background task that runs until its token is cancelled.
+struct Background<T> {
+    stop: CancellationToken,
+    task: JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Background<T> {
+    fn spawn<F>(run: impl FnOnce(CancellationToken) -> F) -> Background<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(stop.clone()));
+        Background { stop, task }
+    }
+
+    /// Cancels the task and waits for it to end.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The batch processor from the log to the store (through `seams.writer`, if any), running.
+fn spawn_processor(
+    cfg: &StandaloneConfig,
+    store: &EmbeddedStore,
+    source: WalSource,
+    seams: Seams,
+) -> (Background<WalSource>, ProcessorHealth) {
+    let writer: Arc<dyn SegmentWriter> = Arc::new(store.clone());
+    let writer = match seams.writer {
+        Some(wrap) => wrap(writer),
+        None => writer,
+    };
+    let processor = BatchProcessor::new(
+        writer,
+        Arc::new(FileDeadLetters::new(
+            cfg.data_dir.join("dead-letters.ndjson"),
+        )),
+        cfg.batch.clone(),
+    );
+    let health = processor.health();
+    let task = Background::spawn(|stop| async move { processor.run(source, stop).await });
+    (task, health)
+}
+
+/// The history files in DATA_DIR/history: the use case reading them and the sampler writing
+/// them.
+fn history(
+    cfg: &StandaloneConfig,
+    store: &EmbeddedStore,
+    clock: &Arc<dyn Clock>,
+) -> Result<(History, HistorySampler)> {
+    let dir = cfg.data_dir.join("history");
+    let files = Arc::new(
+        FileHistory::open(&dir)
+            .with_context(|| format!("DATA_DIR: cannot open {}", dir.display()))?,
+    );
+    let sampler = HistorySampler::new(
+        Arc::new(store.clone()),
+        files.clone(),
+        clock.clone(),
+        cfg.history,
+    );
+    Ok((History::new(files, clock.clone(), cfg.history), sampler))
+}
+
+/// The per-segment gauges and the data directory's.
+fn spawn_gauges(
+    cfg: &StandaloneConfig,
+    estimation: &Estimation,
+    wal: &WalHandle,
+) -> [Background<()>; 2] {
+    let stop = CancellationToken::new();
+    let segments =
+        observability::spawn_segment_gauges(estimation.clone(), Mode::Exact, stop.clone());
+    let wal = wal.clone();
+    let data_dir = observability::spawn_data_dir_gauges(
+        cfg.data_dir.clone(),
+        move || wal.written().saturating_sub(wal.committed()),
+        stop.clone(),
+    );
+    [
+        Background {
+            stop: stop.clone(),
+            task: segments,
+        },
+        Background {
+            stop,
+            task: data_dir,
+        },
+    ]
+}
+
 /// Closes the log: the writer drains, then the processor reads the end of the log, applies
 /// the rest and stops (cancelled after 20 s).
-async fn drain<S>(
-    log: WalLog,
-    wal: WalHandle,
-    mut processor_task: JoinHandle<S>,
-    processor_stop: CancellationToken,
-) {
+async fn drain(log: WalLog, wal: WalHandle, mut processor: Background<WalSource>) {
     drop(log);
     let joined = tokio::task::spawn_blocking(move || wal.join());
     let _ = tokio::time::timeout(Duration::from_secs(10), joined).await;
-    if tokio::time::timeout(Duration::from_secs(20), &mut processor_task)
+    if tokio::time::timeout(Duration::from_secs(20), &mut processor.task)
         .await
         .is_err()
     {
-        processor_stop.cancel();
-        let _ = processor_task.await;
+        processor.stop().await;
     }
 }
 

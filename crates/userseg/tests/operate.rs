@@ -2,7 +2,6 @@
 //! reloading the keys file (a broken file keeps the old keys), a broken file at start naming
 //! the line, TLS with a certificate rotated on SIGHUP while connections stay open.
 
-#[path = "../../api/tests/support/mod.rs"]
 mod support;
 
 use std::path::Path;

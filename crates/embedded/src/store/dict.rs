@@ -137,7 +137,7 @@ fn entry_at(block: &[u8], mut pos: usize) -> (u32, &[u8], usize) {
 
 /// The live entries of one block (or a copy of it): erased ids (all zero bytes; a valid id never
 /// starts with NUL) are skipped.
-pub fn entries(block: &[u8]) -> impl Iterator<Item = (u32, &[u8])> + '_ {
+pub(super) fn entries(block: &[u8]) -> impl Iterator<Item = (u32, &[u8])> + '_ {
     let mut pos = 0;
     std::iter::from_fn(move || {
         while pos < block.len() {
@@ -338,7 +338,7 @@ impl UserDict {
 
 /// The hash of a user id, as [`UserDict`] and [`Users`] use it.
 #[inline]
-pub fn hash_id(id: &[u8]) -> u64 {
+pub(super) fn hash_id(id: &[u8]) -> u64 {
     FixedState::default().hash_one(id)
 }
 

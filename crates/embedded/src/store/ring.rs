@@ -6,7 +6,7 @@
 
 const BLOCK: usize = 256;
 
-pub struct Ring {
+pub(crate) struct Ring {
     len: i64,
     /// Highest bucket held; the ring holds buckets `(top - len, top]`.
     top: i64,
@@ -20,7 +20,7 @@ pub struct Ring {
 
 impl Ring {
     /// A ring of `len` buckets caching the sum of the top `win` of them.
-    pub fn new(len: i64, win: i64) -> Ring {
+    pub(crate) fn new(len: i64, win: i64) -> Ring {
         let len = len.max(1);
         let nblocks = (len as usize).div_ceil(BLOCK);
         Ring {
@@ -33,7 +33,7 @@ impl Ring {
         }
     }
 
-    pub fn len(&self) -> i64 {
+    pub(crate) fn len(&self) -> i64 {
         self.len
     }
 
@@ -43,12 +43,12 @@ impl Ring {
     }
 
     #[inline]
-    pub fn top(&self) -> i64 {
+    pub(crate) fn top(&self) -> i64 {
         self.top
     }
 
     #[inline]
-    pub fn holds(&self, bucket: i64) -> bool {
+    pub(crate) fn holds(&self, bucket: i64) -> bool {
         bucket > self.top - self.len && bucket <= self.top
     }
 
@@ -58,7 +58,7 @@ impl Ring {
     }
 
     /// Moves the top to `bucket` if it is higher, clearing the slots that come back into use.
-    pub fn advance(&mut self, bucket: i64) {
+    pub(crate) fn advance(&mut self, bucket: i64) {
         if bucket <= self.top {
             return;
         }
@@ -89,7 +89,7 @@ impl Ring {
 
     /// Adds one member to a held bucket.
     #[inline]
-    pub fn inc(&mut self, bucket: i64) {
+    pub(crate) fn inc(&mut self, bucket: i64) {
         debug_assert!(self.holds(bucket));
         let slot = self.slot(bucket);
         let (blk, i) = (slot / BLOCK, slot % BLOCK);
@@ -103,7 +103,7 @@ impl Ring {
 
     /// Removes one member from a held bucket.
     #[inline]
-    pub fn dec(&mut self, bucket: i64) {
+    pub(crate) fn dec(&mut self, bucket: i64) {
         debug_assert!(self.holds(bucket));
         let slot = self.slot(bucket);
         let (blk, i) = (slot / BLOCK, slot % BLOCK);
@@ -144,7 +144,7 @@ impl Ring {
     }
 
     /// Members whose bucket is in `(lo, top]`.
-    pub fn sum_above(&self, lo: i64) -> u64 {
+    pub(crate) fn sum_above(&self, lo: i64) -> u64 {
         let lo = lo.max(self.top - self.len);
         if lo >= self.top {
             return 0;
@@ -173,7 +173,7 @@ impl Ring {
         }
     }
 
-    pub fn memory_bytes(&self) -> usize {
+    pub(crate) fn memory_bytes(&self) -> usize {
         self.blocks.len() * 8
             + self.block_sums.len() * 8
             + self.blocks.iter().filter(|b| b.is_some()).count() * BLOCK * 4

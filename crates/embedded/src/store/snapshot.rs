@@ -228,69 +228,142 @@ fn u64_at<R: Read>(r: &mut R, path: &Path) -> Result<u64, SnapshotError> {
 }
 
 /// Loads the newest snapshot in `dir`, if any: the store and the log offset to replay from.
-pub fn load_latest(dir: &Path, window: Window) -> Result<Option<(MemStore, u64)>, SnapshotError> {
-    let io_err = |source| SnapshotError::Io {
-        path: dir.to_owned(),
-        source,
-    };
-    let Some((_, path)) = list(dir).map_err(io_err)?.pop() else {
+pub(crate) fn load_latest(
+    dir: &Path,
+    window: Window,
+) -> Result<Option<(MemStore, u64)>, SnapshotError> {
+    let Some((_, path)) = list(dir).map_err(io_error(dir))?.pop() else {
         return Ok(None);
     };
     load(&path, window).map(Some)
 }
 
+/// Loads the snapshot at `path`: the store and the log offset to replay from. Every region is
+/// checksummed; a snapshot written with another window is refused.
 pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotError> {
-    let corrupt = |reason: String| SnapshotError::Corrupt {
-        path: path.to_owned(),
-        reason,
+    let io_err = io_error(path);
+    let mut file = File::open(path).map_err(&io_err)?;
+    let footer = read_footer(&mut file, path)?;
+    // Dictionary first: it gives the new, compacted index of every referenced user.
+    let (users, remap) = read_dictionary(&mut file, path, &footer)?;
+    file.seek(SeekFrom::Start(0)).map_err(&io_err)?;
+    let mut r = BufReader::with_capacity(1 << 16, &mut file);
+    let (header, offset) = read_header(&mut r, path, window)?;
+    let records = read_records(&mut r, path, footer.dict_offset)?;
+    drop(r);
+
+    let mut store = MemStore::new(window);
+    let ctx = LoadCtx {
+        path,
+        remap: &remap,
+        // Global indices are below shards × the largest shard (a little above the user count).
+        universe: users.universe(),
+        ring_len: store.ring_len,
+        window_buckets: store.bucketing.window_buckets(),
     };
-    let io_err = |source| SnapshotError::Io {
+    let segs = ctx.load_segments(&records)?;
+    // The segment region's checksum: the header, each record's (combined in file order), the
+    // end tag.
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header);
+    let mut segments = super::write(&store.segments);
+    for (rec, (seg, c)) in records.into_iter().zip(segs) {
+        crc.combine(&c);
+        segments.insert(rec.name.into(), Arc::new(RwLock::new(seg)));
+    }
+    drop(segments);
+    crc.update(&[0]);
+    if crc.finalize() != footer.seg_crc {
+        return Err(corrupt(path, "segment checksum mismatch"));
+    }
+    store.users = users;
+    Ok((store, offset))
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> SnapshotError {
+    SnapshotError::Corrupt {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn io_error(path: &Path) -> impl Fn(io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
         path: path.to_owned(),
         source,
-    };
-    let mut file = File::open(path).map_err(io_err)?;
-    let len = file.metadata().map_err(io_err)?.len();
+    }
+}
+
+/// The snapshot's footer, checked against the file's length.
+struct Footer {
+    /// Where the dictionary starts (the segment region ends one tag byte before).
+    dict_offset: u64,
+    /// The dictionary's length in bytes.
+    dict_len: u64,
+    seg_crc: u32,
+    dict_crc: u32,
+}
+
+fn read_footer(file: &mut File, path: &Path) -> Result<Footer, SnapshotError> {
+    let io_err = io_error(path);
+    let len = file.metadata().map_err(&io_err)?.len();
     if len < 32 + FOOTER_LEN {
-        return Err(corrupt(format!("only {len} bytes")));
+        return Err(corrupt(path, format!("only {len} bytes")));
     }
     file.seek(SeekFrom::Start(len - FOOTER_LEN))
-        .map_err(io_err)?;
+        .map_err(&io_err)?;
     let mut footer = [0u8; FOOTER_LEN as usize];
-    read_exact(&mut file, &mut footer, path)?;
+    read_exact(file, &mut footer, path)?;
     let dict_offset = u64::from_le_bytes(footer[0..8].try_into().unwrap_or_default());
     let seg_crc = u32::from_le_bytes(footer[8..12].try_into().unwrap_or_default());
     let dict_crc = u32::from_le_bytes(footer[12..16].try_into().unwrap_or_default());
     if &footer[16..24] != END_MAGIC {
-        return Err(corrupt("missing end marker".into()));
+        return Err(corrupt(path, "missing end marker"));
     }
     if dict_offset < 32 || dict_offset > len - FOOTER_LEN {
-        return Err(corrupt(format!("bad dictionary offset {dict_offset}")));
+        return Err(corrupt(
+            path,
+            format!("bad dictionary offset {dict_offset}"),
+        ));
     }
+    Ok(Footer {
+        dict_offset,
+        dict_len: len - FOOTER_LEN - dict_offset,
+        seg_crc,
+        dict_crc,
+    })
+}
 
-    // Dictionary first: it gives the new, compacted index of every referenced user. Its
-    // checksum is verified before anything is sized from its contents.
-    file.seek(SeekFrom::Start(dict_offset)).map_err(io_err)?;
-    let dict_len = len - FOOTER_LEN - dict_offset;
+/// Reads the dictionary into a fresh (compacted) one; returns it with the map from each user's
+/// index in the snapshot to its new index. Its checksum is verified before anything is sized
+/// from its contents.
+fn read_dictionary(
+    file: &mut File,
+    path: &Path,
+    footer: &Footer,
+) -> Result<(Users, Vec<u32>), SnapshotError> {
+    let io_err = io_error(path);
+    file.seek(SeekFrom::Start(footer.dict_offset))
+        .map_err(&io_err)?;
     let mut crc = crc32fast::Hasher::new();
-    {
-        let mut r = (&mut file).take(dict_len);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = r.read(&mut buf).map_err(io_err)?;
-            if n == 0 {
-                break;
-            }
-            crc.update(&buf[..n]);
+    let mut r = (&mut *file).take(footer.dict_len);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).map_err(&io_err)?;
+        if n == 0 {
+            break;
         }
+        crc.update(&buf[..n]);
     }
-    if crc.finalize() != dict_crc {
-        return Err(corrupt("dictionary checksum mismatch".into()));
+    if crc.finalize() != footer.dict_crc {
+        return Err(corrupt(path, "dictionary checksum mismatch"));
     }
-    file.seek(SeekFrom::Start(dict_offset)).map_err(io_err)?;
-    let mut r = BufReader::with_capacity(1 << 20, (&mut file).take(dict_len));
+    file.seek(SeekFrom::Start(footer.dict_offset))
+        .map_err(&io_err)?;
+    let mut r = BufReader::with_capacity(1 << 20, (&mut *file).take(footer.dict_len));
     let count = u64_at(&mut r, path)?;
-    if count > dict_len / 6 {
-        return Err(corrupt(format!("dictionary claims {count} users")));
+    if count > footer.dict_len / 6 {
+        return Err(corrupt(path, format!("dictionary claims {count} users")));
     }
     let mut dict = Users::with_capacity(super::SHARDS, count as usize);
     let mut remap: Vec<u32> = Vec::new();
@@ -303,25 +376,31 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
         id.resize(n, 0);
         read_exact(&mut r, &mut id, path)?;
         if std::str::from_utf8(&id).is_err() {
-            return Err(corrupt(format!("user {old} is not UTF-8")));
+            return Err(corrupt(path, format!("user {old} is not UTF-8")));
         }
         let new = dict
             .intern_mut(&id)
-            .ok_or_else(|| corrupt("too many users".into()))?;
+            .ok_or_else(|| corrupt(path, "too many users"))?;
         if old >= remap.len() {
             // Indices are written in increasing order, so this grows the map gradually.
             remap.resize((old + 1).max(remap.len() * 9 / 8), u32::MAX);
         }
         remap[old] = new;
     }
-    drop(r);
+    Ok((dict, remap))
+}
 
-    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
-    let mut r = BufReader::with_capacity(1 << 16, &mut file);
+/// Reads the 32-byte header (at the reader's start); returns it (it opens the segment
+/// region's checksum) with the log offset to replay from.
+fn read_header<R: Read>(
+    r: &mut R,
+    path: &Path,
+    window: Window,
+) -> Result<([u8; 32], u64), SnapshotError> {
     let mut header = [0u8; 32];
-    read_exact(&mut r, &mut header, path)?;
+    read_exact(r, &mut header, path)?;
     if &header[0..8] != MAGIC {
-        return Err(corrupt("not a userseg snapshot".into()));
+        return Err(corrupt(path, "not a userseg snapshot"));
     }
     let field = |i: usize| u64::from_le_bytes(header[i..i + 8].try_into().unwrap_or_default());
     let window_secs = field(16);
@@ -332,38 +411,43 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
             want: window.secs(),
         });
     }
-    let offset = field(24);
+    Ok((header, field(24)))
+}
 
-    // Segment headers first (skipping the bodies), then the bodies in parallel: segments are
-    // independent, and each worker checksums its own records; the checksums are combined in
-    // file order.
+/// Reads the segment records' heads (just after the header), skipping their bodies, up to the
+/// end tag, which must stand just before the dictionary.
+fn read_records<R: Read + Seek>(
+    r: &mut R,
+    path: &Path,
+    dict_offset: u64,
+) -> Result<Vec<Record>, SnapshotError> {
     let mut records = Vec::new();
     let mut pos = 32u64;
     loop {
         let mut tag = [0u8; 1];
-        read_exact(&mut r, &mut tag, path)?;
+        read_exact(r, &mut tag, path)?;
         match tag[0] {
             0 => break,
             1 => {}
-            t => return Err(corrupt(format!("unknown record tag {t}"))),
+            t => return Err(corrupt(path, format!("unknown record tag {t}"))),
         }
         let mut nl = [0u8; 2];
-        read_exact(&mut r, &mut nl, path)?;
+        read_exact(r, &mut nl, path)?;
         let mut name = vec![0u8; u16::from_le_bytes(nl) as usize];
-        read_exact(&mut r, &mut name, path)?;
-        let name = String::from_utf8(name).map_err(|_| corrupt("segment name not UTF-8".into()))?;
-        let top = u64_at(&mut r, path)?;
+        read_exact(r, &mut name, path)?;
+        let name = String::from_utf8(name).map_err(|_| corrupt(path, "segment name not UTF-8"))?;
+        let top = u64_at(r, path)?;
         if top > u64::from(u32::MAX) {
-            return Err(corrupt(format!("segment {name} has ring top {top}")));
+            return Err(corrupt(path, format!("segment {name} has ring top {top}")));
         }
-        let n = u64_at(&mut r, path)?;
+        let n = u64_at(r, path)?;
         let head_len = 1 + 2 + name.len() as u64 + 8 + 8;
         let body_start = pos + head_len;
         let body_end = n
             .checked_mul(8)
             .and_then(|b| body_start.checked_add(b))
             .filter(|&e| e < dict_offset)
-            .ok_or_else(|| corrupt(format!("segment {name} claims {n} members")))?;
+            .ok_or_else(|| corrupt(path, format!("segment {name} claims {n} members")))?;
         records.push(Record {
             name,
             top: top as i64,
@@ -372,23 +456,25 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
             body_start,
             end: body_end,
         });
-        r.seek(SeekFrom::Start(body_end)).map_err(io_err)?;
+        r.seek(SeekFrom::Start(body_end)).map_err(io_error(path))?;
         pos = body_end;
     }
     if pos + 1 != dict_offset {
         return Err(corrupt(
-            "segment region does not end at the dictionary".into(),
+            path,
+            "segment region does not end at the dictionary",
         ));
     }
-    drop(r);
+    Ok(records)
+}
 
-    let mut store = MemStore::new(window);
+/// Splits the records among at most 8 workers: largest first, each to the least loaded one.
+fn plan_workers(records: &[Record]) -> Vec<Vec<usize>> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 8)
         .min(records.len().max(1));
-    // Largest first, each to the least loaded worker.
     let mut order: Vec<usize> = (0..records.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(records[i].n));
     let mut work: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); threads];
@@ -398,67 +484,7 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
             w.1.push(i);
         }
     }
-    // Global indices are below shards × the largest shard (a little above the user count).
-    let universe = dict.universe();
-    let ring_len = store.ring_len;
-    let window_buckets = store.bucketing.window_buckets();
-    let built: Vec<Result<Vec<Built>, SnapshotError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = work
-            .iter()
-            .map(|(_, mine)| {
-                let (records, remap) = (&records, &remap);
-                scope.spawn(move || {
-                    let ctx = LoadCtx {
-                        path,
-                        remap,
-                        universe,
-                        ring_len,
-                        window_buckets,
-                    };
-                    let mut file = File::open(path).map_err(|source| SnapshotError::Io {
-                        path: path.to_owned(),
-                        source,
-                    })?;
-                    let mut buf = vec![0u8; 8 << 16];
-                    mine.iter()
-                        .map(|&i| {
-                            let (seg, crc) = ctx.load_segment(&mut file, &records[i], &mut buf)?;
-                            Ok((i, seg, crc))
-                        })
-                        .collect()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(corrupt("a load worker panicked".into())))
-            })
-            .collect()
-    });
-    let mut segs: Vec<Option<(Segment, crc32fast::Hasher)>> =
-        (0..records.len()).map(|_| None).collect();
-    for part in built {
-        for (i, seg, crc) in part? {
-            segs[i] = Some((seg, crc));
-        }
-    }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&header);
-    let mut segments = super::write(&store.segments);
-    for (rec, seg) in records.into_iter().zip(segs) {
-        let (seg, c) = seg.ok_or_else(|| corrupt("segment not loaded".into()))?;
-        crc.combine(&c);
-        segments.insert(rec.name.into(), Arc::new(RwLock::new(seg)));
-    }
-    drop(segments);
-    crc.update(&[0]);
-    if crc.finalize() != seg_crc {
-        return Err(corrupt("segment checksum mismatch".into()));
-    }
-    store.users = dict;
-    Ok((store, offset))
+    work.into_iter().map(|(_, mine)| mine).collect()
 }
 
 /// A loaded segment: its record's index, the segment, the checksum of its record.
@@ -484,6 +510,50 @@ struct LoadCtx<'a> {
 }
 
 impl LoadCtx<'_> {
+    /// Builds every segment, in parallel (segments are independent, and each worker checksums
+    /// its own records); returns them in record order, each with its record's checksum.
+    fn load_segments(
+        &self,
+        records: &[Record],
+    ) -> Result<Vec<(Segment, crc32fast::Hasher)>, SnapshotError> {
+        let path = self.path;
+        let built: Vec<Result<Vec<Built>, SnapshotError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = plan_workers(records)
+                .into_iter()
+                .map(|mine| {
+                    scope.spawn(move || {
+                        let mut file = File::open(path).map_err(io_error(path))?;
+                        let mut buf = vec![0u8; 8 << 16];
+                        mine.iter()
+                            .map(|&i| {
+                                let (seg, crc) =
+                                    self.load_segment(&mut file, &records[i], &mut buf)?;
+                                Ok((i, seg, crc))
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(corrupt(path, "a load worker panicked")))
+                })
+                .collect()
+        });
+        let mut segs: Vec<Option<(Segment, crc32fast::Hasher)>> =
+            (0..records.len()).map(|_| None).collect();
+        for part in built {
+            for (i, seg, crc) in part? {
+                segs[i] = Some((seg, crc));
+            }
+        }
+        segs.into_iter()
+            .map(|seg| seg.ok_or_else(|| corrupt(path, "segment not loaded")))
+            .collect()
+    }
+
     /// Builds one segment from its record; returns it with the checksum of the record's bytes.
     fn load_segment(
         &self,
@@ -493,10 +563,7 @@ impl LoadCtx<'_> {
     ) -> Result<(Segment, crc32fast::Hasher), SnapshotError> {
         let path = self.path;
         file.seek(SeekFrom::Start(rec.start))
-            .map_err(|source| SnapshotError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(io_error(path))?;
         // Checksums over the buffered reads (fast), not the small ones.
         let mut r = BufReader::with_capacity(
             1 << 16,

@@ -247,7 +247,7 @@ pub const GROUP_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0,
 
 /// Describes and registers every family of `role` (every combination of its start-up label
 /// values), so that each appears in the first scrape.
-pub fn register(role: Role) {
+pub(crate) fn register(role: Role) {
     for fam in FAMILIES.iter().filter(|f| f.roles.contains(&role)) {
         match fam.kind {
             Counter => metrics::describe_counter!(fam.name, fam.help),

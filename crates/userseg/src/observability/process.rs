@@ -2,7 +2,7 @@
 //! process collectors), read from `/proc/self` on Linux. Elsewhere they stay absent.
 
 /// (name, kind is counter, help) of each family this module sets.
-pub const FAMILIES: &[(&str, bool, &str)] = &[
+pub(super) const FAMILIES: &[(&str, bool, &str)] = &[
     (
         "process_cpu_seconds_total",
         true,
@@ -32,7 +32,7 @@ pub const FAMILIES: &[(&str, bool, &str)] = &[
     ),
 ];
 
-pub fn describe() {
+pub(super) fn describe() {
     for (name, counter, help) in FAMILIES {
         if *counter {
             metrics::describe_counter!(*name, *help);
@@ -44,7 +44,7 @@ pub fn describe() {
 
 /// What `/proc/self` says now.
 #[derive(Debug, Default, PartialEq)]
-pub struct Sample {
+pub(super) struct Sample {
     pub cpu_seconds: f64,
     pub resident_bytes: u64,
     pub virtual_bytes: u64,
@@ -55,7 +55,7 @@ pub struct Sample {
 }
 
 /// Reads the sample; `None` where `/proc` is missing (not Linux).
-pub fn sample() -> Option<Sample> {
+pub(super) fn sample() -> Option<Sample> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let ticks = clock_ticks();
     let page = page_size();
@@ -76,7 +76,7 @@ pub fn sample() -> Option<Sample> {
 }
 
 /// Sets the gauges and the counter from a fresh sample.
-pub fn record() {
+pub(super) fn record() {
     let Some(s) = sample() else { return };
     metrics::counter!("process_cpu_seconds_total").absolute(s.cpu_seconds as u64);
     metrics::gauge!("process_resident_memory_bytes").set(s.resident_bytes as f64);

@@ -7,10 +7,15 @@ mod support;
 
 use std::time::Duration;
 
-use support::{https_client, start, write_tls_files, Ca};
+use support::{https_client, write_tls_files, Ca};
 use userseg_api::TlsReloader;
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{ListEstimatesRequest, Pair as PbPair, PushRequest};
+
+/// Standalone mode serving over `tls`.
+async fn start_tls(tls: TlsReloader) -> support::Server {
+    support::start_with(&[], |config, _| config.service.tls = Some(tls)).await
+}
 
 fn pair(user: &str, segment: &str) -> PbPair {
     PbPair {
@@ -25,7 +30,7 @@ async fn https_and_grpc_over_tls_on_one_port() {
     let ca = Ca::new("test CA");
     let dir = tempfile::tempdir().unwrap();
     let files = write_tls_files(dir.path(), &ca.server(), None);
-    let server = start(|_| {}, Some(TlsReloader::load(files).unwrap())).await;
+    let server = start_tls(TlsReloader::load(files).unwrap()).await;
 
     let http = https_client(&ca, None);
     let r = http
@@ -74,7 +79,7 @@ async fn a_client_trusting_another_ca_is_refused() {
     let other = Ca::new("some other CA");
     let dir = tempfile::tempdir().unwrap();
     let files = write_tls_files(dir.path(), &ca.server(), None);
-    let server = start(|_| {}, Some(TlsReloader::load(files).unwrap())).await;
+    let server = start_tls(TlsReloader::load(files).unwrap()).await;
 
     let err = https_client(&other, None)
         .get(format!("{}/healthz", server.https()))
@@ -97,18 +102,6 @@ async fn a_client_trusting_another_ca_is_refused() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
-fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
-    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
-        std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .install_recorder()
-                .unwrap()
-        })
-        .clone()
-}
-
 fn counter(text: &str, series: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(series))
@@ -118,11 +111,11 @@ fn counter(text: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_to_the_tls_port_fails_at_once() {
-    let metrics = metrics();
+    let metrics = support::metrics();
     let ca = Ca::new("test CA");
     let dir = tempfile::tempdir().unwrap();
     let files = write_tls_files(dir.path(), &ca.server(), None);
-    let server = start(|_| {}, Some(TlsReloader::load(files).unwrap())).await;
+    let server = start_tls(TlsReloader::load(files).unwrap()).await;
 
     // A plaintext HTTP client reads a 400 saying to use https.
     let r = tokio::time::timeout(
@@ -189,7 +182,7 @@ async fn mutual_tls_needs_a_client_certificate_of_the_client_ca() {
     let rogue_ca = Ca::new("rogue CA");
     let dir = tempfile::tempdir().unwrap();
     let files = write_tls_files(dir.path(), &server_ca.server(), Some(&client_ca));
-    let server = start(|_| {}, Some(TlsReloader::load(files).unwrap())).await;
+    let server = start_tls(TlsReloader::load(files).unwrap()).await;
     let url = format!("{}/healthz", server.https());
 
     let without = https_client(&server_ca, None).get(&url).send().await;
@@ -244,7 +237,7 @@ async fn a_rotated_certificate_is_reloaded_and_open_connections_stay() {
     let dir = tempfile::tempdir().unwrap();
     let files = write_tls_files(dir.path(), &old_ca.server(), None);
     let tls = TlsReloader::load(files.clone()).unwrap();
-    let server = start(|_| {}, Some(tls.clone())).await;
+    let server = start_tls(tls.clone()).await;
     let url = format!("{}/healthz", server.https());
 
     // One HTTP/2 connection opened before the rotation.

@@ -1,15 +1,12 @@
-//! API keys with roles, end to end in process: every registered route of both protocols
+//! API keys with roles, end to end in process (standalone mode through the wiring library): every registered route of both protocols
 //! against a key of every role, no key and an unknown key (401 / 403 naming the role / let
 //! through), the named policy of the routes, open probes, and the failure counter.
 
 mod support;
 
-use std::sync::OnceLock;
-
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use prost::Message;
 use serde_json::Value;
 use tonic::codegen::http::uri::PathAndQuery;
+use tonic_prost::prost::Message;
 use userseg_api::auth::{
     grpc_access, http_access, registered_http_routes, token_sha256_hex, Access,
 };
@@ -41,11 +38,9 @@ fn authenticator() -> Authenticator {
     Authenticator::with_keys(keys)
 }
 
-fn metrics() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().unwrap())
-        .clone()
+/// Standalone mode guarded by the API keys of KEYS.
+async fn start_with_keys() -> support::Server {
+    support::start_with(&[], |config, _| config.service.auth = Some(authenticator())).await
 }
 
 /// Who calls: no header, an unknown token, or one of KEYS.
@@ -107,8 +102,8 @@ fn body_for(path: &str) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_http_route_and_every_caller() {
-    let metrics = metrics();
-    let server = support::start(|s| s.auth = Some(authenticator()), None).await;
+    let metrics = support::metrics();
+    let server = start_with_keys().await;
     let routes = registered_http_routes(&userseg_api::router(ApiState::new(None, None)));
     assert!(routes.len() >= 6, "{routes:?}");
     let http = reqwest::Client::new();
@@ -189,7 +184,7 @@ async fn every_http_route_and_every_caller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_authorization_is_unauthenticated() {
-    let server = support::start(|s| s.auth = Some(authenticator()), None).await;
+    let server = start_with_keys().await;
     let r = reqwest::Client::new()
         .get(format!("{}/v1/segments", server.http()))
         .header("authorization", format!("Basic {}", KEYS[1].1))
@@ -283,7 +278,7 @@ async fn call_empty(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_grpc_method_and_every_caller() {
-    let server = support::start(|s| s.auth = Some(authenticator()), None).await;
+    let server = start_with_keys().await;
     let channel = tonic::transport::Endpoint::from_shared(server.http())
         .unwrap()
         .connect()
@@ -371,7 +366,7 @@ fn the_policy_of_the_named_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_missing_from_the_table_needs_admin_and_a_404_needs_nothing() {
-    let server = support::start(|s| s.auth = Some(authenticator()), None).await;
+    let server = start_with_keys().await;
     let http = reqwest::Client::new();
     // PUT on a registered path is not in the table: only admin gets past auth (then 405).
     let r = http
