@@ -447,3 +447,42 @@ async fn a_rebalance_never_lets_a_late_write_land_after_the_new_owners_deletion(
         .collect();
     tracing::info!(?members, "members that wrote");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_deletion_is_dead_lettered_as_a_record_of_the_log() {
+    use rdkafka::message::Headers;
+    use userseg_usecase::{DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload};
+
+    let cfg = config("deletion-dlq", 1);
+    setup(&cfg).await;
+    let ids: Vec<String> = vec!["gone/1".into(), "用户".into()];
+    let sink = KafkaDeadLetters::new(&cfg).expect("sink");
+    sink.send(DeadLetter {
+        payload: DeadPayload::Deletion(deletion(&ids)),
+        reason: "refused".into(),
+        kind: DeadLetterKind::RejectedByStore,
+        attempts: 4,
+    })
+    .await
+    .expect("dead letter");
+    let letters = read_raw(&cfg, &cfg.dlq_topic, 1, 1).await;
+    // The value can be produced back to the pair log as it is.
+    assert_eq!(
+        decode_record(letters[0].payload().expect("value")),
+        Ok(Record::DeleteUsers(deletion(&ids)))
+    );
+    let headers: BTreeMap<String, String> = letters[0]
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    let v = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+                    (h.key.to_string(), v)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(headers["userseg-kind"], "rejected_by_store");
+    assert_eq!(headers["userseg-users"], "2");
+    assert_eq!(headers["userseg-attempts"], "4");
+}
