@@ -3,7 +3,7 @@
 //! - [`KafkaPublisher`]: the [`PairPublisher`](userseg_usecase::PairPublisher) ingest writes to.
 //!   Pairs are grouped by partition (Kafka's murmur2 partitioner on `user_id`), one
 //!   `PairBatch` message per partition per request, and `publish` resolves only once the broker
-//!   acknowledged every message (`acks=all`, idempotent producer).
+//!   acknowledged every message (`acks=all`, one request in flight).
 //! - [`KafkaSource`]: the [`PairSource`](userseg_usecase::PairSource) the batch processor
 //!   consumes, a consumer-group member with manual, synchronous offset commits.
 //! - [`KafkaDeadLetters`]: the [`DeadLetterSink`](userseg_usecase::DeadLetterSink) writing to the

@@ -24,7 +24,7 @@ use crate::producer::{ProducerHandle, Record};
 /// it would exceed `max_message_bytes`), keyed by the user id of its first pair.
 ///
 /// `publish` resolves `Ok` only after the broker acknowledged every message of the request
-/// (`acks=all`, idempotent producer); otherwise it fails within `ack_timeout`: `Transient` when
+/// (`acks=all`, one request in flight); otherwise it fails within `ack_timeout`: `Transient` when
 /// the broker is unreachable or slow, `Overloaded` when the local producer queue is full,
 /// `Permanent` when the broker refuses the record itself.
 #[derive(Clone)]
