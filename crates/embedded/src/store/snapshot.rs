@@ -40,6 +40,13 @@ pub enum SnapshotError {
     },
 }
 
+impl SnapshotError {
+    /// The file system had no space left (or the quota was reached).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, SnapshotError::Io { source, .. } if crate::wal::fs::is_disk_full(source))
+    }
+}
+
 struct CrcWriter<W> {
     inner: W,
     crc: crc32fast::Hasher,
@@ -105,9 +112,36 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The file a snapshot is written to: a real file, or a fault-injecting double in tests.
+pub(crate) trait SnapshotFile: Write {
+    fn sync_all(&mut self) -> io::Result<()>;
+}
+
+impl SnapshotFile for File {
+    fn sync_all(&mut self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+}
+
+const TMP_SUFFIX: &str = ".snap.tmp";
+
 /// Writes a snapshot of `store` covering every log record before `offset`, atomically
 /// (temporary file, fsync, rename, fsync of the directory), then removes older snapshots.
+///
+/// When it fails (a full disk, a failed fsync) the temporary file is removed and the previous
+/// snapshot is untouched: the log still holds everything after it, and the next attempt starts
+/// over. A failed fsync of a snapshot is not fail-stop: its pages are never read back.
 pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, SnapshotError> {
+    write_with(store, dir, offset, |p| File::create(p))
+}
+
+/// [`write`] through `create` (fault injection in tests).
+pub(crate) fn write_with<F: SnapshotFile>(
+    store: &MemStore,
+    dir: &Path,
+    offset: u64,
+    create: impl FnOnce(&Path) -> io::Result<F>,
+) -> Result<PathBuf, SnapshotError> {
     let path = dir.join(snapshot_name(offset));
     let tmp = dir.join(format!("{}.tmp", snapshot_name(offset)));
     let io_err = |source| SnapshotError::Io {
@@ -115,7 +149,41 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
         source,
     };
     fs::create_dir_all(dir).map_err(io_err)?;
-    let file = File::create(&tmp).map_err(io_err)?;
+    remove_temporaries(dir);
+    let written = create(&tmp)
+        .and_then(|file| encode(store, offset, file))
+        .and_then(|mut file| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(e));
+    }
+    sync_dir(dir).map_err(io_err)?;
+    for (old, p) in list(dir).map_err(io_err)? {
+        if old < offset {
+            let _ = fs::remove_file(p);
+        }
+    }
+    Ok(path)
+}
+
+/// Removes temporary files of attempts that never finished (a process killed mid-write).
+fn remove_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(TMP_SUFFIX))
+        {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The snapshot's bytes, into `file` (returned for the fsync).
+fn encode<F: Write>(store: &MemStore, offset: u64, file: F) -> io::Result<F> {
     // Checksums over the buffered 1 MiB writes (fast), not the many small ones.
     let mut w = BufWriter::with_capacity(
         1 << 20,
@@ -126,12 +194,10 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
         },
     );
     let b = store.bucketing();
-    w.write_all(MAGIC).map_err(io_err)?;
-    w.write_all(&(b.bucket_secs() as u64).to_le_bytes())
-        .map_err(io_err)?;
-    w.write_all(&store.window().secs().to_le_bytes())
-        .map_err(io_err)?;
-    w.write_all(&offset.to_le_bytes()).map_err(io_err)?;
+    w.write_all(MAGIC)?;
+    w.write_all(&(b.bucket_secs() as u64).to_le_bytes())?;
+    w.write_all(&store.window().secs().to_le_bytes())?;
+    w.write_all(&offset.to_le_bytes())?;
 
     let mut segments: Vec<(Box<str>, Arc<RwLock<Segment>>)> = super::read(&store.segments)
         .iter()
@@ -152,13 +218,11 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
         if entries.is_empty() {
             continue;
         }
-        w.write_all(&[1]).map_err(io_err)?;
-        w.write_all(&(name.len() as u16).to_le_bytes())
-            .map_err(io_err)?;
-        w.write_all(name.as_bytes()).map_err(io_err)?;
-        w.write_all(&top.to_le_bytes()).map_err(io_err)?;
-        w.write_all(&(entries.len() as u64).to_le_bytes())
-            .map_err(io_err)?;
+        w.write_all(&[1])?;
+        w.write_all(&(name.len() as u16).to_le_bytes())?;
+        w.write_all(name.as_bytes())?;
+        w.write_all(&top.to_le_bytes())?;
+        w.write_all(&(entries.len() as u64).to_le_bytes())?;
         let mut buf = Vec::with_capacity(entries.len().min(1 << 16) * 8);
         for chunk in entries.chunks(1 << 16) {
             buf.clear();
@@ -171,16 +235,16 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
                 buf.extend_from_slice(&u.to_le_bytes());
                 buf.extend_from_slice(&bucket.to_le_bytes());
             }
-            w.write_all(&buf).map_err(io_err)?;
+            w.write_all(&buf)?;
         }
     }
-    w.write_all(&[0]).map_err(io_err)?;
-    w.flush().map_err(io_err)?;
+    w.write_all(&[0])?;
+    w.flush()?;
     let seg_crc = std::mem::take(&mut w.get_mut().crc).finalize();
     let dict_offset = w.get_ref().written;
     {
         let count: u64 = referenced.iter().map(|w| u64::from(w.count_ones())).sum();
-        w.write_all(&count.to_le_bytes()).map_err(io_err)?;
+        w.write_all(&count.to_le_bytes())?;
         // The dictionary in index order, keeping the referenced users.
         let mut res = Ok(());
         store.users.for_each(|idx, id| {
@@ -193,25 +257,15 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
                 .and_then(|()| w.write_all(&(id.len() as u16).to_le_bytes()))
                 .and_then(|()| w.write_all(id));
         });
-        res.map_err(io_err)?;
+        res?;
     }
-    w.flush().map_err(io_err)?;
+    w.flush()?;
     let dict_crc = std::mem::take(&mut w.get_mut().crc).finalize();
-    w.write_all(&dict_offset.to_le_bytes()).map_err(io_err)?;
-    w.write_all(&seg_crc.to_le_bytes()).map_err(io_err)?;
-    w.write_all(&dict_crc.to_le_bytes()).map_err(io_err)?;
-    w.write_all(END_MAGIC).map_err(io_err)?;
-    let file = w.into_inner().map_err(|e| io_err(e.into_error()))?.inner;
-    file.sync_all().map_err(io_err)?;
-    drop(file);
-    fs::rename(&tmp, &path).map_err(io_err)?;
-    sync_dir(dir).map_err(io_err)?;
-    for (old, p) in list(dir).map_err(io_err)? {
-        if old < offset {
-            let _ = fs::remove_file(p);
-        }
-    }
-    Ok(path)
+    w.write_all(&dict_offset.to_le_bytes())?;
+    w.write_all(&seg_crc.to_le_bytes())?;
+    w.write_all(&dict_crc.to_le_bytes())?;
+    w.write_all(END_MAGIC)?;
+    Ok(w.into_inner().map_err(|e| e.into_error())?.inner)
 }
 
 fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], path: &Path) -> Result<(), SnapshotError> {
