@@ -46,11 +46,22 @@ fn not_served(what: &str) -> ApiError {
     ApiError::not_served(what)
 }
 
+/// The analytics reads (a USS has none).
 pub(crate) fn analytics(state: &ApiState) -> Result<&Analytics, ApiError> {
     state
         .analytics
         .as_ref()
+        .filter(|a| a.serves_reads())
         .ok_or_else(|| not_served("analytics"))
+}
+
+/// User deletions (an ES has none: they go through a USS).
+pub(crate) fn deletions(state: &ApiState) -> Result<&Analytics, ApiError> {
+    state
+        .analytics
+        .as_ref()
+        .filter(|a| a.serves_deletions())
+        .ok_or_else(|| not_served("user deletions"))
 }
 
 /// A path parameter, percent-decoded; a rejection becomes our JSON 400.
@@ -200,7 +211,7 @@ pub(crate) async fn delete_user(
     user_id: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<DeletedBody>, ApiError> {
-    let a = analytics(&state)?;
+    let a = deletions(&state)?;
     let user_id = path_param(user_id)?;
     query_params(query.as_deref(), &[])?;
     let deleted = a.delete_users(vec![user_id]).await?;
@@ -240,7 +251,7 @@ pub(crate) async fn delete_users(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<DeletedBody>, ApiError> {
-    let a = analytics(&state)?;
+    let a = deletions(&state)?;
     let body = body.map_err(|e| {
         let kind = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ErrorKind::PayloadTooLarge

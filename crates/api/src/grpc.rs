@@ -127,7 +127,16 @@ impl GrpcApi {
         self.state
             .analytics
             .as_ref()
+            .filter(|a| a.serves_reads())
             .ok_or_else(|| not_served("analytics"))
+    }
+
+    fn deletions(&self) -> Result<&Analytics, Status> {
+        self.state
+            .analytics
+            .as_ref()
+            .filter(|a| a.serves_deletions())
+            .ok_or_else(|| not_served("user deletions"))
     }
 
     fn within(&self, secs: u64) -> Result<Option<userseg_domain::Within>, Status> {
@@ -344,7 +353,7 @@ impl Segments for GrpcApi {
         &self,
         request: Request<DeleteUsersRequest>,
     ) -> Result<Response<DeleteUsersResponse>, Status> {
-        let a = self.analytics()?;
+        let a = self.deletions()?;
         let n = a
             .delete_users(request.into_inner().user_ids)
             .await

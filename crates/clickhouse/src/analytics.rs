@@ -45,10 +45,11 @@ pub(crate) mod sql {
             .join(", ")
     }
 
-    /// `(segment String, last_seen UInt32)` of the user's live memberships, by segment.
+    /// `(segment String, last_seen UInt32)` of the user's live memberships, by segment, from
+    /// the copy of the pairs ordered by user.
     pub fn user_segments(db: &str, user_id: &str, after: Option<u32>) -> String {
         format!(
-            "SELECT segment, toUInt32(max(ts)) FROM {db}.pairs \
+            "SELECT segment, toUInt32(max(ts)) FROM {db}.pairs_by_user \
              WHERE user_id = {user} AND {time} GROUP BY segment ORDER BY segment FORMAT RowBinary",
             user = quote_string(user_id),
             time = ts_filter(after),
@@ -472,7 +473,7 @@ mod tests {
     fn lookups_and_counts_escape_their_names() {
         assert_eq!(
             sql::user_segments("`d`", "o'b\\", Some(7)),
-            "SELECT segment, toUInt32(max(ts)) FROM `d`.pairs WHERE user_id = 'o\\'b\\\\' \
+            "SELECT segment, toUInt32(max(ts)) FROM `d`.pairs_by_user WHERE user_id = 'o\\'b\\\\' \
              AND ts > toDateTime(7) GROUP BY segment ORDER BY segment FORMAT RowBinary"
         );
         assert_eq!(

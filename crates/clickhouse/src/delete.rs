@@ -16,15 +16,15 @@
 //!    pairs that other writers added to that day between the build and the swap (their
 //!    view-made sketches were swapped out); sketches are unions, so it never inflates anything;
 //! 3. delete the rows: `ALTER TABLE pairs DELETE WHERE user_id IN (SELECT user_id FROM
-//!    batch)`, a mutation, and wait until `system.mutations` reports every mutation of `pairs`
-//!    done; then drop the batch table. A mutation rewrites only the parts that existed when it
+//!    batch)`, a mutation, and the same on `pairs_by_user` (the copy ordered by user), and wait
+//!    until `system.mutations` reports every mutation of both done; then drop the batch table. A mutation rewrites only the parts that existed when it
 //!    was issued, so pairs written after the call returned count again as usual.
 //!
 //! Each step is idempotent. A failure or a timeout is transient: the retry (same ids, same
 //! batch table) finds the days again from the rows still present (the rebuild of step 2 always
 //! ends before step 3 starts), and waits for a mutation still running instead of issuing a
 //! second one when that removed the rows meanwhile. The batch table is dropped only once no
-//! mutation of `pairs` is pending, since a running mutation reads it.
+//! mutation of `pairs` or `pairs_by_user` is pending, since a running mutation reads it.
 
 use std::time::{Duration, Instant};
 
@@ -72,15 +72,25 @@ pub(crate) mod sql {
         )
     }
 
-    pub fn delete_rows(db: &str, batch: &str) -> String {
-        format!("ALTER TABLE {db}.pairs DELETE WHERE user_id IN (SELECT user_id FROM {db}.{batch})")
+    /// One `UInt64`: rows of the users in `table`.
+    pub fn count_users(db: &str, table: &str, batch: &str) -> String {
+        format!(
+            "SELECT toUInt64(count()) FROM {db}.{table} \
+             WHERE user_id IN (SELECT user_id FROM {db}.{batch}) FORMAT RowBinary"
+        )
     }
 
-    /// One `UInt64`: the mutations of `pairs` not yet done.
+    pub fn delete_rows(db: &str, table: &str, batch: &str) -> String {
+        format!(
+            "ALTER TABLE {db}.{table} DELETE WHERE user_id IN (SELECT user_id FROM {db}.{batch})"
+        )
+    }
+
+    /// One `UInt64`: the mutations of `pairs` and `pairs_by_user` not yet done.
     pub fn pending_mutations(database: &str) -> String {
         format!(
-            "SELECT toUInt64(count()) FROM system.mutations \
-             WHERE database = {} AND table = 'pairs' AND is_done = 0 FORMAT RowBinary",
+            "SELECT toUInt64(count()) FROM system.mutations WHERE database = {} \
+             AND table IN ('pairs', 'pairs_by_user') AND is_done = 0 FORMAT RowBinary",
             crate::client::quote_string(database)
         )
     }
@@ -127,24 +137,32 @@ impl ClickHouseStore {
         let batch = batch_table(user_ids);
         self.fill_batch(&batch, user_ids).await?;
         // A mutation left running by an earlier attempt that timed out: once it is done, do not
-        // issue another (each rewrites the parts of the table) if it removed the rows. Asked
-        // before the days, so a mutation finishing in between is not missed.
+        // issue another (each rewrites the parts of its table) if it removed the rows. Asked
+        // before the rows are looked for, so a mutation finishing in between is not missed.
         let pending = self.pending_mutations().await? > 0;
         let days = self.days_of_users(&batch).await?;
+        let by_user = self.holds_users("pairs_by_user", &batch).await?;
         if !days.is_empty() {
             for &day in &days {
                 self.rebuild_day_sketches(day, &batch).await?;
             }
-            let issue = if pending {
+        }
+        if !days.is_empty() || by_user {
+            let (in_pairs, in_by_user) = if pending {
                 self.wait_mutations(deadline).await?;
-                !self.days_of_users(&batch).await?.is_empty()
+                (
+                    !self.days_of_users(&batch).await?.is_empty(),
+                    self.holds_users("pairs_by_user", &batch).await?,
+                )
             } else {
-                true
+                (!days.is_empty(), by_user)
             };
-            if issue {
-                self.client()
-                    .execute(&sql::delete_rows(self.db(), &batch))
-                    .await?;
+            for (table, holds) in [("pairs", in_pairs), ("pairs_by_user", in_by_user)] {
+                if holds {
+                    self.client()
+                        .execute(&sql::delete_rows(self.db(), table, &batch))
+                        .await?;
+                }
             }
         }
         // Always: no mutation may still read the batch table when it is dropped.
@@ -202,6 +220,13 @@ impl ClickHouseStore {
         rowbinary::Reader::new(&body)
             .u64()
             .map_err(ClickHouseError::Decode)
+    }
+
+    async fn holds_users(&self, table: &str, batch: &str) -> Result<bool, ClickHouseError> {
+        Ok(self
+            .scalar(&sql::count_users(self.db(), table, batch))
+            .await?
+            > 0)
     }
 
     async fn days_of_users(&self, batch: &str) -> Result<Vec<i64>, ClickHouseError> {
@@ -273,7 +298,8 @@ impl ClickHouseStore {
         self.scalar(&sql::pending_mutations(self.database())).await
     }
 
-    /// Polls `system.mutations` until no mutation of `pairs` is pending, or the deadline.
+    /// Polls `system.mutations` until no mutation of `pairs` or `pairs_by_user` is pending, or
+    /// the deadline.
     async fn wait_mutations(&self, deadline: Instant) -> Result<(), ClickHouseError> {
         let mut pause = Duration::from_millis(5);
         loop {
@@ -284,7 +310,7 @@ impl ClickHouseStore {
             let now = Instant::now();
             if now >= deadline {
                 return Err(ClickHouseError::MutationTimeout(format!(
-                    "{pending} mutation(s) of {}.pairs still running after {:?}; the deletion is retried",
+                    "{pending} mutation(s) of {}.pairs and pairs_by_user still running after {:?}; the deletion is retried",
                     self.database(),
                     self.mutation_timeout
                 )));
@@ -320,7 +346,7 @@ mod tests {
     #[test]
     fn statements_name_the_batch_table_not_the_ids() {
         assert_eq!(
-            sql::delete_rows("`d`", "delete_batch_x"),
+            sql::delete_rows("`d`", "pairs", "delete_batch_x"),
             "ALTER TABLE `d`.pairs DELETE WHERE user_id IN (SELECT user_id FROM `d`.delete_batch_x)"
         );
         assert_eq!(

@@ -9,7 +9,12 @@
 //! 4. call [`ClickHouseStore::drop_expired_partitions`] periodically (e.g. hourly).
 //!
 //! [`ClickHouseStore`] is also a [`LiveScan`](userseg_usecase::LiveScan): it streams the live
-//! pairs to bootstrap an in-memory index, in bounded memory whatever the table holds.
+//! pairs to bootstrap an in-memory index, in bounded memory whatever the table holds; a
+//! [`SegmentAnalytics`](userseg_usecase::SegmentAnalytics) (per-user lookup, counts with a
+//! lookback, set expressions, overlap, streamed export, all exact to the second); a
+//! [`HistoryStore`](userseg_usecase::HistoryStore) on the `history` table; and its
+//! [`delete_users`](userseg_usecase::SegmentWriter::delete_users) returns once the users count
+//! nowhere, exactly or approximately, and their rows are gone.
 //!
 //! The schema and its trade-offs are described in `docs/CLICKHOUSE.md`.
 

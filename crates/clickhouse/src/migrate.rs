@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "history",
         sql: include_str!("../migrations/0003_history.sql"),
     },
+    Migration {
+        version: 4,
+        name: "pairs_by_user",
+        sql: include_str!("../migrations/0004_pairs_by_user.sql"),
+    },
 ];
 
 /// The schema version this binary needs.

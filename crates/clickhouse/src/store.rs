@@ -18,7 +18,7 @@ const DAY: i64 = 86_400;
 const MAX_DAYS_PER_INSERT: i64 = 90;
 
 /// The tables that retention drops day partitions from.
-pub const PARTITIONED_TABLES: &[&str] = &["pairs", "agg_day"];
+pub const PARTITIONED_TABLES: &[&str] = &["pairs", "agg_day", "pairs_by_user"];
 
 /// A day partition removed by [`ClickHouseStore::drop_expired_partitions`].
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -45,6 +45,13 @@ async fn publish_without_a_broker_is_transient_within_the_bound() {
     let bound = cfg.ack_timeout + Duration::from_millis(1500);
     let publisher = KafkaPublisher::new(&cfg).expect("publisher");
     assert_transient_within("publish", bound, publisher.publish(vec![pair("u", "s", 1)])).await;
+    let deletion = userseg_domain::UserDeletion::new(vec!["u".into()]).expect("valid");
+    assert_transient_within(
+        "publish_deletion",
+        bound,
+        publisher.publish_deletion(deletion),
+    )
+    .await;
     assert_transient_within("check_ready", bound, publisher.check_ready()).await;
     let sink = KafkaDeadLetters::new(&cfg).expect("sink");
     let letter = DeadLetter {
@@ -73,6 +80,13 @@ async fn publish_to_a_silent_broker_is_transient_within_the_bound() {
     let bound = cfg.ack_timeout + Duration::from_millis(1500);
     let publisher = KafkaPublisher::new(&cfg).expect("publisher");
     assert_transient_within("publish", bound, publisher.publish(vec![pair("u", "s", 1)])).await;
+    let deletion = userseg_domain::UserDeletion::new(vec!["u".into()]).expect("valid");
+    assert_transient_within(
+        "publish_deletion",
+        bound,
+        publisher.publish_deletion(deletion),
+    )
+    .await;
     let sink = KafkaDeadLetters::new(&cfg).expect("sink");
     let letter = DeadLetter {
         payload: DeadPayload::Pairs(vec![pair("u", "s", 1)].into()),

@@ -37,24 +37,29 @@ fn workload() -> Vec<Pair> {
     out
 }
 
+/// Rows of the users in `pairs` and in its copy ordered by user.
 async fn raw_rows(store: &ClickHouseStore, users: &[String]) -> u64 {
     let list: Vec<String> = users.iter().map(|u| quote_string(u)).collect();
-    scalar(
-        store,
-        &format!(
-            "SELECT toUInt64(count()) FROM `{}`.pairs WHERE user_id IN ({}) FORMAT RowBinary",
-            store.database(),
-            list.join(", ")
-        ),
-    )
-    .await
+    let mut n = 0;
+    for table in ["pairs", "pairs_by_user"] {
+        n += scalar(
+            store,
+            &format!(
+                "SELECT toUInt64(count()) FROM `{}`.{table} WHERE user_id IN ({}) FORMAT RowBinary",
+                store.database(),
+                list.join(", ")
+            ),
+        )
+        .await;
+    }
+    n
 }
 
 async fn mutations(store: &ClickHouseStore) -> u64 {
     scalar(
         store,
         &format!(
-            "SELECT toUInt64(count()) FROM system.mutations WHERE database = {} AND table = 'pairs' FORMAT RowBinary",
+            "SELECT toUInt64(count()) FROM system.mutations WHERE database = {} AND table IN ('pairs', 'pairs_by_user') FORMAT RowBinary",
             quote_string(store.database())
         ),
     )
@@ -150,7 +155,7 @@ async fn deleted_users_leave_every_read_and_the_table() {
 
     // Deleting again, or users never seen, issues no mutation and changes nothing.
     let issued = mutations(&store).await;
-    assert_eq!(issued, 1);
+    assert_eq!(issued, 2, "one mutation of each table");
     store.delete_users(deletion(&gone)).await.expect("again");
     store
         .delete_users(deletion(&["nobody".to_string()]))
@@ -218,15 +223,23 @@ async fn a_timed_out_deletion_is_transient_and_its_retry_reuses_the_mutation() {
         .execute(&format!("SYSTEM STOP MERGES `{db}`.pairs"))
         .await
         .expect("stop merges");
+    client
+        .execute(&format!("SYSTEM STOP MERGES `{db}`.pairs_by_user"))
+        .await
+        .expect("stop merges");
     let gone = vec!["user-1".to_string(), "user-2".to_string()];
     let r = store.delete_users(deletion(&gone)).await;
     assert!(
         matches!(&r, Err(PortError::Transient(m)) if m.contains("still running")),
         "{r:?}"
     );
-    assert_eq!(mutations(&store).await, 1);
+    assert_eq!(mutations(&store).await, 2);
     client
         .execute(&format!("SYSTEM START MERGES `{db}`.pairs"))
+        .await
+        .expect("start merges");
+    client
+        .execute(&format!("SYSTEM START MERGES `{db}`.pairs_by_user"))
         .await
         .expect("start merges");
     // An insert wakes the background pool that applies mutations.
@@ -239,7 +252,7 @@ async fn a_timed_out_deletion_is_transient_and_its_retry_reuses_the_mutation() {
     assert_eq!(raw_rows(&retry, &gone).await, 0);
     assert_eq!(
         mutations(&retry).await,
-        1,
+        2,
         "the retry waited for the first mutation"
     );
     for (exact, approx) in all_counts(&retry).await {

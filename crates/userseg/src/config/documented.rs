@@ -30,6 +30,7 @@ const NOT_SETTINGS: &[&str] = &[
     "TOO_MANY_SIMULTANEOUS_QUERIES",
     "DATA_ERROR_CODES",
     "CONFIG_ERROR_CODES",
+    "DEFAULT_MUTATION_TIMEOUT",
     // the protobuf enum value of approximate estimates
     "MODE_APPROX",
     // read by tracing-subscriber, documented next to LOG_FORMAT
