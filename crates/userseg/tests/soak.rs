@@ -12,33 +12,19 @@
 //! the long one (scripts/soak.sh: 10 minutes, a kill a minute, the release binary through
 //! `SOAK_BIN`).
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+mod soak_common;
+
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use soak_common::{
+    assert_exact, bin, curve_text, env_secs, load, max, median, print_lags, print_load, probe,
+    probe_count, rss_mib, summary, Lags,
+};
 use userseg_testkit::{free_port, Proc};
-
-fn env_secs(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}={v:?} is not a number of seconds: {e}")),
-        Err(_) => default,
-    }
-}
-
-/// The binary under test: `SOAK_BIN` (make soak: the release build) or Cargo's build.
-fn bin() -> PathBuf {
-    std::env::var_os("SOAK_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_userseg")))
-}
-
-const USERS: &str = "50000";
-const SEGMENTS: &str = "10";
 
 fn spawn_server(data: &Path, port: u16, logs: &Path) -> Proc {
     let env: Vec<(String, String)> = [
@@ -53,135 +39,6 @@ fn spawn_server(data: &Path, port: u16, logs: &Path) -> Proc {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     Proc::spawn(bin(), &["standalone"], &env, port, logs.join("server.log"))
-}
-
-/// `userseg load ... --json` as a child process; its stdout is the summary.
-fn load(target: &str, flags: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(bin())
-        .arg("load")
-        .args(["--target", target, "--json"])
-        .args(["--users", USERS, "--segments", SEGMENTS])
-        .args(flags)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start userseg load")
-}
-
-async fn summary(child: tokio::process::Child) -> (bool, Value) {
-    let out = child.wait_with_output().await.expect("userseg load");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let json = text
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .unwrap_or_else(|| panic!("no JSON summary from userseg load: {text}"));
-    (out.status.success(), json)
-}
-
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
-}
-
-/// Lag probe: one new user a second in segment `lag-probe`, pushed until acknowledged; the lag
-/// is from the acknowledgement to the count showing it. Probes whose wait spans a kill are
-/// reported apart (their lag includes the restart).
-#[derive(Default)]
-struct Lags {
-    acked: u64,
-    calm: Vec<f64>,
-    across_kill: Vec<f64>,
-}
-
-async fn probe_count(c: &reqwest::Client, base: &str) -> Option<u64> {
-    let r = c
-        .get(format!("{base}/v1/segments/lag-probe"))
-        .send()
-        .await
-        .ok()?;
-    r.json::<Value>().await.ok()?["users"].as_u64()
-}
-
-async fn probe(base: String, kills: Arc<AtomicU64>, stop: Arc<AtomicBool>, lags: Arc<Mutex<Lags>>) {
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .expect("http client");
-    let mut i = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let body = serde_json::json!({"pairs": [{"user_id": format!("probe-{i}"), "segment": "lag-probe"}]});
-        let ok = c
-            .post(format!("{base}/v1/pairs"))
-            .json(&body)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if !ok {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
-        let acked = Instant::now();
-        let kills_before = kills.load(Ordering::SeqCst);
-        i += 1;
-        lags.lock().unwrap().acked = i;
-        loop {
-            if probe_count(&c, &base).await.is_some_and(|n| n >= i) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            assert!(
-                acked.elapsed() < Duration::from_secs(120),
-                "probe {i} not visible 120 s after its acknowledgement"
-            );
-        }
-        let lag = acked.elapsed().as_secs_f64();
-        {
-            let mut l = lags.lock().unwrap();
-            if kills.load(Ordering::SeqCst) == kills_before {
-                l.calm.push(lag);
-            } else {
-                l.across_kill.push(lag);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-    }
-}
-
-/// The median RSS of process `generation` between seconds `from` and `to`.
-fn median(curve: &[(u64, f64, u64)], generation: u64, from: u64, to: u64) -> f64 {
-    let mut v: Vec<f64> = curve
-        .iter()
-        .filter(|(t, _, g)| *g == generation && (from..=to).contains(t))
-        .map(|(_, r, _)| *r)
-        .collect();
-    assert!(
-        !v.is_empty(),
-        "no RSS sample of process {generation} in {from}..={to} s"
-    );
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(0.0, f64::max)
-}
-
-fn p99(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s.get((s.len() * 99 / 100).min(s.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,6 +89,7 @@ async fn standalone_soak_with_sigkills_loses_nothing_and_keeps_rss_flat() {
     let stop = Arc::new(AtomicBool::new(false));
     let lags = Arc::new(Mutex::new(Lags::default()));
     let prober = tokio::spawn(probe(
+        base.clone(),
         base.clone(),
         kills.clone(),
         stop.clone(),
@@ -288,38 +146,14 @@ async fn standalone_soak_with_sigkills_loses_nothing_and_keeps_rss_flat() {
 
     // Figures.
     let l = std::mem::take(&mut *lags.lock().unwrap());
-    println!(
-        "soak: pairs generated {}, accepted {} ({:.0} pairs/s), retries {}, errors {}",
-        s["pairs_generated"],
-        s["pairs_accepted"],
-        s["pairs_per_sec"].as_f64().unwrap_or(0.0),
-        s["retries"],
-        s["errors"]
-    );
+    print_load("soak", &s);
     println!(
         "soak: kills {}, restart to ready max {:.2} s",
         kills.load(Ordering::SeqCst),
         max(&restarts)
     );
-    println!(
-        "soak: acked → visible lag: {} probes without a kill: max {:.3} s, p99 {:.3} s; {} across a kill: max {:.2} s",
-        l.calm.len(),
-        max(&l.calm),
-        p99(&l.calm),
-        l.across_kill.len(),
-        max(&l.across_kill)
-    );
-    let verify = &s["verify"];
-    println!(
-        "soak: verify ok={} exact={} memberships {} segments expected users {} actual {} (waited {:.2} s)",
-        verify["ok"], verify["exact"], verify["memberships"], verify["expected_users"], verify["actual_users"], verify["waited_secs"].as_f64().unwrap_or(-1.0)
-    );
-    let curve_text: Vec<String> = curve
-        .iter()
-        .step_by((curve.len() / 30).max(1))
-        .map(|(t, r, _)| format!("{t}s:{r:.0}"))
-        .collect();
-    println!("soak: RSS MiB curve {}", curve_text.join(" "));
+    print_lags("soak", &l);
+    println!("soak: RSS MiB curve {}", curve_text(&curve));
     let (g, from, to) = warm_window.expect("a kill");
     let warm = median(&curve, g, from, to);
     println!(
@@ -329,18 +163,7 @@ async fn standalone_soak_with_sigkills_loses_nothing_and_keeps_rss_flat() {
 
     // Verdicts.
     assert!(status.success(), "userseg load failed: {s}");
-    assert_eq!(s["fatal"], Value::Null, "{s}");
-    assert_eq!(verify["ok"], true, "{verify}");
-    assert_eq!(verify["exact"], true, "{verify}");
-    // Exact: no membership near a window edge, the sums equal, no segment off.
-    assert_eq!(verify["uncertain"], 0, "{verify}");
-    assert_eq!(verify["expected_users"], verify["actual_users"], "{verify}");
-    assert_eq!(verify["mismatches"], serde_json::json!([]), "{verify}");
-    assert_eq!(
-        verify["segments_checked"],
-        SEGMENTS.parse::<u64>().unwrap(),
-        "{verify}"
-    );
+    assert_exact(status.success(), &s);
     assert!(kills.load(Ordering::SeqCst) >= 1);
     let acked_probes = l.acked;
     let c = reqwest::Client::new();
