@@ -1,15 +1,53 @@
 #!/usr/bin/env bash
-# `make soak`: the long soak with kills (docs/RELIABILITY.md#soak). Builds the release binary,
-# then runs crates/userseg/tests/soak.rs against it: standalone at ~70% of the capacity measured
-# on this machine, SIGKILLed every SOAK_KILL_EVERY seconds (default 60) for SOAK_SECS seconds
-# (default 600), exact counts and flat RSS checked at the end. `make test` runs the same test in
-# its short form (30 s, a kill every 10 s, the debug binary).
+# `make soak`: the long soaks with kills (docs/RELIABILITY.md#soak). Builds the release binary,
+# then runs against it, by SOAK_MODE (standalone, distributed or both; default both):
+# - crates/userseg/tests/soak.rs: standalone at ~70% of the capacity measured on this machine,
+#   SIGKILLed every SOAK_KILL_EVERY seconds (default 60) for SOAK_SECS seconds (default 600);
+# - crates/userseg/tests/soak_distributed.rs: USS → tansu → ES → ClickHouse at ~70% of the
+#   pipeline's measured capacity, ES SIGKILLed every SOAK_KILL_EVERY seconds, USS SIGKILLed and
+#   ClickHouse SIGKILLed and restarted once; it starts its own tansu and ClickHouse here.
+# Exact counts and flat RSS are checked at the end. `make test` runs both in their short form
+# (30 s, a kill every 10 s, the debug binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export SOAK_SECS="${SOAK_SECS:-600}"
 export SOAK_KILL_EVERY="${SOAK_KILL_EVERY:-60}"
 export SOAK_CAPACITY_SECS="${SOAK_CAPACITY_SECS:-15}"
+mode="${SOAK_MODE:-both}"
+case "$mode" in
+standalone | distributed | both) ;;
+*)
+  echo "soak.sh: SOAK_MODE must be standalone, distributed or both, not $mode" >&2
+  exit 2
+  ;;
+esac
 cargo build --release -p userseg
 export SOAK_BIN="$PWD/target/release/userseg"
-cargo test -p userseg --test soak -- --nocapture
+
+if [ "$mode" != distributed ]; then
+  cargo test -p userseg --test soak -- --nocapture
+fi
+
+if [ "$mode" != standalone ]; then
+  scripts/install-deps.sh
+  SERVERS_DIR="${USERSEG_TEST_SERVERS_DIR:-$PWD/.test-servers}/soak"
+  rm -rf "$SERVERS_DIR"
+  mkdir -p "$SERVERS_DIR/tansu" "$SERVERS_DIR/clickhouse"
+  stop_servers() {
+    scripts/tansu.sh stop "$SERVERS_DIR/tansu" || true
+    scripts/clickhouse.sh stop "$SERVERS_DIR/clickhouse" || true
+  }
+  trap stop_servers EXIT
+  scripts/tansu.sh start "$SERVERS_DIR/tansu"
+  scripts/clickhouse.sh start "$SERVERS_DIR/clickhouse"
+  set -a
+  # shellcheck disable=SC1091
+  . "$SERVERS_DIR/tansu/tansu.env"
+  # shellcheck disable=SC1091
+  . "$SERVERS_DIR/clickhouse/clickhouse.env"
+  set +a
+  export USERSEG_TEST_CLICKHOUSE_DIR="$SERVERS_DIR/clickhouse"
+  export USERSEG_TEST_TANSU_DIR="$SERVERS_DIR/tansu"
+  cargo test -p userseg --test soak_distributed -- --nocapture
+fi
