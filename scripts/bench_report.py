@@ -206,8 +206,8 @@ if an:
         ("expr_not_largest_ms", "`NOT segment-000` (needs the universe: every segment scanned)", None),
         ("expr_3_terms_within_1d_ms", "the same expression, `within=1d`", None),
         ("overlap_top20_within_1d_ms", "the same overlap, `within=1d`", None),
-        ("expr_3_terms_2d_later_unswept_ms", "the same expression 2 days later, expired memberships not yet swept", None),
-        ("overlap_top20_2d_later_unswept_ms", "the same overlap 2 days later, not yet swept", None),
+        ("expr_3_terms_1d1m_later_unswept_ms", "the same expression a day and a minute later, the oldest minute expired but not yet swept", None),
+        ("overlap_top20_1d1m_later_unswept_ms", "the same overlap a day and a minute later, not yet swept", None),
     ]:
         if key not in an:
             continue

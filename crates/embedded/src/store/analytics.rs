@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 use userseg_domain::{Expr, UnixSeconds, Within};
 use userseg_usecase::{Member, Membership, Overlap, PortError, SegmentCount};
 
-use super::members::{Code, Repr};
+use super::members::{Code, Coder, Expiring, Repr};
+use super::ring::Ring;
 use super::{read, write, MemStore, Members, Segment};
 
 /// Most heavy queries (expressions, overlaps, exports) computing at once; each holds a few
@@ -91,11 +92,78 @@ impl Segment {
         }
         let (live, all) = self.live_above(lo);
         let mostly = live > 0 && live * 2 >= self.len() as u64;
+        let at = Edge {
+            coder: self.coder,
+            ring: &self.ring,
+            lo,
+            top_code,
+            k,
+        };
         match &self.members {
-            Members::Narrow(r) => live_bits_in(r, n, top_code, k, all, mostly),
-            Members::Wide(r) => live_bits_in(r, n, top_code, k, all, mostly),
+            Members::Narrow(r) => live_bits_in(r, n, &at, all, mostly),
+            Members::Wide(r) => live_bits_in(r, n, &at, all, mostly),
         }
     }
+}
+
+/// A query's lookback edge on one segment.
+struct Edge<'a> {
+    coder: Coder,
+    ring: &'a Ring,
+    lo: i64,
+    top_code: i64,
+    k: i64,
+}
+
+/// Buckets above a query's edge that its list of expiring keys covers: later queries whose
+/// edge moved by less find the members expired since in the list.
+const EXPIRING_SPAN: i64 = 120;
+
+#[inline]
+fn clear_bit(bits: &mut [u64], key: u32) {
+    if let Some(w) = bits.get_mut(key as usize / 64) {
+        *w &= !(1 << (key % 64));
+    }
+}
+
+/// Clears from `bits` (a copy of the index) the entries of `r` that are not live at `at`.
+///
+/// The members that expired since the last sweep are few, and are found among the keys a query
+/// listed earlier (those at or below `upto`, a little above that query's edge) when the list
+/// is complete: the keys still at or below `upto` and in the ring number as many as the ring
+/// counts at or below `upto` (buckets only rise, so a missing key would be one that arrived
+/// since with an old bucket, and the counts would differ). Otherwise one scan clears the dead
+/// entries and lists the keys at or below `at.lo + EXPIRING_SPAN` for the next queries.
+fn clear_expired<C: Code>(r: &Repr<C>, bits: &mut [u64], at: &Edge<'_>) {
+    let mut slot = r.expiring().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(list) = slot.as_ref().filter(|l| l.upto >= at.lo) {
+        let mut listed = 0u64;
+        for &key in &list.keys {
+            if let Some(c) = r.get(key) {
+                let b = at.coder.decode(c);
+                listed += u64::from(b <= list.upto && at.ring.holds(b));
+                if !c.live(at.top_code, at.k) {
+                    clear_bit(bits, key);
+                }
+            }
+        }
+        let in_ring_upto = at.ring.sum_above(i64::MIN) - at.ring.sum_above(list.upto);
+        if listed == in_ring_upto {
+            return;
+        }
+    }
+    let upto = at.lo.saturating_add(EXPIRING_SPAN);
+    let mut keys = Vec::new();
+    r.for_each(|key, c| {
+        if !c.live(at.top_code, at.k) {
+            clear_bit(bits, key);
+        }
+        if at.coder.decode(c) <= upto {
+            keys.push(key);
+        }
+    });
+    keys.shrink_to_fit();
+    *slot = Some(Expiring { upto, keys });
 }
 
 /// ORs the live entries of `r` into `bits`: its index when `all_live`, else a scan.
@@ -115,8 +183,7 @@ fn or_live<C: Code>(r: &Repr<C>, bits: &mut [u64], top_code: i64, k: i64, all_li
 fn live_bits_in<C: Code>(
     r: &Repr<C>,
     n: usize,
-    top_code: i64,
-    k: i64,
+    at: &Edge<'_>,
     all_live: bool,
     mostly_live: bool,
 ) -> Vec<u64> {
@@ -126,10 +193,10 @@ fn live_bits_in<C: Code>(
             let m = ix.len().min(n);
             bits[..m].copy_from_slice(&ix[..m]);
             if !all_live {
-                r.clear_dead(&mut bits, top_code, k);
+                clear_expired(r, &mut bits, at);
             }
         }
-        _ => r.fill_bits(&mut bits, top_code, k),
+        _ => r.fill_bits(&mut bits, at.top_code, at.k),
     }
     bits
 }
@@ -833,6 +900,54 @@ mod tests {
                 prop_assert_eq!(ored, both);
             }
         }
+    }
+
+    /// Queries between sweeps find the members expired since in a list made by an earlier
+    /// query; exact through late arrivals with old buckets, updates, removals and sweeps.
+    #[test]
+    fn expired_members_found_between_sweeps_exactly() {
+        let mut seg = Segment::new(20_200, 20_160);
+        let top = 1_000_000i64;
+        let users = 5000u32;
+        for u in 0..users {
+            seg.observe(u, top - 10_000 - i64::from(u % 5000));
+        }
+        let n = words(users as usize + 400);
+        let brute = |seg: &Segment, lo: i64| {
+            let mut want = vec![0u64; n];
+            seg.for_each(|u, b| {
+                if b > lo {
+                    want[u as usize / 64] |= 1 << (u % 64);
+                }
+            });
+            want
+        };
+        let listed = |seg: &Segment| match &seg.members {
+            Members::Narrow(r) => r.expiring().lock().unwrap().as_ref().map(|l| l.upto),
+            Members::Wide(r) => r.expiring().lock().unwrap().as_ref().map(|l| l.upto),
+        };
+        // The edge moves a bucket at a time, as the clock does between sweeps.
+        let mut lo = top - 15_000;
+        for step in 0..300u32 {
+            lo += 1;
+            match step % 7 {
+                // A late arrival of a new user with an old bucket (above the edge).
+                0 => seg.observe(users + step, lo + 3),
+                // An old member seen again: its bucket rises.
+                1 => seg.observe(step * 13 % users, top),
+                2 => {
+                    seg.remove_user(step * 7 % users);
+                }
+                3 if step % 70 == 3 => {
+                    seg.expire(lo);
+                }
+                _ => {}
+            }
+            assert_eq!(seg.live_bits(lo, n), brute(&seg, lo), "step {step}");
+        }
+        // The last queries used the list an earlier one made.
+        let upto = listed(&seg).expect("a list");
+        assert!(upto >= lo && upto < lo + EXPIRING_SPAN, "{upto} {lo}");
     }
 
     #[test]

@@ -429,10 +429,18 @@ fn index_unwanted(len: usize, span: usize) -> bool {
     len < MIN_INDEXED / 2 || index_bytes(span) > 2 * INDEX_BYTES_PER_MEMBER * len
 }
 
+/// Keys listed by a query (see `analytics.rs`): every entry whose bucket was at or below `upto`
+/// when listed, so that later queries find the members expired since without a scan.
+pub(crate) struct Expiring {
+    pub(crate) upto: i64,
+    pub(crate) keys: Vec<u32>,
+}
+
 /// The entries of a segment, and the index of their keys when worthwhile.
 pub(crate) struct Repr<C: Code> {
     kind: Kind<C>,
     index: Option<Index>,
+    expiring: std::sync::Mutex<Option<Expiring>>,
 }
 
 /// Bytes a table would take to hold `n` entries at a typical load.
@@ -451,7 +459,16 @@ impl<C: Code> Repr<C> {
             };
         // Sized for the expected entries (a snapshot being loaded), filled as they come.
         let index = index_wanted(n, universe).then(|| Index::covering(universe));
-        Repr { kind, index }
+        Repr {
+            kind,
+            index,
+            expiring: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The keys a query listed as expiring soon (see [`Expiring`]).
+    pub(crate) fn expiring(&self) -> &std::sync::Mutex<Option<Expiring>> {
+        &self.expiring
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -472,7 +489,12 @@ impl<C: Code> Repr<C> {
 
     pub(crate) fn memory_bytes(&self) -> usize {
         let index = self.index.as_ref().map_or(0, Index::memory_bytes);
+        let listed = self
+            .expiring
+            .lock()
+            .map_or(0, |l| l.as_ref().map_or(0, |l| l.keys.capacity() * 4));
         index
+            + listed
             + match &self.kind {
                 Kind::Table(t) => t.memory_bytes(),
                 Kind::Dense(d) => d.memory_bytes(),
@@ -558,30 +580,6 @@ impl<C: Code> Repr<C> {
             Kind::Dense(d) => {
                 for (w, chunk) in bits.iter_mut().zip(d.codes.chunks(64)) {
                     *w |= pack(chunk, live);
-                }
-            }
-        }
-    }
-
-    /// Clears bit `key` of `bits` for every entry whose code is not live (see
-    /// [`fill_bits`](Self::fill_bits)): with [`index`](Self::index) copied into `bits`, leaves
-    /// exactly the live entries. Writes only for the entries cleared.
-    pub(crate) fn clear_dead(&self, bits: &mut [u64], top_code: i64, k: i64) {
-        let dead = |c: C| (c != C::ZERO) & !c.live(top_code, k);
-        match &self.kind {
-            Kind::Table(t) => {
-                for s in t.slots.iter() {
-                    if dead(s.code()) {
-                        let key = s.key() as usize;
-                        if let Some(w) = bits.get_mut(key / 64) {
-                            *w &= !(1 << (key % 64));
-                        }
-                    }
-                }
-            }
-            Kind::Dense(d) => {
-                for (w, chunk) in bits.iter_mut().zip(d.codes.chunks(64)) {
-                    *w &= !pack(chunk, dead);
                 }
             }
         }
