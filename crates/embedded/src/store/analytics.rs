@@ -807,7 +807,12 @@ mod tests {
         bits.iter()
             .map(|a| {
                 bits.iter()
-                    .map(|b| a.iter().zip(b).map(|(x, y)| u64::from((x & y).count_ones())).sum())
+                    .map(|b| {
+                        a.iter()
+                            .zip(b)
+                            .map(|(x, y)| u64::from((x & y).count_ones()))
+                            .sum()
+                    })
                     .collect()
             })
             .collect()
@@ -823,14 +828,29 @@ mod tests {
             x
         };
         // Word counts around the block edges, and empty, single and 21-segment sets.
-        for n in [0, 1, PAIR_BLOCK - 1, PAIR_BLOCK, PAIR_BLOCK + 1, 3 * PAIR_BLOCK + 37] {
+        for n in [
+            0,
+            1,
+            PAIR_BLOCK - 1,
+            PAIR_BLOCK,
+            PAIR_BLOCK + 1,
+            3 * PAIR_BLOCK + 37,
+        ] {
             for k in [0usize, 1, 2, 21] {
                 let bits: Vec<Vec<u64>> = (0..k)
-                    .map(|i| (0..n).map(|_| next() & next() & if i % 5 == 0 { 0 } else { u64::MAX }).collect())
+                    .map(|i| {
+                        (0..n)
+                            .map(|_| next() & next() & if i % 5 == 0 { 0 } else { u64::MAX })
+                            .collect()
+                    })
                     .collect();
                 let want = naive_pairs(&bits);
                 for threads in [1, 2, 3] {
-                    assert_eq!(pairwise(&bits, n, threads), want, "n {n} k {k} threads {threads}");
+                    assert_eq!(
+                        pairwise(&bits, n, threads),
+                        want,
+                        "n {n} k {k} threads {threads}"
+                    );
                 }
             }
         }
@@ -948,6 +968,57 @@ mod tests {
         // The last queries used the list an earlier one made.
         let upto = listed(&seg).expect("a list");
         assert!(upto >= lo && upto < lo + EXPIRING_SPAN, "{upto} {lo}");
+    }
+
+    /// Through a store: unknown segments are empty sets, an empty overlap is empty, and indexed
+    /// segments (hundreds of members) agree with a brute force over the pairs, with and without
+    /// a lookback.
+    #[test]
+    fn store_expressions_and_overlap_with_unknown_and_indexed_segments() {
+        use userseg_domain::{Pair, Window};
+        let w = Window::from_secs(14 * 86_400).expect("window");
+        let store = MemStore::new(w);
+        let now = 1_800_000_000i64;
+        let mut pairs = Vec::new();
+        for u in 0..3000u32 {
+            for s in 0..3u32 {
+                if (u + s) % (s + 2) == 0 {
+                    pairs.push(Pair {
+                        user_id: format!("u{u}"),
+                        segment: format!("s{s}"),
+                        ts: now - 1800 - i64::from(u % 20) * 3600,
+                    });
+                }
+            }
+        }
+        pairs.sort_by_key(|p| p.ts);
+        store.apply(&pairs).expect("apply");
+        let hours = |h: u64| Within::from_secs(h * 3600, w).ok();
+        for h in [None, Some(5), Some(15)] {
+            let within = h.and_then(hours);
+            let lo_ts = h.map_or(i64::MIN, |h| now - h as i64 * 3600);
+            let members = |s: &str| -> std::collections::HashSet<&str> {
+                pairs
+                    .iter()
+                    .filter(|p| p.segment == s && p.ts > lo_ts)
+                    .map(|p| p.user_id.as_str())
+                    .collect()
+            };
+            let (s0, s1) = (members("s0"), members("s1"));
+            let q = |e: &str| store.count_expr(&Expr::parse(e).expect("expr"), now, within);
+            assert_eq!(q("s0 AND nope"), 0);
+            assert_eq!(q("s0 AND NOT nope"), s0.len() as u64);
+            assert_eq!(q("s0 AND s1"), s0.intersection(&s1).count() as u64);
+            assert_eq!(q("s0 AND NOT s1"), s0.difference(&s1).count() as u64);
+            let names = ["s0".to_string(), "nope".to_string(), "s1".to_string()];
+            let o = store.overlap(&names, now, within);
+            assert_eq!(o.users, vec![s0.len() as u64, 0, s1.len() as u64]);
+            assert_eq!(o.both[0][2], s0.intersection(&s1).count() as u64);
+            assert_eq!(o.both[2][0], o.both[0][2]);
+            assert_eq!(o.both[1], vec![0, 0, 0]);
+        }
+        let empty = store.overlap(&[], now, None);
+        assert!(empty.users.is_empty() && empty.both.is_empty());
     }
 
     #[test]

@@ -831,7 +831,11 @@ mod tests {
             r.put(k * 2, 7, false);
         }
         check_index(&r);
-        assert_eq!(r.index().map(|ix| ix.iter().map(|w| w.count_ones()).sum::<u32>()), Some(5000));
+        assert_eq!(
+            r.index()
+                .map(|ix| ix.iter().map(|w| w.count_ones()).sum::<u32>()),
+            Some(5000)
+        );
     }
 
     #[test]
