@@ -187,18 +187,23 @@ fn live_bits_in<C: Code>(
     all_live: bool,
     mostly_live: bool,
 ) -> Vec<u64> {
-    let mut bits = vec![0u64; n];
     match r.index() {
         Some(ix) if all_live || mostly_live => {
-            let m = ix.len().min(n);
-            bits[..m].copy_from_slice(&ix[..m]);
+            // Written once: the index's words, then zeros up to `n`.
+            let mut bits = Vec::with_capacity(n);
+            bits.extend_from_slice(&ix[..ix.len().min(n)]);
+            bits.resize(n, 0);
             if !all_live {
                 clear_expired(r, &mut bits, at);
             }
+            bits
         }
-        _ => r.fill_bits(&mut bits, at.top_code, at.k),
+        _ => {
+            let mut bits = vec![0u64; n];
+            r.fill_bits(&mut bits, at.top_code, at.k);
+            bits
+        }
     }
-    bits
 }
 
 fn popcount(bits: &[u64]) -> u64 {
