@@ -1,5 +1,5 @@
 # userseg — see README.md. Every target is a thin wrapper over cargo or scripts/.
-.PHONY: help run test lint fmt migrate version bench build clean
+.PHONY: help run test soak lint fmt migrate version bench build clean fuzz chdb-check
 
 help: ## This list of targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -9,6 +9,9 @@ run: ## Standalone mode on the embedded store (DATA_DIR=./data, port 8080)
 
 test: ## All tests, against real tansu and ClickHouse started by scripts/test.sh
 	scripts/test.sh
+
+soak: ## Soak with kills, 10 min (SOAK_SECS, SOAK_KILL_EVERY); see docs/RELIABILITY.md
+	scripts/soak.sh
 
 lint: ## Formatting and clippy, warnings are errors
 	cargo fmt --all -- --check
@@ -22,6 +25,12 @@ migrate: ## Apply ClickHouse migrations (CLICKHOUSE_ADDR, CLICKHOUSE_DATABASE, .
 
 version: ## Print the version
 	@cargo run --quiet --release -p userseg -- version
+
+fuzz: ## Fuzz every decoder under AFL++ (FUZZ_SECS per target, default 60); installs cargo-afl
+	scripts/fuzz.sh
+
+chdb-check: ## The clickhouse crate's statements on ClickHouse 18.16 and on chdb (26.x), answers compared
+	scripts/chdb-check.sh
 
 bench: ## Benchmarks; writes docs/BENCHMARKS.md
 	scripts/bench.sh

@@ -33,3 +33,8 @@ echo "test servers: kafka=$USERSEG_TEST_KAFKA clickhouse=$USERSEG_TEST_CLICKHOUS
 # The end-to-end tests start the real binaries; build them first so test time is test time.
 cargo build --workspace --bins --quiet
 cargo test --workspace --no-fail-fast "$@"
+# The clickhouse crate's statements, just recorded on 18.16 by the run above, replayed on a
+# current ClickHouse (chdb): a few seconds. Only on a full run (a filtered one may not record).
+if [ $# -eq 0 ]; then
+  scripts/chdb-check.sh --replay-only
+fi

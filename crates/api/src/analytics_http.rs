@@ -46,11 +46,22 @@ fn not_served(what: &str) -> ApiError {
     ApiError::not_served(what)
 }
 
+/// The analytics reads (a USS has none).
 pub(crate) fn analytics(state: &ApiState) -> Result<&Analytics, ApiError> {
     state
         .analytics
         .as_ref()
+        .filter(|a| a.serves_reads())
         .ok_or_else(|| not_served("analytics"))
+}
+
+/// User deletions (an ES has none: they go through a USS).
+pub(crate) fn deletions(state: &ApiState) -> Result<&Analytics, ApiError> {
+    state
+        .analytics
+        .as_ref()
+        .filter(|a| a.serves_deletions())
+        .ok_or_else(|| not_served("user deletions"))
 }
 
 /// A path parameter, percent-decoded; a rejection becomes our JSON 400.
@@ -200,11 +211,18 @@ pub(crate) async fn delete_user(
     user_id: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<DeletedBody>, ApiError> {
-    let a = analytics(&state)?;
+    let a = deletions(&state)?;
     let user_id = path_param(user_id)?;
     query_params(query.as_deref(), &[])?;
     let deleted = a.delete_users(vec![user_id]).await?;
     Ok(Json(DeletedBody { deleted }))
+}
+
+/// The user ids of a deletion body (`{"user_ids": [...]}`); their validation is the use case's.
+pub(crate) fn parse_delete_body(body: &[u8]) -> Result<Vec<String>, ApiError> {
+    let body: DeleteUsersBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+    Ok(body.user_ids)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -231,9 +249,20 @@ pub(crate) struct DeleteUsersBody {
 pub(crate) async fn delete_users(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<DeletedBody>, ApiError> {
-    let a = analytics(&state)?;
+    let a = deletions(&state)?;
+    let body = body.map_err(|e| {
+        let kind = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorKind::PayloadTooLarge
+        } else {
+            ErrorKind::InvalidArgument
+        };
+        ApiError::new(
+            kind,
+            format!("could not read the request body: {}", e.body_text()),
+        )
+    })?;
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
         let media = ct.split(';').next().unwrap_or("").trim().to_owned();
@@ -247,9 +276,9 @@ pub(crate) async fn delete_users(
             ));
         }
     }
-    let body: DeleteUsersBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
-    let deleted = a.delete_users(body.user_ids).await?;
+    crate::http::check_encoding(&headers)?;
+    let user_ids = parse_delete_body(&body)?;
+    let deleted = a.delete_users(user_ids).await?;
     Ok(Json(DeletedBody { deleted }))
 }
 

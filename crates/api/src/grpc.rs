@@ -34,7 +34,38 @@ pub(crate) fn routes(state: ApiState) -> axum::Router {
             tracing::error!(error = %e, "grpc reflection is unavailable")
         }
     }
-    routes.into_axum_router()
+    routes
+        .into_axum_router()
+        .layer(axum::middleware::map_response(invalid_message_status))
+}
+
+/// tonic answers a message over the size limit with OUT_OF_RANGE and bytes that are not a
+/// valid protobuf message (bad wire format, a string that is not UTF-8) with INTERNAL; both
+/// are the client's bad input, which this API answers with INVALID_ARGUMENT (README's error
+/// table). Such errors come before the handler runs, as a trailers-only response, so the
+/// status is in the headers.
+async fn invalid_message_status(mut resp: axum::response::Response) -> axum::response::Response {
+    let Some(status) = Status::from_header_map(resp.headers()) else {
+        return resp;
+    };
+    let message = status.message();
+    let replaced = match status.code() {
+        tonic::Code::OutOfRange if message.contains("decoded message length too large") => {
+            ApiError::new(
+                ErrorKind::PayloadTooLarge,
+                format!("the message is larger than the limit (MAX_REQUEST_BYTES): {message}"),
+            )
+        }
+        tonic::Code::Internal if message.starts_with("failed to decode Protobuf message") => {
+            ApiError::invalid(format!("invalid protobuf message: {message}"))
+        }
+        _ => return resp,
+    };
+    let replaced: Status = replaced.into();
+    if let Err(e) = replaced.add_header(resp.headers_mut()) {
+        tracing::warn!(error = %e, "could not rewrite a gRPC status");
+    }
+    resp
 }
 
 /// What reflection describes: our service, health, and the reflection services themselves.
@@ -56,7 +87,7 @@ pub(crate) struct GrpcApi {
     state: ApiState,
 }
 
-fn raw_pairs(req: PushRequest) -> Vec<RawPair> {
+pub(crate) fn raw_pairs(req: PushRequest) -> Vec<RawPair> {
     req.pairs
         .into_iter()
         .map(|p| RawPair {
@@ -96,7 +127,16 @@ impl GrpcApi {
         self.state
             .analytics
             .as_ref()
+            .filter(|a| a.serves_reads())
             .ok_or_else(|| not_served("analytics"))
+    }
+
+    fn deletions(&self) -> Result<&Analytics, Status> {
+        self.state
+            .analytics
+            .as_ref()
+            .filter(|a| a.serves_deletions())
+            .ok_or_else(|| not_served("user deletions"))
     }
 
     fn within(&self, secs: u64) -> Result<Option<userseg_domain::Within>, Status> {
@@ -313,7 +353,7 @@ impl Segments for GrpcApi {
         &self,
         request: Request<DeleteUsersRequest>,
     ) -> Result<Response<DeleteUsersResponse>, Status> {
-        let a = self.analytics()?;
+        let a = self.deletions()?;
         let n = a
             .delete_users(request.into_inner().user_ids)
             .await

@@ -88,6 +88,22 @@ fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
     }
 }
 
+/// Bodies are read as sent: one with a `content-encoding` other than `identity` (gzip, zstd...)
+/// is refused before it is read, so no body is ever inflated past MAX_REQUEST_BYTES.
+pub(crate) fn check_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(enc) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(());
+    };
+    let enc = enc.to_str().unwrap_or("?").trim().to_ascii_lowercase();
+    if enc.is_empty() || enc == "identity" {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorKind::Unsupported,
+        format!("content-encoding {enc:?} is not supported; send the body uncompressed"),
+    ))
+}
+
 fn too_large(max: usize) -> ApiError {
     ApiError::new(
         ErrorKind::PayloadTooLarge,
@@ -101,7 +117,7 @@ fn index_in_path(path: &str) -> Option<usize> {
     rest[..rest.find(']')?].parse().ok()
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Vec<RawPair>, ApiError> {
+pub(crate) fn parse_json(bytes: &[u8]) -> Result<Vec<RawPair>, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let body: PushBody = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
@@ -119,7 +135,7 @@ fn parse_json(bytes: &[u8]) -> Result<Vec<RawPair>, ApiError> {
     Ok(body.pairs.into_iter().map(RawPair::from).collect())
 }
 
-fn parse_ndjson(bytes: &[u8], max_pairs: usize) -> Result<Vec<RawPair>, ApiError> {
+pub(crate) fn parse_ndjson(bytes: &[u8], max_pairs: usize) -> Result<Vec<RawPair>, ApiError> {
     let mut out = Vec::new();
     for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -179,7 +195,7 @@ pub(crate) struct PairSchema {
          example = json!({"error": {"code": "invalid_argument", "index": 0, "message": "pair 0: segment contains ' ' at position 2; only A-Z a-z 0-9 _ . : - are allowed"}})),
         (status = 413, description = "Too many pairs or bytes", body = ErrorBody,
          example = json!({"error": {"code": "payload_too_large", "message": "the request holds 100001 pairs; at most 100000 are allowed per request"}})),
-        (status = 415, description = "Content type other than JSON / NDJSON", body = ErrorBody,
+        (status = 415, description = "Content type other than JSON / NDJSON, or a compressed body (content-encoding)", body = ErrorBody,
          example = json!({"error": {"code": "invalid_argument", "message": "unsupported content type \"text/csv\"; send application/json or application/x-ndjson"}})),
         (status = 503, description = "Overloaded or a dependency is unreachable (retry-after)", body = ErrorBody,
          example = json!({"error": {"code": "overloaded", "message": "1000000 pairs are waiting to be applied; try again shortly"}})),
@@ -195,6 +211,7 @@ pub(crate) async fn push(
         .as_ref()
         .ok_or_else(|| ApiError::not_served("ingest"))?;
     let format = format_of(&headers)?;
+    check_encoding(&headers)?;
     let max = state.max_request_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -203,33 +220,59 @@ pub(crate) async fn push(
     if declared.is_some_and(|n| n > max) {
         return Err(too_large(max));
     }
-    let reserve = declared.unwrap_or(max).max(1);
-    let _permit = tokio::time::timeout(
-        state.overload_wait,
-        state.inflight_bytes.acquire_many(reserve as u32),
-    )
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            ErrorKind::Overloaded,
-            "too many request bytes in flight; try again shortly",
-        )
-    })?
-    .map_err(|_| ApiError::new(ErrorKind::Unavailable, "shutting down"))?;
-    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
-        let text = e.to_string();
-        if text.contains("length limit") {
-            too_large(max)
-        } else {
-            ApiError::invalid(format!("could not read the request body: {text}"))
-        }
-    })?;
+    let (bytes, _permit) = read_body(&state, body, max).await?;
     let raw = match format {
         Format::Json => parse_json(&bytes)?,
         Format::NdJson => parse_ndjson(&bytes, ingest.limits().max_pairs_per_request)?,
     };
     let accepted = ingest.push(raw).await?;
     Ok(Json(AcceptedBody { accepted }))
+}
+
+/// Reads a body of at most `max` bytes, taking room in the in-flight budget
+/// (`ApiState::inflight_bytes`) for each chunk as it arrives, and holding it until the
+/// request is answered. Room is never reserved ahead for bytes not yet received: a client that
+/// declares a large body and stalls (slowly, or on many HTTP/2 streams at once) holds only what
+/// it sent, so it cannot starve other clients of the budget.
+async fn read_body(
+    state: &ApiState,
+    body: Body,
+    max: usize,
+) -> Result<(bytes::Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    use futures::StreamExt as _;
+    let overloaded = || {
+        ApiError::new(
+            ErrorKind::Overloaded,
+            "too many request bytes in flight; try again shortly",
+        )
+    };
+    let deadline = tokio::time::Instant::now() + state.overload_wait;
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut buf = bytes::BytesMut::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid(format!("could not read the request body: {e}")))?;
+        if buf.len() + chunk.len() > max {
+            return Err(too_large(max));
+        }
+        if chunk.is_empty() {
+            continue;
+        }
+        // chunk.len() <= max <= u32::MAX (MAX_REQUEST_BYTES is bounded by the config).
+        let n = u32::try_from(chunk.len()).map_err(|_| too_large(max))?;
+        let permit =
+            tokio::time::timeout_at(deadline, state.inflight_bytes.clone().acquire_many_owned(n))
+                .await
+                .map_err(|_| overloaded())?
+                .map_err(|_| ApiError::new(ErrorKind::Unavailable, "shutting down"))?;
+        match &mut held {
+            Some(h) => h.merge(permit),
+            None => held = Some(permit),
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((buf.freeze(), held))
 }
 
 fn mode_of(query: Option<&str>) -> Result<Mode, ApiError> {

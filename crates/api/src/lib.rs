@@ -3,6 +3,9 @@
 
 mod analytics_http;
 pub mod auth;
+pub mod conn;
+#[doc(hidden)]
+pub mod decode;
 mod error;
 mod grpc;
 mod http;
@@ -112,16 +115,64 @@ pub fn router(state: ApiState) -> Router {
             auth::middleware,
         ))
         .layer(axum::middleware::from_fn(observe::observe))
+        .layer(axum::middleware::from_fn(catch_panic))
+}
+
+/// A handler that panics (a bug) answers 500 `internal` through the one error mapping instead
+/// of dropping the connection, and the panic is logged with the route.
+async fn catch_panic(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    use futures::FutureExt as _;
+    let what = format!("{} {}", req.method(), req.uri().path());
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(resp) => resp,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(request = %what, panic = %why, "a request handler panicked");
+            ApiError::new(
+                userseg_domain::ErrorKind::Internal,
+                format!("internal error while serving {what}"),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting and lets
-/// in-flight requests finish.
+/// in-flight requests finish. Every connection gets the limits of [`conn`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(conn::serve(stream, router.clone(), graceful.watcher()));
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

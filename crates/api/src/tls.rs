@@ -8,8 +8,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -239,12 +237,7 @@ async fn serve_connection(
             return;
         }
     };
-    let service = hyper_util::service::TowerToHyperService::new(router);
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
-        tracing::debug!(error = %e, "TLS connection ended with an error");
-    }
+    crate::conn::serve(tls, router, watcher).await;
 }
 
 /// Serves `router` over TLS on `listener` until `shutdown` fires, then stops accepting and

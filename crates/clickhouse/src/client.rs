@@ -116,13 +116,23 @@ impl ClickHouseClient {
 
     /// Runs a statement that returns nothing useful (DDL, `INSERT ... SELECT`).
     pub async fn execute(&self, sql: &str) -> Result<(), ClickHouseError> {
-        self.post(&[], sql.as_bytes().to_vec()).await.map(|_| ())
+        self.post(&[], sql.as_bytes().to_vec()).await?;
+        recording::execute(sql);
+        Ok(())
     }
 
     /// Runs a query and returns its whole body. The server buffers the result before answering
     /// (`wait_end_of_query`), so an error in the middle of a query is an error status, never a
     /// truncated 200.
     pub async fn query(&self, sql: &str) -> Result<Bytes, ClickHouseError> {
+        let body = self.query_buffered(sql).await?;
+        if recording::active() {
+            self.record_query(sql, &body).await;
+        }
+        Ok(body)
+    }
+
+    async fn query_buffered(&self, sql: &str) -> Result<Bytes, ClickHouseError> {
         let max = self.max_execution_secs.to_string();
         self.post(
             &[
@@ -134,9 +144,28 @@ impl ClickHouseClient {
         .await
     }
 
+    /// Records a query with its answer, and the answer as text (for comparing rows whatever
+    /// their order); a query that is streamed is run once more, buffered, for its answer.
+    async fn record_query(&self, sql: &str, body: &Bytes) {
+        let text = match sql.strip_suffix(" FORMAT RowBinary") {
+            Some(q) => self
+                .query_buffered(&format!("{q} FORMAT TabSeparated"))
+                .await
+                .ok()
+                .map(|b| String::from_utf8_lossy(&b).into_owned()),
+            None => None,
+        };
+        recording::query(sql, body, text);
+    }
+
     /// Sends `insert` (e.g. `INSERT INTO db.t (a, b) FORMAT RowBinary`) with `body` as its data.
     pub async fn insert(&self, insert: &str, body: Vec<u8>) -> Result<(), ClickHouseError> {
-        self.post(&[("query", insert)], body).await.map(|_| ())
+        let data = recording::active().then(|| body.clone());
+        self.post(&[("query", insert)], body).await?;
+        if let Some(data) = data {
+            recording::insert(insert, data);
+        }
+        Ok(())
     }
 
     /// Runs a query and streams its body: the server answers as soon as the first rows are
@@ -153,6 +182,11 @@ impl ClickHouseClient {
     /// sent `200 OK`): the caller's decoder must recognise a body that does not parse, see
     /// [`looks_like_exception`].
     pub async fn query_stream(&self, sql: &str) -> Result<ResponseStream, ClickHouseError> {
+        if recording::active() {
+            if let Ok(body) = self.query_buffered(sql).await {
+                self.record_query(sql, &body).await;
+            }
+        }
         let url = self.url(&[]);
         let body = Bytes::from(sql.as_bytes().to_vec());
         let sent = tokio::time::timeout(
@@ -471,6 +505,10 @@ pub(crate) mod rowbinary {
         buf.extend_from_slice(&v.to_le_bytes());
     }
 
+    pub fn put_u64(buf: &mut Vec<u8>, v: u64) {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+
     fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {
             buf.push((v as u8) | 0x80);
@@ -510,6 +548,10 @@ pub(crate) mod rowbinary {
             let mut a = [0u8; 8];
             a.copy_from_slice(b);
             Ok(u64::from_le_bytes(a))
+        }
+
+        pub fn u8(&mut self) -> Result<u8, String> {
+            Ok(self.take(1)?[0])
         }
 
         pub fn u32(&mut self) -> Result<u32, String> {
@@ -574,5 +616,90 @@ mod tests {
         assert!(r.u64().is_err());
         assert!(Reader::new(&[0x05, b'a']).string().is_err());
         assert!(Reader::new(&[0x01, 0xff]).string().is_err());
+    }
+}
+
+/// Every statement this crate sends, recorded in order while a [`Recording`](recording::Recording)
+/// is alive, with what the server answered: `tests/statements.rs` records them on the test
+/// server (ClickHouse 18.16) and `scripts/chdb_check.py` replays them on a current ClickHouse
+/// (`make chdb-check`). Off, it costs one atomic load per request.
+#[doc(hidden)]
+pub mod recording {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    /// One statement sent to the server.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Statement {
+        /// DDL and `INSERT ... SELECT`: no answer.
+        Execute { sql: String },
+        /// `INSERT ... FORMAT RowBinary` with its rows.
+        Insert { sql: String, data: Vec<u8> },
+        /// A read: its answer, and the same read's answer as TabSeparated text (when it ends
+        /// with `FORMAT RowBinary`).
+        Query {
+            sql: String,
+            answer: Vec<u8>,
+            text: Option<String>,
+        },
+    }
+
+    static ACTIVE: AtomicBool = AtomicBool::new(false);
+    static LOG: Mutex<Vec<Statement>> = Mutex::new(Vec::new());
+
+    /// Records every statement of this process until dropped (one at a time per process).
+    pub struct Recording(());
+
+    impl Recording {
+        pub fn start() -> Recording {
+            lock().clear();
+            ACTIVE.store(true, Ordering::SeqCst);
+            Recording(())
+        }
+
+        /// The statements recorded so far (and clears them).
+        pub fn take(&self) -> Vec<Statement> {
+            std::mem::take(&mut *lock())
+        }
+    }
+
+    impl Drop for Recording {
+        fn drop(&mut self) {
+            ACTIVE.store(false, Ordering::SeqCst);
+            lock().clear();
+        }
+    }
+
+    fn lock() -> std::sync::MutexGuard<'static, Vec<Statement>> {
+        LOG.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn active() -> bool {
+        ACTIVE.load(Ordering::Relaxed)
+    }
+
+    fn push(s: Statement) {
+        if active() {
+            lock().push(s);
+        }
+    }
+
+    pub(crate) fn execute(sql: &str) {
+        push(Statement::Execute { sql: sql.into() });
+    }
+
+    pub(crate) fn insert(sql: &str, data: Vec<u8>) {
+        push(Statement::Insert {
+            sql: sql.into(),
+            data,
+        });
+    }
+
+    pub(crate) fn query(sql: &str, answer: &[u8], text: Option<String>) {
+        push(Statement::Query {
+            sql: sql.into(),
+            answer: answer.to_vec(),
+            text,
+        });
     }
 }

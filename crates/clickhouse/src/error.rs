@@ -68,6 +68,12 @@ pub enum ClickHouseError {
     /// A pair that can never be stored (its ts is outside ClickHouse's DateTime range).
     #[error("pair cannot be stored: {0}")]
     Unstorable(String),
+    /// A request this store refuses for good (e.g. more segments than a query supports).
+    #[error("unsupported request: {0}")]
+    Unsupported(String),
+    /// Waiting for a mutation (a user deletion) to be applied took too long.
+    #[error("{0}")]
+    MutationTimeout(String),
     /// The database's migration history contradicts this binary's migrations.
     #[error("migration: {0}")]
     Migration(String),
@@ -77,11 +83,14 @@ impl ClickHouseError {
     /// Would retrying the same request later plausibly succeed?
     pub fn is_transient(&self) -> bool {
         match self {
-            ClickHouseError::Unreachable { .. } | ClickHouseError::Decode(_) => true,
+            ClickHouseError::Unreachable { .. }
+            | ClickHouseError::Decode(_)
+            | ClickHouseError::MutationTimeout(_) => true,
             ClickHouseError::Server { code, .. } => {
                 !code.is_some_and(|c| DATA_ERROR_CODES.contains(&c))
             }
             ClickHouseError::Unstorable(_)
+            | ClickHouseError::Unsupported(_)
             | ClickHouseError::Config(_)
             | ClickHouseError::Migration(_) => false,
         }

@@ -9,19 +9,29 @@
 //! 4. call [`ClickHouseStore::drop_expired_partitions`] periodically (e.g. hourly).
 //!
 //! [`ClickHouseStore`] is also a [`LiveScan`](userseg_usecase::LiveScan): it streams the live
-//! pairs to bootstrap an in-memory index, in bounded memory whatever the table holds.
+//! pairs to bootstrap an in-memory index, in bounded memory whatever the table holds; a
+//! [`SegmentAnalytics`](userseg_usecase::SegmentAnalytics) (per-user lookup, counts with a
+//! lookback, set expressions, overlap, streamed export, all exact to the second); a
+//! [`HistoryStore`](userseg_usecase::HistoryStore) on the `history` table; and its
+//! [`delete_users`](userseg_usecase::SegmentWriter::delete_users) returns once the users count
+//! nowhere, exactly or approximately, and their rows are gone.
 //!
 //! The schema and its trade-offs are described in `docs/CLICKHOUSE.md`.
 
+mod analytics;
 mod client;
 mod config;
+mod delete;
 mod error;
+mod history;
 mod migrate;
+mod rows;
 mod scan;
 mod store;
 
-pub use client::{looks_like_exception, quote_string, ClickHouseClient, ResponseStream};
+pub use client::{looks_like_exception, quote_string, recording, ClickHouseClient, ResponseStream};
 pub use config::{check_database_name, ClickHouseConfig};
+pub use delete::DEFAULT_MUTATION_TIMEOUT;
 pub use error::{ClickHouseError, CONFIG_ERROR_CODES, DATA_ERROR_CODES};
 pub use migrate::{
     applied_migrations, latest_version, migrate, migrate_to, AppliedMigration, Migration,

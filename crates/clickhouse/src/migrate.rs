@@ -57,6 +57,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "approx_sketches",
         sql: include_str!("../migrations/0002_approx_sketches.sql"),
     },
+    Migration {
+        version: 3,
+        name: "history",
+        sql: include_str!("../migrations/0003_history.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "pairs_by_user",
+        sql: include_str!("../migrations/0004_pairs_by_user.sql"),
+    },
 ];
 
 /// The schema version this binary needs.

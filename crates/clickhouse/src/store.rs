@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use userseg_domain::{Pair, UnixSeconds, Window};
+use userseg_domain::{Pair, UnixSeconds, UserDeletion, Window};
 use userseg_usecase::{Mode, PortError, SegmentCount, SegmentCounter, SegmentWriter};
 
 use crate::client::{quote_ident, quote_string, rowbinary, ClickHouseClient, Timer};
@@ -18,7 +18,7 @@ const DAY: i64 = 86_400;
 const MAX_DAYS_PER_INSERT: i64 = 90;
 
 /// The tables that retention drops day partitions from.
-pub const PARTITIONED_TABLES: &[&str] = &["pairs", "agg_day"];
+pub const PARTITIONED_TABLES: &[&str] = &["pairs", "agg_day", "pairs_by_user"];
 
 /// A day partition removed by [`ClickHouseStore::drop_expired_partitions`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,10 +39,15 @@ pub struct ClickHouseStore {
     db: String,
     window: Window,
     max_rows_per_insert: usize,
+    /// How long [`delete_users`](SegmentWriter::delete_users) waits for its mutation.
+    pub(crate) mutation_timeout: std::time::Duration,
+    /// What history pruning remembers, see `history.rs`.
+    pub(crate) history: Arc<crate::history::PruneState>,
 }
 
 /// The lower bound of live event times at some instant.
-enum Since {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Since {
     /// Everything is live (the bound is before 1970).
     Always,
     /// Live iff ts is at least this (a non-negative time that fits DateTime).
@@ -51,7 +56,7 @@ enum Since {
     Never,
 }
 
-fn since(bound: i64) -> Since {
+pub(crate) fn since(bound: i64) -> Since {
     if bound <= 0 {
         Since::Always
     } else {
@@ -71,7 +76,17 @@ impl ClickHouseStore {
             database: config.database,
             window,
             max_rows_per_insert: config.max_rows_per_insert,
+            mutation_timeout: crate::delete::DEFAULT_MUTATION_TIMEOUT,
+            history: Arc::default(),
         })
+    }
+
+    /// How long a user deletion waits for ClickHouse to apply its mutation before it fails
+    /// (transiently; the retry waits for the same mutation instead of issuing another).
+    /// Default [`DEFAULT_MUTATION_TIMEOUT`](crate::DEFAULT_MUTATION_TIMEOUT).
+    pub fn with_mutation_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.mutation_timeout = timeout;
+        self
     }
 
     pub fn window(&self) -> Window {
@@ -87,7 +102,12 @@ impl ClickHouseStore {
         &self.client
     }
 
-    fn window_secs(&self) -> i64 {
+    /// The quoted database name, for SQL text.
+    pub(crate) fn db(&self) -> &str {
+        &self.db
+    }
+
+    pub(crate) fn window_secs(&self) -> i64 {
         // Window is bounded to 10 years, so this fits.
         i64::try_from(self.window.secs()).unwrap_or(i64::MAX)
     }
@@ -170,7 +190,7 @@ impl ClickHouseStore {
     }
 
     /// Runs a read and records its latency.
-    async fn timed_query(
+    pub(crate) async fn timed_query(
         &self,
         sql: &str,
         labelled: &'static str,
@@ -188,7 +208,7 @@ impl ClickHouseStore {
         Ok((body, elapsed))
     }
 
-    async fn query_counts(
+    pub(crate) async fn query_counts(
         &self,
         sql: String,
         labelled: &'static str,
@@ -218,7 +238,7 @@ impl ClickHouseStore {
         Ok(out)
     }
 
-    async fn query_one(
+    pub(crate) async fn query_one(
         &self,
         sql: String,
         labelled: &'static str,
@@ -433,7 +453,7 @@ fn ceil_to(t: i64, unit: i64) -> i64 {
     t.div_euclid(unit) * unit + if t.rem_euclid(unit) == 0 { 0 } else { unit }
 }
 
-fn mode_label(mode: Mode) -> &'static str {
+pub(crate) fn mode_label(mode: Mode) -> &'static str {
     match mode {
         Mode::Exact => "exact",
         Mode::Approx => "approx",
@@ -441,7 +461,7 @@ fn mode_label(mode: Mode) -> &'static str {
 }
 
 /// `YYYYMMDD` → the Unix time of that UTC day's start.
-fn day_of_partition_id(id: &str) -> Option<UnixSeconds> {
+pub(crate) fn day_of_partition_id(id: &str) -> Option<UnixSeconds> {
     if id.len() != 8 || !id.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -465,7 +485,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-fn port_error(op: &'static str, e: ClickHouseError) -> PortError {
+pub(crate) fn port_error(op: &'static str, e: ClickHouseError) -> PortError {
     metrics::counter!("userseg_clickhouse_errors_total", "op" => op, "kind" => e.kind())
         .increment(1);
     if e.is_misconfiguration() {
@@ -482,6 +502,12 @@ impl SegmentWriter for ClickHouseStore {
         self.insert_pairs(&pairs)
             .await
             .map_err(|e| port_error("write", e))
+    }
+
+    async fn delete_users(&self, deletion: UserDeletion) -> Result<(), PortError> {
+        self.delete_user_ids(deletion.user_ids())
+            .await
+            .map_err(|e| port_error("delete_users", e))
     }
 }
 

@@ -247,7 +247,7 @@ async fn an_exception_in_the_middle_of_the_body_is_an_error() {
         other => panic!("expected a transient error, got {other:?}"),
     };
     assert!(m.contains("Code: 395") && m.contains("throwIf"), "{m}");
-    assert!(m.contains("the scan failed after"), "{m}");
+    assert!(m.contains("the query failed after"), "{m}");
     assert!(
         !got.pairs.is_empty() && got.pairs.len() < 1_000_000,
         "{} pairs",

@@ -73,7 +73,16 @@ impl Checkpointer {
         }
         let started = Instant::now();
         let erasures = self.store.erasures();
-        snapshot::write(&self.store, &self.dir, offset)?;
+        if let Err(e) = snapshot::write(&self.store, &self.dir, offset) {
+            // The temporary file is gone, the previous snapshot and the log are untouched.
+            let reason = if e.is_disk_full() {
+                "disk_full"
+            } else {
+                "error"
+            };
+            metrics::counter!("userseg_snapshot_failures_total", "reason" => reason).increment(1);
+            return Err(e);
+        }
         self.erasures_done
             .fetch_max(erasures, std::sync::atomic::Ordering::AcqRel);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = (offset, Instant::now());
@@ -109,6 +118,10 @@ impl Checkpointer {
     /// processor has flushed).
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut last_expire = Instant::now();
+        // After a failed snapshot (a full disk), wait before the next attempt: 1 s, doubling
+        // up to 30 s.
+        let mut failures = 0u32;
+        let mut retry_at: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -127,12 +140,23 @@ impl Checkpointer {
                 metrics::gauge!("userseg_embedded_memory_bytes")
                     .set((m.member_bytes + m.dict_bytes) as f64);
             }
-            if self.due() {
+            if self.due() && retry_at.is_none_or(|t| Instant::now() >= t) {
                 let me = self.clone();
                 match tokio::task::spawn_blocking(move || me.checkpoint()).await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) => {
+                        failures = 0;
+                        retry_at = None;
+                    }
                     Ok(Err(e)) => {
-                        tracing::error!(error = %e, "snapshot failed; the log keeps everything, will retry")
+                        failures = failures.saturating_add(1);
+                        let wait = Duration::from_secs(1 << (failures - 1).min(5))
+                            .min(Duration::from_secs(30));
+                        retry_at = Some(Instant::now() + wait);
+                        tracing::error!(
+                            error = %e,
+                            retry_in_s = wait.as_secs(),
+                            "snapshot failed; the previous snapshot and the log keep everything, will retry"
+                        )
                     }
                     Err(e) => tracing::error!(error = %e, "snapshot task failed"),
                 }
@@ -262,5 +286,118 @@ mod tests {
         assert_eq!(got, vec!["seg-0".to_string()]);
         assert_eq!(sa.store.count("seg-0", NOW), 3);
         assert_eq!(sa.store.count("seg-2", NOW), 0);
+    }
+
+    /// A snapshot file with `room` bytes of space left, whose fsync may fail.
+    struct FailingFile {
+        file: fs::File,
+        room: usize,
+        fail_sync: bool,
+    }
+
+    impl std::io::Write for FailingFile {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            let n = self.file.write(&buf[..buf.len().min(self.room)])?;
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.file.flush()
+        }
+    }
+
+    impl snapshot::SnapshotFile for FailingFile {
+        fn sync_all(&mut self) -> std::io::Result<()> {
+            if self.fail_sync {
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            self.file.sync_all()
+        }
+    }
+
+    fn failing(room: usize, fail_sync: bool) -> impl FnOnce(&Path) -> std::io::Result<FailingFile> {
+        move |p| {
+            Ok(FailingFile {
+                file: fs::File::create(p)?,
+                room,
+                fail_sync,
+            })
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_that_cannot_be_written_leaves_the_previous_snapshot_and_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Window::DEFAULT;
+        let mut sa = open_standalone(dir.path(), w, WalConfig::new("")).unwrap();
+        sa.log.publish(pairs("first", 3)).await.unwrap();
+        apply_next(&mut sa, 1).await;
+        let cp = Checkpointer::new(
+            dir.path(),
+            sa.store.clone(),
+            sa.wal.clone(),
+            CheckpointConfig::default(),
+            Arc::new(ManualClock::new(NOW)),
+            0,
+        );
+        let first = cp.checkpoint().unwrap().unwrap();
+        let snaps = dir.path().join("snapshots");
+        let before = names(&snaps);
+        let before_bytes = fs::read(snaps.join(&before[0])).unwrap();
+        sa.log.publish(pairs("second", 2)).await.unwrap();
+        apply_next(&mut sa, 1).await;
+        let logs = names(&dir.path().join("wal"));
+        let offset = sa.wal.committed();
+
+        // No space half-way, and a failed fsync: an error each time, no temporary file left,
+        // the previous snapshot byte for byte.
+        for (room, fail_sync, disk_full) in [
+            (0, false, true),
+            (100, false, true),
+            (usize::MAX, true, false),
+        ] {
+            let e = snapshot::write_with(&sa.store, &snaps, offset, failing(room, fail_sync))
+                .unwrap_err();
+            assert_eq!(e.is_disk_full(), disk_full, "{e}");
+            assert_eq!(names(&snaps), before);
+            assert_eq!(fs::read(snaps.join(&before[0])).unwrap(), before_bytes);
+        }
+        // The log after the previous snapshot is intact: replaying it from there gives the rest.
+        assert_eq!(names(&dir.path().join("wal")), logs);
+        let mut replayed = Vec::new();
+        crate::wal::replay(&dir.path().join("wal"), first, |r| {
+            if let userseg_domain::Record::Pairs(p) = r {
+                replayed.extend(p.into_iter().map(|p| p.user_id));
+            }
+        })
+        .unwrap();
+        assert_eq!(replayed, vec!["second", "second"]);
+        let (loaded, at) = snapshot::load_latest(&snaps, w).unwrap().unwrap();
+        assert_eq!(at, first);
+        assert_eq!(loaded.count("seg-0", NOW), 1);
+
+        // A temporary file left by a process killed mid-write is removed by the next snapshot.
+        fs::write(
+            snaps.join("snapshot-00000000000000000099.snap.tmp"),
+            b"torn",
+        )
+        .unwrap();
+        let next = cp.checkpoint().unwrap().unwrap();
+        assert_eq!(next, offset);
+        let after = names(&snaps);
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert!(after[0].ends_with(".snap"), "{after:?}");
     }
 }

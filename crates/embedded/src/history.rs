@@ -254,7 +254,12 @@ impl FileHistory {
         let sample_at = d.len + buf.len() as u64 + FRAME_HEADER as u64;
         let sample_len = p.len() as u32;
         frame(&p, &mut buf);
-        d.file.write_all(&buf)?;
+        if let Err(e) = d.file.write_all(&buf) {
+            // A full disk: cut the partial frame back, so the next sample lands where `len`
+            // says (the file is opened in append mode).
+            let _ = d.file.set_len(d.len);
+            return Err(e);
+        }
         d.file.sync_data()?;
         d.len += buf.len() as u64;
         d.names.extend(new_ids);
@@ -274,6 +279,10 @@ impl FileHistory {
         let inner = self.lock();
         let step = step.max(1) as i128;
         let lo = from.max(inner.min_tick);
+        if lo > to {
+            // Wholly before what retention keeps (and an empty day range for the map below).
+            return Ok(Vec::new());
+        }
         let mut out: Vec<HistoryPoint> = Vec::new();
         let mut last_k: Option<i128> = None;
         let first_day = lo.div_euclid(DAY);

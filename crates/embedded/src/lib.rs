@@ -20,4 +20,4 @@ pub use dlq::FileDeadLetters;
 pub use history::FileHistory;
 pub use standalone::{open_standalone, DataDirLock, OpenError, Recovery, Standalone};
 pub use store::{EmbeddedStore, MemStore, MemoryStats};
-pub use wal::{WalConfig, WalHandle, WalLog, WalSource};
+pub use wal::{LogFault, WalConfig, WalHandle, WalLog, WalSource};

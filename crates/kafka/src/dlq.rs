@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use rdkafka::message::{Header, OwnedHeaders};
 use userseg_usecase::{DeadLetter, DeadLetterSink, DeadPayload, PortError};
 
-use crate::codec::{encode_chunks, into_log_pair};
+use crate::codec::{encode_chunks, encode_deletion_chunks, into_log_pair, Encoded};
 use crate::config::KafkaConfig;
 use crate::error::{kind_label, SetupError};
 use crate::producer::{ProducerHandle, Record};
@@ -22,15 +22,18 @@ pub const HEADER_SOURCE_PARTITION: &str = "userseg-source-partition";
 pub const HEADER_SOURCE_OFFSET: &str = "userseg-source-offset";
 /// For rejected pairs: how many pairs this message holds (decimal).
 pub const HEADER_PAIRS: &str = "userseg-pairs";
-/// For rejected pairs split over several messages: `i/n`, 1-based.
+/// For a rejected deletion: how many user ids this message holds (decimal).
+pub const HEADER_USERS: &str = "userseg-users";
+/// For rejected pairs or a rejected deletion split over several messages: `i/n`, 1-based.
 pub const HEADER_PART: &str = "userseg-part";
 
 const MAX_REASON_BYTES: usize = 2048;
 
 /// Writes dead letters to KAFKA_DLQ_TOPIC; `send` resolves `Ok` only after the broker
 /// acknowledged them. The value is the payload as read from the pair topic (raw), or, for pairs
-/// the store rejected, an encoded `PairBatch` (split like the publisher splits); the headers
-/// say why.
+/// or a deletion the store rejected, encoded records of the pair log (version 1 or 2, split
+/// like the publisher splits), which can be produced back to the pair log as they are; the
+/// headers say why.
 #[derive(Clone)]
 pub struct KafkaDeadLetters {
     producer: std::sync::Arc<ProducerHandle>,
@@ -104,6 +107,35 @@ fn headers(letter: &DeadLetter, origin: Option<&Origin>) -> OwnedHeaders {
     h
 }
 
+/// The records of an encoded payload: each with its count under `count_header`, and its part
+/// when there are several.
+fn chunked(letter: &DeadLetter, chunks: Vec<Encoded>, count_header: &str) -> Vec<Record> {
+    let n = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let (count, part) = (chunk.pairs.to_string(), format!("{}/{n}", i + 1));
+            let mut h = headers(letter, None).insert(Header {
+                key: count_header,
+                value: Some(&count),
+            });
+            if n > 1 {
+                h = h.insert(Header {
+                    key: HEADER_PART,
+                    value: Some(&part),
+                });
+            }
+            Record {
+                partition: None,
+                key: Some(chunk.key),
+                value: chunk.value,
+                headers: Some(h),
+            }
+        })
+        .collect()
+}
+
 #[async_trait]
 impl DeadLetterSink for KafkaDeadLetters {
     async fn send(&self, letter: DeadLetter) -> Result<(), PortError> {
@@ -117,40 +149,18 @@ impl DeadLetterSink for KafkaDeadLetters {
                     headers: Some(headers(&letter, origin.as_ref())),
                 }]
             }
-            DeadPayload::Deletion(d) => vec![Record {
-                partition: None,
-                key: None,
-                value: serde_json::to_vec(&serde_json::json!({ "delete_users": d.user_ids() }))
-                    .unwrap_or_default(),
-                headers: Some(headers(&letter, None)),
-            }],
+            DeadPayload::Deletion(d) => {
+                let max = self.producer.config().max_message_bytes;
+                chunked(
+                    &letter,
+                    encode_deletion_chunks(d.user_ids().to_vec(), max),
+                    HEADER_USERS,
+                )
+            }
             DeadPayload::Pairs(pairs) => {
                 let log = pairs.iter().cloned().map(into_log_pair).collect();
-                let chunks = encode_chunks(log, self.producer.config().max_message_bytes);
-                let n = chunks.len();
-                chunks
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, chunk)| {
-                        let (count, part) = (chunk.pairs.to_string(), format!("{}/{n}", i + 1));
-                        let mut h = headers(&letter, None).insert(Header {
-                            key: HEADER_PAIRS,
-                            value: Some(&count),
-                        });
-                        if n > 1 {
-                            h = h.insert(Header {
-                                key: HEADER_PART,
-                                value: Some(&part),
-                            });
-                        }
-                        Record {
-                            partition: None,
-                            key: Some(chunk.key),
-                            value: chunk.value,
-                            headers: Some(h),
-                        }
-                    })
-                    .collect()
+                let max = self.producer.config().max_message_bytes;
+                chunked(&letter, encode_chunks(log, max), HEADER_PAIRS)
             }
         };
         let messages = records.len();

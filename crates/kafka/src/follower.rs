@@ -15,10 +15,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
-use userseg_domain::Pair;
+use userseg_domain::{Pair, Record, UserDeletion};
 use userseg_usecase::{Followed, LogFollower, PortError};
 
-use crate::codec::decode_batch;
+use crate::codec::decode_record;
 use crate::config::{follower_config, group_offsets_config, KafkaConfig};
 use crate::context::{forward_error, forward_log};
 use crate::error::port_error;
@@ -39,6 +39,10 @@ const MERGE_PAIRS: usize = 50_000;
 /// or written but not yet committed) are applied twice, which is harmless since a membership
 /// keeps the latest ts.
 ///
+/// Deletions are handed out as [`Followed::Delete`] in log order: the pairs read before a
+/// deletion are handed out before it, those after it after it (the index applies them in that
+/// order, so a user's deletion removes exactly its pairs logged before it).
+///
 /// [`Followed::CaughtUp`] is handed out once, the first time the follower has read, on every
 /// partition, up to the high watermark it saw at `open` (at once when there was nothing to
 /// read). Messages that cannot be decoded, or hold an invalid pair, are skipped (logged and
@@ -51,6 +55,8 @@ pub struct KafkaFollower {
     progress: Progress,
     /// A consumer error seen while merging messages, reported by the next call.
     deferred: Option<PortError>,
+    /// A deletion read after pairs that were handed out first: the next call hands it out.
+    deletion: Option<UserDeletion>,
 }
 
 /// Where the follower stands on each partition.
@@ -142,17 +148,20 @@ impl Progress {
         }
     }
 
-    /// Records the message's position and appends its pairs to `out`, or skips it.
-    fn take(&mut self, m: &BorrowedMessage<'_>, out: &mut Vec<Pair>) {
+    /// Records the message's position and appends its pairs to `out`; a deletion is returned
+    /// instead (it ends the merge: the pairs before it are handed out first). Invalid messages
+    /// are skipped.
+    fn take(&mut self, m: &BorrowedMessage<'_>, out: &mut Vec<Pair>) -> Option<UserDeletion> {
         let (partition, offset) = (m.partition(), m.offset());
         self.advance(partition, offset.saturating_add(1));
         let decoded = match m.payload() {
             None | Some([]) => Err("the message is empty".to_string()),
-            Some(bytes) => decode_batch(bytes).map_err(|e| e.to_string()),
+            Some(bytes) => decode_record(bytes).map_err(|e| e.to_string()),
         };
         match decoded {
-            Ok(pairs) if out.is_empty() => *out = pairs,
-            Ok(pairs) => out.extend(pairs),
+            Ok(Record::Pairs(pairs)) if out.is_empty() => *out = pairs,
+            Ok(Record::Pairs(pairs)) => out.extend(pairs),
+            Ok(Record::DeleteUsers(d)) => return Some(d),
             Err(reason) => {
                 tracing::warn!(
                     topic = %self.topic,
@@ -164,6 +173,7 @@ impl Progress {
                 metrics::counter!("userseg_index_skipped_messages_total").increment(1);
             }
         }
+        None
     }
 
     fn lag(&self) -> Option<u64> {
@@ -242,6 +252,7 @@ impl KafkaFollower {
             consumer: Some(consumer),
             progress,
             deferred: None,
+            deletion: None,
         })
     }
 
@@ -313,6 +324,9 @@ impl LogFollower for KafkaFollower {
     /// Cancel-safe: the only await is librdkafka's cancel-safe `recv`; everything after it
     /// (decoding, merging the messages already fetched) runs without yielding.
     async fn next(&mut self) -> Result<Followed, PortError> {
+        if let Some(d) = self.deletion.take() {
+            return Ok(Followed::Delete(d));
+        }
         if let Some(e) = self.deferred.take() {
             return Err(e);
         }
@@ -328,20 +342,20 @@ impl LogFollower for KafkaFollower {
                 return Ok(Followed::CaughtUp);
             }
             let mut pairs = Vec::new();
-            match consumer.recv().await {
+            let mut deletion = match consumer.recv().await {
                 Ok(m) => progress.take(&m, &mut pairs),
                 Err(KafkaError::PartitionEOF(p)) => {
                     progress.eof(p);
                     continue;
                 }
                 Err(e) => return Err(port_error("following the pair log", &e)),
-            }
-            // Merge what is already fetched, never waiting for more.
+            };
+            // Merge what is already fetched, never waiting for more, up to a deletion.
             let mut cx = Context::from_waker(Waker::noop());
-            while pairs.len() < MERGE_PAIRS && !progress.catching_up_now() {
+            while deletion.is_none() && pairs.len() < MERGE_PAIRS && !progress.catching_up_now() {
                 let mut recv = pin!(consumer.recv());
                 match recv.as_mut().poll(&mut cx) {
-                    Poll::Ready(Ok(m)) => progress.take(&m, &mut pairs),
+                    Poll::Ready(Ok(m)) => deletion = progress.take(&m, &mut pairs),
                     Poll::Ready(Err(KafkaError::PartitionEOF(p))) => progress.eof(p),
                     Poll::Ready(Err(e)) => {
                         self.deferred = Some(port_error("following the pair log", &e));
@@ -349,6 +363,16 @@ impl LogFollower for KafkaFollower {
                     }
                     Poll::Pending => break,
                 }
+            }
+            if let Some(d) = deletion {
+                metrics::counter!("userseg_index_followed_deletions_total").increment(1);
+                progress.report_lag();
+                if pairs.is_empty() {
+                    return Ok(Followed::Delete(d));
+                }
+                // The pairs read before the deletion go first; the deletion on the next call.
+                self.deletion = Some(d);
+                return Ok(Followed::Pairs(pairs));
             }
             if !pairs.is_empty() {
                 progress.report_lag();

@@ -3,7 +3,7 @@
 //! - [`KafkaPublisher`]: the [`PairPublisher`](userseg_usecase::PairPublisher) ingest writes to.
 //!   Pairs are grouped by partition (Kafka's murmur2 partitioner on `user_id`), one
 //!   `PairBatch` message per partition per request, and `publish` resolves only once the broker
-//!   acknowledged every message (`acks=all`, idempotent producer).
+//!   acknowledged every message (`acks=all`, one request in flight).
 //! - [`KafkaSource`]: the [`PairSource`](userseg_usecase::PairSource) the batch processor
 //!   consumes, a consumer-group member with manual, synchronous offset commits.
 //! - [`KafkaDeadLetters`]: the [`DeadLetterSink`](userseg_usecase::DeadLetterSink) writing to the
@@ -29,11 +29,11 @@ mod publisher;
 mod source;
 
 pub use admin::ensure_topics;
-pub use codec::{decode_batch, encode_batch, DecodeError};
+pub use codec::{decode_batch, decode_record, encode_batch, encode_deletion, DecodeError};
 pub use config::{Compression, KafkaConfig, UnknownCompression, MESSAGE_OVERHEAD_BYTES};
 pub use dlq::{
     KafkaDeadLetters, HEADER_ATTEMPTS, HEADER_KIND, HEADER_PAIRS, HEADER_PART, HEADER_REASON,
-    HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
+    HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC, HEADER_USERS,
 };
 pub use error::SetupError;
 pub use follower::KafkaFollower;

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::Producer;
-use userseg_domain::Pair;
+use userseg_domain::{Pair, UserDeletion};
 use userseg_proto::v1::LogPair;
 use userseg_usecase::{PairPublisher, PortError};
 
-use crate::codec::{encode_chunks, into_log_pair};
+use crate::codec::{encode_chunks, encode_deletion_chunks, into_log_pair, Encoded};
 use crate::config::KafkaConfig;
 use crate::error::{kind_label, SetupError};
 use crate::metadata::topic_partitions;
@@ -24,7 +24,7 @@ use crate::producer::{ProducerHandle, Record};
 /// it would exceed `max_message_bytes`), keyed by the user id of its first pair.
 ///
 /// `publish` resolves `Ok` only after the broker acknowledged every message of the request
-/// (`acks=all`, idempotent producer); otherwise it fails within `ack_timeout`: `Transient` when
+/// (`acks=all`, one request in flight); otherwise it fails within `ack_timeout`: `Transient` when
 /// the broker is unreachable or slow, `Overloaded` when the local producer queue is full,
 /// `Permanent` when the broker refuses the record itself.
 #[derive(Clone)]
@@ -167,13 +167,42 @@ impl Inner {
             let partition = partition_for(p.user_id.as_bytes(), partitions);
             groups[partition as usize].push(into_log_pair(p));
         }
+        let max = self.config().max_message_bytes;
+        self.deliver(groups, |group| encode_chunks(group, max))
+            .await
+    }
+
+    /// One deletion record per partition holding the users of that partition (split only if
+    /// it would exceed `max_message_bytes`), keyed like their pairs.
+    async fn publish_deletion(
+        self: &Arc<Self>,
+        deletion: UserDeletion,
+    ) -> Result<(usize, usize), PortError> {
+        let partitions = self.partitions().await?;
+        let mut groups: Vec<Vec<String>> = (0..partitions).map(|_| Vec::new()).collect();
+        for id in deletion.into_user_ids() {
+            let partition = partition_for(id.as_bytes(), partitions);
+            groups[partition as usize].push(id);
+        }
+        let max = self.config().max_message_bytes;
+        self.deliver(groups, |group| encode_deletion_chunks(group, max))
+            .await
+    }
+
+    /// Encodes each partition's group and produces it to that partition; resolves once every
+    /// message was acknowledged. Returns (messages, bytes).
+    async fn deliver<T>(
+        &self,
+        groups: Vec<Vec<T>>,
+        encode: impl Fn(Vec<T>) -> Vec<Encoded>,
+    ) -> Result<(usize, usize), PortError> {
         let mut records = Vec::new();
         let mut bytes = 0;
         for (partition, group) in groups.into_iter().enumerate() {
             if group.is_empty() {
                 continue;
             }
-            for chunk in encode_chunks(group, self.config().max_message_bytes) {
+            for chunk in encode(group) {
                 bytes += chunk.value.len();
                 records.push(Record {
                     partition: Some(partition as i32),
@@ -205,6 +234,21 @@ impl Inner {
             }
         }
     }
+
+    /// Bounds `work` (a metadata lookup and a delivery, each bounded) by the ack timeout.
+    async fn bounded<F>(&self, work: F) -> Result<(usize, usize), PortError>
+    where
+        F: std::future::Future<Output = Result<(usize, usize), PortError>>,
+    {
+        let bound = self.config().ack_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(bound, work).await {
+            Ok(result) => result,
+            Err(_) => Err(PortError::Transient(format!(
+                "publishing to kafka: no acknowledgement within {:?}",
+                self.config().ack_timeout
+            ))),
+        }
+    }
 }
 
 #[async_trait]
@@ -215,15 +259,7 @@ impl PairPublisher for KafkaPublisher {
         }
         let started = Instant::now();
         let count = pairs.len();
-        // The metadata lookup and the delivery are each bounded; this bounds their sum too.
-        let bound = self.inner.config().ack_timeout + Duration::from_secs(1);
-        let result = match tokio::time::timeout(bound, self.inner.publish(pairs)).await {
-            Ok(result) => result,
-            Err(_) => Err(PortError::Transient(format!(
-                "publishing to kafka: no acknowledgement within {:?}",
-                self.inner.config().ack_timeout
-            ))),
-        };
+        let result = self.inner.bounded(self.inner.publish(pairs)).await;
         match result {
             Ok((messages, bytes)) => {
                 metrics::counter!("userseg_kafka_published_messages_total")
@@ -238,6 +274,35 @@ impl PairPublisher for KafkaPublisher {
                 metrics::counter!("userseg_kafka_publish_failures_total", "kind" => kind_label(&e))
                     .increment(1);
                 tracing::debug!(pairs = count, error = %e, "publishing to kafka failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// One version 2 record per partition touched (split by `max_message_bytes`), each keyed
+    /// by its first user id, so that a user's deletion lands in the partition of its pairs,
+    /// after the pairs acknowledged before it. Resolves like [`publish`](Self::publish): `Ok`
+    /// only once the broker acknowledged every record (`acks=all`), within `ack_timeout`.
+    async fn publish_deletion(&self, deletion: UserDeletion) -> Result<(), PortError> {
+        let started = Instant::now();
+        let users = deletion.len();
+        let result = self
+            .inner
+            .bounded(self.inner.publish_deletion(deletion))
+            .await;
+        match result {
+            Ok((messages, bytes)) => {
+                metrics::counter!("userseg_kafka_published_messages_total")
+                    .increment(messages as u64);
+                metrics::counter!("userseg_kafka_published_bytes_total").increment(bytes as u64);
+                metrics::histogram!("userseg_kafka_publish_seconds").record(started.elapsed());
+                tracing::info!(users, messages, "published a user deletion to kafka");
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!("userseg_kafka_publish_failures_total", "kind" => kind_label(&e))
+                    .increment(1);
+                tracing::warn!(users, error = %e, "publishing a user deletion to kafka failed");
                 Err(e)
             }
         }

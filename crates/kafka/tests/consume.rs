@@ -77,6 +77,7 @@ async fn undecodable_and_invalid_messages_come_out_invalid() {
     let unknown_version = userseg_proto::v1::PairBatch {
         version: 99,
         pairs: vec![],
+        deletion: None,
     }
     .encode_to_vec();
     let bad_pair = userseg_proto::v1::PairBatch {
@@ -93,6 +94,7 @@ async fn undecodable_and_invalid_messages_come_out_invalid() {
                 ts: 1,
             },
         ],
+        deletion: None,
     }
     .encode_to_vec();
     let garbage = vec![0xff, 0x00, 0xfe, 0x13];
@@ -161,8 +163,32 @@ async fn undecodable_and_invalid_messages_come_out_invalid() {
     source.close().await;
 }
 
+/// The group's committed offsets of partitions 0..n.
+async fn group_offsets(cfg: &userseg_kafka::KafkaConfig, n: i32) -> BTreeMap<i32, Offset> {
+    let checker: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group_id)
+        .create()
+        .expect("checker");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition(&cfg.topic, p);
+    }
+    let committed = tokio::task::spawn_blocking(move || {
+        checker.committed_offsets(tpl, Duration::from_secs(10))
+    })
+    .await
+    .expect("join")
+    .expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset()))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_members_split_the_partitions_and_never_commit_revoked_ones() {
+async fn a_member_hands_revoked_partitions_over_only_after_committing_what_it_read() {
     let cfg = config("group", 4);
     let publisher = setup(&cfg).await;
     let users: Vec<String> = (0..40).map(|i| format!("member-user-{i}")).collect();
@@ -176,7 +202,7 @@ async fn two_members_split_the_partitions_and_never_commit_revoked_ones() {
     });
     assert_eq!(per_partition.len(), 4);
 
-    // The first member owns everything and reads everything, without committing.
+    // The first member owns everything and reads everything, without committing yet.
     let mut a = KafkaSource::new(&cfg).expect("source a");
     let read_by_a = read_until(&mut a, LONG, |m| m.len() >= 4).await;
     assert_eq!(
@@ -184,19 +210,41 @@ async fn two_members_split_the_partitions_and_never_commit_revoked_ones() {
         vec![0, 1, 2, 3]
     );
 
-    // A second member joins: both must be polled for the rebalance to complete.
+    // A second member joins. `a` hands nothing new out while its partitions are revoked: only
+    // one empty message (at a position it already handed out) telling its processor to write
+    // what it holds now. The partitions move only once `a` committed everything it read, so
+    // `b` starts after it and never reads those messages again.
     let mut b = KafkaSource::new(&cfg).expect("source b");
     let deadline = tokio::time::Instant::now() + LONG;
+    let mut markers = Vec::new();
     let mut read_by_b = Vec::new();
     let (owned_a, owned_b) = loop {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the two members never split the partitions"
         );
-        let (_, next_b) = tokio::join!(
-            a.idle(Duration::from_millis(100)),
+        let (next_a, next_b) = tokio::join!(
+            tokio::time::timeout(Duration::from_millis(100), a.next()),
             tokio::time::timeout(Duration::from_millis(100), b.next())
         );
+        if let Ok(Ok(Some(m))) = next_a {
+            match &m.content {
+                Content::Pairs(p) if p.is_empty() => {
+                    assert!(
+                        read_by_a.iter().any(|r| r.position == m.position),
+                        "the flush marker repeats a position handed out: {:?}",
+                        m.position
+                    );
+                    assert!(markers.is_empty(), "one flush marker per revocation");
+                    assert!(a.is_drained(), "a revoking source asks for a flush");
+                    markers.push(m.position);
+                    let mut all: Vec<Position> = read_by_a.iter().map(|m| m.position).collect();
+                    all.push(m.position);
+                    a.commit(all).await.expect("commit");
+                }
+                other => panic!("a revoking member handed out {other:?} at {:?}", m.position),
+            }
+        }
         if let Ok(Ok(Some(m))) = next_b {
             read_by_b.push(m);
         }
@@ -206,57 +254,43 @@ async fn two_members_split_the_partitions_and_never_commit_revoked_ones() {
             break (owned_a, owned_b);
         }
     };
+    assert_eq!(markers.len(), 1);
+    assert!(!a.is_drained());
     let all: BTreeSet<i32> = owned_a.iter().chain(&owned_b).copied().collect();
     assert_eq!(all, BTreeSet::from([0, 1, 2, 3]), "{owned_a:?} {owned_b:?}");
-
-    // a commits everything it read: only its own partitions get committed.
-    a.commit(read_by_a.iter().map(|m| m.position).collect())
-        .await
-        .expect("commit");
-
-    // b gets every message of its partitions, since a never committed them.
-    let want_b: BTreeSet<i32> = owned_b.iter().copied().collect();
-    let rest = read_until(&mut b, LONG, |m| {
-        let seen: BTreeSet<i32> = read_by_b
-            .iter()
-            .chain(m)
-            .map(|m| m.position.partition)
-            .collect();
-        seen == want_b
-    })
-    .await;
-    for m in read_by_b.iter().chain(&rest) {
-        assert!(want_b.contains(&m.position.partition));
-        assert_eq!(m.position.offset, 0, "one message per partition");
-    }
-
-    // The group's committed offsets: 1 for a's partitions, nothing for b's.
-    let checker: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", &cfg.group_id)
-        .create()
-        .expect("checker");
-    let mut tpl = TopicPartitionList::new();
     for p in 0..4 {
-        tpl.add_partition(&cfg.topic, p);
+        assert_eq!(
+            group_offsets(&cfg, 4).await[&p],
+            Offset::Offset(1),
+            "partition {p} committed before it moved"
+        );
     }
-    let committed = tokio::task::spawn_blocking(move || {
-        checker.committed_offsets(tpl, Duration::from_secs(10))
-    })
-    .await
-    .expect("join")
-    .expect("committed offsets");
-    for e in committed.elements() {
-        if owned_a.contains(&e.partition()) {
-            assert_eq!(e.offset(), Offset::Offset(1), "partition {}", e.partition());
-        } else {
-            assert!(
-                !matches!(e.offset(), Offset::Offset(_)),
-                "revoked partition {} was committed: {:?}",
-                e.partition(),
-                e.offset()
-            );
-        }
+    assert_quiet(&mut b, Duration::from_millis(500)).await;
+    assert!(read_by_b.is_empty(), "b read again what a had committed");
+
+    // Each now reads only its own partitions; a commit of a partition a no longer owns is
+    // skipped.
+    publisher
+        .publish(users.iter().map(|u| pair(u, "s", 2)).collect())
+        .await
+        .expect("publish");
+    let want = |owned: &[i32]| owned.iter().copied().collect::<BTreeSet<i32>>();
+    let got_a = read_until(&mut a, LONG, |m| m.len() >= owned_a.len()).await;
+    let got_b = read_until(&mut b, LONG, |m| m.len() >= owned_b.len()).await;
+    let parts = |v: &[userseg_usecase::Message<Position>]| {
+        v.iter()
+            .map(|m| m.position.partition)
+            .collect::<BTreeSet<i32>>()
+    };
+    assert_eq!(parts(&got_a), want(&owned_a));
+    assert_eq!(parts(&got_b), want(&owned_b));
+    let mut stale: Vec<Position> = got_a.iter().map(|m| m.position).collect();
+    stale.extend(got_b.iter().map(|m| m.position));
+    a.commit(stale).await.expect("commit");
+    let committed = group_offsets(&cfg, 4).await;
+    for p in 0..4 {
+        let expected = if owned_a.contains(&p) { 2 } else { 1 };
+        assert_eq!(committed[&p], Offset::Offset(expected), "partition {p}");
     }
     a.close().await;
     b.close().await;

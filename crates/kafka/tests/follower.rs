@@ -35,6 +35,7 @@ async fn open(cfg: &KafkaConfig) -> KafkaFollower {
 #[derive(Debug, PartialEq, Eq)]
 enum Event {
     Pairs(Vec<Pair>),
+    Delete(Vec<String>),
     CaughtUp,
 }
 
@@ -55,6 +56,7 @@ async fn follow_until(
                 got.push(Event::Pairs(p));
             }
             Ok(Ok(Followed::CaughtUp)) => got.push(Event::CaughtUp),
+            Ok(Ok(Followed::Delete(d))) => got.push(Event::Delete(d.into_user_ids())),
             Ok(Err(PortError::Transient(e))) => {
                 tracing::debug!(error = %e, "transient follower error; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -75,7 +77,7 @@ fn count_pairs(events: &[Event]) -> usize {
         .iter()
         .map(|e| match e {
             Event::Pairs(p) => p.len(),
-            Event::CaughtUp => 0,
+            Event::Delete(_) | Event::CaughtUp => 0,
         })
         .sum()
 }
@@ -95,6 +97,7 @@ fn split_at_caught_up(events: Vec<Event>) -> (Vec<Pair>, Vec<Pair>) {
             Event::CaughtUp => seen += 1,
             Event::Pairs(p) if seen == 0 => before.extend(p),
             Event::Pairs(p) => after.extend(p),
+            Event::Delete(d) => panic!("unexpected deletion of {d:?}"),
         }
     }
     assert_eq!(seen, 1, "CaughtUp must come exactly once");
@@ -203,6 +206,7 @@ async fn follows_from_the_committed_offsets_then_catches_up_then_follows_new_pai
             Err(_) => {} // cancelled
             Ok(Ok(Followed::Pairs(p))) => followed.extend(p),
             Ok(Ok(Followed::CaughtUp)) => panic!("a second CaughtUp"),
+            Ok(Ok(Followed::Delete(d))) => panic!("unexpected deletion {d:?}"),
             Ok(Err(e)) => tracing::debug!(error = %e, "follower error; retrying"),
         }
     }

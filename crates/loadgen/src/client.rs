@@ -58,7 +58,11 @@ impl From<Status> for SendError {
         SendError {
             kind: code_name(s.code()).to_string(),
             message: s.message().to_string(),
-            retryable: matches!(s.code(), Code::ResourceExhausted | Code::Unavailable),
+            // Overload, unavailability, or the connection broke mid-call (the server was
+            // killed or restarted): tonic reports that as UNKNOWN with the transport error as
+            // its source, which a status sent by a server never has.
+            retryable: matches!(s.code(), Code::ResourceExhausted | Code::Unavailable)
+                || (s.code() == Code::Unknown && std::error::Error::source(&s).is_some()),
         }
     }
 }

@@ -10,5 +10,8 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/userseg_descriptor.bin"));
 
-/// Current version of [`v1::PairBatch`] written to the log.
+/// The version of a [`v1::PairBatch`] holding pairs (what pair batches are written as).
 pub const PAIR_BATCH_VERSION: u32 = 1;
+
+/// The version of a [`v1::PairBatch`] holding a user deletion (`deletion` set, no pairs).
+pub const DELETION_VERSION: u32 = 2;

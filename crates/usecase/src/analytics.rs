@@ -35,6 +35,9 @@ pub enum AnalyticsError {
     InvalidOverlap(String),
     #[error("invalid deletion: {0}")]
     InvalidDeletion(#[from] DeletionError),
+    /// This process serves deletions but not reads, or the reverse (a USS, an ES).
+    #[error("this process does not serve {0}")]
+    NotServed(&'static str),
     #[error(transparent)]
     Store(#[from] PortError),
 }
@@ -48,6 +51,7 @@ impl AnalyticsError {
             AnalyticsError::InvalidDeletion(DeletionError::TooMany { .. }) => {
                 ErrorKind::PayloadTooLarge
             }
+            AnalyticsError::NotServed(_) => ErrorKind::NotFound,
             _ => ErrorKind::InvalidArgument,
         }
     }
@@ -96,10 +100,12 @@ pub struct Export {
     pub as_of: UnixSeconds,
 }
 
+/// The reads come from `store`, deletions go to `publisher`; a process may have only one of
+/// them (distributed mode: deletions on USS, reads on ES).
 #[derive(Clone)]
 pub struct Analytics {
-    store: Arc<dyn SegmentAnalytics>,
-    publisher: Arc<dyn PairPublisher>,
+    store: Option<Arc<dyn SegmentAnalytics>>,
+    publisher: Option<Arc<dyn PairPublisher>>,
     clock: Arc<dyn Clock>,
     window: Window,
 }
@@ -112,11 +118,49 @@ impl Analytics {
         window: Window,
     ) -> Self {
         Analytics {
-            store,
-            publisher,
+            store: Some(store),
+            publisher: Some(publisher),
             clock,
             window,
         }
+    }
+
+    /// Reads only (an ES): deletions answer [`AnalyticsError::NotServed`].
+    pub fn reads(store: Arc<dyn SegmentAnalytics>, clock: Arc<dyn Clock>, window: Window) -> Self {
+        Analytics {
+            store: Some(store),
+            publisher: None,
+            clock,
+            window,
+        }
+    }
+
+    /// Deletions only (a USS): reads answer [`AnalyticsError::NotServed`].
+    pub fn deletions(
+        publisher: Arc<dyn PairPublisher>,
+        clock: Arc<dyn Clock>,
+        window: Window,
+    ) -> Self {
+        Analytics {
+            store: None,
+            publisher: Some(publisher),
+            clock,
+            window,
+        }
+    }
+
+    pub fn serves_reads(&self) -> bool {
+        self.store.is_some()
+    }
+
+    pub fn serves_deletions(&self) -> bool {
+        self.publisher.is_some()
+    }
+
+    fn store(&self) -> Result<&Arc<dyn SegmentAnalytics>, AnalyticsError> {
+        self.store
+            .as_ref()
+            .ok_or(AnalyticsError::NotServed("analytics"))
     }
 
     pub fn window(&self) -> Window {
@@ -152,7 +196,7 @@ impl Analytics {
     pub async fn user_segments(&self, user_id: &str) -> Result<UserSegments, AnalyticsError> {
         validate_user_id(user_id).map_err(AnalyticsError::InvalidUser)?;
         let at = self.clock.now();
-        let segments = self.store.user_segments(user_id, at).await?;
+        let segments = self.store()?.user_segments(user_id, at).await?;
         Ok(UserSegments {
             user_id: user_id.to_owned(),
             segments,
@@ -165,7 +209,11 @@ impl Analytics {
     pub async fn delete_users(&self, user_ids: Vec<String>) -> Result<usize, AnalyticsError> {
         let deletion = UserDeletion::new(user_ids)?;
         let n = deletion.len();
-        self.publisher.publish_deletion(deletion).await?;
+        let publisher = self
+            .publisher
+            .as_ref()
+            .ok_or(AnalyticsError::NotServed("user deletions"))?;
+        publisher.publish_deletion(deletion).await?;
         metrics::counter!("userseg_users_deleted_total").increment(n as u64);
         Ok(n)
     }
@@ -177,7 +225,7 @@ impl Analytics {
     ) -> Result<ExprCount, AnalyticsError> {
         validate_segment(segment).map_err(AnalyticsError::InvalidSegment)?;
         let at = self.clock.now();
-        let users = self.store.count_within(segment, at, within).await?;
+        let users = self.store()?.count_within(segment, at, within).await?;
         Ok(ExprCount {
             query: segment.to_owned(),
             users,
@@ -188,7 +236,7 @@ impl Analytics {
 
     pub async fn count_all(&self, within: Option<Within>) -> Result<CountList, AnalyticsError> {
         let at = self.clock.now();
-        let segments = self.store.count_all_within(at, within).await?;
+        let segments = self.store()?.count_all_within(at, within).await?;
         Ok(CountList {
             segments,
             within_seconds: self.within_secs(within),
@@ -203,7 +251,7 @@ impl Analytics {
     ) -> Result<ExprCount, AnalyticsError> {
         let expr = Expr::parse(query)?;
         let at = self.clock.now();
-        let users = self.store.count_expr(&expr, at, within).await?;
+        let users = self.store()?.count_expr(&expr, at, within).await?;
         Ok(ExprCount {
             query: query.to_owned(),
             users,
@@ -220,7 +268,7 @@ impl Analytics {
     ) -> Result<OverlapAnswer, AnalyticsError> {
         check_overlap_segments(&segments)?;
         let at = self.clock.now();
-        let overlap = self.store.overlap(&segments, at, within).await?;
+        let overlap = self.store()?.overlap(&segments, at, within).await?;
         Ok(OverlapAnswer {
             segments,
             overlap,
@@ -234,7 +282,7 @@ impl Analytics {
         validate_segment(segment).map_err(AnalyticsError::InvalidSegment)?;
         let at = self.clock.now();
         let (tx, rx) = mpsc::channel(EXPORT_BUFFER_CHUNKS);
-        let store = self.store.clone();
+        let store = self.store()?.clone();
         let segment = segment.to_owned();
         let done = tokio::spawn(async move {
             store

@@ -105,7 +105,7 @@ impl History {
             return bad("step must be at least 1 s".into());
         }
         let span = to.abs_diff(from);
-        let steps = span / step + 1;
+        let steps = (span / step).saturating_add(1);
         if steps > MAX_HISTORY_POINTS {
             return bad(format!(
                 "{steps} steps of {step} s from {from} to {to}; at most {MAX_HISTORY_POINTS} are allowed, use a larger step"

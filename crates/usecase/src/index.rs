@@ -9,6 +9,14 @@
 //! after the follower was opened) reads it, and every pair after them comes from the follower.
 //! Pairs seen by both are harmless: the index keeps the latest ts of a membership, so applying
 //! a pair twice, in any order, changes nothing.
+//!
+//! Deletions: the follower hands them out in log order with the pairs, and the index applies
+//! them in that order, so a user's deletion removes exactly the pairs logged before it (those
+//! scanned included: the scan may hold pairs logged before a deletion the follower has yet to
+//! hand out, never pairs of a deletion before the committed positions, since the processor
+//! commits a deletion only after the store of record applied it). Every read — counts and the
+//! analytics ([`SegmentAnalytics`]) — comes from the index once it serves, from the store of
+//! record before.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,11 +26,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use userseg_domain::{Pair, UnixSeconds};
+use userseg_domain::{Expr, Pair, UnixSeconds, UserDeletion, Within};
 
 use crate::{
-    Backoff, Clock, Followed, LiveScan, LogFollower, Mode, PortError, SegmentCount, SegmentCounter,
-    SegmentWriter,
+    Backoff, Clock, Followed, LiveScan, LogFollower, Member, Membership, Mode, Overlap, PortError,
+    SegmentAnalytics, SegmentCount, SegmentCounter, SegmentWriter,
 };
 
 /// Tuning of the index's loading and retries.
@@ -53,6 +61,7 @@ struct State {
     serving: AtomicBool,
     scanned_pairs: AtomicU64,
     followed_pairs: AtomicU64,
+    followed_deletions: AtomicU64,
 }
 
 /// Where the index stands, for logs, readiness details and tests.
@@ -62,14 +71,19 @@ pub struct IndexStatus {
     pub serving: bool,
     pub scanned_pairs: u64,
     pub followed_pairs: u64,
+    /// Deletions applied from the log.
+    pub followed_deletions: u64,
 }
 
-/// The index as a [`SegmentCounter`]: the index once it has loaded, the fallback before.
+/// The index as a [`SegmentCounter`] and a [`SegmentAnalytics`]: the index once it has loaded,
+/// the fallback (the store of record) before.
 #[derive(Clone)]
 pub struct SegmentIndex {
     writer: Arc<dyn SegmentWriter>,
     index: Arc<dyn SegmentCounter>,
+    index_analytics: Arc<dyn SegmentAnalytics>,
     fallback: Arc<dyn SegmentCounter>,
+    fallback_analytics: Arc<dyn SegmentAnalytics>,
     state: Arc<State>,
     config: IndexConfig,
 }
@@ -84,19 +98,20 @@ async fn wait(backoff: &mut Backoff, cancel: &CancellationToken) -> bool {
 }
 
 impl SegmentIndex {
-    /// `writer` and `index` are the two sides of the same in-memory store; `fallback` answers
-    /// until the index has loaded.
-    pub fn new(
-        writer: Arc<dyn SegmentWriter>,
-        index: Arc<dyn SegmentCounter>,
-        fallback: Arc<dyn SegmentCounter>,
-        config: IndexConfig,
-    ) -> Self {
+    /// `memory` is the in-memory store the index fills (its writing and reading sides);
+    /// `fallback`, the store of record, answers until the index has loaded.
+    pub fn new<M, F>(memory: Arc<M>, fallback: Arc<F>, config: IndexConfig) -> Self
+    where
+        M: SegmentWriter + SegmentCounter + SegmentAnalytics,
+        F: SegmentCounter + SegmentAnalytics,
+    {
         metrics::gauge!("userseg_index_serving").set(0.0);
         SegmentIndex {
-            writer,
-            index,
-            fallback,
+            writer: memory.clone(),
+            index: memory.clone(),
+            index_analytics: memory,
+            fallback: fallback.clone(),
+            fallback_analytics: fallback,
             state: Arc::default(),
             config,
         }
@@ -107,6 +122,7 @@ impl SegmentIndex {
             serving: self.state.serving.load(Ordering::Acquire),
             scanned_pairs: self.state.scanned_pairs.load(Ordering::Relaxed),
             followed_pairs: self.state.followed_pairs.load(Ordering::Relaxed),
+            followed_deletions: self.state.followed_deletions.load(Ordering::Relaxed),
         }
     }
 
@@ -187,6 +203,15 @@ impl SegmentIndex {
                     self.state.followed_pairs.fetch_add(n, Ordering::Relaxed);
                     metrics::counter!("userseg_index_followed_pairs_total").increment(n);
                 }
+                Ok(Followed::Delete(deletion)) => {
+                    backoff.reset();
+                    if !self.delete(deletion, &cancel).await {
+                        return;
+                    }
+                    self.state
+                        .followed_deletions
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(Followed::CaughtUp) => {
                     if !self.state.serving.swap(true, Ordering::AcqRel) {
                         metrics::gauge!("userseg_index_serving").set(1.0);
@@ -232,6 +257,32 @@ impl SegmentIndex {
         // An apply failure drops the receiver, which makes the scan fail too: report the cause.
         applied?;
         scanned
+    }
+
+    /// Applies a followed deletion, retrying until the index takes it; false when cancelled.
+    async fn delete(&self, deletion: UserDeletion, cancel: &CancellationToken) -> bool {
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+        loop {
+            match self.writer.delete_users(deletion.clone()).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::error!(error = %e, users = deletion.len(), "index: applying a deletion failed; will retry");
+                    metrics::counter!("userseg_index_apply_errors_total").increment(1);
+                    if !wait(&mut backoff, cancel).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The analytics of the index when it serves, else of the store of record.
+    fn analytics(&self) -> &dyn SegmentAnalytics {
+        if self.serving() {
+            self.index_analytics.as_ref()
+        } else {
+            self.fallback_analytics.as_ref()
+        }
     }
 
     /// Applies followed pairs, retrying until the index takes them; false when cancelled.
@@ -285,6 +336,66 @@ impl SegmentCounter for SegmentIndex {
         } else {
             self.fallback.check_ready().await
         }
+    }
+}
+
+#[async_trait]
+impl SegmentAnalytics for SegmentIndex {
+    async fn user_segments(
+        &self,
+        user_id: &str,
+        at: UnixSeconds,
+    ) -> Result<Vec<Membership>, PortError> {
+        self.analytics().user_segments(user_id, at).await
+    }
+
+    async fn count_within(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<u64, PortError> {
+        self.analytics().count_within(segment, at, within).await
+    }
+
+    async fn count_all_within(
+        &self,
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<Vec<SegmentCount>, PortError> {
+        self.analytics().count_all_within(at, within).await
+    }
+
+    async fn count_expr(
+        &self,
+        expr: &Expr,
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<u64, PortError> {
+        self.analytics().count_expr(expr, at, within).await
+    }
+
+    async fn overlap(
+        &self,
+        segments: &[String],
+        at: UnixSeconds,
+        within: Option<Within>,
+    ) -> Result<Overlap, PortError> {
+        self.analytics().overlap(segments, at, within).await
+    }
+
+    /// An export started while the index loads streams from the store of record to its end.
+    async fn export_members(
+        &self,
+        segment: &str,
+        at: UnixSeconds,
+        within: Option<Within>,
+        chunk: usize,
+        sink: tokio::sync::mpsc::Sender<Vec<Member>>,
+    ) -> Result<u64, PortError> {
+        self.analytics()
+            .export_members(segment, at, within, chunk, sink)
+            .await
     }
 }
 

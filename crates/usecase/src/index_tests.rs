@@ -24,16 +24,16 @@ fn log(events: &Events, e: impl Into<String>) {
     events.lock().unwrap().push(e.into());
 }
 
-/// An exact index: latest ts per membership; fails the first `fail_writes` writes.
+/// An exact index: latest ts per membership; fails the first `fail_writes` writes and
+/// deletions.
 #[derive(Default)]
 struct MapIndex {
     latest: Mutex<HashMap<(String, String), i64>>,
     fail_writes: AtomicU32,
 }
 
-#[async_trait]
-impl SegmentWriter for MapIndex {
-    async fn write(&self, pairs: Arc<[Pair]>) -> Result<(), PortError> {
+impl MapIndex {
+    fn fail(&self) -> Result<(), PortError> {
         if self
             .fail_writes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -41,6 +41,27 @@ impl SegmentWriter for MapIndex {
         {
             return Err(PortError::Transient("injected".into()));
         }
+        Ok(())
+    }
+
+    /// Live (segment, user, ts) at `at` under `within` (the window when none).
+    fn live(&self, at: i64, within: Option<Within>) -> Vec<(String, String, i64)> {
+        let d = within.map_or(WINDOW, |w| w.secs() as i64);
+        let m = self.latest.lock().unwrap();
+        let mut v: Vec<_> = m
+            .iter()
+            .filter(|(_, &ts)| ts > at - d)
+            .map(|((s, u), &ts)| (s.clone(), u.clone(), ts))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[async_trait]
+impl SegmentWriter for MapIndex {
+    async fn write(&self, pairs: Arc<[Pair]>) -> Result<(), PortError> {
+        self.fail()?;
         let mut m = self.latest.lock().unwrap();
         for p in pairs.iter() {
             let e = m
@@ -49,6 +70,94 @@ impl SegmentWriter for MapIndex {
             *e = (*e).max(p.ts);
         }
         Ok(())
+    }
+
+    async fn delete_users(&self, deletion: UserDeletion) -> Result<(), PortError> {
+        self.fail()?;
+        let users = deletion.user_ids();
+        self.latest
+            .lock()
+            .unwrap()
+            .retain(|(_, u), _| !users.contains(u));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SegmentAnalytics for MapIndex {
+    async fn user_segments(&self, user: &str, at: i64) -> Result<Vec<Membership>, PortError> {
+        Ok(self
+            .live(at, None)
+            .into_iter()
+            .filter(|(_, u, _)| u == user)
+            .map(|(segment, _, ts)| Membership {
+                segment,
+                last_seen: ts,
+                expires_at: ts + WINDOW,
+            })
+            .collect())
+    }
+    async fn count_within(&self, s: &str, at: i64, w: Option<Within>) -> Result<u64, PortError> {
+        Ok(self
+            .live(at, w)
+            .iter()
+            .filter(|(seg, _, _)| seg == s)
+            .count() as u64)
+    }
+    async fn count_all_within(
+        &self,
+        at: i64,
+        w: Option<Within>,
+    ) -> Result<Vec<SegmentCount>, PortError> {
+        let mut v: Vec<SegmentCount> = Vec::new();
+        for (segment, _, _) in self.live(at, w) {
+            match v.last_mut() {
+                Some(c) if c.segment == segment => c.users += 1,
+                _ => v.push(SegmentCount { segment, users: 1 }),
+            }
+        }
+        Ok(v)
+    }
+    async fn count_expr(&self, e: &Expr, at: i64, w: Option<Within>) -> Result<u64, PortError> {
+        let live = self.live(at, w);
+        let mut users: Vec<&str> = live.iter().map(|(_, u, _)| u.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        Ok(users
+            .iter()
+            .filter(|u| e.matches(&|s| live.iter().any(|(seg, x, _)| seg == s && x == *u)))
+            .count() as u64)
+    }
+    async fn overlap(
+        &self,
+        _s: &[String],
+        _at: i64,
+        _w: Option<Within>,
+    ) -> Result<Overlap, PortError> {
+        Ok(Overlap {
+            users: vec![1],
+            both: vec![vec![1]],
+        })
+    }
+    async fn export_members(
+        &self,
+        s: &str,
+        at: i64,
+        w: Option<Within>,
+        _chunk: usize,
+        sink: mpsc::Sender<Vec<Member>>,
+    ) -> Result<u64, PortError> {
+        let members: Vec<Member> = self
+            .live(at, w)
+            .into_iter()
+            .filter(|(seg, _, _)| seg == s)
+            .map(|(_, user_id, last_seen)| Member { user_id, last_seen })
+            .collect();
+        let n = members.len() as u64;
+        sink.send(members)
+            .await
+            .map_err(|_| PortError::Transient("closed".into()))?;
+        Ok(n)
     }
 }
 
@@ -101,6 +210,62 @@ impl SegmentCounter for Fallback {
     }
     async fn check_ready(&self) -> Result<(), PortError> {
         Err(PortError::Transient("fallback down".into()))
+    }
+}
+
+/// The store of record's analytics: recognisable answers.
+#[async_trait]
+impl SegmentAnalytics for Fallback {
+    async fn user_segments(&self, _u: &str, _at: i64) -> Result<Vec<Membership>, PortError> {
+        Ok(vec![Membership {
+            segment: "fallback".into(),
+            last_seen: 1,
+            expires_at: 2,
+        }])
+    }
+    async fn count_within(&self, _s: &str, _at: i64, _w: Option<Within>) -> Result<u64, PortError> {
+        Ok(999)
+    }
+    async fn count_all_within(
+        &self,
+        _at: i64,
+        _w: Option<Within>,
+    ) -> Result<Vec<SegmentCount>, PortError> {
+        Ok(vec![SegmentCount {
+            segment: "fallback".into(),
+            users: 999,
+        }])
+    }
+    async fn count_expr(&self, _e: &Expr, _at: i64, _w: Option<Within>) -> Result<u64, PortError> {
+        Ok(999)
+    }
+    async fn overlap(
+        &self,
+        _s: &[String],
+        _at: i64,
+        _w: Option<Within>,
+    ) -> Result<Overlap, PortError> {
+        Ok(Overlap {
+            users: vec![999],
+            both: vec![vec![999]],
+        })
+    }
+    async fn export_members(
+        &self,
+        _s: &str,
+        _at: i64,
+        _w: Option<Within>,
+        _chunk: usize,
+        sink: mpsc::Sender<Vec<Member>>,
+    ) -> Result<u64, PortError> {
+        let m = Member {
+            user_id: "fallback".into(),
+            last_seen: 1,
+        };
+        sink.send(vec![m])
+            .await
+            .map_err(|_| PortError::Transient("closed".into()))?;
+        Ok(1)
     }
 }
 
@@ -182,7 +347,7 @@ fn config() -> IndexConfig {
 fn start(scanned: Vec<Pair>, open_failures: u32, scan_failures: u32, index: MapIndex) -> Harness {
     let events: Events = Arc::default();
     let index = Arc::new(index);
-    let replica = SegmentIndex::new(index.clone(), index.clone(), Arc::new(Fallback), config());
+    let replica = SegmentIndex::new(index.clone(), Arc::new(Fallback), config());
     let scan = Arc::new(FakeScan {
         pairs: scanned,
         fail_times: AtomicU32::new(scan_failures),
@@ -348,4 +513,134 @@ async fn cancelling_while_the_follower_cannot_open_stops_the_task() {
     assert!(!h.replica.status().serving);
     let (_, exact) = h.replica.count_all(NOW, Mode::Exact).await.unwrap();
     assert!(!exact, "answered by the fallback");
+}
+
+fn deletion(users: &[&str]) -> UserDeletion {
+    UserDeletion::new(users.iter().map(|u| u.to_string()).collect()).unwrap()
+}
+
+async fn export(replica: &SegmentIndex, segment: &str) -> Vec<String> {
+    let (tx, mut rx) = mpsc::channel(4);
+    let n = replica
+        .export_members(segment, NOW, None, 10, tx)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(c) = rx.recv().await {
+        out.extend(c.into_iter().map(|m| m.user_id));
+    }
+    assert_eq!(n, out.len() as u64);
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn deletions_apply_in_log_order_with_the_pairs_and_scanned_pairs() {
+    // The scan holds pairs logged before a deletion the follower hands out later.
+    let h = start(
+        vec![pair("u1", "a", NOW - 10), pair("u2", "a", NOW - 10)],
+        0,
+        0,
+        MapIndex::default(),
+    );
+    until("the scan", || h.replica.status().scanned_pairs == 2).await;
+    for f in [
+        Followed::Pairs(vec![pair("u1", "b", NOW - 5), pair("u3", "b", NOW - 5)]),
+        Followed::Delete(deletion(&["u1", "u3", "never-seen"])),
+        Followed::Pairs(vec![pair("u1", "c", NOW - 1)]),
+        Followed::CaughtUp,
+    ] {
+        h.tx.send(Ok(f)).unwrap();
+    }
+    until("serving", || h.replica.status().serving).await;
+    assert_eq!(h.replica.status().followed_deletions, 1);
+    // u1 is only in what was logged after its deletion; u3 is gone; u2 untouched.
+    let u1 = h.replica.user_segments("u1", NOW).await.unwrap();
+    assert_eq!(
+        u1.iter().map(|m| m.segment.as_str()).collect::<Vec<_>>(),
+        ["c"]
+    );
+    assert!(h.replica.user_segments("u3", NOW).await.unwrap().is_empty());
+    let (all, _) = h.replica.count_all(NOW, Mode::Exact).await.unwrap();
+    assert_eq!(counts(&all), [("a", 1), ("c", 1)]);
+    assert_eq!(h.replica.count_within("a", NOW, None).await, Ok(1));
+    let expr = Expr::parse("a OR c").unwrap();
+    assert_eq!(h.replica.count_expr(&expr, NOW, None).await, Ok(2));
+    assert_eq!(export(&h.replica, "a").await, ["u2"]);
+
+    // A deletion the index fails to apply is retried, never skipped; pairs after it wait.
+    h.index.fail_writes.store(2, Ordering::SeqCst);
+    h.tx.send(Ok(Followed::Delete(deletion(&["u2"])))).unwrap();
+    h.tx.send(Ok(Followed::Pairs(vec![pair("u2", "d", NOW)])))
+        .unwrap();
+    until("the retried deletion", || {
+        h.replica.status().followed_deletions == 2
+    })
+    .await;
+    until("the pair after it", || {
+        h.replica.status().followed_pairs == 4
+    })
+    .await;
+    assert_eq!(h.index.fail_writes.load(Ordering::SeqCst), 0);
+    let u2 = h.replica.user_segments("u2", NOW).await.unwrap();
+    assert_eq!(
+        u2.iter().map(|m| m.segment.as_str()).collect::<Vec<_>>(),
+        ["d"]
+    );
+    h.cancel.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn analytics_come_from_the_store_of_record_until_the_index_serves() {
+    let h = start(vec![pair("u1", "a", NOW)], 0, 0, MapIndex::default());
+    until("the scan", || h.replica.status().scanned_pairs == 1).await;
+    let w = Some(
+        Within::from_secs(
+            50,
+            userseg_domain::Window::from_secs(WINDOW as u64).unwrap(),
+        )
+        .unwrap(),
+    );
+    let expr = Expr::parse("NOT a").unwrap();
+    let segs = vec!["a".to_string(), "b".to_string()];
+    // Loaded, not caught up: every read is the store of record's.
+    assert_eq!(
+        h.replica.user_segments("u1", NOW).await.unwrap()[0].segment,
+        "fallback"
+    );
+    assert_eq!(h.replica.count_within("a", NOW, w).await, Ok(999));
+    assert_eq!(
+        h.replica.count_all_within(NOW, w).await.unwrap()[0].users,
+        999
+    );
+    assert_eq!(h.replica.count_expr(&expr, NOW, None).await, Ok(999));
+    assert_eq!(
+        h.replica.overlap(&segs, NOW, None).await.unwrap().users,
+        [999]
+    );
+    assert_eq!(export(&h.replica, "a").await, ["fallback"]);
+
+    h.tx.send(Ok(Followed::CaughtUp)).unwrap();
+    until("serving", || h.replica.status().serving).await;
+    assert_eq!(
+        h.replica.user_segments("u1", NOW).await.unwrap(),
+        [Membership {
+            segment: "a".into(),
+            last_seen: NOW,
+            expires_at: NOW + WINDOW
+        }]
+    );
+    assert_eq!(h.replica.count_within("a", NOW, w).await, Ok(1));
+    assert_eq!(
+        h.replica.count_all_within(NOW, w).await.unwrap()[0].users,
+        1
+    );
+    assert_eq!(h.replica.count_expr(&expr, NOW, None).await, Ok(0));
+    assert_eq!(
+        h.replica.overlap(&segs, NOW, None).await.unwrap().users,
+        [1]
+    );
+    assert_eq!(export(&h.replica, "a").await, ["u1"]);
+    h.cancel.cancel();
+    h.task.await.unwrap();
 }

@@ -126,7 +126,8 @@ pub trait PairSource: Send + 'static {
     /// True when [`next`](Self::next) would have to wait: nothing delivered is pending. The
     /// processor then writes what it holds at once instead of waiting for its flush timer
     /// (group commit: an idle system applies a pair within milliseconds, a busy one still
-    /// batches). Sources that cannot tell (Kafka) keep the default `false`.
+    /// batches). Sources that cannot tell keep the default `false` (Kafka says `true` only while
+    /// a revocation waits for the processor to write and commit what it holds).
     fn is_drained(&self) -> bool {
         false
     }
@@ -260,6 +261,11 @@ pub enum Followed {
     /// Valid pairs read from the log (undecodable messages and invalid pairs are skipped and
     /// counted by the adapter: the batch processor dead-letters them).
     Pairs(Vec<Pair>),
+    /// A deletion of users read from the log: the index applies it after every [`Pairs`]
+    /// handed out before it and before those handed out after it (log order, per user).
+    ///
+    /// [`Pairs`]: Followed::Pairs
+    Delete(UserDeletion),
     /// The follower has read everything the log held when it started following, on every
     /// partition. Sent once.
     CaughtUp,

@@ -1,5 +1,7 @@
 //! `userseg es`: the estimation service. A consumer-group member that batches the pair log
-//! into ClickHouse, and the API's estimates, from the in-memory index (or ClickHouse).
+//! (pairs and user deletions, in log order) into ClickHouse, and the API's reads — estimates,
+//! analytics, history — from the in-memory index (or ClickHouse). It also samples every
+//! segment's count into ClickHouse's history table each HISTORY_INTERVAL tick.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,8 @@ use userseg_clickhouse::ClickHouseStore;
 use userseg_embedded::{EmbeddedStore, MemStore};
 use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaFollower, KafkaPublisher, KafkaSource};
 use userseg_usecase::{
-    BatchProcessor, Clock, Estimation, IndexConfig, Mode, SegmentCounter, SegmentIndex, SystemClock,
+    Analytics, BatchProcessor, Clock, Estimation, History, HistorySampler, HistoryStore,
+    IndexConfig, Mode, SegmentAnalytics, SegmentCounter, SegmentIndex, SystemClock,
 };
 
 use crate::config::EsConfig;
@@ -53,14 +56,27 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     )];
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let counter: Arc<dyn SegmentCounter> = if cfg.index {
+    let (counter, reads): (Arc<dyn SegmentCounter>, Arc<dyn SegmentAnalytics>) = if cfg.index {
         let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop);
         background.extend(tasks);
-        Arc::new(index)
+        (Arc::new(index.clone()), Arc::new(index))
     } else {
-        Arc::new(store)
+        (Arc::new(store.clone()), Arc::new(store.clone()))
     };
-    let estimation = Estimation::new(counter, clock, cfg.service.window, cfg.estimate_cache_ttl);
+    // Every ES samples the same ticks (multiples of HISTORY_INTERVAL); ClickHouse keeps one
+    // sample per tick.
+    let history_store: Arc<dyn HistoryStore> = Arc::new(store.clone());
+    let sampler = HistorySampler::new(
+        counter.clone(),
+        history_store.clone(),
+        clock.clone(),
+        cfg.history,
+    );
+    background.push(tokio::spawn(sampler.run(background_stop.clone())));
+    let window = cfg.service.window;
+    let analytics = Analytics::reads(reads, clock.clone(), window);
+    let history = History::new(history_store, clock.clone(), cfg.history);
+    let estimation = Estimation::new(counter, clock, window, cfg.estimate_cache_ttl);
     // Approx: the index answers it exactly; ClickHouse (no index, or while it loads) answers it
     // from the sketches, far cheaper than exact for a 15 s gauge.
     background.push(observability::spawn_segment_gauges(
@@ -69,6 +85,8 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
         background_stop.clone(),
     ));
     let mut state = ApiState::new(None, Some(estimation));
+    state.analytics = Some(analytics);
+    state.history = Some(history);
     state.metrics = Some(metrics);
     state.auth = cfg.service.auth.clone();
     state
@@ -142,7 +160,6 @@ fn start_index(
     let mem = Arc::new(MemStore::new(cfg.service.window));
     let memberships = EmbeddedStore(mem.clone());
     let index = SegmentIndex::new(
-        Arc::new(memberships.clone()),
         Arc::new(memberships),
         Arc::new(store.clone()),
         IndexConfig::default(),

@@ -1,5 +1,5 @@
-//! `userseg uss`: the stateless ingest service. It validates pairs exactly like standalone and
-//! publishes them to Kafka.
+//! `userseg uss`: the stateless ingest service. It validates pairs and user deletions exactly
+//! like standalone and publishes them to Kafka (a deletion is acknowledged once on the topic).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 use userseg_api::ApiState;
 use userseg_kafka::KafkaPublisher;
-use userseg_usecase::{Clock, Ingest, SystemClock};
+use userseg_usecase::{Analytics, Clock, Ingest, SystemClock};
 
 use crate::config::UssConfig;
 use crate::observability;
@@ -29,11 +29,17 @@ pub async fn start(cfg: UssConfig, shutdown: CancellationToken) -> Result<Server
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let ingest = Ingest::new(
         publisher.clone(),
-        clock,
+        clock.clone(),
         cfg.service.window,
         cfg.service.limits,
     );
     let mut state = ApiState::new(Some(ingest), None);
+    // Deletions only: the reads are an ES's.
+    state.analytics = Some(Analytics::deletions(
+        publisher.clone(),
+        clock,
+        cfg.service.window,
+    ));
     state.metrics = Some(metrics);
     state.auth = cfg.service.auth.clone();
     let teardown = async move {

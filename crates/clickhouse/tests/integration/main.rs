@@ -6,7 +6,9 @@
 
 mod common;
 
+mod analytics;
 mod approx;
+mod deletion;
 mod errors;
 mod migrations;
 mod names;

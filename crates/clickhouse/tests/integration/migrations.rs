@@ -43,6 +43,8 @@ async fn migrations_are_applied_once_recorded_and_idempotent() {
     assert_eq!(versions, (1..=latest_version()).collect::<Vec<_>>());
     assert_eq!(applied[0].name, "pairs");
     assert_eq!(applied[1].name, "approx_sketches");
+    assert_eq!(applied[2].name, "history");
+    assert_eq!(applied[3].name, "pairs_by_user");
 
     let again = migrate(&config).await.expect("second migrate");
     assert!(
@@ -69,7 +71,15 @@ async fn migrations_are_applied_once_recorded_and_idempotent() {
 
     assert_eq!(
         tables(&store).await,
-        vec!["agg_day", "agg_day_mv", "pairs", "schema_migrations"]
+        vec![
+            "agg_day",
+            "agg_day_mv",
+            "history",
+            "pairs",
+            "pairs_by_user",
+            "pairs_by_user_mv",
+            "schema_migrations"
+        ]
     );
     store.check_ready().await.expect("ready once migrated");
 }
@@ -102,6 +112,15 @@ async fn sketch_migration_backfills_existing_pairs() {
     // Pairs written before the sketch tables existed are in the sketches.
     assert_eq!(store.count("s", T, Mode::Approx).await.unwrap(), (2, false));
     assert_eq!(store.count("t", T, Mode::Approx).await.unwrap(), (1, false));
+    // And in the copy ordered by user that lookups read (migration 4).
+    let found = userseg_usecase::SegmentAnalytics::user_segments(&store, "u2", T)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].segment.as_str(), found[0].last_seen),
+        ("s", T - 7200)
+    );
     // And later writes reach them through the views.
     store.write(vec![pair("u4", "s", T)].into()).await.unwrap();
     assert_eq!(store.count("s", T, Mode::Approx).await.unwrap(), (3, false));

@@ -84,11 +84,13 @@ async fn drops_expired_days_and_keeps_live_ones() {
             want("agg_day", "20251129", 5),
             want("pairs", "20251124", 0),
             want("pairs", "20251129", 5),
+            want("pairs_by_user", "20251124", 0),
+            want("pairs_by_user", "20251129", 5),
         ]
     );
 
     let left = partitions(&store).await;
-    for table in ["pairs", "agg_day"] {
+    for table in ["pairs", "agg_day", "pairs_by_user"] {
         let ids: Vec<&str> = left
             .iter()
             .filter(|(t, _)| t == table)
@@ -109,7 +111,7 @@ async fn drops_expired_days_and_keeps_live_ones() {
     // A day later the straddling day has expired too.
     let later = now + DAY;
     let dropped = store.drop_expired_partitions(later).await.unwrap();
-    assert_eq!(dropped.len(), 2);
+    assert_eq!(dropped.len(), 3, "pairs, agg_day and pairs_by_user");
     assert!(dropped.iter().all(|d| d.partition_id == "20251130"));
     assert_eq!(
         store.count("s", later, Mode::Exact).await.unwrap(),

@@ -40,6 +40,13 @@ pub enum SnapshotError {
     },
 }
 
+impl SnapshotError {
+    /// The file system had no space left (or the quota was reached).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, SnapshotError::Io { source, .. } if crate::wal::fs::is_disk_full(source))
+    }
+}
+
 struct CrcWriter<W> {
     inner: W,
     crc: crc32fast::Hasher,
@@ -105,9 +112,36 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The file a snapshot is written to: a real file, or a fault-injecting double in tests.
+pub(crate) trait SnapshotFile: Write {
+    fn sync_all(&mut self) -> io::Result<()>;
+}
+
+impl SnapshotFile for File {
+    fn sync_all(&mut self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+}
+
+const TMP_SUFFIX: &str = ".snap.tmp";
+
 /// Writes a snapshot of `store` covering every log record before `offset`, atomically
 /// (temporary file, fsync, rename, fsync of the directory), then removes older snapshots.
+///
+/// When it fails (a full disk, a failed fsync) the temporary file is removed and the previous
+/// snapshot is untouched: the log still holds everything after it, and the next attempt starts
+/// over. A failed fsync of a snapshot is not fail-stop: its pages are never read back.
 pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, SnapshotError> {
+    write_with(store, dir, offset, |p| File::create(p))
+}
+
+/// [`write`] through `create` (fault injection in tests).
+pub(crate) fn write_with<F: SnapshotFile>(
+    store: &MemStore,
+    dir: &Path,
+    offset: u64,
+    create: impl FnOnce(&Path) -> io::Result<F>,
+) -> Result<PathBuf, SnapshotError> {
     let path = dir.join(snapshot_name(offset));
     let tmp = dir.join(format!("{}.tmp", snapshot_name(offset)));
     let io_err = |source| SnapshotError::Io {
@@ -115,7 +149,41 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
         source,
     };
     fs::create_dir_all(dir).map_err(io_err)?;
-    let file = File::create(&tmp).map_err(io_err)?;
+    remove_temporaries(dir);
+    let written = create(&tmp)
+        .and_then(|file| encode(store, offset, file))
+        .and_then(|mut file| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(e));
+    }
+    sync_dir(dir).map_err(io_err)?;
+    for (old, p) in list(dir).map_err(io_err)? {
+        if old < offset {
+            let _ = fs::remove_file(p);
+        }
+    }
+    Ok(path)
+}
+
+/// Removes temporary files of attempts that never finished (a process killed mid-write).
+fn remove_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(TMP_SUFFIX))
+        {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The snapshot's bytes, into `file` (returned for the fsync).
+fn encode<F: Write>(store: &MemStore, offset: u64, file: F) -> io::Result<F> {
     // Checksums over the buffered 1 MiB writes (fast), not the many small ones.
     let mut w = BufWriter::with_capacity(
         1 << 20,
@@ -126,12 +194,10 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
         },
     );
     let b = store.bucketing();
-    w.write_all(MAGIC).map_err(io_err)?;
-    w.write_all(&(b.bucket_secs() as u64).to_le_bytes())
-        .map_err(io_err)?;
-    w.write_all(&store.window().secs().to_le_bytes())
-        .map_err(io_err)?;
-    w.write_all(&offset.to_le_bytes()).map_err(io_err)?;
+    w.write_all(MAGIC)?;
+    w.write_all(&(b.bucket_secs() as u64).to_le_bytes())?;
+    w.write_all(&store.window().secs().to_le_bytes())?;
+    w.write_all(&offset.to_le_bytes())?;
 
     let mut segments: Vec<(Box<str>, Arc<RwLock<Segment>>)> = super::read(&store.segments)
         .iter()
@@ -152,13 +218,11 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
         if entries.is_empty() {
             continue;
         }
-        w.write_all(&[1]).map_err(io_err)?;
-        w.write_all(&(name.len() as u16).to_le_bytes())
-            .map_err(io_err)?;
-        w.write_all(name.as_bytes()).map_err(io_err)?;
-        w.write_all(&top.to_le_bytes()).map_err(io_err)?;
-        w.write_all(&(entries.len() as u64).to_le_bytes())
-            .map_err(io_err)?;
+        w.write_all(&[1])?;
+        w.write_all(&(name.len() as u16).to_le_bytes())?;
+        w.write_all(name.as_bytes())?;
+        w.write_all(&top.to_le_bytes())?;
+        w.write_all(&(entries.len() as u64).to_le_bytes())?;
         let mut buf = Vec::with_capacity(entries.len().min(1 << 16) * 8);
         for chunk in entries.chunks(1 << 16) {
             buf.clear();
@@ -171,16 +235,16 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
                 buf.extend_from_slice(&u.to_le_bytes());
                 buf.extend_from_slice(&bucket.to_le_bytes());
             }
-            w.write_all(&buf).map_err(io_err)?;
+            w.write_all(&buf)?;
         }
     }
-    w.write_all(&[0]).map_err(io_err)?;
-    w.flush().map_err(io_err)?;
+    w.write_all(&[0])?;
+    w.flush()?;
     let seg_crc = std::mem::take(&mut w.get_mut().crc).finalize();
     let dict_offset = w.get_ref().written;
     {
         let count: u64 = referenced.iter().map(|w| u64::from(w.count_ones())).sum();
-        w.write_all(&count.to_le_bytes()).map_err(io_err)?;
+        w.write_all(&count.to_le_bytes())?;
         // The dictionary in index order, keeping the referenced users.
         let mut res = Ok(());
         store.users.for_each(|idx, id| {
@@ -193,25 +257,15 @@ pub fn write(store: &MemStore, dir: &Path, offset: u64) -> Result<PathBuf, Snaps
                 .and_then(|()| w.write_all(&(id.len() as u16).to_le_bytes()))
                 .and_then(|()| w.write_all(id));
         });
-        res.map_err(io_err)?;
+        res?;
     }
-    w.flush().map_err(io_err)?;
+    w.flush()?;
     let dict_crc = std::mem::take(&mut w.get_mut().crc).finalize();
-    w.write_all(&dict_offset.to_le_bytes()).map_err(io_err)?;
-    w.write_all(&seg_crc.to_le_bytes()).map_err(io_err)?;
-    w.write_all(&dict_crc.to_le_bytes()).map_err(io_err)?;
-    w.write_all(END_MAGIC).map_err(io_err)?;
-    let file = w.into_inner().map_err(|e| io_err(e.into_error()))?.inner;
-    file.sync_all().map_err(io_err)?;
-    drop(file);
-    fs::rename(&tmp, &path).map_err(io_err)?;
-    sync_dir(dir).map_err(io_err)?;
-    for (old, p) in list(dir).map_err(io_err)? {
-        if old < offset {
-            let _ = fs::remove_file(p);
-        }
-    }
-    Ok(path)
+    w.write_all(&dict_offset.to_le_bytes())?;
+    w.write_all(&seg_crc.to_le_bytes())?;
+    w.write_all(&dict_crc.to_le_bytes())?;
+    w.write_all(END_MAGIC)?;
+    Ok(w.into_inner().map_err(|e| e.into_error())?.inner)
 }
 
 fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], path: &Path) -> Result<(), SnapshotError> {
@@ -341,7 +395,7 @@ fn read_dictionary(
     file: &mut File,
     path: &Path,
     footer: &Footer,
-) -> Result<(Users, Vec<u32>), SnapshotError> {
+) -> Result<(Users, Remap), SnapshotError> {
     let io_err = io_error(path);
     file.seek(SeekFrom::Start(footer.dict_offset))
         .map_err(&io_err)?;
@@ -366,7 +420,8 @@ fn read_dictionary(
         return Err(corrupt(path, format!("dictionary claims {count} users")));
     }
     let mut dict = Users::with_capacity(super::SHARDS, count as usize);
-    let mut remap: Vec<u32> = Vec::new();
+    let mut remap = Remap::Dense(Vec::new());
+    let mut last_old: Option<usize> = None;
     let mut id = Vec::with_capacity(256);
     for _ in 0..count {
         let mut head = [0u8; 6];
@@ -381,11 +436,12 @@ fn read_dictionary(
         let new = dict
             .intern_mut(&id)
             .ok_or_else(|| corrupt(path, "too many users"))?;
-        if old >= remap.len() {
-            // Indices are written in increasing order, so this grows the map gradually.
-            remap.resize((old + 1).max(remap.len() * 9 / 8), u32::MAX);
+        // Indices are written in strictly increasing order.
+        if last_old.is_some_and(|l| old <= l) {
+            return Err(corrupt(path, format!("user index {old} out of order")));
         }
-        remap[old] = new;
+        last_old = Some(old);
+        remap.insert(old, new, count as usize);
     }
     Ok((dict, remap))
 }
@@ -487,6 +543,51 @@ fn plan_workers(records: &[Record]) -> Vec<Vec<usize>> {
     work.into_iter().map(|(_, mine)| mine).collect()
 }
 
+/// The old (written) index of each user to its new index. Dense while the old indices are
+/// not much sparser than the users (the usual case: a lookup per membership), a sorted list
+/// otherwise, so a dictionary whose indices are sparse (many users expired since the last
+/// restart), or corrupt behind a valid checksum, never sizes a table from its largest index.
+enum Remap {
+    Dense(Vec<u32>),
+    Sparse(Vec<(u32, u32)>),
+}
+
+impl Remap {
+    /// Records `old -> new`; `old` increases from call to call. `count` is the number of users.
+    fn insert(&mut self, old: usize, new: u32, count: usize) {
+        match self {
+            Remap::Dense(v) => {
+                if old < v.len() {
+                    v[old] = new;
+                } else if old <= count.saturating_mul(16).saturating_add(1 << 20) {
+                    v.resize((old + 1).max(v.len() * 9 / 8), u32::MAX);
+                    v[old] = new;
+                } else {
+                    let mut sparse: Vec<(u32, u32)> = v
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| **n != u32::MAX)
+                        .map(|(o, n)| (o as u32, *n))
+                        .collect();
+                    sparse.push((old as u32, new));
+                    *self = Remap::Sparse(sparse);
+                }
+            }
+            Remap::Sparse(v) => v.push((old as u32, new)),
+        }
+    }
+
+    fn get(&self, old: usize) -> Option<u32> {
+        match self {
+            Remap::Dense(v) => v.get(old).copied().filter(|u| *u != u32::MAX),
+            Remap::Sparse(v) => {
+                let old = u32::try_from(old).ok()?;
+                v.binary_search_by_key(&old, |e| e.0).ok().map(|i| v[i].1)
+            }
+        }
+    }
+}
+
 /// A loaded segment: its record's index, the segment, the checksum of its record.
 type Built = (usize, Segment, crc32fast::Hasher);
 
@@ -503,7 +604,7 @@ struct Record {
 
 struct LoadCtx<'a> {
     path: &'a Path,
-    remap: &'a [u32],
+    remap: &'a Remap,
     universe: usize,
     ring_len: i64,
     window_buckets: i64,
@@ -589,8 +690,8 @@ impl LoadCtx<'_> {
                 // A user missing from the dictionary was erased (deleted) while the snapshot
                 // was being written: the deletion is in the log after the snapshot's offset and
                 // is replayed, so its membership is dropped here. (Checksums catch corruption.)
-                match self.remap.get(old).filter(|u| **u != u32::MAX) {
-                    Some(&user) => seg.observe(user, i64::from(bucket)),
+                match self.remap.get(old) {
+                    Some(user) => seg.observe(user, i64::from(bucket)),
                     None => skipped += 1,
                 }
             }

@@ -1,14 +1,18 @@
-//! The consumer's librdkafka callbacks: logs, rebalances (logged, committed offsets of revoked
-//! partitions forgotten), statistics (consumer lag gauges).
+//! The consumer's librdkafka callbacks: logs, rebalances (revocations deferred until what was
+//! read is committed; committed offsets of revoked partitions forgotten), statistics (consumer
+//! lag gauges).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::TopicPartitionList;
 
 use crate::context::{forward_error, forward_log};
@@ -19,6 +23,54 @@ pub(crate) struct Shared {
     /// Per partition, the highest offset this member committed since it was assigned the
     /// partition; commits never move backwards from it.
     pub committed: Mutex<HashMap<i32, i64>>,
+    /// A revocation the group asked for and this member has not carried out yet: it waits
+    /// until everything handed out of the source was written and committed (see
+    /// [`KafkaSource`](super::KafkaSource)).
+    pub revoking: Mutex<Option<Revoking>>,
+    /// `revoking` is set (read without the lock on every poll).
+    pub revoke_pending: AtomicBool,
+    /// The consumer is being closed: revocations are carried out at once.
+    pub closing: AtomicBool,
+}
+
+/// A deferred revocation.
+#[derive(Debug)]
+pub(crate) struct Revoking {
+    pub partitions: TopicPartitionList,
+    /// Incremental (cooperative) rebalancing: only these partitions go; else all of them.
+    pub cooperative: bool,
+    pub since: Instant,
+}
+
+impl Shared {
+    pub fn revoke_pending(&self) -> bool {
+        self.revoke_pending.load(Ordering::Acquire)
+    }
+
+    /// Forgets what this member committed on `revoked` and zeroes their lag gauges.
+    pub fn forget(&self, revoked: &[i32]) {
+        let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        for p in revoked {
+            committed.remove(p);
+            metrics::gauge!("userseg_kafka_consumer_lag", "partition" => p.to_string()).set(0.0);
+        }
+    }
+}
+
+/// Gives up the partitions of a revocation (`incremental_unassign` or `unassign`).
+pub(crate) fn unassign<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    partitions: &TopicPartitionList,
+    cooperative: bool,
+) {
+    let result = if cooperative {
+        consumer.incremental_unassign(partitions)
+    } else {
+        consumer.unassign()
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "giving up revoked kafka partitions failed");
+    }
 }
 
 pub(crate) struct SourceContext {
@@ -85,33 +137,77 @@ fn commit_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
 }
 
 impl ConsumerContext for SourceContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(tpl) => {
+    /// Assignments are taken at once. A revocation is deferred while the processor holds
+    /// messages it read but has not written and committed: the member calls `unassign` only
+    /// then ([`KafkaSource`](super::KafkaSource) does, from `next`), so the partition's next
+    /// owner, which starts at the committed offsets, never races a late write of this member
+    /// (a stale pair landing after the new owner applied a later deletion of that user).
+    /// Meanwhile the group waits (up to `max.poll.interval.ms`). A revocation while closing,
+    /// of a lost assignment, or of nothing, is carried out at once.
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            base_consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let result = if cooperative {
+                    base_consumer.incremental_assign(tpl)
+                } else {
+                    base_consumer.assign(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::warn!(topic = %self.topic, error = %e, "taking assigned kafka partitions failed");
+                }
+                self.post_rebalance(base_consumer, &Rebalance::Assign(tpl));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked = partitions(tpl);
+                metrics::counter!("userseg_kafka_rebalances_total", "event" => "revoke")
+                    .increment(1);
+                let lost = base_consumer.assignment_lost();
+                if self.shared.closing.load(Ordering::Acquire) || lost || revoked.is_empty() {
+                    if lost {
+                        tracing::warn!(
+                            topic = %self.topic,
+                            partitions = ?revoked,
+                            "kafka partitions lost (this member was out of the group too long); their uncommitted messages go to the next owner"
+                        );
+                    } else {
+                        tracing::info!(topic = %self.topic, partitions = ?revoked, "kafka partitions revoked");
+                    }
+                    self.shared.forget(&revoked);
+                    unassign(base_consumer, tpl, cooperative);
+                    return;
+                }
                 tracing::info!(
                     topic = %self.topic,
                     partitions = ?revoked,
-                    "kafka partitions revoked; their uncommitted messages go to the next owner"
+                    "kafka partitions revoked; handing them over once what was read is written and committed"
                 );
-                let mut committed = self
+                *self
                     .shared
-                    .committed
+                    .revoking
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                for p in &revoked {
-                    committed.remove(p);
-                    metrics::gauge!("userseg_kafka_consumer_lag", "partition" => p.to_string())
-                        .set(0.0);
-                }
-                metrics::counter!("userseg_kafka_rebalances_total", "event" => "revoke")
-                    .increment(1);
+                    .unwrap_or_else(|e| e.into_inner()) = Some(Revoking {
+                    partitions: tpl.clone(),
+                    cooperative,
+                    since: Instant::now(),
+                });
+                self.shared.revoke_pending.store(true, Ordering::Release);
             }
-            Rebalance::Assign(_) => {}
-            Rebalance::Error(e) => {
-                tracing::warn!(topic = %self.topic, error = %e, "kafka rebalance failed");
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                tracing::warn!(topic = %self.topic, error = %code, "kafka rebalance failed");
                 metrics::counter!("userseg_kafka_rebalances_total", "event" => "error")
                     .increment(1);
+                self.shared.forget(&partitions(tpl));
+                unassign(base_consumer, tpl, cooperative);
             }
         }
     }

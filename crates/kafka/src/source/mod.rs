@@ -5,17 +5,22 @@ mod context;
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::pin::pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
+use userseg_domain::Record;
 use userseg_usecase::{Content, InvalidReason, Message, PairSource, PortError};
 
-use crate::codec::decode_batch;
+use crate::codec::decode_record;
 use crate::config::{consumer_config, KafkaConfig};
 use crate::error::{port_error, SetupError};
 use context::{Shared, SourceContext};
@@ -101,6 +106,15 @@ pub struct KafkaSource {
     /// Approximate size of `pending`.
     pending_bytes: usize,
     provenance: Provenance,
+    /// Messages handed out by `next`, and positions the processor has since committed (or
+    /// tried to: a write is done once it commits). Equal when the processor holds nothing
+    /// unwritten: only then is a deferred revocation carried out.
+    handed: u64,
+    settled: u64,
+    /// The position of the last message handed out.
+    last_handed: Option<Position>,
+    /// The empty message that makes the processor flush was sent for the pending revocation.
+    flush_marker_sent: bool,
 }
 
 impl KafkaSource {
@@ -129,6 +143,10 @@ impl KafkaSource {
             pending: VecDeque::new(),
             pending_bytes: 0,
             provenance: Provenance::default(),
+            handed: 0,
+            settled: 0,
+            last_handed: None,
+            flush_marker_sent: false,
         })
     }
 
@@ -160,8 +178,62 @@ impl KafkaSource {
     /// members without waiting for the session timeout. Uncommitted messages are redelivered.
     pub async fn close(mut self) {
         if let Some(consumer) = self.consumer.take() {
-            let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+            let shared = self.shared.clone();
+            let _ = tokio::task::spawn_blocking(move || close(consumer, &shared)).await;
         }
+    }
+
+    /// Carries out the pending revocation (the processor holds nothing unwritten): gives the
+    /// partitions up, forgets what was committed on them and drops the messages of theirs
+    /// read while idling (the next owner reads them from the committed offsets).
+    async fn hand_over(&mut self) {
+        let Some(revoking) = self
+            .shared
+            .revoking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            self.shared.revoke_pending.store(false, Ordering::Release);
+            return;
+        };
+        let revoked: HashSet<i32> = revoking
+            .partitions
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let mut list: Vec<i32> = revoked.iter().copied().collect();
+        list.sort_unstable();
+        if let Some(consumer) = self.consumer.clone() {
+            let partitions = revoking.partitions;
+            let cooperative = revoking.cooperative;
+            let _ = tokio::task::spawn_blocking(move || {
+                context::unassign(consumer.as_ref(), &partitions, cooperative)
+            })
+            .await;
+        }
+        self.shared.forget(&list);
+        let before = self.pending.len();
+        self.pending
+            .retain(|m| !revoked.contains(&m.position.partition));
+        self.pending_bytes = self.pending.iter().map(approx_bytes).sum();
+        self.flush_marker_sent = false;
+        self.shared.revoke_pending.store(false, Ordering::Release);
+        tracing::info!(
+            topic = %self.topic,
+            partitions = ?list,
+            held_ms = revoking.since.elapsed().as_millis() as u64,
+            dropped_idle_messages = before - self.pending.len(),
+            "handed revoked kafka partitions over, everything read from them committed"
+        );
+    }
+
+    /// Counts a message handed out of `next`.
+    fn hand(&mut self, m: Message<Position>) -> Message<Position> {
+        self.handed += 1;
+        self.last_handed = Some(m.position);
+        m
     }
 
     fn consumer(&self) -> &StreamConsumer<SourceContext> {
@@ -176,9 +248,25 @@ impl Drop for KafkaSource {
     fn drop(&mut self) {
         if let Some(consumer) = self.consumer.take() {
             // Closing leaves the group and blocks until done: keep it off the async workers.
-            std::thread::spawn(move || drop(consumer));
+            let shared = self.shared.clone();
+            std::thread::spawn(move || close(consumer, &shared));
         }
     }
+}
+
+/// Closes the consumer (blocking): revocations are no longer deferred, and a deferred one is
+/// carried out first (closing waits for it otherwise).
+fn close(consumer: Arc<StreamConsumer<SourceContext>>, shared: &Shared) {
+    shared.closing.store(true, Ordering::Release);
+    let pending = shared
+        .revoking
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(r) = pending {
+        context::unassign(consumer.as_ref(), &r.partitions, r.cooperative);
+    }
+    drop(consumer);
 }
 
 /// Turns a Kafka message into what the processor consumes.
@@ -192,13 +280,23 @@ fn convert(topic: &str, provenance: &Provenance, m: &BorrowedMessage<'_>) -> Mes
             InvalidReason::Undecodable("the message has no value".into()),
             Vec::new(),
         )),
-        Some(bytes) => decode_batch(bytes).map_err(|e| (e.into(), bytes.to_vec())),
+        Some(bytes) => decode_record(bytes).map_err(|e| (e.into(), bytes.to_vec())),
     };
     metrics::counter!("userseg_kafka_consumed_messages_total").increment(1);
     let content = match decoded {
-        Ok(pairs) => {
+        Ok(Record::Pairs(pairs)) => {
             metrics::counter!("userseg_kafka_consumed_pairs_total").increment(pairs.len() as u64);
             Content::Pairs(pairs)
+        }
+        Ok(Record::DeleteUsers(d)) => {
+            tracing::info!(
+                topic,
+                partition = position.partition,
+                offset = position.offset,
+                users = d.len(),
+                "consumed a user deletion"
+            );
+            Content::Delete(d)
         }
         Err((reason, payload)) => {
             tracing::warn!(
@@ -302,23 +400,75 @@ fn commit_blocking(
 impl PairSource for KafkaSource {
     type Position = Position;
 
-    /// Cancel-safe: the only await is librdkafka's cancel-safe `recv`; a message is converted
-    /// synchronously once received.
+    /// Cancel-safe: the awaits are librdkafka's cancel-safe `recv`, handing revoked partitions
+    /// over (done at most once), and waiting forever; a message is converted synchronously
+    /// once received.
+    ///
+    /// While a revocation is pending no message is handed out: once everything handed out is
+    /// committed the partitions are given up and reading goes on; until then, if the processor
+    /// holds unwritten messages, one empty message (at the last position handed out, which
+    /// commits nothing new) is handed out so that, the source being drained, the processor
+    /// writes and commits them now instead of at its flush timer.
     async fn next(&mut self) -> Result<Option<Message<Position>>, PortError> {
-        if let Some(m) = self.pending.pop_front() {
-            self.pending_bytes = self.pending_bytes.saturating_sub(approx_bytes(&m));
-            return Ok(Some(m));
-        }
-        let Some(consumer) = &self.consumer else {
-            return Ok(None);
-        };
-        match consumer.recv().await {
-            Ok(m) => Ok(Some(convert(&self.topic, &self.provenance, &m))),
-            Err(e) => Err(port_error("consuming from kafka", &e)),
+        loop {
+            if self.shared.revoke_pending() {
+                if self.settled >= self.handed {
+                    self.hand_over().await;
+                    continue;
+                }
+                if !self.flush_marker_sent {
+                    self.flush_marker_sent = true;
+                    if let Some(position) = self.last_handed {
+                        let marker = Message {
+                            position,
+                            content: Content::Pairs(Vec::new()),
+                            logged_at: None,
+                        };
+                        return Ok(Some(self.hand(marker)));
+                    }
+                }
+                // The processor comes back once its write is done and committed.
+                std::future::pending::<()>().await;
+            }
+            if let Some(m) = self.pending.pop_front() {
+                self.pending_bytes = self.pending_bytes.saturating_sub(approx_bytes(&m));
+                return Ok(Some(self.hand(m)));
+            }
+            let Some(consumer) = self.consumer.clone() else {
+                return Ok(None);
+            };
+            let shared = self.shared.clone();
+            let mut recv = pin!(consumer.recv());
+            // A revocation is seen inside `recv` (librdkafka calls back while polling): stop
+            // there, and hand nothing more out.
+            let received = std::future::poll_fn(|cx| {
+                if shared.revoke_pending() {
+                    return Poll::Ready(None);
+                }
+                recv.as_mut().poll(cx).map(Some)
+            })
+            .await;
+            match received {
+                None => continue,
+                Some(Ok(m)) => {
+                    let msg = convert(&self.topic, &self.provenance, &m);
+                    drop(m);
+                    return Ok(Some(self.hand(msg)));
+                }
+                Some(Err(e)) => return Err(port_error("consuming from kafka", &e)),
+            }
         }
     }
 
+    /// True while a revocation waits for the processor: it should write what it holds now.
+    fn is_drained(&self) -> bool {
+        self.shared.revoke_pending()
+    }
+
     async fn commit(&mut self, positions: Vec<Position>) -> Result<(), PortError> {
+        // Written, whether or not the commit succeeds: an uncommitted message is read again by
+        // whoever owns its partition next, and writing it again is harmless.
+        self.settled += positions.len() as u64;
         let offsets = commit_offsets(&positions);
         if offsets.is_empty() {
             return Ok(());

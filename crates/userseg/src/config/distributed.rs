@@ -7,9 +7,11 @@ use anyhow::{bail, Result};
 use clap::Args;
 use userseg_clickhouse::ClickHouseConfig;
 use userseg_kafka::KafkaConfig;
-use userseg_usecase::BatchConfig;
+use userseg_usecase::{BatchConfig, HistoryConfig};
 
-use super::{duration, BatchArgs, ClickHouseArgs, KafkaArgs, ServiceArgs, ServiceConfig};
+use super::{
+    duration, BatchArgs, ClickHouseArgs, HistoryArgs, KafkaArgs, ServiceArgs, ServiceConfig,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct UssArgs {
@@ -62,6 +64,9 @@ pub struct EsArgs {
     /// has loaded. About 15 bytes of memory per live pair.
     #[arg(long, env = "ES_INDEX", default_value_t = true, action = clap::ArgAction::Set)]
     pub es_index: bool,
+    /// Segment count history, sampled into ClickHouse (several ES sample the same ticks).
+    #[command(flatten)]
+    pub history: HistoryArgs,
 }
 
 /// `userseg es`: the batch consumer into ClickHouse and the estimates.
@@ -76,6 +81,8 @@ pub struct EsConfig {
     pub retention_interval: Duration,
     /// Answer estimates from the in-memory index (ES_INDEX).
     pub index: bool,
+    /// HISTORY_INTERVAL, HISTORY_RETENTION.
+    pub history: HistoryConfig,
 }
 
 impl EsArgs {
@@ -98,6 +105,7 @@ impl EsArgs {
             estimate_cache_ttl,
             retention_interval,
             index: self.es_index,
+            history: self.history.validate()?,
         })
     }
 }

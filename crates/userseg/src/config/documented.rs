@@ -30,6 +30,7 @@ const NOT_SETTINGS: &[&str] = &[
     "TOO_MANY_SIMULTANEOUS_QUERIES",
     "DATA_ERROR_CODES",
     "CONFIG_ERROR_CODES",
+    "DEFAULT_MUTATION_TIMEOUT",
     // the protobuf enum value of approximate estimates
     "MODE_APPROX",
     // read by tracing-subscriber, documented next to LOG_FORMAT
@@ -40,6 +41,11 @@ const NOT_SETTINGS: &[&str] = &[
     // exported by scripts/test.sh for the tests
     "USERSEG_TEST_CLICKHOUSE_URL",
     "USERSEG_TEST_KAFKA",
+    // read by the soak test (crates/userseg/tests/soak.rs) and scripts/soak.sh
+    "SOAK_SECS",
+    "SOAK_KILL_EVERY",
+    "SOAK_CAPACITY_SECS",
+    "SOAK_BIN",
 ];
 
 /// A valid value other than the default, for every documented variable.
