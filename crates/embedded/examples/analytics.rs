@@ -1,7 +1,10 @@
 //! Measures the analytics of the embedded store at scale (the same Zipf data as `scale`): user
 //! lookup, `within` counts, a 3-term expression over the largest segments, the overlap matrix of
 //! the 20 largest, export of a large segment (members/s and RSS), deleting 10,000 users, and
-//! memory per live pair. Prints one JSON object (used by scripts/bench.sh).
+//! memory per live pair. The expression and the overlap are also timed with `within=1d` (most
+//! memberships out of the lookback) and a day and a minute later with no expiry sweep in between
+//! (the oldest minute's memberships expired but still held). Prints one JSON object (used by
+//! scripts/bench.sh).
 //!
 //! cargo run --release -p userseg-embedded --example analytics -- [pairs] [segments] [users]
 
@@ -68,6 +71,22 @@ fn main() {
     let top20: Vec<String> = (0..20).map(|k| format!("segment-{k:03}")).collect();
     let overlap_ms = timed(20, |_| {
         std::hint::black_box(store.overlap(&top20, now, None));
+    });
+    let expr_day_ms = timed(20, |_| {
+        std::hint::black_box(store.count_expr(&expr, now, day));
+    });
+    let overlap_day_ms = timed(10, |_| {
+        std::hint::black_box(store.overlap(&top20, now, day));
+    });
+    // A day and a minute on, the expiry sweep not yet run (it runs every minute): the oldest
+    // minute's memberships are expired but still held. The first query scans and lists the
+    // memberships about to expire; the next ones use that list.
+    let later = now + 86_400 + 60;
+    let expr_expired_ms = timed(100, |_| {
+        std::hint::black_box(store.count_expr(&expr, later, None));
+    });
+    let overlap_expired_ms = timed(100, |_| {
+        std::hint::black_box(store.overlap(&top20, later, None));
     });
 
     // Export: the segment closest to 5M members, serialized as NDJSON on a second thread (as the
@@ -148,6 +167,10 @@ fn main() {
             "expr_3_terms_users": expr_users,
             "expr_not_largest_ms": not_ms,
             "overlap_top20_ms": overlap_ms,
+            "expr_3_terms_within_1d_ms": expr_day_ms,
+            "overlap_top20_within_1d_ms": overlap_day_ms,
+            "expr_3_terms_1d1m_later_unswept_ms": expr_expired_ms,
+            "overlap_top20_1d1m_later_unswept_ms": overlap_expired_ms,
             "export": {
                 "segment": target,
                 "members": sent,

@@ -99,9 +99,8 @@ async fn publish_to_a_silent_broker_is_transient_within_the_bound() {
 }
 
 /// A tansu of this test alone, reachable only through a TCP proxy that the test can cut: an
-/// outage without restarting the broker. (A restart does not work for this test: tansu 0.6.0
-/// with sqlite storage panics in its idempotence check when a producer id issued before the
-/// restart produces again, and its storage then refuses every produce until restarted again.)
+/// outage without restarting the broker, so the network cut alone is tested here; the broker
+/// restart with its data is crates/userseg/tests/broker_restart.rs.
 struct ProxiedBroker {
     tansu: std::process::Child,
     proxy_port: u16,

@@ -1,21 +1,29 @@
 //! Analytics on the embedded store: per-user lookup, deletion, counts with a lookback, set
 //! expressions, overlap and member export.
 //!
-//! No new index is kept (memory stays that of the store). A set expression or an overlap scans
-//! the segments it names into bitsets over the user indices (one bit per interned user: 1.2 MiB
-//! at 10M users), deciding each membership's liveness from its bucket code, then combines
-//! them word by word. Dense segments (the large ones) are scanned as arrays of 2-byte codes;
-//! the rest are tables of at most a few hundred thousand slots. A per-user lookup probes each
-//! segment once. An export scans the user dictionary block by block against the segment's
-//! bitset, so its memory is one bitset plus one block whatever the segment's size.
+//! A set expression or an overlap works on bitsets over the user indices (one bit per interned
+//! user: 1.2 MiB at 10M users), one per segment it names, then combines them word by word.
+//! A segment's bitset of live members comes from its maintained index when it keeps one (the
+//! large segments: see `members.rs`): when the ring's per-bucket counts say every member is
+//! live under the query's lookback, the index is that bitset as is; when most are, the index is
+//! copied and the members whose bucket code is not live are cleared (a sequential scan that
+//! writes only for them). Otherwise the segment is scanned into a zeroed bitset, deciding each
+//! membership's liveness from its bucket code. Bitsets are built in parallel, largest segments
+//! first; an overlap counts its pairwise intersections block by block of words, so each block
+//! of every bitset is read from cache. A per-user lookup probes each segment once. An export
+//! scans the user dictionary block by block against the segment's bitset, so its memory is one
+//! bitset plus one block whatever the segment's size.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc;
 use userseg_domain::{Expr, UnixSeconds, Within};
 use userseg_usecase::{Member, Membership, Overlap, PortError, SegmentCount};
 
+use super::members::{Code, Coder, Expiring, Repr};
+use super::ring::Ring;
 use super::{read, write, MemStore, Members, Segment};
 
 /// Most heavy queries (expressions, overlaps, exports) computing at once; each holds a few
@@ -55,6 +63,13 @@ impl Segment {
         }
     }
 
+    /// Whether the ring counts every member as above `lo` (then the index, if any, is exactly
+    /// the live set), and how many it counts so.
+    fn live_above(&self, lo: i64) -> (u64, bool) {
+        let live = self.ring.sum_above(lo);
+        (live, live == self.len() as u64)
+    }
+
     /// ORs the members whose bucket is above `lo` into `bits`.
     pub(crate) fn fill_bits(&self, lo: i64, bits: &mut [u64]) {
         // A code's bucket is `top - d`, `d = (top_code - code) mod M`: live iff `d < top - lo`.
@@ -62,9 +77,131 @@ impl Segment {
         if k <= 0 {
             return;
         }
+        let (live, all) = self.live_above(lo);
         match &self.members {
-            Members::Narrow(r) => r.fill_bits(bits, top_code, k),
-            Members::Wide(r) => r.fill_bits(bits, top_code, k),
+            Members::Narrow(r) => or_live(r, bits, top_code, k, live > 0 && all),
+            Members::Wide(r) => or_live(r, bits, top_code, k, live > 0 && all),
+        }
+    }
+
+    /// The members whose bucket is above `lo`, as a bitset of `n` words.
+    pub(crate) fn live_bits(&self, lo: i64, n: usize) -> Vec<u64> {
+        let (top_code, k) = self.coder.live_window(lo);
+        if k <= 0 {
+            return vec![0; n];
+        }
+        let (live, all) = self.live_above(lo);
+        let mostly = live > 0 && live * 2 >= self.len() as u64;
+        let at = Edge {
+            coder: self.coder,
+            ring: &self.ring,
+            lo,
+            top_code,
+            k,
+        };
+        match &self.members {
+            Members::Narrow(r) => live_bits_in(r, n, &at, all, mostly),
+            Members::Wide(r) => live_bits_in(r, n, &at, all, mostly),
+        }
+    }
+}
+
+/// A query's lookback edge on one segment.
+struct Edge<'a> {
+    coder: Coder,
+    ring: &'a Ring,
+    lo: i64,
+    top_code: i64,
+    k: i64,
+}
+
+/// Buckets above a query's edge that its list of expiring keys covers: later queries whose
+/// edge moved by less find the members expired since in the list.
+const EXPIRING_SPAN: i64 = 120;
+
+#[inline]
+fn clear_bit(bits: &mut [u64], key: u32) {
+    if let Some(w) = bits.get_mut(key as usize / 64) {
+        *w &= !(1 << (key % 64));
+    }
+}
+
+/// Clears from `bits` (a copy of the index) the entries of `r` that are not live at `at`.
+///
+/// The members that expired since the last sweep are few, and are found among the keys a query
+/// listed earlier (those at or below `upto`, a little above that query's edge) when the list
+/// is complete: the keys still at or below `upto` and in the ring number as many as the ring
+/// counts at or below `upto` (buckets only rise, so a missing key would be one that arrived
+/// since with an old bucket, and the counts would differ). Otherwise one scan clears the dead
+/// entries and lists the keys at or below `at.lo + EXPIRING_SPAN` for the next queries.
+fn clear_expired<C: Code>(r: &Repr<C>, bits: &mut [u64], at: &Edge<'_>) {
+    let mut slot = r.expiring().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(list) = slot.as_ref().filter(|l| l.upto >= at.lo) {
+        let mut listed = 0u64;
+        for &key in &list.keys {
+            if let Some(c) = r.get(key) {
+                let b = at.coder.decode(c);
+                listed += u64::from(b <= list.upto && at.ring.holds(b));
+                if !c.live(at.top_code, at.k) {
+                    clear_bit(bits, key);
+                }
+            }
+        }
+        let in_ring_upto = at.ring.sum_above(i64::MIN) - at.ring.sum_above(list.upto);
+        if listed == in_ring_upto {
+            return;
+        }
+    }
+    let upto = at.lo.saturating_add(EXPIRING_SPAN);
+    let mut keys = Vec::new();
+    r.for_each(|key, c| {
+        if !c.live(at.top_code, at.k) {
+            clear_bit(bits, key);
+        }
+        if at.coder.decode(c) <= upto {
+            keys.push(key);
+        }
+    });
+    keys.shrink_to_fit();
+    *slot = Some(Expiring { upto, keys });
+}
+
+/// ORs the live entries of `r` into `bits`: its index when `all_live`, else a scan.
+fn or_live<C: Code>(r: &Repr<C>, bits: &mut [u64], top_code: i64, k: i64, all_live: bool) {
+    match r.index() {
+        Some(ix) if all_live => {
+            for (a, b) in bits.iter_mut().zip(ix) {
+                *a |= b;
+            }
+        }
+        _ => r.fill_bits(bits, top_code, k),
+    }
+}
+
+/// The live entries of `r` in `n` words: its index when every entry is live, the index less the
+/// dead entries when most are live, else a scan.
+fn live_bits_in<C: Code>(
+    r: &Repr<C>,
+    n: usize,
+    at: &Edge<'_>,
+    all_live: bool,
+    mostly_live: bool,
+) -> Vec<u64> {
+    match r.index() {
+        Some(ix) if all_live || mostly_live => {
+            // Written once: the index's words, then zeros up to `n`.
+            let mut bits = Vec::with_capacity(n);
+            bits.extend_from_slice(&ix[..ix.len().min(n)]);
+            bits.resize(n, 0);
+            if !all_live {
+                clear_expired(r, &mut bits, at);
+            }
+            bits
+        }
+        _ => {
+            let mut bits = vec![0u64; n];
+            r.fill_bits(&mut bits, at.top_code, at.k);
+            bits
         }
     }
 }
@@ -231,6 +368,122 @@ fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + 
     })
 }
 
+/// Runs `f` over `items` on up to `threads` threads, results in item order; items are taken
+/// one at a time in decreasing `cost`, so large and small items balance across the threads.
+fn par_map_by_cost<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    cost: impl Fn(&T) -> usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 {
+        return items.iter().map(f).collect();
+    }
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(cost(&items[i])));
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+            done.push((i, f(&items[i])));
+        }
+        done
+    };
+    let parts: Vec<Vec<(usize, R)>> = std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+        let mut parts = vec![work()];
+        for h in handles {
+            match h.join() {
+                Ok(part) => parts.push(part),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        parts
+    });
+    let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+    for (i, r) in parts.into_iter().flatten() {
+        out[i] = Some(r);
+    }
+    out.into_iter().flatten().collect()
+}
+
+/// Adds to `both[i * k + j]` (`i <= j`) the common bits of bitsets `i` and `j` in words
+/// `from..to`.
+#[inline(always)]
+fn pair_counts_generic(bits: &[Vec<u64>], from: usize, to: usize, both: &mut [u64]) {
+    let k = bits.len();
+    for i in 0..k {
+        let a = &bits[i][from..to];
+        for j in i..k {
+            let c = &bits[j][from..to];
+            both[i * k + j] += a
+                .iter()
+                .zip(c)
+                .map(|(x, y)| u64::from((x & y).count_ones()))
+                .sum::<u64>();
+        }
+    }
+}
+
+/// [`pair_counts_generic`] compiled for AVX2 and POPCNT (the count is most of an overlap's time
+/// without a popcount instruction, which the baseline x86-64 target lacks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt")]
+fn pair_counts_avx2(bits: &[Vec<u64>], from: usize, to: usize, both: &mut [u64]) {
+    pair_counts_generic(bits, from, to, both)
+}
+
+/// [`pair_counts_generic`], with the CPU's popcount instruction when it has one.
+// The workspace denies unsafe code; this is the one call of a function compiled for CPU features
+// detected at run time.
+#[allow(unsafe_code)]
+fn pair_counts(bits: &[Vec<u64>], from: usize, to: usize, both: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
+    {
+        // SAFETY: the CPU has the features the function is compiled for (detected just above).
+        unsafe { pair_counts_avx2(bits, from, to, both) };
+        return;
+    }
+    pair_counts_generic(bits, from, to, both)
+}
+
+/// Words per block of an overlap count: small enough that the blocks of 20 bitsets stay in the
+/// first-level caches together.
+const PAIR_BLOCK: usize = 512;
+
+/// The pairwise common bits of `bits` (all of `n` words), as a `k × k` matrix, counted on up
+/// to `threads` threads.
+fn pairwise(bits: &[Vec<u64>], n: usize, threads: usize) -> Vec<Vec<u64>> {
+    let k = bits.len();
+    let blocks: Vec<usize> = (0..n.div_ceil(PAIR_BLOCK)).collect();
+    let per_thread = blocks.len().div_ceil(threads.max(1)).max(1);
+    let parts = par_map(
+        &blocks.chunks(per_thread).collect::<Vec<_>>(),
+        threads,
+        |mine| {
+            let mut both = vec![0u64; k * k];
+            for &b in mine.iter() {
+                let (from, to) = (b * PAIR_BLOCK, ((b + 1) * PAIR_BLOCK).min(n));
+                pair_counts(bits, from, to, &mut both);
+            }
+            both
+        },
+    );
+    // Upper triangle summed over the parts, mirrored below the diagonal.
+    let mut flat = vec![0u64; k * k];
+    for p in parts {
+        for (a, b) in flat.iter_mut().zip(&p) {
+            *a += b;
+        }
+    }
+    (0..k)
+        .map(|i| (0..k).map(|j| flat[i.min(j) * k + i.max(j)]).collect())
+        .collect()
+}
+
 impl MemStore {
     fn lo(&self, at: UnixSeconds, within: Option<Within>) -> i64 {
         let w = within.unwrap_or(Within::full(self.window));
@@ -296,15 +549,23 @@ impl MemStore {
     /// Bitsets of the live members of each name (all zero for unknown segments), built in
     /// parallel, each of `n` words.
     fn bitsets(&self, names: &[&str], lo: i64, n: usize) -> Vec<Vec<u64>> {
-        let segs: Vec<Option<Arc<RwLock<Segment>>>> =
-            names.iter().map(|s| self.segment_opt(s)).collect();
-        par_map(&segs, self.threads, |seg| {
-            let mut bits = vec![0u64; n];
-            if let Some(seg) = seg {
-                read(seg).fill_bits(lo, &mut bits);
-            }
-            bits
-        })
+        let segs: Vec<(Option<Arc<RwLock<Segment>>>, usize)> = names
+            .iter()
+            .map(|s| {
+                let seg = self.segment_opt(s);
+                let len = seg.as_ref().map_or(0, |s| read(s).len());
+                (seg, len)
+            })
+            .collect();
+        par_map_by_cost(
+            &segs,
+            self.threads,
+            |(_, len)| *len,
+            |(seg, _)| match seg {
+                Some(seg) => read(seg).live_bits(lo, n),
+                None => vec![0u64; n],
+            },
+        )
     }
 
     /// Users with at least one membership above `lo`.
@@ -355,42 +616,7 @@ impl MemStore {
         let names: Vec<&str> = segments.iter().map(String::as_str).collect();
         let bits = self.bitsets(&names, lo, n);
         let k = bits.len();
-        // Blocks of words small enough that all segments' blocks stay in cache together.
-        const BLOCK: usize = 512;
-        let blocks: Vec<usize> = (0..n.div_ceil(BLOCK)).collect();
-        let per_thread = blocks.len().div_ceil(self.threads.max(1)).max(1);
-        let parts = par_map(
-            &blocks.chunks(per_thread).collect::<Vec<_>>(),
-            self.threads,
-            |mine| {
-                let mut both = vec![0u64; k * k];
-                for &b in mine.iter() {
-                    let (from, to) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
-                    for i in 0..k {
-                        let a = &bits[i][from..to];
-                        for j in i..k {
-                            let c = &bits[j][from..to];
-                            both[i * k + j] += a
-                                .iter()
-                                .zip(c)
-                                .map(|(x, y)| u64::from((x & y).count_ones()))
-                                .sum::<u64>();
-                        }
-                    }
-                }
-                both
-            },
-        );
-        // Upper triangle summed over the parts, mirrored below the diagonal.
-        let mut flat = vec![0u64; k * k];
-        for p in parts {
-            for (a, b) in flat.iter_mut().zip(&p) {
-                *a += b;
-            }
-        }
-        let both: Vec<Vec<u64>> = (0..k)
-            .map(|i| (0..k).map(|j| flat[i.min(j) * k + i.max(j)]).collect())
-            .collect();
+        let both = pairwise(&bits, n, self.threads);
         Overlap {
             users: (0..k).map(|i| both[i][i]).collect(),
             both,
@@ -413,8 +639,7 @@ impl MemStore {
         };
         let lo = self.lo(at, within);
         let n = words(self.users.universe());
-        let mut bits = vec![0u64; n];
-        read(&seg).fill_bits(lo, &mut bits);
+        let bits = read(&seg).live_bits(lo, n);
         let mut left = popcount(&bits);
         if left == 0 {
             return Ok(0);
@@ -575,5 +800,252 @@ impl userseg_usecase::SegmentAnalytics for super::EmbeddedStore {
         let segment = segment.to_owned();
         self.heavy(move |s| s.export_blocking(&segment, at, within, chunk, &sink))
             .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn naive_pairs(bits: &[Vec<u64>]) -> Vec<Vec<u64>> {
+        bits.iter()
+            .map(|a| {
+                bits.iter()
+                    .map(|b| {
+                        a.iter()
+                            .zip(b)
+                            .map(|(x, y)| u64::from((x & y).count_ones()))
+                            .sum()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blocked_pair_counts_equal_naive_ones() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Word counts around the block edges, and empty, single and 21-segment sets.
+        for n in [
+            0,
+            1,
+            PAIR_BLOCK - 1,
+            PAIR_BLOCK,
+            PAIR_BLOCK + 1,
+            3 * PAIR_BLOCK + 37,
+        ] {
+            for k in [0usize, 1, 2, 21] {
+                let bits: Vec<Vec<u64>> = (0..k)
+                    .map(|i| {
+                        (0..n)
+                            .map(|_| next() & next() & if i % 5 == 0 { 0 } else { u64::MAX })
+                            .collect()
+                    })
+                    .collect();
+                let want = naive_pairs(&bits);
+                for threads in [1, 2, 3] {
+                    assert_eq!(
+                        pairwise(&bits, n, threads),
+                        want,
+                        "n {n} k {k} threads {threads}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn par_map_by_cost_keeps_item_order() {
+        let items: Vec<usize> = (0..37).map(|i| (i * 7919) % 101).collect();
+        for threads in [1, 2, 4] {
+            let out = par_map_by_cost(&items, threads, |&c| c, |&c| c * 2);
+            assert_eq!(out, items.iter().map(|c| c * 2).collect::<Vec<_>>());
+        }
+        assert!(par_map_by_cost(&[] as &[usize], 2, |&c| c, |&c| c).is_empty());
+    }
+
+    proptest! {
+        /// A segment's live bitset (from its index whole, its index less the dead members, or a
+        /// scan) is exactly its members above `lo`, whatever `lo` (at and around bucket edges,
+        /// below the ring, above the top), through removals and expiry; so is an OR into a
+        /// bitset already holding other bits.
+        #[test]
+        fn live_bits_are_the_members_above_lo(
+            users in 64u32..4000,
+            share in 1u32..8,
+            spread in 1i64..40,
+            removals in 0u32..200,
+            expire_back in 0i64..60,
+            narrow in any::<bool>(),
+        ) {
+            let (ring_len, win) = if narrow { (90, 60) } else { (1 << 17, 1 << 16) };
+            let mut seg = Segment::new(ring_len, win);
+            let top = 1_000_000i64;
+            let mut x = u64::from(users) * 31 + u64::from(share);
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            for u in 0..users {
+                if next() % u64::from(share) == 0 {
+                    seg.observe(u, top - (next() % spread as u64) as i64);
+                }
+            }
+            for _ in 0..removals {
+                seg.remove_user((next() % u64::from(users)) as u32);
+            }
+            if expire_back > 0 {
+                seg.expire(top - expire_back);
+            }
+            let n = words(users as usize + 70);
+            let mut members = Vec::new();
+            seg.for_each(|u, b| members.push((u, b)));
+            for lo in [top - spread - 1, top - spread, top - spread / 2, top - 1, top, top + 1,
+                       top - ring_len - 5, i64::MIN / 4] {
+                let mut want = vec![0u64; n];
+                for &(u, b) in &members {
+                    if b > lo {
+                        want[u as usize / 64] |= 1 << (u % 64);
+                    }
+                }
+                prop_assert_eq!(&seg.live_bits(lo, n), &want, "lo {}", top - lo);
+                let noise: Vec<u64> = (0..n).map(|_| next() & next() & next()).collect();
+                let mut ored = noise.clone();
+                seg.fill_bits(lo, &mut ored);
+                let both: Vec<u64> = noise.iter().zip(&want).map(|(a, b)| a | b).collect();
+                prop_assert_eq!(ored, both);
+            }
+        }
+    }
+
+    /// Queries between sweeps find the members expired since in a list made by an earlier
+    /// query; exact through late arrivals with old buckets, updates, removals and sweeps.
+    #[test]
+    fn expired_members_found_between_sweeps_exactly() {
+        let mut seg = Segment::new(20_200, 20_160);
+        let top = 1_000_000i64;
+        let users = 5000u32;
+        for u in 0..users {
+            seg.observe(u, top - 10_000 - i64::from(u % 5000));
+        }
+        let n = words(users as usize + 400);
+        let brute = |seg: &Segment, lo: i64| {
+            let mut want = vec![0u64; n];
+            seg.for_each(|u, b| {
+                if b > lo {
+                    want[u as usize / 64] |= 1 << (u % 64);
+                }
+            });
+            want
+        };
+        let listed = |seg: &Segment| match &seg.members {
+            Members::Narrow(r) => r.expiring().lock().unwrap().as_ref().map(|l| l.upto),
+            Members::Wide(r) => r.expiring().lock().unwrap().as_ref().map(|l| l.upto),
+        };
+        // The edge moves a bucket at a time, as the clock does between sweeps.
+        let mut lo = top - 15_000;
+        for step in 0..300u32 {
+            lo += 1;
+            match step % 7 {
+                // A late arrival of a new user with an old bucket (above the edge).
+                0 => seg.observe(users + step, lo + 3),
+                // An old member seen again: its bucket rises.
+                1 => seg.observe(step * 13 % users, top),
+                2 => {
+                    seg.remove_user(step * 7 % users);
+                }
+                3 if step % 70 == 3 => {
+                    seg.expire(lo);
+                }
+                _ => {}
+            }
+            assert_eq!(seg.live_bits(lo, n), brute(&seg, lo), "step {step}");
+        }
+        // The last queries used the list an earlier one made.
+        let upto = listed(&seg).expect("a list");
+        assert!(upto >= lo && upto < lo + EXPIRING_SPAN, "{upto} {lo}");
+    }
+
+    /// Through a store: unknown segments are empty sets, an empty overlap is empty, and indexed
+    /// segments (hundreds of members) agree with a brute force over the pairs, with and without
+    /// a lookback.
+    #[test]
+    fn store_expressions_and_overlap_with_unknown_and_indexed_segments() {
+        use userseg_domain::{Pair, Window};
+        let w = Window::from_secs(14 * 86_400).expect("window");
+        let store = MemStore::new(w);
+        let now = 1_800_000_000i64;
+        let mut pairs = Vec::new();
+        for u in 0..3000u32 {
+            for s in 0..3u32 {
+                if (u + s) % (s + 2) == 0 {
+                    pairs.push(Pair {
+                        user_id: format!("u{u}"),
+                        segment: format!("s{s}"),
+                        ts: now - 1800 - i64::from(u % 20) * 3600,
+                    });
+                }
+            }
+        }
+        pairs.sort_by_key(|p| p.ts);
+        store.apply(&pairs).expect("apply");
+        let hours = |h: u64| Within::from_secs(h * 3600, w).ok();
+        for h in [None, Some(5), Some(15)] {
+            let within = h.and_then(hours);
+            let lo_ts = h.map_or(i64::MIN, |h| now - h as i64 * 3600);
+            let members = |s: &str| -> std::collections::HashSet<&str> {
+                pairs
+                    .iter()
+                    .filter(|p| p.segment == s && p.ts > lo_ts)
+                    .map(|p| p.user_id.as_str())
+                    .collect()
+            };
+            let (s0, s1) = (members("s0"), members("s1"));
+            let q = |e: &str| store.count_expr(&Expr::parse(e).expect("expr"), now, within);
+            assert_eq!(q("s0 AND nope"), 0);
+            assert_eq!(q("s0 AND NOT nope"), s0.len() as u64);
+            assert_eq!(q("s0 AND s1"), s0.intersection(&s1).count() as u64);
+            assert_eq!(q("s0 AND NOT s1"), s0.difference(&s1).count() as u64);
+            let names = ["s0".to_string(), "nope".to_string(), "s1".to_string()];
+            let o = store.overlap(&names, now, within);
+            assert_eq!(o.users, vec![s0.len() as u64, 0, s1.len() as u64]);
+            assert_eq!(o.both[0][2], s0.intersection(&s1).count() as u64);
+            assert_eq!(o.both[2][0], o.both[0][2]);
+            assert_eq!(o.both[1], vec![0, 0, 0]);
+        }
+        let empty = store.overlap(&[], now, None);
+        assert!(empty.users.is_empty() && empty.both.is_empty());
+    }
+
+    #[test]
+    fn large_segments_keep_an_index_and_cut_within_at_a_bucket_edge() {
+        let mut seg = Segment::new(90, 60);
+        let top = 5_000i64;
+        // Users 0..2000, bucket top - (u % 10): each bucket edge cuts a tenth.
+        for u in 0..2000u32 {
+            seg.observe(u, top - i64::from(u % 10));
+        }
+        let has_index = match &seg.members {
+            Members::Narrow(r) => r.index().is_some(),
+            Members::Wide(r) => r.index().is_some(),
+        };
+        assert!(has_index);
+        let n = words(2000);
+        let count = |lo: i64| popcount(&seg.live_bits(lo, n));
+        assert_eq!(count(top - 10), 2000); // every member: the index as is
+        assert_eq!(count(top - 3), 600); // within 3 buckets: most dead, scanned
+        assert_eq!(count(top - 8), 1600); // most live: the index less the dead
+        assert_eq!(count(top - 9), 1800);
+        assert_eq!(count(top), 0);
+        assert_eq!(count(top - 1), 200);
     }
 }

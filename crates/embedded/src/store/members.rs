@@ -9,6 +9,12 @@
 //! * [`Table`]: open addressing with linear probing and backward-shift deletion, slots packed as
 //!   `(user u32, code)` (6 bytes with `u16` codes), any capacity (growth ×1.5, load ≤ 0.85);
 //! * [`Dense`]: one code per user index, for segments holding a large share of all users.
+//!
+//! A segment whose members are a large enough share of the user indices they span also keeps an
+//! [`Index`]: one bit per user index, set for every entry (live or not). Expressions and overlaps
+//! start from it instead of scanning the entries (see `analytics.rs`); it costs at most
+//! [`INDEX_BYTES_PER_MEMBER`] bytes per member, and is built or dropped when the representation
+//! is resized.
 
 /// A modular bucket code. Codes are `1..=M`; 0 marks an empty slot.
 pub(crate) trait Code: Copy + Eq + Send + Sync + 'static {
@@ -366,9 +372,75 @@ impl<C: Code> Dense<C> {
     }
 }
 
-pub(crate) enum Repr<C: Code> {
+pub(crate) enum Kind<C: Code> {
     Table(Table<C>),
     Dense(Dense<C>),
+}
+
+/// One bit per user index, set for every key held (live or not).
+pub(crate) struct Index {
+    words: Vec<u64>,
+}
+
+impl Index {
+    fn covering(span: usize) -> Index {
+        Index {
+            words: vec![0; span.div_ceil(64)],
+        }
+    }
+
+    #[inline]
+    fn set(&mut self, key: u32) {
+        let w = key as usize / 64;
+        if w >= self.words.len() {
+            let want = (w + 1).max(self.words.len() + self.words.len() / 8);
+            self.words.reserve_exact(want - self.words.len());
+            self.words.resize(want, 0);
+        }
+        self.words[w] |= 1 << (key % 64);
+    }
+
+    #[inline]
+    fn clear(&mut self, key: u32) {
+        if let Some(w) = self.words.get_mut(key as usize / 64) {
+            *w &= !(1 << (key % 64));
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.words.capacity() * 8
+    }
+}
+
+/// Most bytes per member an [`Index`] may cost when it is built (it is dropped above twice that).
+pub(crate) const INDEX_BYTES_PER_MEMBER: usize = 4;
+/// Below this many members a segment keeps no index (scanning it is cheap).
+const MIN_INDEXED: usize = if cfg!(test) { 64 } else { 4096 };
+
+fn index_bytes(span: usize) -> usize {
+    span.div_ceil(64) * 8
+}
+
+fn index_wanted(len: usize, span: usize) -> bool {
+    len >= MIN_INDEXED && index_bytes(span) <= INDEX_BYTES_PER_MEMBER * len
+}
+
+fn index_unwanted(len: usize, span: usize) -> bool {
+    len < MIN_INDEXED / 2 || index_bytes(span) > 2 * INDEX_BYTES_PER_MEMBER * len
+}
+
+/// Keys listed by a query (see `analytics.rs`): every entry whose bucket was at or below `upto`
+/// when listed, so that later queries find the members expired since without a scan.
+pub(crate) struct Expiring {
+    pub(crate) upto: i64,
+    pub(crate) keys: Vec<u32>,
+}
+
+/// The entries of a segment, and the index of their keys when worthwhile.
+pub(crate) struct Repr<C: Code> {
+    kind: Kind<C>,
+    index: Option<Index>,
+    expiring: std::sync::Mutex<Option<Expiring>>,
 }
 
 /// Bytes a table would take to hold `n` entries at a typical load.
@@ -379,60 +451,112 @@ fn table_bytes_for<C: Code>(n: usize) -> usize {
 impl<C: Code> Repr<C> {
     /// An empty representation sized for `n` entries of users below `universe`.
     pub(crate) fn with_capacity(n: usize, universe: usize) -> Repr<C> {
-        if n >= MIN_DENSE && universe * std::mem::size_of::<C>() <= table_bytes_for::<C>(n) {
-            Repr::Dense(Dense::with_universe(universe))
-        } else {
-            Repr::Table(Table::with_capacity(n))
+        let kind =
+            if n >= MIN_DENSE && universe * std::mem::size_of::<C>() <= table_bytes_for::<C>(n) {
+                Kind::Dense(Dense::with_universe(universe))
+            } else {
+                Kind::Table(Table::with_capacity(n))
+            };
+        // Sized for the expected entries (a snapshot being loaded), filled as they come.
+        let index = index_wanted(n, universe).then(|| Index::covering(universe));
+        Repr {
+            kind,
+            index,
+            expiring: std::sync::Mutex::new(None),
         }
     }
 
+    /// The keys a query listed as expiring soon (see [`Expiring`]).
+    pub(crate) fn expiring(&self) -> &std::sync::Mutex<Option<Expiring>> {
+        &self.expiring
+    }
+
     pub(crate) fn len(&self) -> usize {
-        match self {
-            Repr::Table(t) => t.len(),
-            Repr::Dense(d) => d.len,
+        match &self.kind {
+            Kind::Table(t) => t.len(),
+            Kind::Dense(d) => d.len,
+        }
+    }
+
+    /// One more than the largest key the representation may hold.
+    fn span(&self) -> usize {
+        match &self.kind {
+            Kind::Table(t) if t.len == 0 => 0,
+            Kind::Table(t) => t.max_key as usize + 1,
+            Kind::Dense(d) => d.codes.len(),
         }
     }
 
     pub(crate) fn memory_bytes(&self) -> usize {
-        match self {
-            Repr::Table(t) => t.memory_bytes(),
-            Repr::Dense(d) => d.memory_bytes(),
-        }
+        let index = self.index.as_ref().map_or(0, Index::memory_bytes);
+        let listed = self
+            .expiring
+            .lock()
+            .map_or(0, |l| l.as_ref().map_or(0, |l| l.keys.capacity() * 4));
+        index
+            + listed
+            + match &self.kind {
+                Kind::Table(t) => t.memory_bytes(),
+                Kind::Dense(d) => d.memory_bytes(),
+            }
     }
 
     #[cfg(test)]
     pub(crate) fn is_dense(&self) -> bool {
-        matches!(self, Repr::Dense(_))
+        matches!(self.kind, Kind::Dense(_))
+    }
+
+    /// The bitset of every key held (live or not), when the segment keeps one.
+    pub(crate) fn index(&self) -> Option<&[u64]> {
+        self.index.as_ref().map(|ix| ix.words.as_slice())
+    }
+
+    /// Builds the index when it has become worthwhile, drops it when it no longer is.
+    fn review_index(&mut self) {
+        let (len, span) = (self.len(), self.span());
+        match &self.index {
+            None if index_wanted(len, span) => {
+                let mut ix = Index::covering(span);
+                self.for_each(|k, _| ix.set(k));
+                self.index = Some(ix);
+            }
+            Some(_) if index_unwanted(len, span) => self.index = None,
+            _ => {}
+        }
     }
 
     #[inline]
     pub(crate) fn get(&self, key: u32) -> Option<C> {
-        match self {
-            Repr::Table(t) => t.get(key),
-            Repr::Dense(d) => d.get(key),
+        match &self.kind {
+            Kind::Table(t) => t.get(key),
+            Kind::Dense(d) => d.get(key),
         }
     }
 
     /// Removes the entry of `key`; returns its code. Does not shrink (a later
     /// [`retain`](Self::retain) does).
     pub(crate) fn remove(&mut self, key: u32) -> Option<C> {
-        match self {
-            Repr::Table(t) => {
+        let code = match &mut self.kind {
+            Kind::Table(t) => {
                 if t.len == 0 {
                     return None;
                 }
                 let i = t.find(key).ok()?;
                 let code = t.slots[i].code();
                 t.remove_at(i);
-                Some(code)
+                code
             }
-            Repr::Dense(d) => {
+            Kind::Dense(d) => {
                 let code = d.get(key)?;
                 d.codes[key as usize] = C::ZERO;
                 d.len -= 1;
-                Some(code)
+                code
             }
+        };
+        if let Some(ix) = &mut self.index {
+            ix.clear(key);
         }
+        Some(code)
     }
 
     /// Sets bit `key` of `bits` for every entry whose code is live: `code != 0` and
@@ -441,8 +565,8 @@ impl<C: Code> Repr<C> {
     /// compiler vectorizes the liveness test.
     pub(crate) fn fill_bits(&self, bits: &mut [u64], top_code: i64, k: i64) {
         let live = |c: C| c.live(top_code, k);
-        match self {
-            Repr::Table(t) => {
+        match &self.kind {
+            Kind::Table(t) => {
                 for s in t.slots.iter() {
                     let c = s.code();
                     if live(c) {
@@ -453,22 +577,9 @@ impl<C: Code> Repr<C> {
                     }
                 }
             }
-            Repr::Dense(d) => {
+            Kind::Dense(d) => {
                 for (w, chunk) in bits.iter_mut().zip(d.codes.chunks(64)) {
-                    let mut flags = [0u8; 64];
-                    for (f, &c) in flags.iter_mut().zip(chunk) {
-                        *f = u8::from(live(c));
-                    }
-                    // Eight 0/1 bytes into eight bits at a time.
-                    let mut word = 0u64;
-                    for (i, eight) in flags.chunks_exact(8).enumerate() {
-                        let x = u64::from_le_bytes([
-                            eight[0], eight[1], eight[2], eight[3], eight[4], eight[5], eight[6],
-                            eight[7],
-                        ]);
-                        word |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * i);
-                    }
-                    *w |= word;
+                    *w |= pack(chunk, live);
                 }
             }
         }
@@ -477,15 +588,15 @@ impl<C: Code> Repr<C> {
     /// Inserts or overwrites, switching representation when the table must grow.
     #[inline]
     pub(crate) fn put(&mut self, key: u32, code: C, existed: bool) {
-        match self {
-            Repr::Table(t) => {
+        match &mut self.kind {
+            Kind::Table(t) => {
                 if !existed && t.full() {
                     self.grow(key);
                     return self.put(key, code, existed);
                 }
                 t.put(key, code);
             }
-            Repr::Dense(d) => {
+            Kind::Dense(d) => {
                 let old_len = d.codes.len();
                 d.put(key, code);
                 if d.codes.len() != old_len {
@@ -493,13 +604,18 @@ impl<C: Code> Repr<C> {
                 }
             }
         }
+        if !existed {
+            if let Some(ix) = &mut self.index {
+                ix.set(key);
+            }
+        }
     }
 
     /// Reads the entry of `key` and, if `f` returns a code, writes it: one probe sequence.
     #[inline]
     pub(crate) fn upsert(&mut self, key: u32, f: impl FnOnce(Option<C>) -> Option<C>) {
-        match self {
-            Repr::Table(t) => {
+        match &mut self.kind {
+            Kind::Table(t) => {
                 if t.len > 0 {
                     match t.find(key) {
                         Ok(i) => {
@@ -513,6 +629,9 @@ impl<C: Code> Repr<C> {
                                 t.slots[i] = Slot { key, code };
                                 t.len += 1;
                                 t.max_key = t.max_key.max(key);
+                                if let Some(ix) = &mut self.index {
+                                    ix.set(key);
+                                }
                             }
                             return;
                         }
@@ -523,7 +642,7 @@ impl<C: Code> Repr<C> {
                     self.put(key, code, false);
                 }
             }
-            Repr::Dense(d) => {
+            Kind::Dense(d) => {
                 let old = d.get(key);
                 if let Some(code) = f(old) {
                     if old.is_some() {
@@ -539,54 +658,86 @@ impl<C: Code> Repr<C> {
     /// Makes room in a full table: grows it, or turns it dense when that is no bigger.
     #[cold]
     fn grow(&mut self, next_key: u32) {
-        let Repr::Table(t) = self else { return };
+        let Kind::Table(t) = &mut self.kind else {
+            return;
+        };
         let cap = t.grown_capacity();
         let universe = t.max_key.max(next_key) as usize + 1;
         let dense_bytes = universe * std::mem::size_of::<C>();
         if t.len >= MIN_DENSE && dense_bytes <= cap * std::mem::size_of::<Slot<C>>() {
             let mut d = Dense::with_universe(universe + universe / 8);
             t.for_each(|k, c| d.put(k, c));
-            *self = Repr::Dense(d);
+            self.kind = Kind::Dense(d);
         } else {
             t.rebuild(cap);
         }
+        self.review_index();
     }
 
     /// Turns a dense representation back into a table when that is much smaller.
     fn maybe_sparse(&mut self) {
-        let Repr::Dense(d) = self else { return };
+        let Kind::Dense(d) = &self.kind else { return };
         if d.memory_bytes() > 3 * table_bytes_for::<C>(d.len) || d.len < MIN_DENSE / 2 {
             let mut t = Table::with_capacity(d.len * 100 / 70);
             d.for_each(|k, c| t.put(k, c));
-            *self = Repr::Table(t);
+            self.kind = Kind::Table(t);
         }
+        self.review_index();
     }
 
     /// Keeps the entries for which `keep` is true, then shrinks if worthwhile.
-    pub(crate) fn retain(&mut self, keep: impl FnMut(u32, C) -> bool) {
-        match self {
-            Repr::Table(t) => {
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(u32, C) -> bool) {
+        let index = &mut self.index;
+        let keep = |k: u32, c: C| {
+            let kept = keep(k, c);
+            if !kept {
+                if let Some(ix) = index.as_mut() {
+                    ix.clear(k);
+                }
+            }
+            kept
+        };
+        match &mut self.kind {
+            Kind::Table(t) => {
                 t.retain(keep);
                 if t.capacity() > 64 && t.len() * 10 < t.capacity() * 3 {
                     let cap = (t.len() * 100 / 60).max(8);
                     t.rebuild(cap);
                 }
+                self.review_index();
             }
-            Repr::Dense(_) => {
-                if let Repr::Dense(d) = self {
-                    d.retain(keep);
-                }
+            Kind::Dense(d) => {
+                d.retain(keep);
                 self.maybe_sparse();
             }
         }
     }
 
     pub(crate) fn for_each(&self, f: impl FnMut(u32, C)) {
-        match self {
-            Repr::Table(t) => t.for_each(f),
-            Repr::Dense(d) => d.for_each(f),
+        match &self.kind {
+            Kind::Table(t) => t.for_each(f),
+            Kind::Dense(d) => d.for_each(f),
         }
     }
+}
+
+/// The bits of up to 64 codes for which `f` holds (bit `i` for `chunk[i]`). Branch-free, so the
+/// compiler vectorizes the test.
+#[inline(always)]
+fn pack<C: Code>(chunk: &[C], f: impl Fn(C) -> bool) -> u64 {
+    let mut flags = [0u8; 64];
+    for (b, &c) in flags.iter_mut().zip(chunk) {
+        *b = u8::from(f(c));
+    }
+    // Eight 0/1 bytes into eight bits at a time.
+    let mut word = 0u64;
+    for (i, eight) in flags.chunks_exact(8).enumerate() {
+        let x = u64::from_le_bytes([
+            eight[0], eight[1], eight[2], eight[3], eight[4], eight[5], eight[6], eight[7],
+        ]);
+        word |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * i);
+    }
+    word
 }
 
 #[cfg(test)]
@@ -630,6 +781,7 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(r.len(), model.len());
+                check_index(&r);
             }
             for (k, c) in &model {
                 prop_assert_eq!(r.get(*k), Some(*c));
@@ -640,6 +792,52 @@ mod tests {
         }
     }
 
+    /// The index, when kept, has exactly the bits of the keys held.
+    fn check_index<C: Code>(r: &Repr<C>) {
+        if let Some(ix) = r.index() {
+            let mut want = vec![0u64; ix.len()];
+            r.for_each(|k, _| want[k as usize / 64] |= 1 << (k % 64));
+            assert_eq!(ix, &want[..]);
+        }
+    }
+
+    #[test]
+    fn index_is_kept_for_large_shares_and_dropped_for_small() {
+        // Few keys spread far: no index.
+        let mut r: Repr<u16> = Repr::with_capacity(0, 0);
+        for k in 0..1000u32 {
+            r.put(k * 1000, 1, false);
+        }
+        assert!(r.index().is_none());
+        // Keys a large share of their span, through table growth: indexed, exactly.
+        let mut r: Repr<u16> = Repr::with_capacity(0, 0);
+        for k in (0..20_000u32).step_by(3) {
+            r.put(k, 1 + (k % 1000) as u16, false);
+        }
+        assert!(r.index().is_some());
+        check_index(&r);
+        assert!(r.memory_bytes() >= 20_000 / 8);
+        // Removals clear their bits; a shrink below the share drops the index.
+        for k in (0..20_000u32).step_by(6) {
+            assert!(r.remove(k).is_some());
+        }
+        check_index(&r);
+        r.retain(|k, _| k % 900 == 0);
+        assert!(r.index().is_none());
+        // Sized for a snapshot's entries: indexed from the first put.
+        let mut r: Repr<u32> = Repr::with_capacity(5000, 10_000);
+        assert!(r.index().is_some());
+        for k in 0..5000u32 {
+            r.put(k * 2, 7, false);
+        }
+        check_index(&r);
+        assert_eq!(
+            r.index()
+                .map(|ix| ix.iter().map(|w| w.count_ones()).sum::<u32>()),
+            Some(5000)
+        );
+    }
+
     #[test]
     fn many_keys_switch_to_dense_and_back() {
         let mut r: Repr<u16> = Repr::with_capacity(0, 0);
@@ -647,8 +845,11 @@ mod tests {
             r.put(k, 1 + (k % 1000) as u16, false);
         }
         assert!(r.is_dense());
+        assert!(r.index().is_some());
+        check_index(&r);
         assert_eq!(r.len(), 50_000);
         r.retain(|k, _| k % 100 == 0);
+        check_index(&r);
         assert!(!r.is_dense());
         assert_eq!(r.len(), 500);
         for k in 0..50_000u32 {

@@ -46,6 +46,11 @@ const NOT_SETTINGS: &[&str] = &[
     "SOAK_KILL_EVERY",
     "SOAK_CAPACITY_SECS",
     "SOAK_BIN",
+    // read by the fuzzing scripts (make fuzz, make chdb-check)
+    "FUZZ_SECS",
+    "ENHANCE_YOUR_CALM",
+    "SETTINGS_MAX_HEADER_LIST_SIZE",
+    "SETTINGS_MAX_CONCURRENT_STREAMS",
 ];
 
 /// A valid value other than the default, for every documented variable.

@@ -89,7 +89,8 @@ pub(super) fn record() {
     metrics::gauge!("process_start_time_seconds").set(s.start_time);
 }
 
-// The only unsafe code of the workspace (which denies it): libc::sysconf, a read-only query.
+// One of the workspace's two allowed unsafe calls (see Cargo.toml): libc::sysconf, a read-only
+// query.
 #[allow(unsafe_code)]
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
