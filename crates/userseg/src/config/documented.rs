@@ -46,6 +46,9 @@ const NOT_SETTINGS: &[&str] = &[
     "SOAK_KILL_EVERY",
     "SOAK_CAPACITY_SECS",
     "SOAK_BIN",
+    // read by crates/userseg/tests/soak_distributed.rs and scripts/soak.sh
+    "SOAK_RATE",
+    "SOAK_MODE",
     // read by the fuzzing scripts (make fuzz, make chdb-check)
     "FUZZ_SECS",
     "ENHANCE_YOUR_CALM",
