@@ -490,22 +490,31 @@ impl Users {
     }
 
     /// Calls `f(global index, id)` for every user in increasing index order, with every
-    /// shard locked.
+    /// shard locked. Global index = local index × shards + shard, so the order is that of
+    /// (local, shard); erased ids leave gaps in a shard's local indices, so the shards are
+    /// merged by that key rather than visited in turn.
     pub fn for_each(&self, mut f: impl FnMut(u32, &[u8])) {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
         let guards = self.lock_all();
         let mut iters: Vec<_> = guards.iter().map(|g| g.iter()).collect();
         let n = iters.len() as u64;
-        loop {
-            let mut any = false;
-            for (s, it) in iters.iter_mut().enumerate() {
-                if let Some((local, id)) = it.next() {
-                    any = true;
-                    // Indices of present entries fit: they were handed out.
-                    f((u64::from(local) * n + s as u64) as u32, id);
-                }
+        let mut next: Vec<Option<&[u8]>> = vec![None; iters.len()];
+        let mut heap = BinaryHeap::with_capacity(iters.len());
+        for (s, it) in iters.iter_mut().enumerate() {
+            if let Some((local, id)) = it.next() {
+                next[s] = Some(id);
+                heap.push(Reverse((local, s)));
             }
-            if !any {
-                break;
+        }
+        while let Some(Reverse((local, s))) = heap.pop() {
+            if let Some(id) = next[s].take() {
+                // Indices of present entries fit: they were handed out.
+                f((u64::from(local) * n + s as u64) as u32, id);
+            }
+            if let Some((local, id)) = iters[s].next() {
+                next[s] = Some(id);
+                heap.push(Reverse((local, s)));
             }
         }
     }
@@ -587,6 +596,38 @@ mod tests {
         fn intern_mut_shared(&self, id: &[u8]) -> u32 {
             let mut g = self.lock_all();
             self.intern_in(&mut g, id).unwrap()
+        }
+    }
+
+    #[test]
+    fn for_each_is_in_increasing_index_order_after_erasures() {
+        let users = Users::with_capacity(4, 0);
+        let ids: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+        for id in &ids {
+            users.intern_mut_shared(id.as_bytes());
+        }
+        // Erase a scattered third, then intern some again (they get fresh indices).
+        for id in ids.iter().step_by(3) {
+            users.erase(id.as_bytes());
+        }
+        for id in ids.iter().step_by(9) {
+            users.intern_mut_shared(id.as_bytes());
+        }
+        let mut seen = Vec::new();
+        users.for_each(|idx, id| seen.push((idx, id.to_vec())));
+        assert!(
+            seen.windows(2).all(|w| w[0].0 < w[1].0),
+            "indices not strictly increasing: {:?}",
+            seen.iter().map(|(i, _)| *i).collect::<Vec<_>>()
+        );
+        let live = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 3 != 0 || i % 9 == 0)
+            .count();
+        assert_eq!(seen.len(), live);
+        for (idx, id) in &seen {
+            assert_eq!(users.get(id), Some(*idx));
         }
     }
 
