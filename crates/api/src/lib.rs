@@ -155,6 +155,24 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    accept_until(listener, shutdown, |stream, watcher| {
+        conn::serve(stream, router.clone(), watcher)
+    })
+    .await
+}
+
+/// Accepts connections on `listener` until `shutdown` fires, handing each one (with
+/// `TCP_NODELAY`) and a graceful-shutdown watcher to `handle` on a task of its own; then stops
+/// accepting and waits until every connection has finished its requests.
+pub(crate) async fn accept_until<F, Fut>(
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    mut handle: F,
+) -> std::io::Result<()>
+where
+    F: FnMut(tokio::net::TcpStream, hyper_util::server::graceful::Watcher) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -170,7 +188,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(conn::serve(stream, router.clone(), graceful.watcher()));
+        tokio::spawn(handle(stream, graceful.watcher()));
     }
     drop(listener);
     graceful.shutdown().await;

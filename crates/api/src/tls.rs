@@ -249,29 +249,8 @@ pub async fn serve_tls(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     describe_metrics();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(
-            stream,
-            tls.acceptor(),
-            router.clone(),
-            graceful.watcher(),
-        ));
-    }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
+    crate::accept_until(listener, shutdown, |stream, watcher| {
+        serve_connection(stream, tls.acceptor(), router.clone(), watcher)
+    })
+    .await
 }
