@@ -10,7 +10,7 @@ run: ## Standalone mode on the embedded store (DATA_DIR=./data, port 8080)
 test: ## All tests, against real tansu and ClickHouse started by scripts/test.sh
 	scripts/test.sh
 
-soak: ## Soak with kills, 10 min (SOAK_SECS, SOAK_KILL_EVERY); see docs/RELIABILITY.md
+soak: ## Soaks with kills, standalone then distributed, 10 min each (SOAK_SECS, SOAK_KILL_EVERY, SOAK_MODE); see docs/RELIABILITY.md
 	scripts/soak.sh
 
 lint: ## Formatting and clippy, warnings are errors
