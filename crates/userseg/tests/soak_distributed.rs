@@ -182,8 +182,10 @@ async fn sorted_counts(p: &Proc) -> Vec<(String, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_soak_with_kills_and_restarts_loses_nothing_and_keeps_rss_flat() {
-    let secs = env_secs("SOAK_SECS", 30);
-    let kill_every = env_secs("SOAK_KILL_EVERY", 10);
+    // The short form: 60 s, a kill every 20 s, so each ES process lives long enough for its RSS
+    // median to be more than a couple of samples.
+    let secs = env_secs("SOAK_SECS", 60);
+    let kill_every = env_secs("SOAK_KILL_EVERY", 20);
     // 0: no capacity measurement, the load runs at SOAK_RATE pairs/s (the short form: measuring
     // until ClickHouse holds everything takes too long on a busy machine).
     let capacity_secs = env_secs("SOAK_CAPACITY_SECS", 0);

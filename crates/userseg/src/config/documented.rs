@@ -49,6 +49,7 @@ const NOT_SETTINGS: &[&str] = &[
     // read by crates/userseg/tests/soak_distributed.rs and scripts/soak.sh
     "SOAK_RATE",
     "SOAK_MODE",
+    "SOAK_USERS",
     // read by the fuzzing scripts (make fuzz, make chdb-check)
     "FUZZ_SECS",
     "ENHANCE_YOUR_CALM",

@@ -28,15 +28,28 @@ pub fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_userseg")))
 }
 
-pub const USERS: &str = "50000";
 pub const SEGMENTS: &str = "10";
+
+/// Distinct users of the generated workload: `SOAK_USERS`; by default 50,000 for a soak of 5
+/// minutes or more and 5,000 for the short forms. Every membership (users × 10 segments) must
+/// exist early in the run, so that the data stops growing and the RSS after warm-up and at the
+/// end can be compared: the short forms push only ~100k pairs.
+pub fn users() -> String {
+    std::env::var("SOAK_USERS").unwrap_or_else(|_| {
+        let long = std::env::var("SOAK_SECS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|secs| secs >= 300);
+        if long { "50000" } else { "5000" }.into()
+    })
+}
 
 /// `userseg load ... --json` as a child process; its stdout is the summary.
 pub fn load(target: &str, flags: &[&str]) -> tokio::process::Child {
     tokio::process::Command::new(bin())
         .arg("load")
         .args(["--target", target, "--json"])
-        .args(["--users", USERS, "--segments", SEGMENTS])
+        .args(["--users", &users(), "--segments", SEGMENTS])
         .args(flags)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
