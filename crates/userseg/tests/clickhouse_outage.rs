@@ -5,30 +5,9 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{seg, servers, until, Api, Cluster};
+use common::{seg, until, Api, Cluster};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{Pair, PushRequest};
-
-fn clickhouse(cmd: &str, port: Option<&str>) {
-    let dir = servers::required(
-        "USERSEG_TEST_CLICKHOUSE_DIR",
-        "the directory of `scripts/clickhouse.sh start DIR`",
-    );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/clickhouse.sh");
-    let mut c = Command::new("bash");
-    c.arg(script).arg(cmd).arg(&dir);
-    if let Some(p) = port {
-        c.arg(p);
-    }
-    let out = c.output().expect("run scripts/clickhouse.sh");
-    assert!(
-        out.status.success(),
-        "clickhouse.sh {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 async fn push(client: &mut SegmentsClient<tonic::transport::Channel>, from: u64, n: u64) -> u64 {
     let pairs: Vec<Pair> = (from..from + n)
@@ -74,10 +53,10 @@ async fn clickhouse_outage_pauses_es_and_the_backlog_drains() {
     struct Restart(String);
     impl Drop for Restart {
         fn drop(&mut self) {
-            clickhouse("start", Some(&self.0));
+            common::clickhouse("start", Some(&self.0));
         }
     }
-    clickhouse("stop", None);
+    common::clickhouse("stop", None);
     let guard = Restart(port.clone());
     for _ in 0..10 {
         sent += push(&mut client, sent, 500).await;

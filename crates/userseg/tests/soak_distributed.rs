@@ -68,26 +68,6 @@ fn spawn(c: &Cluster, role: &str, port: u16) -> Proc {
     )
 }
 
-/// `scripts/clickhouse.sh stop|start` on the shared test ClickHouse.
-fn clickhouse(cmd: &str, port: Option<&str>) {
-    let dir = servers::required(
-        "USERSEG_TEST_CLICKHOUSE_DIR",
-        "the directory of `scripts/clickhouse.sh start DIR`",
-    );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/clickhouse.sh");
-    let mut c = Command::new("bash");
-    c.arg(script).arg(cmd).arg(&dir);
-    if let Some(p) = port {
-        c.arg(p);
-    }
-    let out = c.output().expect("run scripts/clickhouse.sh");
-    assert!(
-        out.status.success(),
-        "clickhouse.sh {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// SIGKILLs the shared test ClickHouse (the pid `scripts/clickhouse.sh start` recorded) and
 /// waits until it is gone (where nobody reaps it, a zombie). (`clickhouse.sh stop`, SIGTERM, can take 30 s while ES's requests are
 /// in flight.)
@@ -207,7 +187,7 @@ async fn distributed_soak_with_kills_and_restarts_loses_nothing_and_keeps_rss_fl
     impl Drop for Restart {
         fn drop(&mut self) {
             if self.1 {
-                clickhouse("start", Some(&self.0));
+                common::clickhouse("start", Some(&self.0));
             }
         }
     }
@@ -379,7 +359,7 @@ async fn distributed_soak_with_kills_and_restarts_loses_nothing_and_keeps_rss_fl
             ch_thread = Some(std::thread::spawn(move || {
                 let t0 = Instant::now();
                 clickhouse_sigkill(port.parse().expect("port"));
-                clickhouse("start", Some(&port));
+                common::clickhouse("start", Some(&port));
                 t0.elapsed().as_secs_f64()
             }));
         }

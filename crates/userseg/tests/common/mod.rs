@@ -134,3 +134,24 @@ impl Api for Proc {
 pub fn seg(name: &str, users: u64) -> (String, u64) {
     (name.to_string(), users)
 }
+
+/// `scripts/clickhouse.sh CMD DIR [PORT]` on the shared test ClickHouse (the directory
+/// scripts/test.sh exports as USERSEG_TEST_CLICKHOUSE_DIR).
+pub fn clickhouse(cmd: &str, port: Option<&str>) {
+    let dir = servers::required(
+        "USERSEG_TEST_CLICKHOUSE_DIR",
+        "the directory of `scripts/clickhouse.sh start DIR`",
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/clickhouse.sh");
+    let mut c = Command::new("bash");
+    c.arg(script).arg(cmd).arg(&dir);
+    if let Some(p) = port {
+        c.arg(p);
+    }
+    let out = c.output().expect("run scripts/clickhouse.sh");
+    assert!(
+        out.status.success(),
+        "clickhouse.sh {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
