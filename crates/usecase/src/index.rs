@@ -86,6 +86,8 @@ pub struct SegmentIndex {
     fallback_analytics: Arc<dyn SegmentAnalytics>,
     state: Arc<State>,
     config: IndexConfig,
+    /// Sets the process-wide `userseg_index_serving` gauge (not a shard of the sharded index).
+    whole: bool,
 }
 
 /// Waits the next backoff pause; false when cancelled meanwhile.
@@ -114,6 +116,26 @@ impl SegmentIndex {
             fallback_analytics: fallback,
             state: Arc::default(),
             config,
+            whole: true,
+        }
+    }
+
+    /// The index of one shard of the sharded index ([`crate::ShardedIndex`]): `memory` is also
+    /// what it answers with before loading (its owner asks it only once it serves), and it
+    /// leaves the `userseg_index_serving` gauge to its owner.
+    pub fn shard<M>(memory: Arc<M>, config: IndexConfig) -> Self
+    where
+        M: SegmentWriter + SegmentCounter + SegmentAnalytics,
+    {
+        SegmentIndex {
+            writer: memory.clone(),
+            index: memory.clone(),
+            index_analytics: memory.clone(),
+            fallback: memory.clone(),
+            fallback_analytics: memory,
+            state: Arc::default(),
+            config,
+            whole: false,
         }
     }
 
@@ -214,7 +236,9 @@ impl SegmentIndex {
                 }
                 Ok(Followed::CaughtUp) => {
                     if !self.state.serving.swap(true, Ordering::AcqRel) {
-                        metrics::gauge!("userseg_index_serving").set(1.0);
+                        if self.whole {
+                            metrics::gauge!("userseg_index_serving").set(1.0);
+                        }
                         let s = self.status();
                         tracing::info!(
                             scanned_pairs = s.scanned_pairs,

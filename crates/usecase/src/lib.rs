@@ -13,6 +13,7 @@ pub mod history;
 pub mod index;
 pub mod ingest;
 pub mod ports;
+pub mod shards;
 pub mod processor;
 #[cfg(feature = "testsuite")]
 pub mod store_suite;
@@ -33,6 +34,10 @@ pub use ports::{
     HistoryStore, InvalidReason, LiveScan, LogFollower, Member, Membership, Message, Mode, Overlap,
     PairPublisher, PairSource, PortError, SegmentAnalytics, SegmentCount, SegmentCounter,
     SegmentWriter,
+};
+pub use shards::{
+    combine, LocalShards, OpenPartition, PartitionOf, ShardAnswer, ShardAnswers, ShardMemory,
+    ShardPeers, ShardQuery, ShardedIndex,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
 #[cfg(test)]
