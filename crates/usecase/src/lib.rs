@@ -37,7 +37,7 @@ pub use ports::{
 };
 pub use shards::{
     combine, LocalShards, OpenPartition, PartitionOf, ShardAnswer, ShardAnswers, ShardMemory,
-    ShardPeers, ShardQuery, ShardedIndex,
+    ShardPeers, ShardQuery, ShardServer, ShardedIndex,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
 #[cfg(test)]

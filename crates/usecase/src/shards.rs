@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch, RwLock};
 use tokio_util::sync::CancellationToken;
-use userseg_domain::{Expr, Pair, UnixSeconds, Within};
+use userseg_domain::{Expr, Pair, UnixSeconds, Window, Within};
 
 use crate::{
     Clock, IndexConfig, LiveScan, LogFollower, Member, Membership, Mode, Overlap, PortError,
@@ -114,6 +114,63 @@ pub trait ShardPeers: Send + Sync + 'static {
         chunk: usize,
         sink: mpsc::Sender<Vec<Member>>,
     ) -> Result<u64, PortError>;
+}
+
+/// What an ES serves its peers: its loaded shards' answers (the internal route between ES).
+#[async_trait]
+pub trait ShardServer: Send + Sync + 'static {
+    /// The window (to read a `within` off the wire).
+    fn window(&self) -> Window;
+
+    /// The answers of this ES's loaded shards among `partitions`.
+    async fn answer(
+        &self,
+        query: &ShardQuery,
+        partitions: &[i32],
+    ) -> Result<ShardAnswers, PortError>;
+
+    /// Streams the members of `segment` of `partitions`, all loaded here (else `Transient`
+    /// before anything is sent).
+    async fn export(
+        &self,
+        partitions: &[i32],
+        segment: &str,
+        at: UnixSeconds,
+        within: Option<Within>,
+        chunk: usize,
+        sink: mpsc::Sender<Vec<Member>>,
+    ) -> Result<u64, PortError>;
+}
+
+#[async_trait]
+impl<M: ShardMemory> ShardServer for ShardedIndex<M> {
+    fn window(&self) -> Window {
+        self.window
+    }
+
+    async fn answer(
+        &self,
+        query: &ShardQuery,
+        partitions: &[i32],
+    ) -> Result<ShardAnswers, PortError> {
+        self.local
+            .answer(query, partitions, &self.partition_of)
+            .await
+    }
+
+    async fn export(
+        &self,
+        partitions: &[i32],
+        segment: &str,
+        at: UnixSeconds,
+        within: Option<Within>,
+        chunk: usize,
+        sink: mpsc::Sender<Vec<Member>>,
+    ) -> Result<u64, PortError> {
+        self.local
+            .export(partitions, segment, at, within, chunk, sink)
+            .await
+    }
 }
 
 struct Shard<M> {
@@ -259,6 +316,7 @@ pub struct ShardedIndex<M> {
     partition_of: PartitionOf,
     /// The topic's partitions: 0..partitions.
     partitions: i32,
+    window: Window,
 }
 
 impl<M> Clone for ShardedIndex<M> {
@@ -268,6 +326,7 @@ impl<M> Clone for ShardedIndex<M> {
             peers: self.peers.clone(),
             partition_of: self.partition_of.clone(),
             partitions: self.partitions,
+            window: self.window,
         }
     }
 }
@@ -281,7 +340,12 @@ fn incomplete(missing: &[i32]) -> PortError {
 }
 
 impl<M: ShardMemory> ShardedIndex<M> {
-    pub fn new(peers: Arc<dyn ShardPeers>, partition_of: PartitionOf, partitions: i32) -> Self {
+    pub fn new(
+        peers: Arc<dyn ShardPeers>,
+        partition_of: PartitionOf,
+        partitions: i32,
+        window: Window,
+    ) -> Self {
         metrics::gauge!("userseg_index_serving").set(0.0);
         ShardedIndex {
             local: Arc::new(LocalShards {
@@ -290,6 +354,7 @@ impl<M: ShardMemory> ShardedIndex<M> {
             peers,
             partition_of,
             partitions,
+            window,
         }
     }
 
@@ -349,7 +414,8 @@ impl<M: ShardMemory> ShardedIndex<M> {
             if !gone.is_empty() {
                 tracing::info!(partitions = ?gone, "sharded index: dropped the shards of partitions no longer owned");
             }
-            tracing::info!(owned = ?owned, held = ?self.local.held().await, "sharded index: assignment");
+            let held = self.local.held().await;
+            tracing::info!(owned = ?owned, held = ?held, "sharded index: assignment");
             let recheck = tokio::time::sleep(RELEASE_AFTER_EMPTY / 3);
             let releasing = owned.is_empty() && !self.local.held().await.is_empty();
             tokio::select! {

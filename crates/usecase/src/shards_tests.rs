@@ -166,7 +166,15 @@ fn index(tables: Vec<Option<BTreeMap<i32, u64>>>) -> (ShardedIndex<Unused>, Arc<
         asked: Mutex::default(),
     });
     let partition_of: PartitionOf = Arc::new(|u: &str| (u.len() % 4) as i32);
-    (ShardedIndex::new(peers.clone(), partition_of, 4), peers)
+    (
+        ShardedIndex::new(
+            peers.clone(),
+            partition_of,
+            4,
+            Window::from_secs(100).expect("window"),
+        ),
+        peers,
+    )
 }
 
 #[tokio::test]

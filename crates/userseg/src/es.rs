@@ -15,10 +15,12 @@ use userseg_embedded::{EmbeddedStore, MemStore};
 use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaFollower, KafkaPublisher, KafkaSource};
 use userseg_usecase::{
     Analytics, BatchProcessor, Clock, Estimation, History, HistorySampler, HistoryStore,
-    IndexConfig, Mode, SegmentAnalytics, SegmentCounter, SegmentIndex, SystemClock,
+    IndexConfig, Mode, PartitionOf, SegmentAnalytics, SegmentCounter, SegmentIndex, ShardServer,
+    ShardedIndex, SystemClock,
 };
 
-use crate::config::EsConfig;
+use crate::config::{EsConfig, IndexMode};
+use crate::peers::HttpPeers;
 use crate::observability;
 use crate::server::{self, Server};
 
@@ -40,6 +42,7 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     }
     let store = ClickHouseStore::new(cfg.clickhouse.clone(), cfg.service.window)?;
     let source = KafkaSource::new(&cfg.kafka)?;
+    let assignment = source.assignment();
     let dlq = KafkaDeadLetters::new(&cfg.kafka)?.with_provenance(source.provenance());
     let processor = BatchProcessor::new(Arc::new(store.clone()), Arc::new(dlq), cfg.batch.clone());
     let health = processor.health();
@@ -56,12 +59,22 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     )];
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (counter, reads): (Arc<dyn SegmentCounter>, Arc<dyn SegmentAnalytics>) = if cfg.index {
-        let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop);
-        background.extend(tasks);
-        (Arc::new(index.clone()), Arc::new(index))
-    } else {
-        (Arc::new(store.clone()), Arc::new(store.clone()))
+    let mut shards: Option<Arc<dyn ShardServer>> = None;
+    let (counter, reads): (Arc<dyn SegmentCounter>, Arc<dyn SegmentAnalytics>) = match cfg.index
+    {
+        IndexMode::Full => {
+            let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop);
+            background.extend(tasks);
+            (Arc::new(index.clone()), Arc::new(index))
+        }
+        IndexMode::Partitioned => {
+            let (index, tasks) =
+                start_sharded(&cfg, &store, assignment, clock.clone(), &background_stop).await?;
+            background.extend(tasks);
+            shards = Some(Arc::new(index.clone()));
+            (Arc::new(index.clone()), Arc::new(index))
+        }
+        IndexMode::Off => (Arc::new(store.clone()), Arc::new(store.clone())),
     };
     // Every ES samples the same ticks (multiples of HISTORY_INTERVAL); ClickHouse keeps one
     // sample per tick.
@@ -89,6 +102,7 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     state.history = Some(history);
     state.metrics = Some(metrics);
     state.auth = cfg.service.auth.clone();
+    state.shards = shards;
     state
         .ready_checks
         .push(("processor".into(), server::processor_check(health)));
@@ -210,5 +224,105 @@ async fn expire_index(mem: Arc<MemStore>, clock: Arc<dyn Clock>, stop: Cancellat
         metrics::gauge!("userseg_index_users").set(stats.users as f64);
         metrics::gauge!("userseg_index_memory_bytes")
             .set((stats.member_bytes + stats.dict_bytes) as f64);
+    }
+}
+
+/// How long the sharded index waits at start for the topic's partition count.
+const PARTITION_COUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// Starts the sharded index (ES_INDEX=partitioned): shards follow `assignment` (the partitions
+/// this member owns), reads combine them with ES_PEERS' shards. Needs the topic's partition
+/// count (the publisher's partitioner depends on it): waited for up to
+/// [`PARTITION_COUNT_WAIT`].
+async fn start_sharded(
+    cfg: &EsConfig,
+    store: &ClickHouseStore,
+    assignment: tokio::sync::watch::Receiver<Arc<std::collections::BTreeSet<i32>>>,
+    clock: Arc<dyn Clock>,
+    stop: &CancellationToken,
+) -> Result<(ShardedIndex<EmbeddedStore>, Vec<JoinHandle<()>>)> {
+    let probe = KafkaPublisher::new(&cfg.kafka)?;
+    let deadline = tokio::time::Instant::now() + PARTITION_COUNT_WAIT;
+    let partitions = loop {
+        match probe.partition_count().await {
+            Ok(n) => break n,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "sharded index: waiting for the topic's partition count");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => anyhow::bail!("sharded index: the topic's partition count: {e}"),
+        }
+    };
+    let partition_of: PartitionOf =
+        Arc::new(move |user: &str| userseg_kafka::partition_for(user.as_bytes(), partitions));
+    let peers = Arc::new(HttpPeers::new(cfg.peers.clone(), cfg.peer_token.clone())?);
+    let window = cfg.service.window;
+    let index = ShardedIndex::new(peers, partition_of, partitions, window);
+    tracing::info!(partitions, peers = ?cfg.peers, "sharded index: starting");
+    let kafka = cfg.kafka.clone();
+    let open = move |partition: i32| {
+        let kafka = kafka.clone();
+        async move { KafkaFollower::open_partitions(&kafka, Some(&[partition])).await }
+    };
+    let run = tokio::spawn(index.clone().run(
+        assignment,
+        move || Arc::new(EmbeddedStore(Arc::new(MemStore::new(window)))),
+        open,
+        Arc::new(store.clone()),
+        clock.clone(),
+        stop.clone(),
+    ));
+    let expire = tokio::spawn(expire_shards(index.clone(), clock, stop.clone()));
+    Ok((index, vec![run, expire]))
+}
+
+/// [`expire_index`] for every shard of the sharded index, and the sums of their size gauges.
+async fn expire_shards(
+    index: ShardedIndex<EmbeddedStore>,
+    clock: Arc<dyn Clock>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(INDEX_STATS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_expire = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let memories: Vec<Arc<MemStore>> = index
+            .local()
+            .memories()
+            .await
+            .into_iter()
+            .map(|m| m.0.clone())
+            .collect();
+        let now = clock.now();
+        let expire = last_expire.elapsed() >= INDEX_EXPIRE_INTERVAL;
+        if expire {
+            last_expire = tokio::time::Instant::now();
+        }
+        let Ok(stats) = tokio::task::spawn_blocking(move || {
+            memories
+                .iter()
+                .map(|m| {
+                    if expire {
+                        m.expire(now);
+                    }
+                    m.memory()
+                })
+                .fold((0u64, 0u64, 0u64), |(p, u, b), s| {
+                    (p + s.live_pairs, u + s.users, b + s.member_bytes + s.dict_bytes)
+                })
+        })
+        .await
+        else {
+            continue;
+        };
+        metrics::gauge!("userseg_index_live_pairs").set(stats.0 as f64);
+        metrics::gauge!("userseg_index_users").set(stats.1 as f64);
+        metrics::gauge!("userseg_index_memory_bytes").set(stats.2 as f64);
+        let serving = index.check_ready().await.is_ok();
+        metrics::gauge!("userseg_index_serving").set(if serving { 1.0 } else { 0.0 });
     }
 }

@@ -110,6 +110,8 @@ const SAMPLES: &[(&str, &str)] = &[
     ("ESTIMATE_CACHE_TTL", "0s"),
     ("RETENTION_INTERVAL", "10m"),
     ("ES_INDEX", "false"),
+    ("ES_PEERS", "http://es-2:8080"),
+    ("ES_PEER_TOKEN", "usk_peer"),
 ];
 
 fn repo() -> &'static Path {
