@@ -214,7 +214,11 @@ impl WireAnswers {
 
     /// The answers, read as answers of `query`.
     pub fn decode(self, query: &ShardQuery) -> Result<ShardAnswers, PortError> {
-        let bad = |p: i32| PortError::Transient(format!("a peer's answer for partition {p} does not fit the query"));
+        let bad = |p: i32| {
+            PortError::Transient(format!(
+                "a peer's answer for partition {p} does not fit the query"
+            ))
+        };
         let mut out = ShardAnswers::new();
         for w in self.shards {
             let p = w.partition;
@@ -326,7 +330,11 @@ async fn members(
             .map_err(|_| ApiError::new(ErrorKind::Internal, "the export task failed"))?
             .map_err(port_error)?;
         let line = serde_json::to_string(&WireMemberLine::Done { done }).unwrap_or_default();
-        return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], line + "\n").into_response());
+        return Ok((
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            line + "\n",
+        )
+            .into_response());
     };
     let stream = async_stream(first, rx, first_rx);
     Ok((
@@ -364,8 +372,7 @@ fn async_stream(
     let tail = futures::stream::once(async move {
         match done.await {
             Ok(Ok(n)) => Ok(Bytes::from(
-                serde_json::to_string(&WireMemberLine::Done { done: n }).unwrap_or_default()
-                    + "\n",
+                serde_json::to_string(&WireMemberLine::Done { done: n }).unwrap_or_default() + "\n",
             )),
             Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
             Err(_) => Err(std::io::Error::other("the export task failed")),

@@ -13,8 +13,8 @@ pub mod history;
 pub mod index;
 pub mod ingest;
 pub mod ports;
-pub mod shards;
 pub mod processor;
+pub mod shards;
 #[cfg(feature = "testsuite")]
 pub mod store_suite;
 #[cfg(feature = "testsuite")]
@@ -35,10 +35,10 @@ pub use ports::{
     PairPublisher, PairSource, PortError, SegmentAnalytics, SegmentCount, SegmentCounter,
     SegmentWriter,
 };
+pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
 pub use shards::{
     combine, LocalShards, OpenPartition, PartitionOf, ShardAnswer, ShardAnswers, ShardMemory,
     ShardPeers, ShardQuery, ShardServer, ShardedIndex,
 };
-pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
 #[cfg(test)]
 mod processor_tests;

@@ -456,13 +456,15 @@ impl<M: ShardMemory> ShardedIndex<M> {
             partition,
             partition_of: self.partition_of.clone(),
         });
-        tracing::info!(partition, "sharded index: loading the shard of a partition assigned");
-        tokio::spawn(index.clone().run(
-            move || open(partition),
-            scan,
-            clock.clone(),
-            stop.clone(),
-        ));
+        tracing::info!(
+            partition,
+            "sharded index: loading the shard of a partition assigned"
+        );
+        tokio::spawn(
+            index
+                .clone()
+                .run(move || open(partition), scan, clock.clone(), stop.clone()),
+        );
         Shard {
             memory,
             index,
@@ -523,9 +525,7 @@ impl<M: ShardMemory> ShardedIndex<M> {
 }
 
 /// Runs the futures concurrently, results in order (no `futures` dependency here).
-async fn futures_join_all<T>(
-    futs: impl Iterator<Item = impl Future<Output = T> + Send>,
-) -> Vec<T> {
+async fn futures_join_all<T>(futs: impl Iterator<Item = impl Future<Output = T> + Send>) -> Vec<T> {
     let mut set = Vec::new();
     for f in futs {
         set.push(Box::pin(f));
@@ -760,7 +760,8 @@ impl<M: ShardMemory> SegmentAnalytics for ShardedIndex<M> {
             }
             match self.peers.query(peer, &ShardQuery::Ready, &rest).await {
                 Ok(ready) => {
-                    let take: Vec<i32> = ready.keys().filter(|p| rest.contains(p)).copied().collect();
+                    let take: Vec<i32> =
+                        ready.keys().filter(|p| rest.contains(p)).copied().collect();
                     if !take.is_empty() {
                         planned.extend(&take);
                         remote.push((peer, take));
@@ -769,7 +770,11 @@ impl<M: ShardMemory> SegmentAnalytics for ShardedIndex<M> {
                 Err(e) => tracing::debug!(peer, error = %e, "sharded index: a peer did not answer"),
             }
         }
-        let missing: Vec<i32> = all.iter().filter(|p| !planned.contains(p)).copied().collect();
+        let missing: Vec<i32> = all
+            .iter()
+            .filter(|p| !planned.contains(p))
+            .copied()
+            .collect();
         if !missing.is_empty() {
             metrics::counter!("userseg_index_incomplete_reads_total").increment(1);
             return Err(incomplete(&missing));

@@ -40,7 +40,11 @@ fn per_partition_answers_add_up() {
     assert_eq!(got, o([7, 7], 3));
 
     // Answers of different kinds do not combine.
-    assert!(combine(BTreeMap::from([(0, ShardAnswer::Count(1)), (1, counts(&[]))])).is_err());
+    assert!(combine(BTreeMap::from([
+        (0, ShardAnswer::Count(1)),
+        (1, counts(&[]))
+    ]))
+    .is_err());
     assert!(combine(BTreeMap::new()).is_err());
 }
 
@@ -189,7 +193,10 @@ async fn a_read_takes_one_answer_per_partition_from_the_peers() {
     let (n, exact) = idx.count("s", 100, Mode::Exact).await.expect("count");
     assert_eq!((n, exact), (100, true));
     let asked = peers.asked.lock().unwrap().clone();
-    assert!(asked.iter().all(|(_, p)| p == &vec![0, 1, 2, 3]), "{asked:?}");
+    assert!(
+        asked.iter().all(|(_, p)| p == &vec![0, 1, 2, 3]),
+        "{asked:?}"
+    );
 }
 
 #[tokio::test]
@@ -199,7 +206,10 @@ async fn a_partition_nobody_answers_makes_the_read_incomplete_not_wrong() {
         Some(BTreeMap::from([(3, 40)])),
         None,
     ]);
-    let err = idx.count("s", 100, Mode::Exact).await.expect_err("incomplete");
+    let err = idx
+        .count("s", 100, Mode::Exact)
+        .await
+        .expect_err("incomplete");
     let PortError::Transient(msg) = &err else {
         panic!("{err:?}")
     };

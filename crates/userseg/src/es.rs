@@ -20,8 +20,8 @@ use userseg_usecase::{
 };
 
 use crate::config::{EsConfig, IndexMode};
-use crate::peers::HttpPeers;
 use crate::observability;
+use crate::peers::HttpPeers;
 use crate::server::{self, Server};
 
 /// How often the index drops expired memberships (their memory is reused).
@@ -60,8 +60,7 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut shards: Option<Arc<dyn ShardServer>> = None;
-    let (counter, reads): (Arc<dyn SegmentCounter>, Arc<dyn SegmentAnalytics>) = match cfg.index
-    {
+    let (counter, reads): (Arc<dyn SegmentCounter>, Arc<dyn SegmentAnalytics>) = match cfg.index {
         IndexMode::Full => {
             let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop);
             background.extend(tasks);
@@ -312,7 +311,11 @@ async fn expire_shards(
                     m.memory()
                 })
                 .fold((0u64, 0u64, 0u64), |(p, u, b), s| {
-                    (p + s.live_pairs, u + s.users, b + s.member_bytes + s.dict_bytes)
+                    (
+                        p + s.live_pairs,
+                        u + s.users,
+                        b + s.member_bytes + s.dict_bytes,
+                    )
                 })
         })
         .await

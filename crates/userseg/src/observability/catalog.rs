@@ -209,6 +209,8 @@ pub const FAMILIES: &[Family] = &[
         "Undecodable or invalid messages the index's follower skipped."),
     f("userseg_index_apply_errors_total", Counter, E, &[],
         "Failures applying pairs to the index."),
+    f("userseg_index_incomplete_reads_total", Counter, E, &[],
+        "Reads of the sharded index (ES_INDEX=partitioned) refused as incomplete: a partition had no loaded shard on any ES."),
     // --- clickhouse ---
     f("userseg_clickhouse_inserts_total", Counter, E, &[],
         "INSERTs of pair batches into ClickHouse."),
