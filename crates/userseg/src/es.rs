@@ -226,6 +226,9 @@ async fn expire_index(mem: Arc<MemStore>, clock: Arc<dyn Clock>, stop: Cancellat
     }
 }
 
+/// The least prefetch buffer of a shard's follower.
+const SHARD_PREFETCH_MIN_KBYTES: usize = 2048;
+
 /// How long the sharded index waits at start for the topic's partition count.
 const PARTITION_COUNT_WAIT: Duration = Duration::from_secs(60);
 
@@ -258,7 +261,12 @@ async fn start_sharded(
     let window = cfg.service.window;
     let index = ShardedIndex::new(peers, partition_of, partitions, window);
     tracing::info!(partitions, peers = ?cfg.peers, "sharded index: starting");
-    let kafka = cfg.kafka.clone();
+    // One follower (one librdkafka consumer) per shard: they share KAFKA_PREFETCH_KBYTES, so
+    // the prefetch buffers of all of them stay within what one full-index follower may hold
+    // (at least 2 MiB each, enough for the largest message).
+    let mut kafka = cfg.kafka.clone();
+    let share = usize::try_from(partitions).unwrap_or(1).max(1);
+    kafka.prefetch_kbytes = (kafka.prefetch_kbytes / share).max(SHARD_PREFETCH_MIN_KBYTES);
     let open = move |partition: i32| {
         let kafka = kafka.clone();
         async move { KafkaFollower::open_partitions(&kafka, Some(&[partition])).await }
