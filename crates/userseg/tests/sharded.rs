@@ -75,6 +75,7 @@ async fn push(uss: &Proc, model: &mut Model, from: u64, to: u64) {
         for _ in 0..2 {
             let r = http
                 .post(format!("{}/v1/pairs", uss.base))
+                .bearer_auth(TOKEN)
                 .json(&json!({ "pairs": chunk }))
                 .send()
                 .await
@@ -89,9 +90,15 @@ async fn push(uss: &Proc, model: &mut Model, from: u64, to: u64) {
     }
 }
 
+/// API keys are on: every ES takes this admin token and sends it to its peers.
+const TOKEN: &str = "usk_sharded_test";
+
 /// A read: its status and body (status 0 when nothing answered).
 async fn get(base: &str, path: &str) -> (u16, Value) {
-    match reqwest::get(format!("{base}{path}")).await {
+    let req = reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(TOKEN);
+    match req.send().await {
         Ok(r) => {
             let status = r.status().as_u16();
             (status, r.json().await.unwrap_or(Value::Null))
@@ -180,7 +187,10 @@ async fn differs(es: &Proc, model: &Model) -> Option<String> {
 
 /// The members of `segment` exported by `es`, or `None` when the export failed.
 async fn export(es: &Proc, segment: &str) -> Option<BTreeSet<String>> {
-    let r = reqwest::get(format!("{}/v1/segments/{segment}/members", es.base))
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/segments/{segment}/members", es.base))
+        .bearer_auth(TOKEN)
+        .send()
         .await
         .ok()?;
     if r.status().as_u16() != 200 {
@@ -229,7 +239,7 @@ async fn exact_or_incomplete(es: &[&Proc], model: &Model) -> usize {
 async fn three_sharded_es_count_exactly_through_a_rebalance_and_a_sigkill() {
     let c = Cluster::new("sharded");
     c.migrate();
-    let mut uss = c.spawn("uss", &[]);
+    let mut uss = c.spawn("uss", &[("API_TOKEN", TOKEN)]);
     uss.ready().await; // creates the 6-partition topic
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
     let peers = ports
@@ -242,6 +252,8 @@ async fn three_sharded_es_count_exactly_through_a_rebalance_and_a_sigkill() {
         ("ES_PEERS", peers.as_str()),
         ("BATCH_SIZE", "500"),
         ("KAFKA_SESSION_TIMEOUT", "10s"),
+        ("API_TOKEN", TOKEN),
+        ("ES_PEER_TOKEN", TOKEN),
     ];
     let mut es: Vec<Proc> = ports[..3]
         .iter()
@@ -278,6 +290,14 @@ async fn three_sharded_es_count_exactly_through_a_rebalance_and_a_sigkill() {
     .await;
     let members = export(&es[0], "b").await.expect("export");
     assert_eq!(&members, &model.0["b"]);
+    // The internal route between peers needs a key too.
+    let r = reqwest::Client::new()
+        .post(format!("{}/internal/v1/shards", es[0].base))
+        .json(&json!({"query": "count_all", "partitions": [0, 1, 2, 3, 4, 5], "at": 0}))
+        .send()
+        .await
+        .expect("internal route");
+    assert_eq!(r.status().as_u16(), 401);
 
     // A fourth ES joins: every partition may move. While the group rebalances, every read is
     // exact or says it is incomplete.
