@@ -110,7 +110,7 @@ for mode in modes:
     db = f"memb_{tag}_{int(time.time())}"
     topic = f"memb-{tag}-{int(time.time())}"
     subprocess.run([binary, "migrate"], env=env_for(db, topic, mode, 0), check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     p, base, _ = serve(db, topic, mode)
     empty = settle(base)
     p.terminate(); p.wait()
