@@ -51,8 +51,9 @@ impl Default for IndexConfig {
             // Below the embedded store's parallel threshold (4096 pairs), so a chunk is applied
             // on the task's own thread: bigger ones are applied by threads spawned per batch,
             // and a scan of millions of pairs spawning hundreds of short-lived threads left the
-            // allocator with pages of their (abandoned) heaps, ~5 bytes of RSS per live pair
-            // beyond the index (docs/BENCHMARKS.md, "ES index memory").
+            // allocator with pages of their (abandoned) heaps: 6 (full index) to 9 (sharded)
+            // bytes of RSS per live pair more at 10M pairs (docs/BENCHMARKS.md, "ES index
+            // memory").
             scan_chunk_pairs: 4_000,
             scan_buffer_chunks: 32,
             backoff_initial: Duration::from_millis(100),
