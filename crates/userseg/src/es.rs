@@ -333,6 +333,10 @@ async fn expire_shards(
         metrics::gauge!("userseg_index_live_pairs").set(stats.0 as f64);
         metrics::gauge!("userseg_index_users").set(stats.1 as f64);
         metrics::gauge!("userseg_index_memory_bytes").set(stats.2 as f64);
+        let held = index.local().held().await.len();
+        let loaded = index.local().ready().await.len();
+        metrics::gauge!("userseg_index_shards").set(held as f64);
+        metrics::gauge!("userseg_index_shards_loading").set(held.saturating_sub(loaded) as f64);
         let serving = index.check_ready().await.is_ok();
         metrics::gauge!("userseg_index_serving").set(if serving { 1.0 } else { 0.0 });
     }
