@@ -33,6 +33,9 @@ const NOT_SETTINGS: &[&str] = &[
     "DEFAULT_MUTATION_TIMEOUT",
     // the protobuf enum value of approximate estimates
     "MODE_APPROX",
+    // constants of the ES index (crates/usecase/src/shards.rs, crates/kafka/src/follower.rs)
+    "RELEASE_AFTER_EMPTY",
+    "MERGE_PAIRS",
     // read by tracing-subscriber, documented next to LOG_FORMAT
     "RUST_LOG",
     // read by scripts/clickhouse.sh: serve https too (tests of ClickHouse over TLS)
