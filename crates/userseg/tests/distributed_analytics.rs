@@ -237,27 +237,33 @@ async fn check_reads(
         assert_eq!(v["both"], json!(o.both), "{ctx}: overlap {list} both");
     }
     for user in users() {
-        let v = c
-            .get(format!("{base}/v1/users/{}/segments", enc(&user)), &[])
-            .await;
-        assert_eq!(v["user_id"], user.as_str());
-        let at = v["as_of"].as_i64().expect("as_of");
-        let got: Vec<Membership> = v["segments"]
-            .as_array()
-            .expect("segments")
-            .iter()
-            .map(|m| Membership {
-                segment: m["segment"].as_str().expect("segment").to_string(),
-                last_seen: m["last_seen"].as_i64().expect("last_seen"),
-                expires_at: m["expires_at"].as_i64().expect("expires_at"),
-            })
-            .collect();
+        let (got, at) = memberships(c, es, &user).await;
         assert_eq!(
             got,
             model.user_segments(&user, at),
             "{ctx}: segments of {user:?}"
         );
     }
+}
+
+/// `GET /v1/users/{user}/segments` of `es`: the memberships and `as_of`.
+async fn memberships(c: &Client, es: &Proc, user: &str) -> (Vec<Membership>, i64) {
+    let v = c
+        .get(format!("{}/v1/users/{}/segments", es.base, enc(user)), &[])
+        .await;
+    assert_eq!(v["user_id"], user);
+    let at = v["as_of"].as_i64().expect("as_of");
+    let got = v["segments"]
+        .as_array()
+        .expect("segments")
+        .iter()
+        .map(|m| Membership {
+            segment: m["segment"].as_str().expect("segment").to_string(),
+            last_seen: m["last_seen"].as_i64().expect("last_seen"),
+            expires_at: m["expires_at"].as_i64().expect("expires_at"),
+        })
+        .collect();
+    (got, at)
 }
 
 /// Waits until the group of two sharded ES has settled: each holds some shards, all loaded,
@@ -281,12 +287,23 @@ async fn shards_settled(a: &Proc, b: &Proc) {
     .await;
 }
 
-/// Waits until `es` counts what the model counts (everything acknowledged is applied).
+/// Waits until `es` counts what the model counts and shows every user's memberships as the
+/// model does (everything acknowledged is applied: a deletion followed by the user's return
+/// to the same segments changes no count, only the memberships tell it was applied).
 async fn settled(c: &Client, es: &Proc, model: &Model, what: &str) {
     until(what, 60, async || {
         let v = c.get(format!("{}/v1/segments", es.base), &[]).await;
         let at = v["as_of"].as_i64().unwrap_or_default();
-        counts_of(&v) == model.count_all(at, None)
+        if counts_of(&v) != model.count_all(at, None) {
+            return false;
+        }
+        for user in users() {
+            let (got, at) = memberships(c, es, &user).await;
+            if got != model.user_segments(&user, at) {
+                return false;
+            }
+        }
+        true
     })
     .await;
 }
