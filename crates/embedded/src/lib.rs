@@ -8,6 +8,7 @@
 //! - [`dlq`]: dead letters appended to a file.
 //! - [`history`]: segment count samples in `DATA_DIR/history`.
 
+pub mod changes;
 pub mod checkpoint;
 pub mod dlq;
 pub mod history;
@@ -15,6 +16,7 @@ pub mod standalone;
 pub mod store;
 pub mod wal;
 
+pub use changes::{ChangeLogConfig, FileChangeLog};
 pub use checkpoint::{CheckpointConfig, Checkpointer};
 pub use dlq::FileDeadLetters;
 pub use history::FileHistory;

@@ -1,0 +1,659 @@
+//! The change log: the durable change feed of standalone mode, in `DATA_DIR/changes`.
+//!
+//! Files `<base offset>-<created unix s>.changes` hold frames of the write-ahead log's format
+//! (length, CRC-32, payload; [`crate::wal::codec`]) and are read back with the same scanner
+//! (a torn frame at the tail is cut at open). A frame is an event, or a marker the recovery
+//! reads: `covered` (every record of the write-ahead log up to that offset has its events
+//! before the marker) and `tick` (exits are emitted up to that bucket). A cursor is the global
+//! byte offset after an event, in decimal.
+//!
+//! Events are written (not fsynced) by the apply path, in the order they happen; the
+//! checkpointer fsyncs the log before it writes a snapshot, so a snapshot never covers a
+//! record whose events could be lost with the machine: after any crash, the records after the
+//! last `covered` marker are replayed from the write-ahead log with change detection on, which
+//! regenerates their events once (see `crate::store::feed`).
+//!
+//! Retention: a file is removed once the next file was created at least the retention ago (so
+//! every event in it is older than that); a cursor in a removed file is expired. Files roll at
+//! [`ChangeLogConfig::segment_bytes`] or [`ChangeLogConfig::roll_after`].
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use userseg_domain::{ChangeEvent, ChangeReason};
+use userseg_usecase::{ChangeBatch, ChangeLog, ChangeReadError, ChangeRecord, Clock, PortError};
+
+use crate::wal::codec::{self, Frame, FRAME_HEADER};
+use crate::wal::{scan_file, WalError};
+
+const EVENT: u8 = 1;
+const COVERED: u8 = 2;
+const TICK: u8 = 3;
+
+/// Bytes read from a file per step of a read (one client's buffer).
+const READ_CHUNK: usize = 64 << 10;
+
+#[derive(Clone, Debug)]
+pub struct ChangeLogConfig {
+    pub dir: PathBuf,
+    /// Events are kept at least this long (`CHANGES_RETENTION`).
+    pub retention: Duration,
+    /// Roll to a new file past this size.
+    pub segment_bytes: u64,
+    /// Roll to a new file once the current one is this old (so retention can drop old files
+    /// of a quiet log).
+    pub roll_after: Duration,
+}
+
+impl ChangeLogConfig {
+    pub fn new(dir: impl Into<PathBuf>, retention: Duration) -> ChangeLogConfig {
+        ChangeLogConfig {
+            dir: dir.into(),
+            retention,
+            segment_bytes: 64 << 20,
+            roll_after: (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+        }
+    }
+}
+
+/// What the log says about where detection stopped before a restart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The last `covered` marker: every write-ahead-log record ending at or before it has its
+    /// events in the log. `None` for a new log.
+    pub covered: Option<u64>,
+    /// The last `tick` marker: exits were emitted for every membership whose bucket is at or
+    /// below it.
+    pub exit_lo: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FileInfo {
+    base: u64,
+    created: i64,
+}
+
+struct Writer {
+    file: File,
+    base: u64,
+    created: i64,
+    /// Offset after the last frame written.
+    offset: u64,
+    covered: Option<u64>,
+    exit_lo: Option<i64>,
+    /// Frames a failed write left unwritten: written first by the next append.
+    pending: Vec<u8>,
+    /// Written since the last fsync.
+    dirty: bool,
+}
+
+/// The file change log; implements [`ChangeLog`].
+pub struct FileChangeLog {
+    config: ChangeLogConfig,
+    clock: Arc<dyn Clock>,
+    writer: Mutex<Writer>,
+    files: RwLock<Vec<FileInfo>>,
+    written: watch::Sender<u64>,
+}
+
+fn file_name(f: FileInfo) -> String {
+    format!("{:020}-{}.changes", f.base, f.created.max(0))
+}
+
+fn list(dir: &Path) -> io::Result<Vec<FileInfo>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let name = e?.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".changes")) else {
+            continue;
+        };
+        let Some((base, created)) = stem.split_once('-') else {
+            continue;
+        };
+        if let (Ok(base), Ok(created)) = (base.parse(), created.parse()) {
+            out.push(FileInfo { base, created });
+        }
+    }
+    out.sort_by_key(|f| f.base);
+    Ok(out)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Appends one framed event to `out`.
+pub(crate) fn encode_event(e: &ChangeEvent, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER]);
+    out.push(EVENT);
+    out.push(e.reason.code());
+    out.extend_from_slice(&e.id.to_le_bytes());
+    codec::put_varint(out, ((e.ts << 1) ^ (e.ts >> 63)) as u64);
+    codec::put_varint(out, e.user_id.len() as u64);
+    out.extend_from_slice(e.user_id.as_bytes());
+    codec::put_varint(out, e.segment.len() as u64);
+    out.extend_from_slice(e.segment.as_bytes());
+    codec::finish_frame(out, start);
+}
+
+fn encode_marker(kind: u8, value: u64, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER]);
+    out.push(kind);
+    codec::put_varint(out, value);
+    codec::finish_frame(out, start);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(z: u64) -> i64 {
+    ((z >> 1) as i64) ^ -((z & 1) as i64)
+}
+
+enum Entry {
+    Event(ChangeEvent),
+    Covered(u64),
+    Tick(i64),
+}
+
+fn decode(payload: &[u8]) -> Option<Entry> {
+    let (&kind, rest) = payload.split_first()?;
+    let mut pos = 0;
+    let entry = match kind {
+        EVENT => {
+            let reason = ChangeReason::from_code(*rest.first()?)?;
+            let id = u64::from_le_bytes(rest.get(1..9)?.try_into().ok()?);
+            pos = 9;
+            let ts = unzigzag(codec::get_varint(rest, &mut pos)?);
+            let user_id = codec::get_str(rest, &mut pos)?;
+            let segment = codec::get_str(rest, &mut pos)?;
+            Entry::Event(ChangeEvent {
+                user_id,
+                segment,
+                reason,
+                ts,
+                id,
+            })
+        }
+        COVERED => Entry::Covered(codec::get_varint(rest, &mut pos)?),
+        TICK => Entry::Tick(unzigzag(codec::get_varint(rest, &mut pos)?)),
+        _ => return None,
+    };
+    (pos == rest.len()).then_some(entry)
+}
+
+fn parse_cursor(c: &str) -> Result<u64, ChangeReadError> {
+    if c.is_empty() || c.len() > 20 || !c.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ChangeReadError::Malformed(format!(
+            "{c:?} is not a cursor of this feed"
+        )));
+    }
+    c.parse()
+        .map_err(|_| ChangeReadError::Malformed(format!("{c:?} is not a cursor of this feed")))
+}
+
+impl FileChangeLog {
+    /// Opens (or creates) the log; says where detection stopped.
+    pub fn open(
+        config: ChangeLogConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(FileChangeLog, Recovered), WalError> {
+        let dir = config.dir.clone();
+        let io_err = |source| WalError::Io {
+            path: dir.clone(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(io_err)?;
+        let mut files = list(&dir).map_err(io_err)?;
+        let mut recovered = Recovered::default();
+        let mut end = 0;
+        // Markers open every file, so the last file (or, after a crash between creating a file
+        // and writing its first frames, the one before) has the latest ones.
+        for (i, f) in files.iter().enumerate().rev() {
+            let last = i + 1 == files.len();
+            let (valid, _) = scan_file(&dir.join(file_name(*f)), last, |_, _, payload| {
+                match decode(payload) {
+                    Some(Entry::Covered(c)) => recovered.covered = Some(c),
+                    Some(Entry::Tick(t)) => recovered.exit_lo = Some(t),
+                    Some(Entry::Event(_)) => {}
+                    None => {
+                        return Err(WalError::Corrupt {
+                            path: dir.join(file_name(*f)),
+                            at: 0,
+                        })
+                    }
+                }
+                Ok(())
+            })?;
+            if last {
+                end = f.base + valid;
+            }
+            if recovered.covered.is_some() || recovered.exit_lo.is_some() {
+                break;
+            }
+        }
+        let now = clock.now();
+        let current = match files.last() {
+            Some(f) => *f,
+            None => {
+                let f = FileInfo {
+                    base: 0,
+                    created: now,
+                };
+                files.push(f);
+                f
+            }
+        };
+        let path = dir.join(file_name(current));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| WalError::Io { path, source })?;
+        crate::store::snapshot::sync_dir(&dir).map_err(io_err)?;
+        let (written, _) = watch::channel(end);
+        let log = FileChangeLog {
+            clock,
+            writer: Mutex::new(Writer {
+                file,
+                base: current.base,
+                created: current.created,
+                offset: end,
+                covered: recovered.covered,
+                exit_lo: recovered.exit_lo,
+                pending: Vec::new(),
+                dirty: false,
+            }),
+            files: RwLock::new(files),
+            written,
+            config,
+        };
+        Ok((log, recovered))
+    }
+
+    /// Appends framed events (from [`encode_event`]), then the markers given, in one write.
+    /// On failure nothing of it is in the log yet: the frames are kept and written first by
+    /// the next append (the store has applied their changes already, so they cannot be
+    /// detected again).
+    pub(crate) fn append_frames(
+        &self,
+        frames: &[u8],
+        covered: Option<u64>,
+        exit_lo: Option<i64>,
+    ) -> Result<(), PortError> {
+        let mut w = lock(&self.writer);
+        let mut buf = std::mem::take(&mut w.pending);
+        buf.extend_from_slice(frames);
+        if let Some(c) = covered {
+            encode_marker(COVERED, c, &mut buf);
+        }
+        if let Some(t) = exit_lo {
+            encode_marker(TICK, zigzag(t), &mut buf);
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = w.file.write_all(&buf) {
+            let durable = w.offset - w.base;
+            let cut = w.file.set_len(durable);
+            w.pending = buf;
+            metrics::counter!("userseg_changes_write_failures_total").increment(1);
+            return Err(PortError::Transient(format!(
+                "change log write failed ({e}){}",
+                match cut {
+                    Ok(()) => String::new(),
+                    Err(c) => format!("; cutting it back failed ({c})"),
+                }
+            )));
+        }
+        w.offset += buf.len() as u64;
+        w.dirty = true;
+        if covered.is_some() {
+            w.covered = covered;
+        }
+        if exit_lo.is_some() {
+            w.exit_lo = exit_lo;
+        }
+        metrics::counter!("userseg_changes_bytes_total").increment(buf.len() as u64);
+        self.written.send_replace(w.offset);
+        self.maybe_roll(&mut w);
+        Ok(())
+    }
+
+    /// Starts a new file when the current one is large or old enough; it opens with the
+    /// current markers.
+    fn maybe_roll(&self, w: &mut Writer) {
+        let now = self.clock.now();
+        let due = w.offset - w.base >= self.config.segment_bytes
+            || now.saturating_sub(w.created) >= self.config.roll_after.as_secs() as i64;
+        if !due || w.offset == w.base {
+            return;
+        }
+        let next = FileInfo {
+            base: w.offset,
+            created: now,
+        };
+        let path = self.config.dir.join(file_name(next));
+        let opened = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                let mut markers = Vec::new();
+                if let Some(c) = w.covered {
+                    encode_marker(COVERED, c, &mut markers);
+                }
+                if let Some(t) = w.exit_lo {
+                    encode_marker(TICK, zigzag(t), &mut markers);
+                }
+                f.write_all(&markers)?;
+                // The old file is complete: make it durable before readers move on.
+                w.file.sync_data()?;
+                crate::store::snapshot::sync_dir(&self.config.dir)?;
+                Ok((f, markers.len() as u64))
+            });
+        match opened {
+            Ok((f, n)) => {
+                w.file = f;
+                w.base = next.base;
+                w.created = next.created;
+                w.offset += n;
+                w.dirty = true;
+                self.files
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(next);
+                self.written.send_replace(w.offset);
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                tracing::warn!(path = %path.display(), error = %e, "could not start a new change log file; will retry");
+            }
+        }
+    }
+
+    /// fsyncs what was written: the checkpointer calls it before a snapshot.
+    pub fn sync(&self) -> io::Result<()> {
+        let mut w = lock(&self.writer);
+        if w.dirty {
+            w.file.sync_data()?;
+            w.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Removes the files every event of which is older than the retention; returns how many.
+    pub fn prune(&self) -> io::Result<usize> {
+        let cutoff = self
+            .clock
+            .now()
+            .saturating_sub(self.config.retention.as_secs() as i64);
+        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
+        let mut removed = 0;
+        while files.len() > 1 && files[1].created <= cutoff {
+            let f = files.remove(0);
+            fs::remove_file(self.config.dir.join(file_name(f)))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Offset after the last frame written.
+    pub fn end_offset(&self) -> u64 {
+        *self.written.borrow()
+    }
+
+    /// Up to `max` events after `offset`, reading at most a few chunks.
+    fn read_at(&self, offset: u64, max: usize) -> Result<ChangeBatch, ChangeReadError> {
+        let end = self.end_offset();
+        let files: Vec<FileInfo> = self.files.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if offset > end {
+            return Err(ChangeReadError::Malformed(format!(
+                "{offset} is beyond the end of the change log"
+            )));
+        }
+        let first = files.first().map_or(0, |f| f.base);
+        if offset < first {
+            return Err(ChangeReadError::Expired(format!(
+                "the oldest cursor kept is {first}"
+            )));
+        }
+        let mut i = files
+            .partition_point(|f| f.base <= offset)
+            .saturating_sub(1);
+        let mut pos = offset;
+        let mut records = Vec::new();
+        let mut buf = Vec::new();
+        while records.len() < max && pos < end {
+            let f = files[i];
+            let file_end = files.get(i + 1).map_or(end, |n| n.base);
+            if pos >= file_end {
+                i += 1;
+                continue;
+            }
+            let path = self.config.dir.join(file_name(f));
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(ChangeReadError::Expired(
+                        "its file was removed by the retention".into(),
+                    ))
+                }
+                Err(e) => return Err(PortError::Transient(format!("change log: {e}")).into()),
+            };
+            let want = (file_end - pos).min(READ_CHUNK as u64) as usize;
+            buf.resize(want, 0);
+            file.read_exact_at(&mut buf, pos - f.base)
+                .map_err(|e| PortError::Transient(format!("change log read: {e}")))?;
+            let mut at = 0;
+            while at < buf.len() && records.len() < max {
+                match codec::read_frame(&buf[at..]) {
+                    Frame::Ok(payload, n) => {
+                        let Some(entry) = decode(payload) else {
+                            return Err(bad_frame(offset, pos + at as u64));
+                        };
+                        at += n;
+                        if let Entry::Event(event) = entry {
+                            records.push(ChangeRecord {
+                                cursor: (pos + at as u64).to_string(),
+                                event,
+                            });
+                        }
+                    }
+                    Frame::Incomplete if at > 0 => break,
+                    Frame::Incomplete if buf.len() >= FRAME_HEADER => {
+                        // One frame larger than the chunk: read it whole.
+                        let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as u64;
+                        let whole = FRAME_HEADER as u64 + len;
+                        if pos + whole > file_end {
+                            return Err(bad_frame(offset, pos));
+                        }
+                        buf.resize(whole as usize, 0);
+                        file.read_exact_at(&mut buf, pos - f.base)
+                            .map_err(|e| PortError::Transient(format!("change log read: {e}")))?;
+                    }
+                    _ => return Err(bad_frame(offset, pos + at as u64)),
+                }
+            }
+            pos += at as u64;
+        }
+        Ok(ChangeBatch {
+            records,
+            next: pos.to_string(),
+        })
+    }
+}
+
+/// A frame that does not decode: at the cursor, the cursor is not one of ours.
+fn bad_frame(cursor: u64, at: u64) -> ChangeReadError {
+    if at == cursor {
+        ChangeReadError::Malformed(format!("{cursor} does not point at an event"))
+    } else {
+        ChangeReadError::Port(PortError::Permanent(format!(
+            "the change log is corrupt at byte {at}"
+        )))
+    }
+}
+
+#[async_trait]
+impl ChangeLog for FileChangeLog {
+    async fn append(&self, events: Vec<ChangeEvent>) -> Result<(), PortError> {
+        let mut buf = Vec::with_capacity(events.len() * 48);
+        for e in &events {
+            encode_event(e, &mut buf);
+        }
+        self.append_frames(&buf, None, None)
+    }
+
+    async fn end(&self) -> Result<String, PortError> {
+        Ok(self.end_offset().to_string())
+    }
+
+    async fn start(&self) -> Result<String, PortError> {
+        let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+        Ok(files.first().map_or(0, |f| f.base).to_string())
+    }
+
+    async fn read(
+        &self,
+        after: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<ChangeBatch, ChangeReadError> {
+        let mut offset = parse_cursor(after)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changed = self.written.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let batch = self.read_at(offset, max.max(1))?;
+            if !batch.records.is_empty() || wait.is_zero() {
+                return Ok(batch);
+            }
+            offset = parse_cursor(&batch.next)?;
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(batch),
+            }
+        }
+    }
+}
+
+/// The events of a log from its start, for tests and tools.
+pub fn read_all(dir: &Path) -> Result<Vec<ChangeEvent>, WalError> {
+    let files = list(dir).map_err(|source| WalError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let path = dir.join(file_name(*f));
+        scan_file(&path, i + 1 == files.len(), |at, _, payload| {
+            match decode(payload) {
+                Some(Entry::Event(e)) => out.push(e),
+                Some(_) => {}
+                None => {
+                    return Err(WalError::Corrupt {
+                        path: path.clone(),
+                        at: at as u64,
+                    })
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use userseg_usecase::ManualClock;
+
+    async fn make_log() -> Arc<dyn ChangeLog> {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let clock = Arc::new(ManualClock::new(1_800_000_000));
+        let mut cfg = ChangeLogConfig::new(&dir, Duration::from_secs(7 * 86_400));
+        cfg.segment_bytes = 700; // several files
+        let (log, rec) = FileChangeLog::open(cfg, clock).unwrap();
+        assert_eq!(rec, Recovered::default());
+        Arc::new(log)
+    }
+
+    userseg_usecase::change_log_test_suite!(make_log, seeds = 20);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn markers_survive_a_reopen_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(1_800_000_000));
+        let cfg = ChangeLogConfig::new(dir.path(), Duration::from_secs(3600));
+        let (log, _) = FileChangeLog::open(cfg.clone(), clock.clone()).unwrap();
+        let mut buf = Vec::new();
+        encode_event(&userseg_usecase::change_log_suite::event(1), &mut buf);
+        log.append_frames(&buf, Some(77), Some(-5)).unwrap();
+        log.append_frames(&[], Some(99), None).unwrap();
+        let end = log.end_offset();
+        drop(log);
+        // Half a frame at the tail, as a crash mid-write leaves it.
+        let f = list(dir.path()).unwrap()[0];
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(file_name(f)))
+            .unwrap();
+        file.write_all(&[40, 0, 0, 0, 1]).unwrap();
+        let (log, rec) = FileChangeLog::open(cfg, clock).unwrap();
+        assert_eq!(
+            rec,
+            Recovered {
+                covered: Some(99),
+                exit_lo: Some(-5)
+            }
+        );
+        assert_eq!(log.end_offset(), end);
+        assert_eq!(read_all(dir.path()).unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_drops_old_files_and_their_cursors_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(1_800_000_000));
+        let cfg = ChangeLogConfig::new(dir.path(), Duration::from_secs(800));
+        assert_eq!(cfg.roll_after, Duration::from_secs(100));
+        let (log, _) = FileChangeLog::open(cfg.clone(), clock.clone()).unwrap();
+        let start = log.start().await.unwrap();
+        let mut cursors = Vec::new();
+        for i in 0..20 {
+            log.append(vec![userseg_usecase::change_log_suite::event(i)])
+                .await
+                .unwrap();
+            cursors.push(log.end().await.unwrap());
+            clock.advance(60);
+        }
+        assert!(list(dir.path()).unwrap().len() > 5, "rolled by age");
+        clock.advance(2000);
+        log.append(vec![userseg_usecase::change_log_suite::event(99)])
+            .await
+            .unwrap();
+        assert!(log.prune().unwrap() > 0);
+        match log.read(&start, 10, Duration::ZERO).await {
+            Err(ChangeReadError::Expired(_)) => {}
+            other => panic!("expected expired, got {other:?}"),
+        }
+        // The newest event is kept.
+        let last = &cursors[18];
+        let b = log.read(last, 10, Duration::ZERO).await.unwrap();
+        assert_eq!(b.records.len(), 2);
+        assert_eq!(
+            b.records[1].event,
+            userseg_usecase::change_log_suite::event(99)
+        );
+    }
+}
