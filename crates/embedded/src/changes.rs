@@ -413,7 +413,7 @@ impl FileChangeLog {
     }
 
     /// Up to `max` events after `offset`, reading at most a few chunks.
-    fn read_at(&self, offset: u64, max: usize) -> Result<ChangeBatch, ChangeReadError> {
+    pub(crate) fn read_at(&self, offset: u64, max: usize) -> Result<ChangeBatch, ChangeReadError> {
         let end = self.end_offset();
         let files: Vec<FileInfo> = self.files.read().unwrap_or_else(|e| e.into_inner()).clone();
         if offset > end {
