@@ -8,8 +8,8 @@
 //! byte offset after an event, in decimal.
 //!
 //! Events are written (not fsynced) by the apply path, in the order they happen; the
-//! checkpointer fsyncs the log before it writes a snapshot, so a snapshot never covers a
-//! record whose events could be lost with the machine: after any crash, the records after the
+//! checkpointer fsyncs the log as part of a snapshot's fsync (after the copy, before the
+//! rename), so a snapshot never holds a record whose events could be lost with the machine: after any crash, the records after the
 //! last `covered` marker are replayed from the write-ahead log with change detection on, which
 //! regenerates their events once (see `crate::store::feed`).
 //!

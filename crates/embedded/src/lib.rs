@@ -20,6 +20,9 @@ pub use changes::{ChangeLogConfig, FileChangeLog};
 pub use checkpoint::{CheckpointConfig, Checkpointer};
 pub use dlq::FileDeadLetters;
 pub use history::FileHistory;
-pub use standalone::{open_standalone, DataDirLock, OpenError, Recovery, Standalone};
+pub use standalone::{
+    open_standalone, open_standalone_with, ChangesSetup, DataDirLock, OpenError, Recovery,
+    Standalone,
+};
 pub use store::{EmbeddedStore, MemStore, MemoryStats};
 pub use wal::{LogFault, WalConfig, WalHandle, WalLog, WalSource};
