@@ -276,6 +276,10 @@ pub struct StandaloneArgs {
     /// Snapshot once this much log is not covered by a snapshot.
     #[arg(long, env = "CHECKPOINT_LOG_BYTES", default_value = "256MiB")]
     pub checkpoint_log_bytes: String,
+    /// How long the change feed (`GET /v1/changes`) keeps events in DATA_DIR/changes; 0 turns
+    /// the feed off.
+    #[arg(long, env = "CHANGES_RETENTION", default_value = "7d")]
+    pub changes_retention: String,
 }
 
 #[derive(Debug, Clone)]
@@ -287,6 +291,8 @@ pub struct StandaloneConfig {
     pub checkpoint_interval: Duration,
     pub checkpoint_log_bytes: u64,
     pub history: userseg_usecase::HistoryConfig,
+    /// CHANGES_RETENTION; `None`: the change feed is off.
+    pub changes_retention: Option<Duration>,
 }
 
 impl StandaloneArgs {
@@ -314,6 +320,13 @@ impl StandaloneArgs {
         if checkpoint_log_bytes < 1 << 20 {
             bail!("CHECKPOINT_LOG_BYTES: must be at least 1MiB");
         }
+        let changes_retention = duration("CHANGES_RETENTION", &self.changes_retention)?;
+        if changes_retention > Duration::from_secs(10 * 366 * 86_400) {
+            bail!("CHANGES_RETENTION: must be at most 10 years");
+        }
+        if !changes_retention.is_zero() && changes_retention < Duration::from_secs(60) {
+            bail!("CHANGES_RETENTION: must be 0 (no change feed) or at least 1m");
+        }
         Ok(StandaloneConfig {
             service,
             batch,
@@ -322,6 +335,7 @@ impl StandaloneArgs {
             checkpoint_interval,
             checkpoint_log_bytes,
             history: self.history.validate()?,
+            changes_retention: (!changes_retention.is_zero()).then_some(changes_retention),
         })
     }
 }

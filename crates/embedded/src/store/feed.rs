@@ -109,9 +109,9 @@ impl MemStore {
         }
         let exits = detected.swept.len();
         self.encode_exits(detected.swept, &mut buf);
-        metrics::counter!("userseg_changes_events_total", "type" => "entered")
+        metrics::counter!("userseg_changes_events_total", "reason" => "pair")
             .increment(detected.entered.len() as u64);
-        metrics::counter!("userseg_changes_events_total", "type" => "expired")
+        metrics::counter!("userseg_changes_events_total", "reason" => "expired")
             .increment(exits as u64);
         let appended = feed.log.append_frames(&buf, through, None);
         st.buf = buf;
@@ -199,7 +199,8 @@ impl MemStore {
         // time, and the memberships are gone.
         st.exit_lo = new_lo;
         feed.exit_lo.store(new_lo, Ordering::Release);
-        metrics::counter!("userseg_changes_events_total", "type" => "expired").increment(n as u64);
+        metrics::counter!("userseg_changes_events_total", "reason" => "expired")
+            .increment(n as u64);
         appended.map(|()| n)
     }
 
@@ -249,7 +250,7 @@ impl MemStore {
             }
         }
         let found = self.delete_users(user_ids);
-        metrics::counter!("userseg_changes_events_total", "type" => "deleted").increment(n);
+        metrics::counter!("userseg_changes_events_total", "reason" => "deleted").increment(n);
         let appended = feed.log.append_frames(&buf, through, None);
         st.buf = buf;
         appended.map(|()| found)
