@@ -79,19 +79,17 @@ impl Checkpointer {
     }
 
     /// Emits the exits due now and applies the change log's retention.
-    fn tick_changes(&self, prune: bool) {
+    fn tick_changes(&self) {
         let Some(log) = &self.changes else {
             return;
         };
         if let Err(e) = self.store.tick_changes(self.clock.now()) {
             tracing::warn!(error = %e, "could not write exits to the change log; will retry");
         }
-        if prune {
-            match log.prune() {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(files = n, "removed change log files past the retention"),
-                Err(e) => tracing::warn!(error = %e, "could not remove old change log files"),
-            }
+        match log.prune() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(files = n, "removed change log files past the retention"),
+            Err(e) => tracing::warn!(error = %e, "could not remove old change log files"),
         }
     }
 
@@ -174,7 +172,7 @@ impl Checkpointer {
             let expire_due = last_expire.elapsed() >= self.config.expire_interval;
             if self.changes.is_some() {
                 let me = self.clone();
-                let _ = tokio::task::spawn_blocking(move || me.tick_changes(expire_due)).await;
+                let _ = tokio::task::spawn_blocking(move || me.tick_changes()).await;
             }
             if expire_due {
                 last_expire = Instant::now();

@@ -324,8 +324,8 @@ impl StandaloneArgs {
         if changes_retention > Duration::from_secs(10 * 366 * 86_400) {
             bail!("CHANGES_RETENTION: must be at most 10 years");
         }
-        if !changes_retention.is_zero() && changes_retention < Duration::from_secs(60) {
-            bail!("CHANGES_RETENTION: must be 0 (no change feed) or at least 1m");
+        if !changes_retention.is_zero() && changes_retention < Duration::from_secs(1) {
+            bail!("CHANGES_RETENTION: must be 0 (no change feed) or at least 1s");
         }
         Ok(StandaloneConfig {
             service,
