@@ -130,16 +130,43 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Appends one framed event to `out`.
 pub(crate) fn encode_event(e: &ChangeEvent, out: &mut Vec<u8>) {
+    encode_parts(&e.user_id, &e.segment, e.reason, e.ts, e.id, out);
+}
+
+/// Appends the event of `user` and `segment` (id from [`userseg_domain::event_id`] of `key`)
+/// to `out`, without building a [`ChangeEvent`] (the apply path's encoding).
+#[inline]
+pub(crate) fn encode_new(
+    user: &str,
+    segment: &str,
+    reason: ChangeReason,
+    ts: i64,
+    key: i64,
+    out: &mut Vec<u8>,
+) {
+    let id = userseg_domain::event_id(user, segment, reason, key);
+    encode_parts(user, segment, reason, ts, id, out);
+}
+
+#[inline]
+fn encode_parts(
+    user: &str,
+    segment: &str,
+    reason: ChangeReason,
+    ts: i64,
+    id: u64,
+    out: &mut Vec<u8>,
+) {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER]);
     out.push(EVENT);
-    out.push(e.reason.code());
-    out.extend_from_slice(&e.id.to_le_bytes());
-    codec::put_varint(out, ((e.ts << 1) ^ (e.ts >> 63)) as u64);
-    codec::put_varint(out, e.user_id.len() as u64);
-    out.extend_from_slice(e.user_id.as_bytes());
-    codec::put_varint(out, e.segment.len() as u64);
-    out.extend_from_slice(e.segment.as_bytes());
+    out.push(reason.code());
+    out.extend_from_slice(&id.to_le_bytes());
+    codec::put_varint(out, zigzag(ts));
+    codec::put_varint(out, user.len() as u64);
+    out.extend_from_slice(user.as_bytes());
+    codec::put_varint(out, segment.len() as u64);
+    out.extend_from_slice(segment.as_bytes());
     codec::finish_frame(out, start);
 }
 
@@ -286,13 +313,17 @@ impl FileChangeLog {
     /// detected again).
     pub(crate) fn append_frames(
         &self,
-        frames: &[u8],
+        frames: Vec<u8>,
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
         let mut w = lock(&self.writer);
-        let mut buf = std::mem::take(&mut w.pending);
-        buf.extend_from_slice(frames);
+        let mut buf = frames;
+        if !w.pending.is_empty() {
+            let mut pending = std::mem::take(&mut w.pending);
+            pending.extend_from_slice(&buf);
+            buf = pending;
+        }
         if let Some(c) = covered {
             encode_marker(COVERED, c, &mut buf);
         }
@@ -511,7 +542,7 @@ impl ChangeLog for FileChangeLog {
         for e in &events {
             encode_event(e, &mut buf);
         }
-        self.append_frames(&buf, None, None)
+        self.append_frames(buf, None, None)
     }
 
     async fn end(&self) -> Result<String, PortError> {
@@ -598,8 +629,8 @@ mod tests {
         let (log, _) = FileChangeLog::open(cfg.clone(), clock.clone()).unwrap();
         let mut buf = Vec::new();
         encode_event(&userseg_usecase::change_log_suite::event(1), &mut buf);
-        log.append_frames(&buf, Some(77), Some(-5)).unwrap();
-        log.append_frames(&[], Some(99), None).unwrap();
+        log.append_frames(buf, Some(77), Some(-5)).unwrap();
+        log.append_frames(Vec::new(), Some(99), None).unwrap();
         let end = log.end_offset();
         drop(log);
         // Half a frame at the tail, as a crash mid-write leaves it.

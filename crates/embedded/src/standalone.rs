@@ -191,7 +191,7 @@ fn open_changes(
             }
             // A new log starts at the snapshot: what it holds and the log after it are the
             // state the feed starts from, before any event.
-            log.append_frames(&[], Some(snapshot_offset), Some(exit_lo))
+            log.append_frames(Vec::new(), Some(snapshot_offset), Some(exit_lo))
                 .map_err(|e| OpenError::Changes(e.to_string()))?;
             log.sync().map_err(|source| OpenError::Io {
                 path: data_dir.join("changes"),

@@ -23,11 +23,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use userseg_domain::{ChangeEvent, ChangeReason, Pair, UnixSeconds};
+use userseg_domain::{ChangeReason, Pair, UnixSeconds};
 use userseg_usecase::{Clock, PortError};
 
 use super::{read, write, MemStore, Segment};
-use crate::changes::{encode_event, FileChangeLog};
+use crate::changes::{encode_new, FileChangeLog};
 
 pub(crate) struct Feed {
     log: Arc<FileChangeLog>,
@@ -40,7 +40,6 @@ pub(crate) struct Feed {
 
 struct State {
     exit_lo: i64,
-    buf: Vec<u8>,
 }
 
 impl Feed {
@@ -65,10 +64,7 @@ impl MemStore {
             .set(Feed {
                 log,
                 clock,
-                state: Mutex::new(State {
-                    exit_lo,
-                    buf: Vec::new(),
-                }),
+                state: Mutex::new(State { exit_lo }),
                 exit_lo: AtomicI64::new(exit_lo),
             })
             .is_ok()
@@ -90,32 +86,18 @@ impl MemStore {
         let Some(feed) = self.feed.get() else {
             return self.apply(pairs);
         };
-        let mut st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
         let detected = self.apply_detect(pairs, Some(st.exit_lo))?;
-        let bs = self.bucketing.bucket_secs();
-        let mut buf = std::mem::take(&mut st.buf);
-        buf.clear();
-        for &i in &detected.entered {
-            let p = &pairs[i as usize];
-            let b = self.bucketing.bucket_of(p.ts);
-            let e = ChangeEvent::new(
-                p.user_id.as_str(),
-                p.segment.as_str(),
-                ChangeReason::Pair,
-                b * bs,
-                b,
-            );
-            encode_event(&e, &mut buf);
-        }
+        let mut buf = detected.frames;
         let exits = detected.swept.len();
         self.encode_exits(detected.swept, &mut buf);
         metrics::counter!("userseg_changes_events_total", "reason" => "pair")
-            .increment(detected.entered.len() as u64);
-        metrics::counter!("userseg_changes_events_total", "reason" => "expired")
-            .increment(exits as u64);
-        let appended = feed.log.append_frames(&buf, through, None);
-        st.buf = buf;
-        appended
+            .increment(detected.entered);
+        if exits > 0 {
+            metrics::counter!("userseg_changes_events_total", "reason" => "expired")
+                .increment(exits as u64);
+        }
+        feed.log.append_frames(buf, through, None)
     }
 
     /// `exited`/`expired` events of `exits`, user ids looked up in one scan of the dictionary.
@@ -136,14 +118,7 @@ impl MemStore {
                 let id = String::from_utf8_lossy(id);
                 for &k in ks {
                     let (seg, _, b) = &exits[k];
-                    let e = ChangeEvent::new(
-                        id.as_ref(),
-                        seg.as_ref(),
-                        ChangeReason::Expired,
-                        (b + wb) * bs,
-                        *b,
-                    );
-                    encode_event(&e, buf);
+                    encode_new(&id, seg, ChangeReason::Expired, (b + wb) * bs, *b, buf);
                 }
                 left -= 1;
             }
@@ -190,11 +165,9 @@ impl MemStore {
             });
         }
         let n = exits.len();
-        let mut buf = std::mem::take(&mut st.buf);
-        buf.clear();
+        let mut buf = Vec::new();
         self.encode_exits(exits, &mut buf);
-        let appended = feed.log.append_frames(&buf, None, Some(new_lo));
-        st.buf = buf;
+        let appended = feed.log.append_frames(buf, None, Some(new_lo));
         // Even if the append failed: the exits are in the pending frames, written first next
         // time, and the memberships are gone.
         st.exit_lo = new_lo;
@@ -214,15 +187,14 @@ impl MemStore {
         let Some(feed) = self.feed.get() else {
             return Ok(self.delete_users(user_ids));
         };
-        let mut st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
         let exit_lo = st.exit_lo;
         let now = feed.clock.now();
         let users: Vec<(&String, u32)> = user_ids
             .iter()
             .filter_map(|id| Some((id, self.users.get(id.as_bytes())?)))
             .collect();
-        let mut buf = std::mem::take(&mut st.buf);
-        buf.clear();
+        let mut buf = Vec::new();
         let mut n = 0u64;
         if !users.is_empty() {
             let segments: Vec<(Box<str>, Arc<std::sync::RwLock<Segment>>)> = read(&self.segments)
@@ -235,14 +207,7 @@ impl MemStore {
                     if let Some(b) = seg.remove_user(u) {
                         if b > exit_lo {
                             let key = through.map_or(b, |t| t as i64);
-                            let e = ChangeEvent::new(
-                                id.as_str(),
-                                name.as_ref(),
-                                ChangeReason::Deleted,
-                                now,
-                                key,
-                            );
-                            encode_event(&e, &mut buf);
+                            encode_new(id, &name, ChangeReason::Deleted, now, key, &mut buf);
                             n += 1;
                         }
                     }
@@ -251,9 +216,7 @@ impl MemStore {
         }
         let found = self.delete_users(user_ids);
         metrics::counter!("userseg_changes_events_total", "reason" => "deleted").increment(n);
-        let appended = feed.log.append_frames(&buf, through, None);
-        st.buf = buf;
-        appended.map(|()| found)
+        feed.log.append_frames(buf, through, None).map(|()| found)
     }
 }
 
@@ -264,7 +227,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use std::collections::{BTreeMap, BTreeSet};
     use std::time::Duration;
-    use userseg_domain::{ChangeKind, Window};
+    use userseg_domain::{ChangeEvent, ChangeKind, Window};
     use userseg_usecase::ManualClock;
 
     const T0: i64 = 1_800_000_000;

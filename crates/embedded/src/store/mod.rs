@@ -108,8 +108,11 @@ fn entered(change: Observed, bucket: i64, exit_lo: i64) -> bool {
 /// What change detection found in a batch.
 #[derive(Default)]
 pub(crate) struct Detected {
-    /// Positions in the batch of the pairs that made their user enter.
-    pub(crate) entered: Vec<u32>,
+    /// The `entered` events, framed for the change log (encoded where they are detected, on
+    /// the applying threads).
+    pub(crate) frames: Vec<u8>,
+    /// How many `entered` events `frames` holds.
+    pub(crate) entered: u64,
     /// Memberships above `exit_lo` a sweep removed: (segment, user, bucket).
     pub(crate) swept: Vec<(Box<str>, u32, i64)>,
 }
@@ -118,6 +121,20 @@ impl Detected {
     fn add_swept(&mut self, segment: &str, exits: Vec<(u32, i64)>) {
         self.swept
             .extend(exits.into_iter().map(|(u, b)| (Box::from(segment), u, b)));
+    }
+
+    /// Frames the `entered` event of `pair` (in bucket `bucket`).
+    #[inline]
+    fn enter(&mut self, pair: &Pair, bucket: i64, bucket_secs: i64) {
+        crate::changes::encode_new(
+            &pair.user_id,
+            &pair.segment,
+            userseg_domain::ChangeReason::Pair,
+            bucket * bucket_secs,
+            bucket,
+            &mut self.frames,
+        );
+        self.entered += 1;
     }
 }
 
@@ -513,10 +530,11 @@ impl MemStore {
                         exit_lo,
                         exits: &mut exits,
                     };
+                    let bs = self.bucketing.bucket_secs();
                     for (user, bucket, i) in members {
                         let change = seg.observe_swept(user, bucket, Some(&mut swept));
                         if entered(change, bucket, exit_lo) {
-                            detected.entered.push(i);
+                            detected.enter(&pairs[i as usize], bucket, bs);
                         }
                     }
                     detected.add_swept(name, exits);
@@ -664,7 +682,7 @@ impl MemStore {
                     let bucket = i64::from(buckets[i as usize]);
                     let change = seg.observe_swept(user, bucket, Some(&mut swept));
                     if entered(change, bucket, exit_lo) {
-                        detected.entered.push(i);
+                        detected.enter(&pairs[i as usize], bucket, self.bucketing.bucket_secs());
                     }
                 }
                 detected.add_swept(name, exits);
@@ -689,7 +707,12 @@ impl MemStore {
         });
         let mut detected = Detected::default();
         for mut p in parts {
-            detected.entered.append(&mut p.entered);
+            if detected.frames.is_empty() {
+                detected.frames = std::mem::take(&mut p.frames);
+            } else {
+                detected.frames.extend_from_slice(&p.frames);
+            }
+            detected.entered += p.entered;
             detected.swept.append(&mut p.swept);
         }
         Ok(detected)

@@ -1,0 +1,239 @@
+//! The change feed's cost on durable ingest: the standalone pipeline in one process (write-ahead
+//! log with group commit → batch processor → store), fed by concurrent publishers as fast as
+//! it goes, with the feed off and on. Prints one JSON object per run and the overhead.
+//!
+//! cargo run --release -p userseg-embedded --example changes -- [pairs per phase] [users] [segments]
+//! (defaults 4000000 5000000 500)
+//!
+//! Workload (like `userseg load`): segment `s` holds `users / (s + 1)` users; a pair picks a
+//! membership uniformly among all of them, ts = now. Two phases per run: `fill` (an empty
+//! store: most pairs are new memberships, so most make an `entered` event) and `steady` (the
+//! same again: most pairs refresh a live membership, a few are new).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use userseg_domain::{Pair, Window};
+use userseg_embedded::{
+    open_standalone_with, ChangesSetup, EmbeddedStore, FileDeadLetters, WalConfig,
+};
+use userseg_usecase::{
+    BatchConfig, BatchProcessor, Clock, PairPublisher, SegmentWriter, SystemClock,
+};
+
+const BATCH: usize = 10_000;
+
+/// xorshift64: deterministic, so both runs see the same pairs.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        Rng(0x9e37_79b9_7f4a_7c15)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+const PUBLISHERS: usize = 4;
+
+struct Workload {
+    users: u64,
+    /// Cumulative populations.
+    cumulative: Vec<u64>,
+}
+
+impl Workload {
+    fn new(users: u64, segments: usize) -> Workload {
+        let mut cumulative = Vec::with_capacity(segments);
+        let mut total = 0;
+        for s in 0..segments as u64 {
+            total += users.div_ceil(s + 1);
+            cumulative.push(total);
+        }
+        Workload { users, cumulative }
+    }
+
+    /// Pre-built batches of `pairs` pairs (so that generating costs nothing in the timed part).
+    fn batches(&self, pairs: usize, now: i64, rng: &mut Rng) -> Vec<Vec<Pair>> {
+        let total = *self.cumulative.last().unwrap_or(&1);
+        (0..pairs.div_ceil(BATCH))
+            .map(|_| {
+                (0..BATCH)
+                    .map(|_| {
+                        let r = rng.next() % total;
+                        let s = self.cumulative.partition_point(|&c| c <= r);
+                        let base = if s == 0 { 0 } else { self.cumulative[s - 1] };
+                        // Members of segment s: an affine image of 0..population.
+                        let k = r - base;
+                        let user = (k * 2_654_435_761 + s as u64 * 97) % self.users;
+                        Pair {
+                            user_id: format!("user-{user:08}"),
+                            segment: format!("segment-{s:03}"),
+                            ts: now,
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Publishes every batch through the log (4 publishers) and waits until the store applied
+/// them; returns the elapsed time.
+async fn run_phase(
+    log: &userseg_embedded::WalLog,
+    wal: &userseg_embedded::WalHandle,
+    batches: Vec<Vec<Pair>>,
+) -> Duration {
+    let started = Instant::now();
+    let queue = Arc::new(std::sync::Mutex::new(batches));
+    let mut tasks = Vec::new();
+    for _ in 0..PUBLISHERS {
+        let (queue, log) = (queue.clone(), log.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(b) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                while let Err(e) = log.publish(b.clone()).await {
+                    // Overloaded: the processor is behind; wait a little.
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    while wal.committed() < wal.written() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    started.elapsed()
+}
+
+async fn run(feed: bool, fill: &[Vec<Pair>], steady: &[Vec<Pair>]) -> serde_json::Value {
+    let (fill, steady) = (fill.to_vec(), steady.to_vec());
+    let dir =
+        std::env::var("CHANGES_BENCH_DIR").unwrap_or_else(|_| "/tmp/userseg-changes-bench".into());
+    let dir = std::path::PathBuf::from(dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let setup = feed.then(|| ChangesSetup {
+        retention: Duration::from_secs(7 * 86_400),
+        clock: Arc::new(SystemClock),
+    });
+    let sa = open_standalone_with(&dir, Window::DEFAULT, WalConfig::new(""), setup)
+        .unwrap_or_else(|e| panic!("open: {e}"));
+    let store = EmbeddedStore(sa.store.clone());
+    let writer: Arc<dyn SegmentWriter> = Arc::new(store);
+    let processor = BatchProcessor::new(
+        writer,
+        Arc::new(FileDeadLetters::new(dir.join("dead-letters.ndjson"))),
+        BatchConfig {
+            batch_size: 100_000,
+            flush_interval: Duration::from_millis(200),
+            ..BatchConfig::default()
+        },
+    );
+    let stop = CancellationToken::new();
+    let source = sa.source;
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move { processor.run(source, stop).await })
+    };
+    let fill_pairs: usize = fill.iter().map(Vec::len).sum();
+    let steady_pairs: usize = steady.iter().map(Vec::len).sum();
+    let t_fill = run_phase(&sa.log, &sa.wal, fill).await;
+    let events_fill = events(&dir);
+    let t_steady = run_phase(&sa.log, &sa.wal, steady).await;
+    let events_all = events(&dir);
+    stop.cancel();
+    let _ = task.await;
+    let change_bytes = dir_bytes(&dir.join("changes"));
+    serde_json::json!({
+        "feed": feed,
+        "fill": {
+            "pairs": fill_pairs,
+            "seconds": t_fill.as_secs_f64(),
+            "pairs_per_s": (fill_pairs as f64 / t_fill.as_secs_f64()).round(),
+            "events": events_fill,
+            "events_per_s": (events_fill as f64 / t_fill.as_secs_f64()).round(),
+        },
+        "steady": {
+            "pairs": steady_pairs,
+            "seconds": t_steady.as_secs_f64(),
+            "pairs_per_s": (steady_pairs as f64 / t_steady.as_secs_f64()).round(),
+            "events": events_all - events_fill,
+            "events_per_s": ((events_all - events_fill) as f64 / t_steady.as_secs_f64()).round(),
+        },
+        "change_log_bytes": change_bytes,
+        "live_pairs": sa.store.memory().live_pairs,
+    })
+}
+
+fn events(dir: &std::path::Path) -> u64 {
+    let changes = dir.join("changes");
+    if !changes.exists() {
+        return 0;
+    }
+    userseg_embedded::changes::read_all(&changes)
+        .map(|e| e.len() as u64)
+        .unwrap_or(0)
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.replace('_', "").parse().ok())
+        .collect();
+    let pairs = *args.first().unwrap_or(&4_000_000) as usize;
+    let users = *args.get(1).unwrap_or(&5_000_000);
+    let segments = *args.get(2).unwrap_or(&500) as usize;
+    let now = SystemClock.now();
+    let w = Workload::new(users, segments);
+    let mut rng = Rng::new();
+    let fill = w.batches(pairs, now, &mut rng);
+    let steady = w.batches(pairs, now, &mut rng);
+    let mut results = Vec::new();
+    // Off, on, off, on: the better of two runs each, so a noisy neighbour weighs less.
+    for feed in [false, true, false, true] {
+        let r = run(feed, &fill, &steady).await;
+        println!("{r}");
+        results.push(r);
+    }
+    let best = |feed: bool, phase: &str| {
+        results
+            .iter()
+            .filter(|r| r["feed"] == feed)
+            .map(|r| r[phase]["pairs_per_s"].as_f64().unwrap_or(0.0))
+            .fold(0.0, f64::max)
+    };
+    for phase in ["fill", "steady"] {
+        let (off, on) = (best(false, phase), best(true, phase));
+        println!(
+            "{}",
+            serde_json::json!({
+                "phase": phase,
+                "pairs_per_s_feed_off": off,
+                "pairs_per_s_feed_on": on,
+                "cost_percent": ((1.0 - on / off) * 1000.0).round() / 10.0,
+            })
+        );
+    }
+}
