@@ -4,11 +4,13 @@
 //!
 //! cargo run --release -p userseg-embedded --example changes -- [pairs per phase] [users] [segments]
 //! (defaults 4000000 5000000 500)
+//! cargo run --release -p userseg-embedded --example changes -- apply   (the store alone)
 //!
 //! Workload (like `userseg load`): segment `s` holds `users / (s + 1)` users; a pair picks a
 //! membership uniformly among all of them, ts = now. Two phases per run: `fill` (an empty
-//! store: most pairs are new memberships, so most make an `entered` event) and `steady` (the
-//! same again: most pairs refresh a live membership, a few are new).
+//! store: almost every pair is a new membership, so almost every pair makes an `entered`
+//! event: the feed's worst case) and `refresh` (the same pairs a minute later: every pair
+//! refreshes a live membership, no event: the cost of detection alone).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,6 +84,21 @@ impl Workload {
     }
 }
 
+/// The same pairs a minute later.
+fn later(batches: &[Vec<Pair>]) -> Vec<Vec<Pair>> {
+    batches
+        .iter()
+        .map(|b| {
+            b.iter()
+                .map(|p| Pair {
+                    ts: p.ts + 60,
+                    ..p.clone()
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Publishes every batch through the log (4 publishers) and waits until the store applied
 /// them; returns the elapsed time.
 async fn run_phase(
@@ -116,8 +133,8 @@ async fn run_phase(
     started.elapsed()
 }
 
-async fn run(feed: bool, fill: &[Vec<Pair>], steady: &[Vec<Pair>]) -> serde_json::Value {
-    let (fill, steady) = (fill.to_vec(), steady.to_vec());
+async fn run(feed: bool, fill: &[Vec<Pair>], refresh: &[Vec<Pair>]) -> serde_json::Value {
+    let (fill, refresh) = (fill.to_vec(), refresh.to_vec());
     let dir =
         std::env::var("CHANGES_BENCH_DIR").unwrap_or_else(|_| "/tmp/userseg-changes-bench".into());
     let dir = std::path::PathBuf::from(dir);
@@ -146,10 +163,10 @@ async fn run(feed: bool, fill: &[Vec<Pair>], steady: &[Vec<Pair>]) -> serde_json
         tokio::spawn(async move { processor.run(source, stop).await })
     };
     let fill_pairs: usize = fill.iter().map(Vec::len).sum();
-    let steady_pairs: usize = steady.iter().map(Vec::len).sum();
+    let refresh_pairs: usize = refresh.iter().map(Vec::len).sum();
     let t_fill = run_phase(&sa.log, &sa.wal, fill).await;
     let events_fill = events(&dir);
-    let t_steady = run_phase(&sa.log, &sa.wal, steady).await;
+    let t_refresh = run_phase(&sa.log, &sa.wal, refresh).await;
     let events_all = events(&dir);
     stop.cancel();
     let _ = task.await;
@@ -163,12 +180,12 @@ async fn run(feed: bool, fill: &[Vec<Pair>], steady: &[Vec<Pair>]) -> serde_json
             "events": events_fill,
             "events_per_s": (events_fill as f64 / t_fill.as_secs_f64()).round(),
         },
-        "steady": {
-            "pairs": steady_pairs,
-            "seconds": t_steady.as_secs_f64(),
-            "pairs_per_s": (steady_pairs as f64 / t_steady.as_secs_f64()).round(),
+        "refresh": {
+            "pairs": refresh_pairs,
+            "seconds": t_refresh.as_secs_f64(),
+            "pairs_per_s": (refresh_pairs as f64 / t_refresh.as_secs_f64()).round(),
             "events": events_all - events_fill,
-            "events_per_s": ((events_all - events_fill) as f64 / t_steady.as_secs_f64()).round(),
+            "events_per_s": ((events_all - events_fill) as f64 / t_refresh.as_secs_f64()).round(),
         },
         "change_log_bytes": change_bytes,
         "live_pairs": sa.store.memory().live_pairs,
@@ -196,8 +213,56 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The store's apply path alone (no log, no processor): the same batches applied with the
+/// feed off and on; returns pairs/s per phase and the events made.
+fn apply_only(feed: bool, fill: &[Vec<Pair>], refresh: &[Vec<Pair>]) -> serde_json::Value {
+    let store = userseg_embedded::MemStore::new(Window::DEFAULT);
+    let dir = std::path::PathBuf::from("/tmp/userseg-changes-bench-apply");
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = feed.then(|| {
+        let clock = Arc::new(SystemClock);
+        let cfg = userseg_embedded::ChangeLogConfig::new(&dir, Duration::from_secs(86_400));
+        let (log, _) = userseg_embedded::FileChangeLog::open(cfg, clock.clone()).unwrap();
+        let log = Arc::new(log);
+        store.attach_feed(log.clone(), clock, store.initial_exit_lo(SystemClock.now()));
+        log
+    });
+    let mut out = serde_json::Map::new();
+    for (name, batches) in [("fill", fill), ("refresh", refresh)] {
+        // Batches of 100,000 pairs, as the processor writes them at full load.
+        let big: Vec<Vec<Pair>> = batches.chunks(10).map(|c| c.concat()).collect();
+        let n: usize = big.iter().map(Vec::len).sum();
+        let started = Instant::now();
+        for (i, b) in big.iter().enumerate() {
+            store.apply_through(b, Some(i as u64 + 1)).unwrap();
+        }
+        let t = started.elapsed().as_secs_f64();
+        out.insert(
+            name.into(),
+            serde_json::json!({"pairs_per_s": (n as f64 / t).round(), "seconds": t}),
+        );
+    }
+    out.insert("feed".into(), feed.into());
+    out.insert(
+        "change_log_bytes".into(),
+        log.map_or(0, |l| l.end_offset()).into(),
+    );
+    serde_json::Value::Object(out)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("apply") {
+        let w = Workload::new(5_000_000, 500);
+        let mut rng = Rng::new();
+        let now = SystemClock.now();
+        let fill = w.batches(4_000_000, now, &mut rng);
+        let refresh = later(&fill);
+        for feed in [false, true, false, true] {
+            println!("{}", apply_only(feed, &fill, &refresh));
+        }
+        return;
+    }
     let args: Vec<u64> = std::env::args()
         .skip(1)
         .filter_map(|a| a.replace('_', "").parse().ok())
@@ -209,11 +274,11 @@ async fn main() {
     let w = Workload::new(users, segments);
     let mut rng = Rng::new();
     let fill = w.batches(pairs, now, &mut rng);
-    let steady = w.batches(pairs, now, &mut rng);
+    let refresh = later(&fill);
     let mut results = Vec::new();
     // Off, on, off, on: the better of two runs each, so a noisy neighbour weighs less.
     for feed in [false, true, false, true] {
-        let r = run(feed, &fill, &steady).await;
+        let r = run(feed, &fill, &refresh).await;
         println!("{r}");
         results.push(r);
     }
@@ -224,7 +289,7 @@ async fn main() {
             .map(|r| r[phase]["pairs_per_s"].as_f64().unwrap_or(0.0))
             .fold(0.0, f64::max)
     };
-    for phase in ["fill", "steady"] {
+    for phase in ["fill", "refresh"] {
         let (off, on) = (best(false, phase), best(true, phase));
         println!(
             "{}",

@@ -91,6 +91,9 @@ struct Writer {
     pending: Vec<u8>,
     /// Written since the last fsync.
     dirty: bool,
+    /// Files rolled away from since the last fsync: [`FileChangeLog::sync`] syncs them too
+    /// (a roll does not wait for the disk).
+    unsynced: Vec<File>,
 }
 
 /// The file change log; implements [`ChangeLog`].
@@ -299,6 +302,7 @@ impl FileChangeLog {
                 exit_lo: recovered.exit_lo,
                 pending: Vec::new(),
                 dirty: false,
+                unsynced: Vec::new(),
             }),
             files: RwLock::new(files),
             written,
@@ -387,14 +391,15 @@ impl FileChangeLog {
                     encode_marker(TICK, zigzag(t), &mut markers);
                 }
                 f.write_all(&markers)?;
-                // The old file is complete: make it durable before readers move on.
-                w.file.sync_data()?;
                 crate::store::snapshot::sync_dir(&self.config.dir)?;
                 Ok((f, markers.len() as u64))
             });
         match opened {
             Ok((f, n)) => {
-                w.file = f;
+                let old = std::mem::replace(&mut w.file, f);
+                if w.dirty {
+                    w.unsynced.push(old);
+                }
                 w.base = next.base;
                 w.created = next.created;
                 w.offset += n;
@@ -413,11 +418,28 @@ impl FileChangeLog {
     }
 
     /// fsyncs what was written: the checkpointer calls it before a snapshot.
+    /// The fsyncs run outside the writer's lock, so appends (the apply path) go on meanwhile.
     pub fn sync(&self) -> io::Result<()> {
-        let mut w = lock(&self.writer);
-        if w.dirty {
-            w.file.sync_data()?;
+        let (files, current) = {
+            let mut w = lock(&self.writer);
+            let current = if w.dirty {
+                Some(w.file.try_clone()?)
+            } else {
+                None
+            };
             w.dirty = false;
+            (std::mem::take(&mut w.unsynced), current)
+        };
+        let synced = files
+            .iter()
+            .chain(current.iter())
+            .try_for_each(|f| f.sync_data());
+        if let Err(e) = synced {
+            // Try again next time: nothing is known to be durable.
+            let mut w = lock(&self.writer);
+            w.unsynced.extend(files);
+            w.unsynced.extend(current);
+            return Err(e);
         }
         Ok(())
     }
