@@ -83,6 +83,10 @@ pub struct ChangeEvent {
     /// `expired`: when it ended (`last_seen + window`, at the bucket's edge); `deleted`: when
     /// the deletion was applied.
     pub ts: UnixSeconds,
+    /// What tells this change from the other changes of the same membership: the time bucket
+    /// of the membership (`entered`, `expired`) or the deletion's position in the log.
+    pub key: i64,
+    /// [`event_id`] of (user, segment, reason, key).
     pub id: u64,
 }
 
@@ -102,6 +106,7 @@ impl ChangeEvent {
             segment,
             reason,
             ts,
+            key,
             id,
         }
     }

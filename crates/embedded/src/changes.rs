@@ -32,7 +32,7 @@ use userseg_usecase::{ChangeBatch, ChangeLog, ChangeReadError, ChangeRecord, Clo
 use crate::wal::codec::{self, Frame, FRAME_HEADER};
 use crate::wal::{scan_file, WalError};
 
-const EVENT: u8 = 1;
+const EVENTS: u8 = 4;
 const COVERED: u8 = 2;
 const TICK: u8 = 3;
 
@@ -131,46 +131,87 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Appends one framed event to `out`.
-pub(crate) fn encode_event(e: &ChangeEvent, out: &mut Vec<u8>) {
-    encode_parts(&e.user_id, &e.segment, e.reason, e.ts, e.id, out);
+/// Most events in one frame: a frame is read whole, so this bounds a reader's buffer.
+const FRAME_EVENTS: u32 = 1024;
+
+/// Builds frames of events: one checksum and header per up to [`FRAME_EVENTS`] events, so the
+/// apply path pays per event only for copying its fields. Frame payload: `EVENTS`, count u32
+/// LE, then per event: reason u8, zigzag varint ts, zigzag varint key, varint len + user id,
+/// varint len + segment. The id is derived from the fields when read.
+#[derive(Default)]
+pub(crate) struct EventFrames {
+    pub(crate) buf: Vec<u8>,
+    /// Where the open frame starts, and its events so far (0: no frame open).
+    start: usize,
+    count: u32,
+    /// Events pushed in all.
+    pub(crate) events: u64,
 }
 
-/// Appends the event of `user` and `segment` (id from [`userseg_domain::event_id`] of `key`)
-/// to `out`, without building a [`ChangeEvent`] (the apply path's encoding).
-#[inline]
-pub(crate) fn encode_new(
-    user: &str,
-    segment: &str,
-    reason: ChangeReason,
-    ts: i64,
-    key: i64,
-    out: &mut Vec<u8>,
-) {
-    let id = userseg_domain::event_id(user, segment, reason, key);
-    encode_parts(user, segment, reason, ts, id, out);
-}
+impl EventFrames {
+    #[inline]
+    pub(crate) fn push(
+        &mut self,
+        user: &str,
+        segment: &str,
+        reason: ChangeReason,
+        ts: i64,
+        key: i64,
+    ) {
+        let out = &mut self.buf;
+        if self.count == 0 {
+            self.start = out.len();
+            out.extend_from_slice(&[0; FRAME_HEADER]);
+            out.push(EVENTS);
+            out.extend_from_slice(&[0; 4]);
+        }
+        out.push(reason.code());
+        codec::put_varint(out, zigzag(ts));
+        codec::put_varint(out, zigzag(key));
+        codec::put_varint(out, user.len() as u64);
+        out.extend_from_slice(user.as_bytes());
+        codec::put_varint(out, segment.len() as u64);
+        out.extend_from_slice(segment.as_bytes());
+        self.count += 1;
+        self.events += 1;
+        if self.count == FRAME_EVENTS {
+            self.close();
+        }
+    }
 
-#[inline]
-fn encode_parts(
-    user: &str,
-    segment: &str,
-    reason: ChangeReason,
-    ts: i64,
-    id: u64,
-    out: &mut Vec<u8>,
-) {
-    let start = out.len();
-    out.extend_from_slice(&[0; FRAME_HEADER]);
-    out.push(EVENT);
-    out.push(reason.code());
-    out.extend_from_slice(&id.to_le_bytes());
-    codec::put_varint(out, zigzag(ts));
-    codec::put_varint(out, user.len() as u64);
-    out.extend_from_slice(user.as_bytes());
-    codec::put_varint(out, segment.len() as u64);
-    out.extend_from_slice(segment.as_bytes());
-    codec::finish_frame(out, start);
+    pub(crate) fn push_event(&mut self, e: &ChangeEvent) {
+        self.push(&e.user_id, &e.segment, e.reason, e.ts, e.key);
+    }
+
+    /// Closes the open frame (count and checksum).
+    fn close(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        let at = self.start + FRAME_HEADER + 1;
+        self.buf[at..at + 4].copy_from_slice(&self.count.to_le_bytes());
+        codec::finish_frame(&mut self.buf, self.start);
+        self.count = 0;
+    }
+
+    /// The framed bytes, every frame closed.
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        self.close();
+        self.buf
+    }
+
+    /// Appends `other`'s frames after ours.
+    pub(crate) fn append(&mut self, other: EventFrames) {
+        self.close();
+        let events = other.events;
+        let bytes = other.finish();
+        if self.buf.is_empty() {
+            self.buf = bytes;
+        } else {
+            self.buf.extend_from_slice(&bytes);
+        }
+        self.events += events;
+    }
 }
 
 fn encode_marker(kind: u8, value: u64, out: &mut Vec<u8>) {
@@ -190,29 +231,41 @@ fn unzigzag(z: u64) -> i64 {
 }
 
 enum Entry {
-    Event(ChangeEvent),
+    Events(Vec<ChangeEvent>),
     Covered(u64),
     Tick(i64),
+}
+
+fn decode_event(rest: &[u8], pos: &mut usize) -> Option<ChangeEvent> {
+    let reason = ChangeReason::from_code(*rest.get(*pos)?)?;
+    *pos += 1;
+    let ts = unzigzag(codec::get_varint(rest, pos)?);
+    let key = unzigzag(codec::get_varint(rest, pos)?);
+    let user_id = codec::get_str(rest, pos)?;
+    let segment = codec::get_str(rest, pos)?;
+    let id = userseg_domain::event_id(&user_id, &segment, reason, key);
+    Some(ChangeEvent {
+        user_id,
+        segment,
+        reason,
+        ts,
+        key,
+        id,
+    })
 }
 
 fn decode(payload: &[u8]) -> Option<Entry> {
     let (&kind, rest) = payload.split_first()?;
     let mut pos = 0;
     let entry = match kind {
-        EVENT => {
-            let reason = ChangeReason::from_code(*rest.first()?)?;
-            let id = u64::from_le_bytes(rest.get(1..9)?.try_into().ok()?);
-            pos = 9;
-            let ts = unzigzag(codec::get_varint(rest, &mut pos)?);
-            let user_id = codec::get_str(rest, &mut pos)?;
-            let segment = codec::get_str(rest, &mut pos)?;
-            Entry::Event(ChangeEvent {
-                user_id,
-                segment,
-                reason,
-                ts,
-                id,
-            })
+        EVENTS => {
+            let count = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+            pos = 4;
+            let mut events = Vec::with_capacity((count as usize).min(rest.len() / 4));
+            for _ in 0..count {
+                events.push(decode_event(rest, &mut pos)?);
+            }
+            Entry::Events(events)
         }
         COVERED => Entry::Covered(codec::get_varint(rest, &mut pos)?),
         TICK => Entry::Tick(unzigzag(codec::get_varint(rest, &mut pos)?)),
@@ -221,14 +274,40 @@ fn decode(payload: &[u8]) -> Option<Entry> {
     (pos == rest.len()).then_some(entry)
 }
 
-fn parse_cursor(c: &str) -> Result<u64, ChangeReadError> {
-    if c.is_empty() || c.len() > 20 || !c.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ChangeReadError::Malformed(format!(
-            "{c:?} is not a cursor of this feed"
-        )));
+/// A position in the log: the frame at `offset`, after its first `skip` events (cursors of
+/// events inside a frame), written `offset` or `offset.skip`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Cursor {
+    pub(crate) offset: u64,
+    pub(crate) skip: u32,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.skip {
+            0 => write!(f, "{}", self.offset),
+            k => write!(f, "{}.{k}", self.offset),
+        }
     }
-    c.parse()
-        .map_err(|_| ChangeReadError::Malformed(format!("{c:?} is not a cursor of this feed")))
+}
+
+pub(crate) fn parse_cursor(c: &str) -> Result<Cursor, ChangeReadError> {
+    let bad = || ChangeReadError::Malformed(format!("{c:?} is not a cursor of this feed"));
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    let (offset, skip) = match c.split_once('.') {
+        Some((o, k)) if digits(o) && digits(k) => (o, Some(k)),
+        None if digits(c) => (c, None),
+        _ => return Err(bad()),
+    };
+    let offset = offset.parse().map_err(|_| bad())?;
+    let skip = match skip {
+        Some(k) => match k.parse::<u32>() {
+            Ok(k) if k > 0 => k,
+            _ => return Err(bad()),
+        },
+        None => 0,
+    };
+    Ok(Cursor { offset, skip })
 }
 
 impl FileChangeLog {
@@ -254,7 +333,7 @@ impl FileChangeLog {
                 match decode(payload) {
                     Some(Entry::Covered(c)) => recovered.covered = Some(c),
                     Some(Entry::Tick(t)) => recovered.exit_lo = Some(t),
-                    Some(Entry::Event(_)) => {}
+                    Some(Entry::Events(_)) => {}
                     None => {
                         return Err(WalError::Corrupt {
                             path: dir.join(file_name(*f)),
@@ -311,7 +390,7 @@ impl FileChangeLog {
         Ok((log, recovered))
     }
 
-    /// Appends framed events (from [`encode_event`]), then the markers given, in one write.
+    /// Appends framed events (from [`EventFrames`]), then the markers given, in one write.
     /// On failure nothing of it is in the log yet: the frames are kept and written first by
     /// the next append (the store has applied their changes already, so they cannot be
     /// detected again).
@@ -465,13 +544,18 @@ impl FileChangeLog {
         *self.written.borrow()
     }
 
-    /// Up to `max` events after `offset`, reading at most a few chunks.
-    pub(crate) fn read_at(&self, offset: u64, max: usize) -> Result<ChangeBatch, ChangeReadError> {
+    /// Up to `max` events after `cursor`, reading at most a few chunks.
+    pub(crate) fn read_at(
+        &self,
+        cursor: Cursor,
+        max: usize,
+    ) -> Result<ChangeBatch, ChangeReadError> {
+        let Cursor { offset, mut skip } = cursor;
         let end = self.end_offset();
         let files: Vec<FileInfo> = self.files.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if offset > end {
+        if offset > end || (offset == end && skip > 0) {
             return Err(ChangeReadError::Malformed(format!(
-                "{offset} is beyond the end of the change log"
+                "{cursor} is beyond the end of the change log"
             )));
         }
         let first = files.first().map_or(0, |f| f.base);
@@ -509,18 +593,50 @@ impl FileChangeLog {
                 .map_err(|e| PortError::Transient(format!("change log read: {e}")))?;
             let mut at = 0;
             while at < buf.len() && records.len() < max {
+                let frame_at = pos + at as u64;
                 match codec::read_frame(&buf[at..]) {
                     Frame::Ok(payload, n) => {
-                        let Some(entry) = decode(payload) else {
-                            return Err(bad_frame(offset, pos + at as u64));
+                        let entry = decode(payload).ok_or_else(|| bad_frame(offset, frame_at))?;
+                        let events = match entry {
+                            Entry::Events(events) => events,
+                            _ if skip > 0 => return Err(bad_frame(offset, frame_at)),
+                            _ => Vec::new(),
                         };
-                        at += n;
-                        if let Entry::Event(event) = entry {
+                        let total = events.len() as u32;
+                        if skip > 0 && skip >= total {
+                            return Err(bad_frame(offset, frame_at));
+                        }
+                        for (k, event) in events.into_iter().enumerate().skip(skip as usize) {
+                            if records.len() == max {
+                                // Stop inside the frame: resume at its event k.
+                                let next = Cursor {
+                                    offset: frame_at,
+                                    skip: k as u32,
+                                };
+                                return Ok(ChangeBatch {
+                                    records,
+                                    next: next.to_string(),
+                                });
+                            }
+                            let after = k as u32 + 1;
+                            let cursor = if after == total {
+                                Cursor {
+                                    offset: frame_at + n as u64,
+                                    skip: 0,
+                                }
+                            } else {
+                                Cursor {
+                                    offset: frame_at,
+                                    skip: after,
+                                }
+                            };
                             records.push(ChangeRecord {
-                                cursor: (pos + at as u64).to_string(),
+                                cursor: cursor.to_string(),
                                 event,
                             });
                         }
+                        skip = 0;
+                        at += n;
                     }
                     Frame::Incomplete if at > 0 => break,
                     Frame::Incomplete if buf.len() >= FRAME_HEADER => {
@@ -534,14 +650,18 @@ impl FileChangeLog {
                         file.read_exact_at(&mut buf, pos - f.base)
                             .map_err(|e| PortError::Transient(format!("change log read: {e}")))?;
                     }
-                    _ => return Err(bad_frame(offset, pos + at as u64)),
+                    _ => return Err(bad_frame(offset, frame_at)),
                 }
             }
             pos += at as u64;
         }
         Ok(ChangeBatch {
             records,
-            next: pos.to_string(),
+            next: Cursor {
+                offset: pos,
+                skip: 0,
+            }
+            .to_string(),
         })
     }
 }
@@ -560,11 +680,11 @@ fn bad_frame(cursor: u64, at: u64) -> ChangeReadError {
 #[async_trait]
 impl ChangeLog for FileChangeLog {
     async fn append(&self, events: Vec<ChangeEvent>) -> Result<(), PortError> {
-        let mut buf = Vec::with_capacity(events.len() * 48);
+        let mut frames = EventFrames::default();
         for e in &events {
-            encode_event(e, &mut buf);
+            frames.push_event(e);
         }
-        self.append_frames(buf, None, None)
+        self.append_frames(frames.finish(), None, None)
     }
 
     async fn end(&self) -> Result<String, PortError> {
@@ -582,16 +702,16 @@ impl ChangeLog for FileChangeLog {
         max: usize,
         wait: Duration,
     ) -> Result<ChangeBatch, ChangeReadError> {
-        let mut offset = parse_cursor(after)?;
+        let mut cursor = parse_cursor(after)?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut changed = self.written.subscribe();
         loop {
             changed.borrow_and_update();
-            let batch = self.read_at(offset, max.max(1))?;
+            let batch = self.read_at(cursor, max.max(1))?;
             if !batch.records.is_empty() || wait.is_zero() {
                 return Ok(batch);
             }
-            offset = parse_cursor(&batch.next)?;
+            cursor = parse_cursor(&batch.next)?;
             match tokio::time::timeout_at(deadline, changed.changed()).await {
                 Ok(Ok(())) => {}
                 _ => return Ok(batch),
@@ -611,7 +731,7 @@ pub fn read_all(dir: &Path) -> Result<Vec<ChangeEvent>, WalError> {
         let path = dir.join(file_name(*f));
         scan_file(&path, i + 1 == files.len(), |at, _, payload| {
             match decode(payload) {
-                Some(Entry::Event(e)) => out.push(e),
+                Some(Entry::Events(e)) => out.extend(e),
                 Some(_) => {}
                 None => {
                     return Err(WalError::Corrupt {
@@ -649,9 +769,10 @@ mod tests {
         let clock = Arc::new(ManualClock::new(1_800_000_000));
         let cfg = ChangeLogConfig::new(dir.path(), Duration::from_secs(3600));
         let (log, _) = FileChangeLog::open(cfg.clone(), clock.clone()).unwrap();
-        let mut buf = Vec::new();
-        encode_event(&userseg_usecase::change_log_suite::event(1), &mut buf);
-        log.append_frames(buf, Some(77), Some(-5)).unwrap();
+        let mut frames = EventFrames::default();
+        frames.push_event(&userseg_usecase::change_log_suite::event(1));
+        log.append_frames(frames.finish(), Some(77), Some(-5))
+            .unwrap();
         log.append_frames(Vec::new(), Some(99), None).unwrap();
         let end = log.end_offset();
         drop(log);

@@ -27,7 +27,7 @@ use userseg_domain::{ChangeReason, Pair, UnixSeconds};
 use userseg_usecase::{Clock, PortError};
 
 use super::{read, write, MemStore, Segment};
-use crate::changes::{encode_new, FileChangeLog};
+use crate::changes::{EventFrames, FileChangeLog};
 
 pub(crate) struct Feed {
     log: Arc<FileChangeLog>,
@@ -88,20 +88,20 @@ impl MemStore {
         };
         let st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
         let detected = self.apply_detect(pairs, Some(st.exit_lo))?;
-        let mut buf = detected.frames;
+        let mut frames = detected.entered;
+        let entered = frames.events;
         let exits = detected.swept.len();
-        self.encode_exits(detected.swept, &mut buf);
-        metrics::counter!("userseg_changes_events_total", "reason" => "pair")
-            .increment(detected.entered);
+        self.encode_exits(detected.swept, &mut frames);
+        metrics::counter!("userseg_changes_events_total", "reason" => "pair").increment(entered);
         if exits > 0 {
             metrics::counter!("userseg_changes_events_total", "reason" => "expired")
                 .increment(exits as u64);
         }
-        feed.log.append_frames(buf, through, None)
+        feed.log.append_frames(frames.finish(), through, None)
     }
 
     /// `exited`/`expired` events of `exits`, user ids looked up in one scan of the dictionary.
-    fn encode_exits(&self, exits: Vec<Exit>, buf: &mut Vec<u8>) {
+    fn encode_exits(&self, exits: Vec<Exit>, frames: &mut EventFrames) {
         if exits.is_empty() {
             return;
         }
@@ -118,7 +118,7 @@ impl MemStore {
                 let id = String::from_utf8_lossy(id);
                 for &k in ks {
                     let (seg, _, b) = &exits[k];
-                    encode_new(&id, seg, ChangeReason::Expired, (b + wb) * bs, *b, buf);
+                    frames.push(&id, seg, ChangeReason::Expired, (b + wb) * bs, *b);
                 }
                 left -= 1;
             }
@@ -165,9 +165,9 @@ impl MemStore {
             });
         }
         let n = exits.len();
-        let mut buf = Vec::new();
-        self.encode_exits(exits, &mut buf);
-        let appended = feed.log.append_frames(buf, None, Some(new_lo));
+        let mut frames = EventFrames::default();
+        self.encode_exits(exits, &mut frames);
+        let appended = feed.log.append_frames(frames.finish(), None, Some(new_lo));
         // Even if the append failed: the exits are in the pending frames, written first next
         // time, and the memberships are gone.
         st.exit_lo = new_lo;
@@ -194,8 +194,7 @@ impl MemStore {
             .iter()
             .filter_map(|id| Some((id, self.users.get(id.as_bytes())?)))
             .collect();
-        let mut buf = Vec::new();
-        let mut n = 0u64;
+        let mut frames = EventFrames::default();
         if !users.is_empty() {
             let segments: Vec<(Box<str>, Arc<std::sync::RwLock<Segment>>)> = read(&self.segments)
                 .iter()
@@ -207,16 +206,18 @@ impl MemStore {
                     if let Some(b) = seg.remove_user(u) {
                         if b > exit_lo {
                             let key = through.map_or(b, |t| t as i64);
-                            encode_new(id, &name, ChangeReason::Deleted, now, key, &mut buf);
-                            n += 1;
+                            frames.push(id, &name, ChangeReason::Deleted, now, key);
                         }
                     }
                 }
             }
         }
         let found = self.delete_users(user_ids);
-        metrics::counter!("userseg_changes_events_total", "reason" => "deleted").increment(n);
-        feed.log.append_frames(buf, through, None).map(|()| found)
+        metrics::counter!("userseg_changes_events_total", "reason" => "deleted")
+            .increment(frames.events);
+        feed.log
+            .append_frames(frames.finish(), through, None)
+            .map(|()| found)
     }
 }
 
@@ -238,7 +239,7 @@ mod tests {
         _dir: tempfile::TempDir,
         log: Arc<FileChangeLog>,
         /// Where the events not read yet start.
-        cursor: u64,
+        cursor: crate::changes::Cursor,
     }
 
     fn harness(window: u64, shards: usize, threads: usize, parallel_min: usize) -> Harness {
@@ -259,7 +260,7 @@ mod tests {
             clock,
             _dir: dir,
             log,
-            cursor: 0,
+            cursor: crate::changes::Cursor { offset: 0, skip: 0 },
         }
     }
 
@@ -268,7 +269,7 @@ mod tests {
             let mut out = Vec::new();
             loop {
                 let b = self.log.read_at(self.cursor, 1000).unwrap();
-                self.cursor = b.next.parse().unwrap();
+                self.cursor = crate::changes::parse_cursor(&b.next).unwrap();
                 if b.records.is_empty() {
                     return out;
                 }

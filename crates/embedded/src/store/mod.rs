@@ -110,9 +110,7 @@ fn entered(change: Observed, bucket: i64, exit_lo: i64) -> bool {
 pub(crate) struct Detected {
     /// The `entered` events, framed for the change log (encoded where they are detected, on
     /// the applying threads).
-    pub(crate) frames: Vec<u8>,
-    /// How many `entered` events `frames` holds.
-    pub(crate) entered: u64,
+    pub(crate) entered: crate::changes::EventFrames,
     /// Memberships above `exit_lo` a sweep removed: (segment, user, bucket).
     pub(crate) swept: Vec<(Box<str>, u32, i64)>,
 }
@@ -126,15 +124,13 @@ impl Detected {
     /// Frames the `entered` event of `pair` (in bucket `bucket`).
     #[inline]
     fn enter(&mut self, pair: &Pair, bucket: i64, bucket_secs: i64) {
-        crate::changes::encode_new(
+        self.entered.push(
             &pair.user_id,
             &pair.segment,
             userseg_domain::ChangeReason::Pair,
             bucket * bucket_secs,
             bucket,
-            &mut self.frames,
         );
-        self.entered += 1;
     }
 }
 
@@ -707,12 +703,7 @@ impl MemStore {
         });
         let mut detected = Detected::default();
         for mut p in parts {
-            if detected.frames.is_empty() {
-                detected.frames = std::mem::take(&mut p.frames);
-            } else {
-                detected.frames.extend_from_slice(&p.frames);
-            }
-            detected.entered += p.entered;
+            detected.entered.append(std::mem::take(&mut p.entered));
             detected.swept.append(&mut p.swept);
         }
         Ok(detected)
