@@ -84,6 +84,19 @@ impl Workload {
     }
 }
 
+/// CPU seconds this process used so far (user + system, from /proc/self/stat): the cost
+/// figure that a busy machine distorts least.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
 /// The same pairs a minute later.
 fn later(batches: &[Vec<Pair>]) -> Vec<Vec<Pair>> {
     batches
@@ -164,9 +177,13 @@ async fn run(feed: bool, fill: &[Vec<Pair>], refresh: &[Vec<Pair>]) -> serde_jso
     };
     let fill_pairs: usize = fill.iter().map(Vec::len).sum();
     let refresh_pairs: usize = refresh.iter().map(Vec::len).sum();
+    let c0 = cpu_seconds();
     let t_fill = run_phase(&sa.log, &sa.wal, fill).await;
+    let cpu_fill = cpu_seconds() - c0;
     let events_fill = events(&dir);
+    let c0 = cpu_seconds();
     let t_refresh = run_phase(&sa.log, &sa.wal, refresh).await;
+    let cpu_refresh = cpu_seconds() - c0;
     let events_all = events(&dir);
     stop.cancel();
     let _ = task.await;
@@ -179,6 +196,7 @@ async fn run(feed: bool, fill: &[Vec<Pair>], refresh: &[Vec<Pair>]) -> serde_jso
             "pairs_per_s": (fill_pairs as f64 / t_fill.as_secs_f64()).round(),
             "events": events_fill,
             "events_per_s": (events_fill as f64 / t_fill.as_secs_f64()).round(),
+            "cpu_s_per_million_pairs": cpu_fill * 1e6 / fill_pairs as f64,
         },
         "refresh": {
             "pairs": refresh_pairs,
@@ -186,6 +204,7 @@ async fn run(feed: bool, fill: &[Vec<Pair>], refresh: &[Vec<Pair>]) -> serde_jso
             "pairs_per_s": (refresh_pairs as f64 / t_refresh.as_secs_f64()).round(),
             "events": events_all - events_fill,
             "events_per_s": ((events_all - events_fill) as f64 / t_refresh.as_secs_f64()).round(),
+            "cpu_s_per_million_pairs": cpu_refresh * 1e6 / refresh_pairs as f64,
         },
         "change_log_bytes": change_bytes,
         "live_pairs": sa.store.memory().live_pairs,
@@ -233,13 +252,19 @@ fn apply_only(feed: bool, fill: &[Vec<Pair>], refresh: &[Vec<Pair>]) -> serde_js
         let big: Vec<Vec<Pair>> = batches.chunks(10).map(|c| c.concat()).collect();
         let n: usize = big.iter().map(Vec::len).sum();
         let started = Instant::now();
+        let c0 = cpu_seconds();
         for (i, b) in big.iter().enumerate() {
             store.apply_through(b, Some(i as u64 + 1)).unwrap();
         }
         let t = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - c0;
         out.insert(
             name.into(),
-            serde_json::json!({"pairs_per_s": (n as f64 / t).round(), "seconds": t}),
+            serde_json::json!({
+                "pairs_per_s": (n as f64 / t).round(),
+                "seconds": t,
+                "cpu_s_per_million_pairs": cpu * 1e6 / n as f64,
+            }),
         );
     }
     out.insert("feed".into(), feed.into());
@@ -258,7 +283,11 @@ async fn main() {
         let now = SystemClock.now();
         let fill = w.batches(4_000_000, now, &mut rng);
         let refresh = later(&fill);
+        let only = std::env::var("CHANGES_BENCH_ONLY").ok();
         for feed in [false, true, false, true] {
+            if only.as_deref().is_some_and(|o| (o == "on") != feed) {
+                continue;
+            }
             println!("{}", apply_only(feed, &fill, &refresh));
         }
         return;
@@ -276,8 +305,13 @@ async fn main() {
     let fill = w.batches(pairs, now, &mut rng);
     let refresh = later(&fill);
     let mut results = Vec::new();
-    // Off, on, off, on: the better of two runs each, so a noisy neighbour weighs less.
-    for feed in [false, true, false, true] {
+    // Off and on alternately, CHANGES_BENCH_RUNS times each (default 2): the best of them
+    // each, so a noisy neighbour weighs less.
+    let runs: usize = std::env::var("CHANGES_BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(2);
+    for feed in (0..2 * runs).map(|i| i % 2 == 1) {
         let r = run(feed, &fill, &refresh).await;
         println!("{r}");
         results.push(r);
@@ -289,15 +323,26 @@ async fn main() {
             .map(|r| r[phase]["pairs_per_s"].as_f64().unwrap_or(0.0))
             .fold(0.0, f64::max)
     };
+    let least_cpu = |feed: bool, phase: &str| {
+        results
+            .iter()
+            .filter(|r| r["feed"] == feed)
+            .map(|r| r[phase]["cpu_s_per_million_pairs"].as_f64().unwrap_or(0.0))
+            .fold(f64::MAX, f64::min)
+    };
     for phase in ["fill", "refresh"] {
         let (off, on) = (best(false, phase), best(true, phase));
+        let (cpu_off, cpu_on) = (least_cpu(false, phase), least_cpu(true, phase));
         println!(
             "{}",
             serde_json::json!({
                 "phase": phase,
                 "pairs_per_s_feed_off": off,
                 "pairs_per_s_feed_on": on,
-                "cost_percent": ((1.0 - on / off) * 1000.0).round() / 10.0,
+                "throughput_cost_percent": ((1.0 - on / off) * 1000.0).round() / 10.0,
+                "cpu_s_per_million_pairs_feed_off": (cpu_off * 1000.0).round() / 1000.0,
+                "cpu_s_per_million_pairs_feed_on": (cpu_on * 1000.0).round() / 1000.0,
+                "cpu_cost_percent": ((cpu_on / cpu_off - 1.0) * 1000.0).round() / 10.0,
             })
         );
     }

@@ -199,19 +199,6 @@ impl EventFrames {
         self.close();
         self.buf
     }
-
-    /// Appends `other`'s frames after ours.
-    pub(crate) fn append(&mut self, other: EventFrames) {
-        self.close();
-        let events = other.events;
-        let bytes = other.finish();
-        if self.buf.is_empty() {
-            self.buf = bytes;
-        } else {
-            self.buf.extend_from_slice(&bytes);
-        }
-        self.events += events;
-    }
 }
 
 fn encode_marker(kind: u8, value: u64, out: &mut Vec<u8>) {

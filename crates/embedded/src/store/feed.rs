@@ -88,7 +88,8 @@ impl MemStore {
         };
         let st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
         let detected = self.apply_detect(pairs, Some(st.exit_lo))?;
-        let mut frames = detected.entered;
+        let mut frames = EventFrames::default();
+        self.encode_entered(pairs, detected.entered, &mut frames);
         let entered = frames.events;
         let exits = detected.swept.len();
         self.encode_exits(detected.swept, &mut frames);
@@ -98,6 +99,25 @@ impl MemStore {
                 .increment(exits as u64);
         }
         feed.log.append_frames(frames.finish(), through, None)
+    }
+
+    /// The `entered` events of the pairs at `positions`, encoded in batch order: the pairs
+    /// and their ids lie in memory in that order, so the reads stream (a pair is looked at
+    /// again long after its user was interned, when it is no longer in any cache).
+    fn encode_entered(&self, pairs: &[Pair], mut positions: Vec<u32>, frames: &mut EventFrames) {
+        positions.sort_unstable();
+        frames.buf.reserve(positions.len() * 40);
+        let bs = self.bucketing.bucket_secs();
+        const AHEAD: usize = 8;
+        for (k, &i) in positions.iter().enumerate() {
+            // Start fetching a later pair's id while this one is encoded.
+            if let Some(&j) = positions.get(k + AHEAD) {
+                std::hint::black_box(pairs[j as usize].user_id.as_bytes().first());
+            }
+            let p = &pairs[i as usize];
+            let b = self.bucketing.bucket_of(p.ts);
+            frames.push(&p.user_id, &p.segment, ChangeReason::Pair, b * bs, b);
+        }
     }
 
     /// `exited`/`expired` events of `exits`, user ids looked up in one scan of the dictionary.

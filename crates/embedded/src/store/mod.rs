@@ -108,9 +108,8 @@ fn entered(change: Observed, bucket: i64, exit_lo: i64) -> bool {
 /// What change detection found in a batch.
 #[derive(Default)]
 pub(crate) struct Detected {
-    /// The `entered` events, framed for the change log (encoded where they are detected, on
-    /// the applying threads).
-    pub(crate) entered: crate::changes::EventFrames,
+    /// Positions in the batch of the pairs that made their user enter.
+    pub(crate) entered: Vec<u32>,
     /// Memberships above `exit_lo` a sweep removed: (segment, user, bucket).
     pub(crate) swept: Vec<(Box<str>, u32, i64)>,
 }
@@ -119,18 +118,6 @@ impl Detected {
     fn add_swept(&mut self, segment: &str, exits: Vec<(u32, i64)>) {
         self.swept
             .extend(exits.into_iter().map(|(u, b)| (Box::from(segment), u, b)));
-    }
-
-    /// Frames the `entered` event of `pair` (in bucket `bucket`).
-    #[inline]
-    fn enter(&mut self, pair: &Pair, bucket: i64, bucket_secs: i64) {
-        self.entered.push(
-            &pair.user_id,
-            &pair.segment,
-            userseg_domain::ChangeReason::Pair,
-            bucket * bucket_secs,
-            bucket,
-        );
     }
 }
 
@@ -526,11 +513,10 @@ impl MemStore {
                         exit_lo,
                         exits: &mut exits,
                     };
-                    let bs = self.bucketing.bucket_secs();
                     for (user, bucket, i) in members {
                         let change = seg.observe_swept(user, bucket, Some(&mut swept));
                         if entered(change, bucket, exit_lo) {
-                            detected.enter(&pairs[i as usize], bucket, bs);
+                            detected.entered.push(i);
                         }
                     }
                     detected.add_swept(name, exits);
@@ -678,7 +664,7 @@ impl MemStore {
                     let bucket = i64::from(buckets[i as usize]);
                     let change = seg.observe_swept(user, bucket, Some(&mut swept));
                     if entered(change, bucket, exit_lo) {
-                        detected.enter(&pairs[i as usize], bucket, self.bucketing.bucket_secs());
+                        detected.entered.push(i);
                     }
                 }
                 detected.add_swept(name, exits);
@@ -703,7 +689,7 @@ impl MemStore {
         });
         let mut detected = Detected::default();
         for mut p in parts {
-            detected.entered.append(std::mem::take(&mut p.entered));
+            detected.entered.append(&mut p.entered);
             detected.swept.append(&mut p.swept);
         }
         Ok(detected)
