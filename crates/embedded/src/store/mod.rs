@@ -471,7 +471,9 @@ impl MemStore {
     fn apply_serial(&self, pairs: &[Pair], detect: Option<i64>) -> Result<Detected, PortError> {
         // Intern users and group by segment under the dictionary locks.
         let mut group_of: StdHashMap<&str, usize, FixedState> = StdHashMap::default();
-        let mut groups: Vec<(&str, Vec<(u32, i64, u32)>)> = Vec::new();
+        // Per segment: (user, bucket, position in the batch) of its pairs.
+        type SegmentPairs = Vec<(u32, i64, u32)>;
+        let mut groups: Vec<(&str, SegmentPairs)> = Vec::new();
         {
             let mut users = self.users.lock_all();
             let mut last: Option<(&str, usize)> = None;
