@@ -17,6 +17,7 @@
 //! every event in it is older than that); a cursor in a removed file is expired. Files roll at
 //! [`ChangeLogConfig::segment_bytes`] or [`ChangeLogConfig::roll_after`].
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -239,6 +240,35 @@ fn decode_event(rest: &[u8], pos: &mut usize) -> Option<ChangeEvent> {
         key,
         id,
     })
+}
+
+/// The payload of an `EVENTS` frame with the user id of every event naming one of `ids`
+/// replaced by as many `*` (same length: offsets and cursors stay valid); `None` when no event
+/// names one of them (or the payload is not an events frame).
+fn redact_payload(payload: &[u8], ids: &HashMap<String, u64>, at: u64) -> Option<Vec<u8>> {
+    let (&EVENTS, rest) = payload.split_first()? else {
+        return None;
+    };
+    let count = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+    let mut pos = 4;
+    let mut out: Option<Vec<u8>> = None;
+    for _ in 0..count {
+        pos += 1;
+        codec::get_varint(rest, &mut pos)?;
+        codec::get_varint(rest, &mut pos)?;
+        let len = codec::get_varint(rest, &mut pos)? as usize;
+        let user = rest.get(pos..pos.checked_add(len)?)?;
+        let before = |u: &str| ids.get(u).is_some_and(|&limit| at < limit);
+        if std::str::from_utf8(user).is_ok_and(before) {
+            let o = out.get_or_insert_with(|| payload.to_vec());
+            // +1: `rest` starts after the kind byte.
+            o[1 + pos..1 + pos + len].fill(b'*');
+        }
+        pos += len;
+        let seg = codec::get_varint(rest, &mut pos)? as usize;
+        pos += seg;
+    }
+    out
 }
 
 fn decode(payload: &[u8]) -> Option<Entry> {
@@ -524,6 +554,51 @@ impl FileChangeLog {
             removed += 1;
         }
         Ok(removed)
+    }
+
+    /// Erasure: in every event of the log naming one of `ids` (the `deleted` events too) in a
+    /// frame before that id's offset (where the log ended once its deletion was applied:
+    /// later events are of pairs sent after the deletion), replaces the user id by as many
+    /// `*` in place, frame checksums updated, and syncs. The ids of those events change with
+    /// it. Reads every file once; returns how many frames were rewritten. A reader reading a
+    /// frame while it is rewritten gets an error and resumes by cursor.
+    pub fn redact(&self, ids: &HashMap<String, u64>) -> io::Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let files: Vec<FileInfo> = self.files.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let end = self.end_offset();
+        let mut rewritten = 0;
+        for (i, f) in files.iter().enumerate() {
+            let limit = files.get(i + 1).map_or(end, |n| n.base) - f.base;
+            let path = self.config.dir.join(file_name(*f));
+            let data = match fs::read(&path) {
+                Ok(d) => d,
+                // Removed by the retention meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let data = &data[..(limit as usize).min(data.len())];
+            let file = OpenOptions::new().write(true).open(&path)?;
+            let mut pos = 0;
+            let mut dirty = false;
+            while let Frame::Ok(payload, n) = codec::read_frame(&data[pos..]) {
+                if let Some(clean) = redact_payload(payload, ids, f.base + pos as u64) {
+                    let mut frame = vec![0; FRAME_HEADER];
+                    frame.extend_from_slice(&clean);
+                    codec::finish_frame(&mut frame, 0);
+                    file.write_all_at(&frame, pos as u64)?;
+                    dirty = true;
+                    rewritten += 1;
+                }
+                pos += n;
+            }
+            if dirty {
+                file.sync_data()?;
+            }
+        }
+        metrics::counter!("userseg_changes_redacted_frames_total").increment(rewritten);
+        Ok(rewritten)
     }
 
     /// Offset after the last frame written.

@@ -101,6 +101,21 @@ impl Checkpointer {
         }
         let started = Instant::now();
         let erasures = self.store.erasures();
+        // Erasure: the ids of users deleted since the last snapshot leave the change log
+        // before the snapshot (which removes the log files holding the deletion): a crash
+        // before the snapshot replays the deletion, which asks for the redaction again.
+        if let Some(log) = &self.changes {
+            let erased = self.store.take_erased();
+            if !erased.is_empty() {
+                if let Err(source) = log.redact(&erased) {
+                    self.store.return_erased(erased);
+                    return Err(SnapshotError::Io {
+                        path: self.dir.clone(),
+                        source,
+                    });
+                }
+            }
+        }
         // With a change feed, the snapshot's fsync syncs the change log too, after the copy
         // and before the rename: the events of every record the snapshot holds (those up to
         // `offset`, and later ones a fuzzy copy may hold) are durable before it is.

@@ -125,6 +125,7 @@ pub fn open_standalone_with(
             (Record::Pairs(pairs), through) => store.apply_through(&pairs, through),
             (Record::DeleteUsers(d), None) => {
                 store.delete_users(d.user_ids());
+                store.note_erased(d.user_ids());
                 Ok(())
             }
             (Record::DeleteUsers(d), through) => store
@@ -281,6 +282,93 @@ mod tests {
         users
             .map(|u| (format!("u{u}"), ChangeReason::Pair))
             .collect()
+    }
+
+    /// Erasure: after a deletion and the snapshot that follows, no change-log file holds the
+    /// deleted user's id (its events, the `deleted` ones too, name `*`s instead); pairs sent
+    /// after the deletion keep their events; every cursor still reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_user_leaves_the_change_log_with_the_next_snapshot() {
+        const VICTIM: &str = "erase-me@example.com";
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(NOW));
+        let mut sa = open(dir.path(), &clock);
+        let victim = |seg: &str| Pair {
+            user_id: VICTIM.into(),
+            segment: seg.into(),
+            ts: NOW,
+        };
+        sa.log
+            .publish(vec![victim("a"), victim("b")])
+            .await
+            .unwrap();
+        sa.log.publish(pairs(0..2, NOW)).await.unwrap();
+        sa.log
+            .publish_deletion(UserDeletion::new(vec![VICTIM.into()]).unwrap())
+            .await
+            .unwrap();
+        sa.log.publish(vec![victim("c")]).await.unwrap();
+        apply_next(&mut sa, 4).await;
+        let holds = |dir: &Path| {
+            std::fs::read_dir(dir.join("changes")).unwrap().any(|f| {
+                let data = std::fs::read(f.unwrap().path()).unwrap();
+                data.windows(VICTIM.len())
+                    .filter(|w| *w == VICTIM.as_bytes())
+                    .count()
+                    > 1
+            })
+        };
+        assert!(
+            holds(dir.path()),
+            "before the snapshot the events name the user"
+        );
+        let cp = Checkpointer::new(
+            dir.path(),
+            sa.store.clone(),
+            sa.wal.clone(),
+            CheckpointConfig::default(),
+            clock.clone(),
+            sa.recovery.snapshot_offset,
+        )
+        .with_changes(sa.changes.clone().unwrap());
+        cp.checkpoint().unwrap().unwrap();
+        let events = read_all(&dir.path().join("changes")).unwrap();
+        let mut got: Vec<(String, ChangeReason, String)> = events
+            .iter()
+            .map(|e| (e.user_id.clone(), e.reason, e.segment.clone()))
+            .collect();
+        // The two `deleted` events come in any order of segments.
+        got[4..6].sort_by(|a, b| a.2.cmp(&b.2));
+        let stars = "*".repeat(VICTIM.len());
+        assert_eq!(
+            got,
+            vec![
+                (stars.clone(), ChangeReason::Pair, "a".into()),
+                (stars.clone(), ChangeReason::Pair, "b".into()),
+                ("u0".into(), ChangeReason::Pair, "s".into()),
+                ("u1".into(), ChangeReason::Pair, "s".into()),
+                (stars.clone(), ChangeReason::Deleted, "a".into()),
+                (stars.clone(), ChangeReason::Deleted, "b".into()),
+                (VICTIM.into(), ChangeReason::Pair, "c".into()),
+            ]
+        );
+        // Only the pair after the deletion names the user now.
+        let count = std::fs::read_dir(dir.path().join("changes"))
+            .unwrap()
+            .map(|f| {
+                let data = std::fs::read(f.unwrap().path()).unwrap();
+                data.windows(VICTIM.len())
+                    .filter(|w| *w == VICTIM.as_bytes())
+                    .count()
+            })
+            .sum::<usize>();
+        assert_eq!(count, 1);
+        // Cursors still read: everything from the start, through the log's port.
+        let log = sa.changes.clone().unwrap();
+        let b = userseg_usecase::ChangeLog::read(log.as_ref(), "0", 100, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(b.records.len(), 7);
     }
 
     /// Acknowledged pairs whose events were not written (the process died after the WAL's

@@ -40,6 +40,9 @@ pub(crate) struct Feed {
 
 struct State {
     exit_lo: i64,
+    /// Deleted users whose ids the change log still holds, each with the log offset its
+    /// deletion's events end at: the checkpointer redacts them ([`MemStore::take_erased`]).
+    erased: HashMap<String, u64>,
 }
 
 impl Feed {
@@ -64,7 +67,10 @@ impl MemStore {
             .set(Feed {
                 log,
                 clock,
-                state: Mutex::new(State { exit_lo }),
+                state: Mutex::new(State {
+                    exit_lo,
+                    erased: HashMap::new(),
+                }),
                 exit_lo: AtomicI64::new(exit_lo),
             })
             .is_ok()
@@ -207,7 +213,7 @@ impl MemStore {
         let Some(feed) = self.feed.get() else {
             return Ok(self.delete_users(user_ids));
         };
-        let st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
         let exit_lo = st.exit_lo;
         let now = feed.clock.now();
         let users: Vec<(&String, u32)> = user_ids
@@ -235,9 +241,47 @@ impl MemStore {
         let found = self.delete_users(user_ids);
         metrics::counter!("userseg_changes_events_total", "reason" => "deleted")
             .increment(frames.events);
-        feed.log
-            .append_frames(frames.finish(), through, None)
-            .map(|()| found)
+        let appended = feed.log.append_frames(frames.finish(), through, None);
+        // Erasure: their ids leave the change log with the next snapshot.
+        let end = feed.log.end_offset();
+        for id in user_ids {
+            st.erased.insert(id.clone(), end);
+        }
+        appended.map(|()| found)
+    }
+
+    /// Deleted users whose ids the change log may hold (a deletion replayed at start-up
+    /// without detection): the next snapshot redacts them up to the current end of the log.
+    pub fn note_erased(&self, user_ids: &[String]) {
+        if let Some(feed) = self.feed.get() {
+            let end = feed.log.end_offset();
+            let mut st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
+            for id in user_ids {
+                st.erased.insert(id.clone(), end);
+            }
+        }
+    }
+
+    /// The erased ids to redact from the change log (see [`FileChangeLog::redact`]), handed
+    /// over once.
+    pub fn take_erased(&self) -> HashMap<String, u64> {
+        match self.feed.get() {
+            Some(feed) => {
+                std::mem::take(&mut feed.state.lock().unwrap_or_else(|e| e.into_inner()).erased)
+            }
+            None => HashMap::new(),
+        }
+    }
+
+    /// Hands erased ids back after a redaction failed (retried with the next snapshot).
+    pub fn return_erased(&self, ids: HashMap<String, u64>) {
+        if let Some(feed) = self.feed.get() {
+            let mut st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, end) in ids {
+                let e = st.erased.entry(id).or_insert(end);
+                *e = (*e).max(end);
+            }
+        }
     }
 }
 

@@ -119,6 +119,8 @@ pub const FAMILIES: &[Family] = &[
         "Bytes appended to the change log in DATA_DIR/changes."),
     f("userseg_changes_write_failures_total", Counter, S, &[],
         "Appends to the change log that failed (kept in memory and written first by the next append; the batch is retried)."),
+    f("userseg_changes_redacted_frames_total", Counter, S, &[],
+        "Change log frames rewritten to erase the ids of deleted users (with the snapshot after a deletion)."),
     f("userseg_changes_subscribers", Gauge, S, &[],
         "Clients streaming GET /v1/changes right now."),
     f("userseg_changes_sent_total", Counter, S, &[],
