@@ -64,9 +64,9 @@ pub struct ServiceArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BatchArgs {
-    /// Pairs per batch written to the store (1 to 2,000,000).
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 1000)]
-    pub batch_size: usize,
+    /// Pairs per batch written to the store (1 to 2,000,000) [default: standalone 1000, es 100000].
+    #[arg(long, env = "BATCH_SIZE")]
+    pub batch_size: Option<usize>,
     /// Longest time a pair waits in a batch before the batch is written [default: standalone 100ms, es 30s].
     #[arg(long, env = "FLUSH_INTERVAL")]
     pub flush_interval: Option<String>,
@@ -189,12 +189,14 @@ impl ServiceArgs {
 }
 
 impl BatchArgs {
-    pub fn validate(&self, default_flush: Duration) -> Result<BatchConfig> {
-        if !(1..=2_000_000).contains(&self.batch_size) {
-            bail!(
-                "BATCH_SIZE: {} must be between 1 and 2000000",
-                self.batch_size
-            );
+    /// `default_size` and `default_flush` are the role's defaults: small batches for the
+    /// embedded store (it applies a batch in microseconds), large ones for ClickHouse (every
+    /// insert makes a part: 1,000-pair inserts cap ES at about a third of what 100,000-pair
+    /// inserts reach, docs/BENCHMARKS.md).
+    pub fn validate(&self, default_size: usize, default_flush: Duration) -> Result<BatchConfig> {
+        let batch_size = self.batch_size.unwrap_or(default_size);
+        if !(1..=2_000_000).contains(&batch_size) {
+            bail!("BATCH_SIZE: {batch_size} must be between 1 and 2000000");
         }
         let flush_interval = match &self.flush_interval {
             Some(v) => duration("FLUSH_INTERVAL", v)?,
@@ -215,7 +217,7 @@ impl BatchArgs {
             bail!("RETRY_BACKOFF / RETRY_BACKOFF_MAX: need 0 < RETRY_BACKOFF <= RETRY_BACKOFF_MAX");
         }
         Ok(BatchConfig {
-            batch_size: self.batch_size,
+            batch_size,
             flush_interval,
             retry_attempts: self.retry_attempts,
             backoff_initial,
@@ -298,7 +300,7 @@ pub struct StandaloneConfig {
 impl StandaloneArgs {
     pub fn validate(&self) -> Result<StandaloneConfig> {
         let service = self.service.validate()?;
-        let batch = self.batch.validate(Duration::from_millis(100))?;
+        let batch = self.batch.validate(1000, Duration::from_millis(100))?;
         let max_inflight_pairs = self
             .max_inflight_pairs
             .unwrap_or_else(|| (2 * batch.batch_size).max(1_000_000));

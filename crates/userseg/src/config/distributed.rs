@@ -88,7 +88,7 @@ pub struct EsConfig {
 impl EsArgs {
     pub fn validate(&self) -> Result<EsConfig> {
         let service = self.service.validate()?;
-        let batch = self.batch.validate(Duration::from_secs(30))?;
+        let batch = self.batch.validate(100_000, Duration::from_secs(30))?;
         let kafka = self.kafka.validate(Some(&self.kafka_group_id))?;
         let clickhouse = self.clickhouse.validate()?;
         let estimate_cache_ttl = duration("ESTIMATE_CACHE_TTL", &self.estimate_cache_ttl)?;
@@ -119,5 +119,35 @@ pub struct MigrateArgs {
 impl MigrateArgs {
     pub fn validate(&self) -> Result<ClickHouseConfig> {
         self.clickhouse.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        es: EsArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<EsConfig> {
+        let mut v = vec!["t"];
+        v.extend_from_slice(args);
+        T::try_parse_from(v)?.es.validate()
+    }
+
+    #[test]
+    fn es_batches_default_to_clickhouse_sized_inserts() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.batch.batch_size, 100_000);
+        assert_eq!(c.batch.flush_interval, Duration::from_secs(30));
+        let c = parse(&["--batch-size", "500"]).unwrap();
+        assert_eq!(c.batch.batch_size, 500);
+        let e = parse(&["--batch-size", "0"]).unwrap_err().to_string();
+        assert!(e.contains("BATCH_SIZE"), "{e}");
     }
 }
