@@ -112,7 +112,19 @@ pub fn open_standalone_with(
             let (log, covered) = open_changes(data_dir, &store, offset, setup)?;
             (Some(log), covered)
         }
-        None => (None, u64::MAX),
+        None => {
+            // The feed is off: a change log left from when it was on would keep ids of users
+            // deleted from now on (erasure), and no one reads it any more.
+            let dir = data_dir.join("changes");
+            if dir.exists() {
+                fs::remove_dir_all(&dir).map_err(|source| OpenError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+                tracing::warn!(dir = %dir.display(), "the change feed is off: removed its log");
+            }
+            (None, u64::MAX)
+        }
     };
     wal_config.dir = data_dir.join("wal");
     // In log order: a deletion removes what came before it, not what comes after.
@@ -454,6 +466,15 @@ mod tests {
         crash(sa);
         let sa = open(dir.path(), &clock);
         assert_eq!(users_of(dir.path()), before);
+        crash(sa);
+        // Turned off: the change log goes (it would keep ids of users deleted from now on).
+        let sa = open_standalone(
+            dir.path(),
+            Window::from_secs(600).unwrap(),
+            WalConfig::new(""),
+        )
+        .unwrap();
+        assert!(!dir.path().join("changes").exists());
         drop(sa);
     }
 }
