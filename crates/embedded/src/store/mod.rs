@@ -93,7 +93,10 @@ fn observe_in<C: Code>(
 /// sweep of the modular codes (only when the exit tick is behind; see `feed`).
 pub(crate) struct Swept<'a> {
     pub(crate) exit_lo: i64,
-    pub(crate) exits: &'a mut Vec<(u32, i64)>,
+    /// The batch position of the pair being observed (a sweep happens before its insert).
+    pub(crate) at: u32,
+    /// (user, bucket, batch position of the pair whose observation swept it).
+    pub(crate) exits: &'a mut Vec<(u32, i64, u32)>,
 }
 
 /// Did an observation make the user live (bucket above `exit_lo`) where it was not?
@@ -110,14 +113,18 @@ fn entered(change: Observed, bucket: i64, exit_lo: i64) -> bool {
 pub(crate) struct Detected {
     /// Positions in the batch of the pairs that made their user enter.
     pub(crate) entered: Vec<u32>,
-    /// Memberships above `exit_lo` a sweep removed: (segment, user, bucket).
-    pub(crate) swept: Vec<(Box<str>, u32, i64)>,
+    /// Memberships above `exit_lo` a sweep removed: (segment, user, bucket, batch position
+    /// of the pair whose observation swept it).
+    pub(crate) swept: Vec<(Box<str>, u32, i64, u32)>,
 }
 
 impl Detected {
-    fn add_swept(&mut self, segment: &str, exits: Vec<(u32, i64)>) {
-        self.swept
-            .extend(exits.into_iter().map(|(u, b)| (Box::from(segment), u, b)));
+    fn add_swept(&mut self, segment: &str, exits: Vec<(u32, i64, u32)>) {
+        self.swept.extend(
+            exits
+                .into_iter()
+                .map(|(u, b, at)| (Box::from(segment), u, b, at)),
+        );
     }
 }
 
@@ -190,7 +197,7 @@ impl Segment {
             }
             if let Some(s) = swept.as_deref_mut() {
                 if b > s.exit_lo {
-                    s.exits.push((u, b));
+                    s.exits.push((u, b, s.at));
                 }
             }
             false
@@ -513,9 +520,11 @@ impl MemStore {
                     let mut exits = Vec::new();
                     let mut swept = Swept {
                         exit_lo,
+                        at: 0,
                         exits: &mut exits,
                     };
                     for (user, bucket, i) in members {
+                        swept.at = i;
                         let change = seg.observe_swept(user, bucket, Some(&mut swept));
                         if entered(change, bucket, exit_lo) {
                             detected.entered.push(i);
@@ -656,6 +665,7 @@ impl MemStore {
                 let mut exits = Vec::new();
                 let mut swept = Swept {
                     exit_lo,
+                    at: 0,
                     exits: &mut exits,
                 };
                 for &i in positions {
@@ -664,6 +674,7 @@ impl MemStore {
                         continue;
                     }
                     let bucket = i64::from(buckets[i as usize]);
+                    swept.at = i;
                     let change = seg.observe_swept(user, bucket, Some(&mut swept));
                     if entered(change, bucket, exit_lo) {
                         detected.entered.push(i);
