@@ -391,6 +391,8 @@ mod tests {
             (&["--max-inflight-pairs", "10"], "MAX_INFLIGHT_PAIRS"),
             (&["--api-token", "short"], "API_TOKEN"),
             (&["--retry-attempts", "1000"], "RETRY_ATTEMPTS"),
+            (&["--changes-retention", "500ms"], "CHANGES_RETENTION"),
+            (&["--changes-retention", "a week"], "CHANGES_RETENTION"),
         ];
         for (args, var) in cases {
             let err = match parse(args) {
@@ -400,5 +402,22 @@ mod tests {
             assert!(err.starts_with(var), "{args:?}: {err}");
         }
         assert!(parse(&["--batch-size", "2000000"]).is_ok());
+        // The change feed: on for 7 days by default, off with 0.
+        assert_eq!(
+            parse(&[]).unwrap().changes_retention,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            parse(&["--changes-retention", "0"])
+                .unwrap()
+                .changes_retention,
+            None
+        );
+        assert_eq!(
+            parse(&["--changes-retention", "1s"])
+                .unwrap()
+                .changes_retention,
+            Some(Duration::from_secs(1))
+        );
     }
 }
