@@ -262,8 +262,8 @@ async fn main() {
     let addr = std::env::var("USERSEG_TEST_CLICKHOUSE_URL")
         .or_else(|_| std::env::var("CLICKHOUSE_ADDR"))
         .expect("set USERSEG_TEST_CLICKHOUSE_URL (scripts/clickhouse.sh start DIR writes it)");
-    let database =
-        std::env::var("SCALE_DB").unwrap_or_else(|_| format!("userseg_scale_{}", std::process::id()));
+    let database = std::env::var("SCALE_DB")
+        .unwrap_or_else(|_| format!("userseg_scale_{}", std::process::id()));
     let config = ClickHouseConfig {
         addr,
         database,

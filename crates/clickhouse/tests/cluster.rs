@@ -92,9 +92,15 @@ impl Drop for Cluster {
             eprintln!("stopped in {:?}", t.elapsed());
             if t.elapsed() > Duration::from_secs(10) {
                 for i in 1..=self.shards.len() {
-                    let log = std::fs::read_to_string(format!("{path}/shard{i}/log/clickhouse-server.log")).unwrap_or_default();
+                    let log = std::fs::read_to_string(format!(
+                        "{path}/shard{i}/log/clickhouse-server.log"
+                    ))
+                    .unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(25).collect();
-                    eprintln!("shard{i}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                    eprintln!(
+                        "shard{i}:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
                 }
             }
         }
@@ -155,9 +161,13 @@ fn data() -> Vec<Pair> {
 }
 
 async fn text(store: &ClickHouseStore, sql: &str) -> String {
+    answer(store, sql, "TabSeparated").await
+}
+
+async fn answer(store: &ClickHouseStore, sql: &str, format: &str) -> String {
     let body = store
         .client()
-        .query(&format!("{sql} FORMAT TabSeparated"))
+        .query(&format!("{sql} FORMAT {format}"))
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
     String::from_utf8(body.to_vec()).expect("utf-8 answer")
@@ -174,9 +184,7 @@ async fn users_of(addr: &str, database: &str, table: &str) -> BTreeSet<String> {
     let store = ClickHouseStore::new(config(addr, database), Window::DEFAULT).expect("store");
     text(
         &store,
-        &format!(
-            "SELECT DISTINCT hex(user_id) FROM `{database}`.{table} ORDER BY hex(user_id)"
-        ),
+        &format!("SELECT DISTINCT hex(user_id) FROM `{database}`.{table} ORDER BY hex(user_id)"),
     )
     .await
     .lines()
@@ -237,7 +245,10 @@ async fn compare_queries(single: &ClickHouseStore, cluster: &ClickHouseStore, cd
                         sorted_lines(&on_single),
                         "{name} for {seg} / {user} with bound {bound}: the cluster answers otherwise"
                     );
-                    assert!(!on_single.is_empty(), "{name} for {seg} / {user}: empty answer");
+                    assert!(
+                        !on_single.is_empty(),
+                        "{name} for {seg} / {user}: empty answer"
+                    );
                 }
             }
         }
@@ -247,7 +258,11 @@ async fn compare_queries(single: &ClickHouseStore, cluster: &ClickHouseStore, cd
                 single,
                 &cluster_sql::query(
                     "count_exact",
-                    &[("cdb", &sdb), ("segment", &quote_string(seg)), ("bound", &bound_s)],
+                    &[
+                        ("cdb", &sdb),
+                        ("segment", &quote_string(seg)),
+                        ("bound", &bound_s),
+                    ],
                 ),
             )
             .await;
@@ -322,7 +337,11 @@ async fn compare_store_reads(single: &ClickHouseStore, cluster: &ClickHouseStore
         assert_eq!(c, s, "user_segments of {user}");
     }
     let within = Within::from_secs(3 * DAY as u64, single.window()).ok();
-    for q in ["sports AND news AND NOT music", "NOT sports", "rare OR a.b:c-d_e"] {
+    for q in [
+        "sports AND news AND NOT music",
+        "NOT sports",
+        "rare OR a.b:c-d_e",
+    ] {
         let e = Expr::parse(q).expect("expression");
         for w in [None, within] {
             let s = single.count_expr(&e, T, w).await.expect("expr");
@@ -347,7 +366,9 @@ async fn a_two_shard_cluster_answers_like_one_server() {
 
     // Local tables: the crate's migrations on every node; then cluster.sql on every node.
     for shard in &cluster.shards {
-        migrate(&config(shard, &local)).await.expect("migrate a shard");
+        migrate(&config(shard, &local))
+            .await
+            .expect("migrate a shard");
         let admin = ClickHouseStore::new(config(shard, &local), window).expect("store");
         for st in cluster_sql::statements(
             cluster_sql::CLUSTER_SQL,
@@ -368,11 +389,15 @@ async fn a_two_shard_cluster_answers_like_one_server() {
     migrate(&config(&cluster.shards[0], &single_db))
         .await
         .expect("migrate the single-server database");
-    let single = ClickHouseStore::new(config(&cluster.shards[0], &single_db), window).expect("store");
+    let single =
+        ClickHouseStore::new(config(&cluster.shards[0], &single_db), window).expect("store");
     // ES on the cluster: the cluster database on any node (here the second).
     let ccfg = config(&cluster.shards[1], &cdb_name);
     assert!(
-        migrate(&ccfg).await.expect("migrate on the cluster database").is_empty(),
+        migrate(&ccfg)
+            .await
+            .expect("migrate on the cluster database")
+            .is_empty(),
         "`userseg migrate` against the cluster database has nothing to do"
     );
     let versions: Vec<u32> = applied_migrations(&ccfg)
@@ -381,9 +406,15 @@ async fn a_two_shard_cluster_answers_like_one_server() {
         .iter()
         .map(|m| m.version)
         .collect();
-    assert_eq!(versions, MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>());
+    assert_eq!(
+        versions,
+        MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
+    );
     let on_cluster = ClickHouseStore::new(ccfg, window).expect("store");
-    on_cluster.check_ready().await.expect("ready on the cluster");
+    on_cluster
+        .check_ready()
+        .await
+        .expect("ready on the cluster");
 
     // The same pairs into both, by the crate's writer, in the same batches.
     let pairs = data();
@@ -406,14 +437,13 @@ async fn a_two_shard_cluster_answers_like_one_server() {
         assert!(union.is_disjoint(&users), "a user is on two shards");
         union.extend(users);
         let store = ClickHouseStore::new(config(shard, &local), window).expect("store");
-        let sketches = text(
-            &store,
-            &format!("SELECT count() FROM `{local}`.agg_day"),
-        )
-        .await;
+        let sketches = text(&store, &format!("SELECT count() FROM `{local}`.agg_day")).await;
         assert_ne!(sketches.trim(), "0", "no sketches on {shard}");
     }
-    assert_eq!(union, users_of(&cluster.shards[0], &single_db, "pairs").await);
+    assert_eq!(
+        union,
+        users_of(&cluster.shards[0], &single_db, "pairs").await
+    );
 
     // distributed_group_by_no_merge makes each shard answer whole: one row per shard.
     let rows = text(
@@ -430,19 +460,26 @@ async fn a_two_shard_cluster_answers_like_one_server() {
     compare_store_reads(&single, &on_cluster).await;
     compare_queries(&single, &on_cluster, &cdb).await;
 
-    // History through the Distributed table (a tick's sample on one shard).
+    // History through the Distributed table (a tick's sample on one shard): samples of the
+    // day before T and of T's day.
     let (counts, _) = single.count_all(T, Mode::Exact).await.expect("counts");
-    for k in 0..4 {
-        single.record(T - 3600 + k * 600, &counts).await.expect("record");
+    let ticks = [T - DAY - 600, T - DAY, T - 3600, T - 3000, T - 2400];
+    for tick in ticks {
+        single.record(tick, &counts).await.expect("record");
         on_cluster
-            .record(T - 3600 + k * 600, &counts)
+            .record(tick, &counts)
             .await
             .expect("record on the cluster");
     }
     for seg in SEGMENTS {
+        let read = single.read(seg, T - 2 * DAY, T, 600).await.expect("read");
+        assert_eq!(read.len(), ticks.len(), "history of {seg}");
         assert_eq!(
-            on_cluster.read(seg, T - 7200, T, 600).await.expect("read"),
-            single.read(seg, T - 7200, T, 600).await.expect("read"),
+            on_cluster
+                .read(seg, T - 2 * DAY, T, 600)
+                .await
+                .expect("read"),
+            read,
             "history of {seg}"
         );
     }
@@ -471,7 +508,10 @@ async fn a_two_shard_cluster_answers_like_one_server() {
     for p in single.drop_expired_partitions(T).await.expect("retention") {
         dropped_single.insert((p.table, p.partition_id));
     }
-    assert!(!dropped_single.is_empty(), "18 days of pairs: some days expire");
+    assert!(
+        !dropped_single.is_empty(),
+        "18 days of pairs: some days expire"
+    );
     let nodes: Vec<ClickHouseStore> = cluster
         .shards
         .iter()
@@ -483,16 +523,79 @@ async fn a_two_shard_cluster_answers_like_one_server() {
     );
     d0.expect("delete on node 1");
     d1.expect("delete on node 2");
+    // Retention per node by retention.sql: the ALTERs it prints, run on that node, are the
+    // partitions the crate drops on one server.
+    let retention = |name: &str, now: i64, history: i64| {
+        cluster_sql::named(
+            cluster_sql::RETENTION_SQL,
+            name,
+            &[
+                ("db", &format!("`{local}`")),
+                ("db_name", &quote_string(&local)),
+                ("window", &window.secs().to_string()),
+                ("history_retention", &history.to_string()),
+                ("now", &now.to_string()),
+            ],
+        )
+    };
     let mut dropped_cluster = BTreeSet::new();
+    // The history before T's day expires (a bound at a day start: reads of the single store
+    // hide ticks before its last prune bound, the cluster's reads do not need to).
+    let t_day = T - T.rem_euclid(DAY);
+    single.prune(t_day).await.expect("history prune");
+    let mut history_drops = 0;
     for node in &nodes {
-        for p in node.drop_expired_partitions(T).await.expect("retention") {
-            dropped_cluster.insert((p.table, p.partition_id));
+        // Raw: TabSeparated would escape the quotes (clickhouse-client --format TSVRaw).
+        let alters = answer(node, &retention("expired_partitions", T, 0), "TSVRaw").await;
+        let history = answer(
+            node,
+            &retention("expired_history_partitions", t_day + DAY, DAY),
+            "TSVRaw",
+        )
+        .await;
+        for alter in alters.lines().chain(history.lines()) {
+            node.client()
+                .execute(alter)
+                .await
+                .unwrap_or_else(|e| panic!("{alter}: {e}"));
         }
+        history_drops += history.lines().count();
+        for line in alters.lines() {
+            let (table, id) = line
+                .strip_prefix(&format!("ALTER TABLE `{local}`."))
+                .and_then(|r| r.split_once(" DROP PARTITION ID "))
+                .unwrap_or_else(|| panic!("unexpected statement {line}"));
+            let table = *userseg_clickhouse::PARTITIONED_TABLES
+                .iter()
+                .find(|t| **t == table)
+                .unwrap_or_else(|| panic!("unexpected table in {line}"));
+            dropped_cluster.insert((
+                table,
+                id.trim_end_matches(';').trim_matches('\'').to_string(),
+            ));
+        }
+    }
+    assert!(history_drops >= 1, "the day before T's samples expire");
+    for seg in SEGMENTS {
+        let read = single.read(seg, T - 2 * DAY, T, 600).await.expect("read");
+        assert_eq!(read.len(), 3, "T's day is left of {seg}'s history");
+        assert_eq!(
+            on_cluster
+                .read(seg, T - 2 * DAY, T, 600)
+                .await
+                .expect("read"),
+            read,
+            "history of {seg} after retention"
+        );
     }
     assert_eq!(dropped_cluster, dropped_single);
     for v in &victims {
         assert!(
-            on_cluster.user_segments(v, T).await.expect("lookup").is_empty(),
+            on_cluster
+                .user_segments(v, T)
+                .await
+                .expect("lookup")
+                .is_empty(),
             "{v} deleted"
         );
     }
@@ -516,8 +619,8 @@ async fn the_replicated_layout_parses_on_18_16_and_records_the_crates_checksums(
     }
     let cluster = Cluster::start(1);
     let db = userseg_testkit::unique("userseg_repl");
-    let store = ClickHouseStore::new(config(&cluster.shards[0], &db), Window::DEFAULT)
-        .expect("store");
+    let store =
+        ClickHouseStore::new(config(&cluster.shards[0], &db), Window::DEFAULT).expect("store");
     let statements = cluster_sql::statements(
         cluster_sql::LOCAL_REPLICATED_SQL,
         &[

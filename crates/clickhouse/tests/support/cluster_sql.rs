@@ -7,6 +7,7 @@ pub const CLUSTER_SQL: &str = include_str!("../../../../deploy/clickhouse-cluste
 pub const LOCAL_REPLICATED_SQL: &str =
     include_str!("../../../../deploy/clickhouse-cluster/local-replicated.sql");
 pub const QUERIES_SQL: &str = include_str!("../../../../deploy/clickhouse-cluster/queries.sql");
+pub const RETENTION_SQL: &str = include_str!("../../../../deploy/clickhouse-cluster/retention.sql");
 
 fn substitute(statement: &str, subs: &[(&str, &str)]) -> String {
     let mut s = statement.to_string();
@@ -36,12 +37,17 @@ pub fn statements(text: &str, subs: &[(&str, &str)]) -> Vec<String> {
 /// The query named `name` (`-- name: NAME` above it) of queries.sql, placeholders replaced,
 /// on one line.
 pub fn query(name: &str, subs: &[(&str, &str)]) -> String {
+    named(QUERIES_SQL, name, subs)
+}
+
+/// The query named `name` of a file of named queries (queries.sql, retention.sql).
+pub fn named(text: &str, name: &str, subs: &[(&str, &str)]) -> String {
     let marker = format!("-- name: {name}\n");
-    let start = QUERIES_SQL
+    let start = text
         .find(&marker)
-        .unwrap_or_else(|| panic!("queries.sql has no query named {name}"))
+        .unwrap_or_else(|| panic!("no query named {name}"))
         + marker.len();
-    let rest = &QUERIES_SQL[start..];
+    let rest = &text[start..];
     let end = rest.find("-- name: ").unwrap_or(rest.len());
     let sql = without_comments(&rest[..end]);
     let sql = sql.trim().trim_end_matches(';');
