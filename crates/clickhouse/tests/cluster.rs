@@ -500,6 +500,12 @@ async fn a_two_shard_cluster_answers_like_one_server() {
         })
         .collect();
     let deletion = UserDeletion::new(victims.clone()).expect("deletion");
+    // Not through the cluster database (deploy/clickhouse-cluster/README.md: ES must not be
+    // sent deletions on a cluster): the id table exists on one node only.
+    assert!(
+        on_cluster.delete_users(deletion.clone()).await.is_err(),
+        "a deletion through the Distributed tables fails"
+    );
     single
         .delete_users(deletion.clone())
         .await
