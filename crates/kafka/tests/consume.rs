@@ -393,3 +393,71 @@ async fn repeated_and_cancelled_idles_lose_nothing() {
     }
     source.close().await;
 }
+
+/// `KafkaSource::assignment` follows the rebalances: everything for a lone member, a disjoint
+/// split once a second one joined (a member's revoked partitions leave its set only once it
+/// handed them over), everything again when the second one leaves, nothing once closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_assignment_watch_follows_rebalances() {
+    let cfg = config("assignwatch", 4);
+    let _publisher = setup(&cfg).await;
+    let all: BTreeSet<i32> = (0..4).collect();
+    let mut a = KafkaSource::new(&cfg).expect("source a");
+    let mut watch_a = a.assignment();
+    assert!(watch_a.borrow().is_empty(), "nothing owned before joining");
+    // Poll until the watch says a owns everything (nothing to read: idle keeps polling).
+    let deadline = tokio::time::Instant::now() + LONG;
+    while **watch_a.borrow_and_update() != all {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never got all partitions"
+        );
+        a.idle(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        a.assigned_partitions().expect("assignment"),
+        vec![0, 1, 2, 3]
+    );
+
+    let mut b = KafkaSource::new(&cfg).expect("source b");
+    let watch_b = b.assignment();
+    let deadline = tokio::time::Instant::now() + LONG;
+    let (owned_a, owned_b) = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the members never split the partitions: a {:?}, b {:?}",
+            watch_a.borrow(),
+            watch_b.borrow()
+        );
+        // A member revoking with nothing handed out hands over at once on `next`.
+        let _ = tokio::join!(
+            tokio::time::timeout(Duration::from_millis(100), a.next()),
+            tokio::time::timeout(Duration::from_millis(100), b.next())
+        );
+        let (sa, sb) = (watch_a.borrow().clone(), watch_b.borrow().clone());
+        // Never both owning one partition.
+        assert!(sa.is_disjoint(&sb), "a {sa:?} and b {sb:?} overlap");
+        if !sa.is_empty() && !sb.is_empty() && sa.len() + sb.len() == 4 {
+            break (sa, sb);
+        }
+    };
+    let union: BTreeSet<i32> = owned_a.union(&owned_b).copied().collect();
+    assert_eq!(union, all);
+    let as_vec = |s: &BTreeSet<i32>| s.iter().copied().collect::<Vec<i32>>();
+    assert_eq!(a.assigned_partitions().expect("a"), as_vec(&owned_a));
+    assert_eq!(b.assigned_partitions().expect("b"), as_vec(&owned_b));
+    assert!(watch_a.has_changed().expect("sender alive"));
+
+    // b leaves: a owns everything again, and b's watch is empty.
+    b.close().await;
+    assert!(watch_b.borrow().is_empty(), "a closed member owns nothing");
+    let deadline = tokio::time::Instant::now() + LONG;
+    while **watch_a.borrow() != all {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never got b's partitions back"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), a.next()).await;
+    }
+    a.close().await;
+}

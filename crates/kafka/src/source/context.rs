@@ -2,9 +2,9 @@
 //! read is committed; committed offsets of revoked partitions forgotten), statistics (consumer
 //! lag gauges).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rdkafka::client::ClientContext;
@@ -17,9 +17,15 @@ use rdkafka::TopicPartitionList;
 
 use crate::context::{forward_error, forward_log};
 
+/// The partitions of the topic this member owns (see [`KafkaSource::assignment`](super::KafkaSource::assignment)).
+pub(crate) type Assignment = Arc<BTreeSet<i32>>;
+
 /// State shared by the source and its callbacks.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
+    /// The partitions of the topic this member owns: a partition is added when it is
+    /// assigned, removed once it is given up (a deferred revocation only when carried out).
+    pub assignment: AssignmentWatch,
     /// Per partition, the highest offset this member committed since it was assigned the
     /// partition; commits never move backwards from it.
     pub committed: Mutex<HashMap<i32, i64>>,
@@ -40,6 +46,57 @@ pub(crate) struct Revoking {
     /// Incremental (cooperative) rebalancing: only these partitions go; else all of them.
     pub cooperative: bool,
     pub since: Instant,
+}
+
+/// A `watch` channel of the assignment (the sender keeps no receiver alive itself).
+#[derive(Debug)]
+pub(crate) struct AssignmentWatch(tokio::sync::watch::Sender<Assignment>);
+
+impl Default for AssignmentWatch {
+    fn default() -> Self {
+        AssignmentWatch(tokio::sync::watch::Sender::new(Arc::default()))
+    }
+}
+
+impl AssignmentWatch {
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Assignment> {
+        self.0.subscribe()
+    }
+
+    /// Adds `partitions` (incremental assignment) or replaces the set with them (eager).
+    pub fn assign(&self, partitions: &[i32], incremental: bool) {
+        self.0.send_if_modified(|set| {
+            let next: BTreeSet<i32> = if incremental {
+                set.iter().chain(partitions).copied().collect()
+            } else {
+                partitions.iter().copied().collect()
+            };
+            let changed = next != **set;
+            if changed {
+                *set = Arc::new(next);
+            }
+            changed
+        });
+    }
+
+    /// Removes `partitions` (incremental revocation) or everything (eager).
+    pub fn revoke(&self, partitions: &[i32], incremental: bool) {
+        self.0.send_if_modified(|set| {
+            let next: BTreeSet<i32> = if incremental {
+                set.iter()
+                    .copied()
+                    .filter(|p| !partitions.contains(p))
+                    .collect()
+            } else {
+                BTreeSet::new()
+            };
+            let changed = next != **set;
+            if changed {
+                *set = Arc::new(next);
+            }
+            changed
+        });
+    }
 }
 
 impl Shared {
@@ -80,6 +137,17 @@ pub(crate) struct SourceContext {
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
     let mut v: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    v.sort_unstable();
+    v
+}
+
+/// The partitions of `topic` in `tpl`, sorted.
+pub(crate) fn topic_partitions(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
+    let mut v: Vec<i32> = tpl
+        .elements_for_topic(topic)
+        .iter()
+        .map(|e| e.partition())
+        .collect();
     v.sort_unstable();
     v
 }
@@ -161,8 +229,14 @@ impl ConsumerContext for SourceContext {
                 } else {
                     base_consumer.assign(tpl)
                 };
-                if let Err(e) = result {
-                    tracing::warn!(topic = %self.topic, error = %e, "taking assigned kafka partitions failed");
+                match result {
+                    Err(e) => {
+                        tracing::warn!(topic = %self.topic, error = %e, "taking assigned kafka partitions failed");
+                    }
+                    Ok(()) => self
+                        .shared
+                        .assignment
+                        .assign(&topic_partitions(tpl, &self.topic), cooperative),
                 }
                 self.post_rebalance(base_consumer, &Rebalance::Assign(tpl));
             }
@@ -183,6 +257,9 @@ impl ConsumerContext for SourceContext {
                     }
                     self.shared.forget(&revoked);
                     unassign(base_consumer, tpl, cooperative);
+                    self.shared
+                        .assignment
+                        .revoke(&topic_partitions(tpl, &self.topic), cooperative);
                     return;
                 }
                 tracing::info!(
@@ -208,6 +285,9 @@ impl ConsumerContext for SourceContext {
                     .increment(1);
                 self.shared.forget(&partitions(tpl));
                 unassign(base_consumer, tpl, cooperative);
+                self.shared
+                    .assignment
+                    .revoke(&topic_partitions(tpl, &self.topic), cooperative);
             }
         }
     }

@@ -4,7 +4,7 @@
 mod context;
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::pin;
@@ -159,6 +159,15 @@ impl KafkaSource {
         &self.topic
     }
 
+    /// The partitions of the topic this member owns, as a `watch` updated from the rebalance
+    /// callback: a partition appears when it is assigned and disappears once this member has
+    /// given it up (a revocation is deferred until what was read from it is committed, see
+    /// above, and shows here only then; a lost assignment or closing shows at once).
+    /// Empty before the member joined the group and after it closed.
+    pub fn assignment(&self) -> tokio::sync::watch::Receiver<Arc<BTreeSet<i32>>> {
+        self.shared.assignment.subscribe()
+    }
+
     /// The partitions of the topic currently assigned to this member, sorted.
     pub fn assigned_partitions(&self) -> Result<Vec<i32>, PortError> {
         let tpl = self
@@ -205,14 +214,16 @@ impl KafkaSource {
             .collect();
         let mut list: Vec<i32> = revoked.iter().copied().collect();
         list.sort_unstable();
+        let ours = context::topic_partitions(&revoking.partitions, &self.topic);
+        let cooperative = revoking.cooperative;
         if let Some(consumer) = self.consumer.clone() {
             let partitions = revoking.partitions;
-            let cooperative = revoking.cooperative;
             let _ = tokio::task::spawn_blocking(move || {
                 context::unassign(consumer.as_ref(), &partitions, cooperative)
             })
             .await;
         }
+        self.shared.assignment.revoke(&ours, cooperative);
         self.shared.forget(&list);
         let before = self.pending.len();
         self.pending
@@ -267,6 +278,7 @@ fn close(consumer: Arc<StreamConsumer<SourceContext>>, shared: &Shared) {
         context::unassign(consumer.as_ref(), &r.partitions, r.cooperative);
     }
     drop(consumer);
+    shared.assignment.revoke(&[], false);
 }
 
 /// Turns a Kafka message into what the processor consumes.
