@@ -22,7 +22,9 @@ use userseg_clickhouse::{
     applied_migrations, migrate, quote_string, ClickHouseConfig, ClickHouseStore, MIGRATIONS,
 };
 use userseg_domain::{Expr, Pair, UserDeletion, Window, Within};
-use userseg_usecase::{HistoryStore, Mode, SegmentAnalytics, SegmentCounter, SegmentWriter};
+use userseg_usecase::{
+    HistoryStore, LiveScan, Member, Mode, SegmentAnalytics, SegmentCounter, SegmentWriter,
+};
 
 const DAY: i64 = 86_400;
 /// The instant everything is asked at: 2025-11-24 16:00:00 UTC.
@@ -353,6 +355,52 @@ async fn compare_store_reads(single: &ClickHouseStore, cluster: &ClickHouseStore
     let s = single.overlap(&all, T, None).await.expect("overlap");
     let c = cluster.overlap(&all, T, None).await.expect("overlap");
     assert_eq!(c, s, "overlap");
+    for seg in ["news", "rare"] {
+        assert_eq!(
+            export(cluster, seg).await,
+            export(single, seg).await,
+            "export of {seg}"
+        );
+    }
+    // The scan that loads ES's index: the same live pairs, each with the same latest ts.
+    assert_eq!(scan(cluster).await, scan(single).await, "live scan");
+}
+
+async fn export(store: &ClickHouseStore, segment: &str) -> Vec<Member> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let collect = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            all.extend(chunk);
+        }
+        all
+    });
+    store
+        .export_members(segment, T, None, 500, tx)
+        .await
+        .expect("export");
+    let mut all: Vec<Member> = collect.await.expect("collector");
+    all.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    assert!(!all.is_empty(), "{segment} has members");
+    all
+}
+
+async fn scan(store: &ClickHouseStore) -> std::collections::BTreeMap<(String, String), i64> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Pair>>(4);
+    let collect = tokio::spawn(async move {
+        let mut latest = std::collections::BTreeMap::new();
+        while let Some(chunk) = rx.recv().await {
+            for p in chunk {
+                let ts = latest.entry((p.segment, p.user_id)).or_insert(p.ts);
+                *ts = (*ts).max(p.ts);
+            }
+        }
+        latest
+    });
+    store.scan_live(T, 1_000, tx).await.expect("scan");
+    let latest = collect.await.expect("collector");
+    assert!(latest.len() > 1_000, "{} live pairs", latest.len());
+    latest
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
