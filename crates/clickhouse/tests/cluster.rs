@@ -412,11 +412,29 @@ async fn a_two_shard_cluster_answers_like_one_server() {
     let single_db = userseg_testkit::unique("userseg_single");
     let window = Window::DEFAULT;
 
-    // Local tables: the crate's migrations on every node; then cluster.sql on every node.
+    // ES's settings on the cluster: the cluster database on any node (here the second), and
+    // every node's local database (CLICKHOUSE_NODES, CLICKHOUSE_NODE_DATABASE).
+    let ccfg = ClickHouseConfig {
+        nodes: cluster.shards.clone(),
+        node_database: local.clone(),
+        ..config(&cluster.shards[1], &cdb_name)
+    };
+    // Local tables: `userseg migrate` with the nodes migrates every node's local database;
+    // then cluster.sql on every node.
+    let applied = migrate(&ccfg).await.expect("migrate every node");
+    assert_eq!(
+        applied.len(),
+        2 * MIGRATIONS.len(),
+        "every migration on both nodes"
+    );
     for shard in &cluster.shards {
-        migrate(&config(shard, &local))
-            .await
-            .expect("migrate a shard");
+        assert_eq!(
+            applied_migrations(&config(shard, &local))
+                .await
+                .expect("a node's versions")
+                .len(),
+            MIGRATIONS.len()
+        );
         let admin = ClickHouseStore::new(config(shard, &local), window).expect("store");
         for st in cluster_sql::statements(
             cluster_sql::CLUSTER_SQL,
@@ -434,21 +452,25 @@ async fn a_two_shard_cluster_answers_like_one_server() {
                 .unwrap_or_else(|e| panic!("{st}: {e}"));
         }
     }
+    assert!(
+        migrate(&ccfg).await.expect("migrate again").is_empty(),
+        "every node is up to date"
+    );
     migrate(&config(&cluster.shards[0], &single_db))
         .await
         .expect("migrate the single-server database");
     let single =
         ClickHouseStore::new(config(&cluster.shards[0], &single_db), window).expect("store");
-    // ES on the cluster: the cluster database on any node (here the second).
-    let ccfg = config(&cluster.shards[1], &cdb_name);
+    // Without the nodes, the cluster database alone: `userseg migrate` has nothing to do there.
+    let plain_cfg = config(&cluster.shards[1], &cdb_name);
     assert!(
-        migrate(&ccfg)
+        migrate(&plain_cfg)
             .await
             .expect("migrate on the cluster database")
             .is_empty(),
         "`userseg migrate` against the cluster database has nothing to do"
     );
-    let versions: Vec<u32> = applied_migrations(&ccfg)
+    let versions: Vec<u32> = applied_migrations(&plain_cfg)
         .await
         .expect("versions")
         .iter()
@@ -458,6 +480,7 @@ async fn a_two_shard_cluster_answers_like_one_server() {
         versions,
         MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
     );
+    let plain = ClickHouseStore::new(plain_cfg, window).expect("store");
     let on_cluster = ClickHouseStore::new(ccfg, window).expect("store");
     on_cluster
         .check_ready()
@@ -548,10 +571,9 @@ async fn a_two_shard_cluster_answers_like_one_server() {
         })
         .collect();
     let deletion = UserDeletion::new(victims.clone()).expect("deletion");
-    // Not through the cluster database (deploy/clickhouse-cluster/README.md: ES must not be
-    // sent deletions on a cluster): the id table exists on one node only.
+    // Not through the Distributed tables alone: the id table would exist on one node only.
     assert!(
-        on_cluster.delete_users(deletion.clone()).await.is_err(),
+        plain.delete_users(deletion.clone()).await.is_err(),
         "a deletion through the Distributed tables fails"
     );
     single
@@ -571,12 +593,11 @@ async fn a_two_shard_cluster_answers_like_one_server() {
         .iter()
         .map(|shard| ClickHouseStore::new(config(shard, &local), window).expect("store"))
         .collect();
-    let (d0, d1) = tokio::join!(
-        nodes[0].delete_users(deletion.clone()),
-        nodes[1].delete_users(deletion.clone())
-    );
-    d0.expect("delete on node 1");
-    d1.expect("delete on node 2");
+    // With the nodes, the store deletes on each node's local database.
+    on_cluster
+        .delete_users(deletion.clone())
+        .await
+        .expect("delete on every node");
     // Retention per node by retention.sql: the ALTERs it prints, run on that node, are the
     // partitions the crate drops on one server.
     let retention = |name: &str, now: i64, history: i64| {
@@ -652,6 +673,53 @@ async fn a_two_shard_cluster_answers_like_one_server() {
                 .is_empty(),
             "{v} deleted"
         );
+    }
+    compare_store_reads(&single, &on_cluster).await;
+    compare_queries(&single, &on_cluster, &cdb).await;
+
+    // Two days later: the store's own retention and history pruning, on every node.
+    let later = T + 2 * DAY;
+    let mut want = BTreeSet::new();
+    for p in single
+        .drop_expired_partitions(later)
+        .await
+        .expect("retention")
+    {
+        want.insert((p.table, p.partition_id));
+    }
+    assert!(!want.is_empty(), "two more days expire");
+    let mut got = BTreeSet::new();
+    for p in on_cluster
+        .drop_expired_partitions(later)
+        .await
+        .expect("retention on every node")
+    {
+        got.insert((p.table, p.partition_id));
+    }
+    assert_eq!(got, want);
+    assert!(
+        plain
+            .drop_expired_partitions(later + DAY)
+            .await
+            .expect("no-op")
+            .is_empty(),
+        "the Distributed tables alone have no partitions"
+    );
+    single.prune(t_day + DAY).await.expect("prune");
+    on_cluster
+        .prune(t_day + DAY)
+        .await
+        .expect("prune every node");
+    for node in &nodes {
+        let left = text(
+            node,
+            &format!(
+                "SELECT count() FROM system.parts WHERE database = {} AND table = 'history' AND active",
+                quote_string(&local)
+            ),
+        )
+        .await;
+        assert_eq!(left.trim(), "0", "history left on a node");
     }
     compare_store_reads(&single, &on_cluster).await;
     compare_queries(&single, &on_cluster, &cdb).await;
