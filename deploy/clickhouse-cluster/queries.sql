@@ -5,9 +5,10 @@
 -- `distributed_group_by_no_merge = 1` makes each shard finish its GROUP BY and send its
 -- result rows (numbers, or one row per user) instead of partial hash sets to merge.
 --
--- The crate's own, unchanged statements are also correct on the cluster database (the
--- initiator merges the shards' partial states: same answers, more data moved; tested), so
--- ES runs on a cluster as it is; these are the cheaper forms.
+-- ES sends these forms when it knows the nodes (CLICKHOUSE_NODES: src/analytics.rs
+-- count_per_shard, count_all_per_shard, no_merge). Its single-server statements are also
+-- correct on the cluster database (the initiator merges the shards' partial states: same
+-- answers, more memory and data moved; tested).
 --
 -- Placeholders: {cdb} the cluster database; {segment}, {user}, {a}, {b}, {c} string literals
 -- ('sports'); {bound} Unix seconds, a row is live iff ts > bound (at - window, or at - within);

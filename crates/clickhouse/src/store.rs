@@ -111,6 +111,12 @@ impl ClickHouseStore {
         &self.client
     }
 
+    /// Is this the cluster database of a cluster ([`ClickHouseConfig::nodes`])? Exact reads
+    /// then sum per-shard answers.
+    pub(crate) fn on_cluster(&self) -> bool {
+        !self.nodes.is_empty()
+    }
+
     /// The quoted database name, for SQL text.
     pub(crate) fn db(&self) -> &str {
         &self.db
@@ -282,6 +288,15 @@ impl ClickHouseStore {
         segment: &str,
         at: UnixSeconds,
     ) -> Result<u64, ClickHouseError> {
+        if self.on_cluster() {
+            let after = match since(at.saturating_sub(self.window_secs())) {
+                Since::Never => return Ok(0),
+                Since::Always => None,
+                Since::From(lo) => Some(lo),
+            };
+            let sql = crate::analytics::sql::count_per_shard(&self.db, segment, after);
+            return self.query_one(sql, "count", Mode::Exact).await;
+        }
         let time = match since(at.saturating_sub(self.window_secs())) {
             Since::Never => return Ok(0),
             Since::Always => String::new(),
@@ -300,6 +315,15 @@ impl ClickHouseStore {
         &self,
         at: UnixSeconds,
     ) -> Result<Vec<SegmentCount>, ClickHouseError> {
+        if self.on_cluster() {
+            let after = match since(at.saturating_sub(self.window_secs())) {
+                Since::Never => return Ok(Vec::new()),
+                Since::Always => None,
+                Since::From(lo) => Some(lo),
+            };
+            let sql = crate::analytics::sql::count_all_per_shard(&self.db, after);
+            return self.query_counts(sql, "count_all", Mode::Exact).await;
+        }
         let time = match since(at.saturating_sub(self.window_secs())) {
             Since::Never => return Ok(Vec::new()),
             Since::Always => String::new(),

@@ -528,6 +528,9 @@ async fn a_two_shard_cluster_answers_like_one_server() {
     assert_eq!(rows.trim(), "2");
 
     let cdb = format!("`{cdb_name}`");
+    // The crate's single-server statements through the Distributed tables (no nodes), and
+    // its per-shard forms (with the nodes).
+    compare_store_reads(&single, &plain).await;
     compare_store_reads(&single, &on_cluster).await;
     compare_queries(&single, &on_cluster, &cdb).await;
 
