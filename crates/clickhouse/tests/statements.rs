@@ -219,6 +219,38 @@ async fn export_statements_with_their_answers() {
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     });
+    step!("per-shard forms (a store that knows cluster nodes)", {
+        // On one server the setting changes nothing: the answers are this server's.
+        let sharded = ClickHouseStore::new(
+            ClickHouseConfig {
+                nodes: vec![config.addr.clone()],
+                node_database: config.database.clone(),
+                ..config.clone()
+            },
+            window,
+        )
+        .unwrap();
+        sharded.count("sports", T, Mode::Exact).await.unwrap();
+        sharded.count_all(T, Mode::Exact).await.unwrap();
+        let within = Within::from_secs(3 * DAY as u64, window).ok();
+        sharded.count_within("news", T, within).await.unwrap();
+        sharded.count_all_within(T, within).await.unwrap();
+        for q in ["sports AND news", "NOT sports"] {
+            sharded
+                .count_expr(&Expr::parse(q).unwrap(), T, None)
+                .await
+                .unwrap();
+        }
+        let segs: Vec<String> = ["sports", "news", "a.b:c-d_e"].map(String::from).into();
+        sharded.overlap(&segs, T, None).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        sharded
+            .export_members("news", T, None, 100, tx)
+            .await
+            .unwrap();
+        drain.await.unwrap();
+    });
     step!("drop expired partitions", {
         let dropped = store.drop_expired_partitions(T).await.unwrap();
         assert!(!dropped.is_empty(), "the backfill's old days expire");
