@@ -39,6 +39,7 @@ pub(crate) fn routes(state: ApiState) -> Router {
         .route("/v1/overlap", get(overlap))
         .route("/v1/segments/{segment}/members", get(members))
         .route("/v1/segments/{segment}/history", get(history))
+        .route("/v1/changes", get(crate::changes_http::changes))
         .with_state(state)
 }
 

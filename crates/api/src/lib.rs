@@ -3,6 +3,7 @@
 
 mod analytics_http;
 pub mod auth;
+mod changes_http;
 pub mod conn;
 #[doc(hidden)]
 pub mod decode;
@@ -23,7 +24,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use userseg_usecase::{Analytics, Estimation, History, Ingest};
+use userseg_usecase::{Analytics, Changes, Estimation, History, Ingest};
 
 pub use auth::{Authenticator, KeyFileError, KeySet, Role};
 pub use error::ApiError;
@@ -43,6 +44,8 @@ pub struct ApiState {
     pub analytics: Option<Analytics>,
     /// Segment count history.
     pub history: Option<History>,
+    /// The change feed (`GET /v1/changes`), when it is on.
+    pub changes: Option<Changes>,
     pub ready_checks: Vec<(String, ReadyCheck)>,
     pub metrics: Option<PrometheusHandle>,
     /// When set, every route but the open ones needs `Authorization: Bearer <token>` of a key
@@ -68,6 +71,7 @@ impl ApiState {
             estimation,
             analytics: None,
             history: None,
+            changes: None,
             ready_checks: Vec::new(),
             metrics: None,
             auth: None,

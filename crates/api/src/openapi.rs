@@ -21,6 +21,7 @@ use utoipa::OpenApi;
         crate::analytics_http::overlap,
         crate::analytics_http::members,
         crate::analytics_http::history,
+        crate::changes_http::changes,
         crate::http::healthz,
         crate::http::readyz,
         crate::http::metrics,

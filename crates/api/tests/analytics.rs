@@ -1023,6 +1023,12 @@ async fn openapi_lists_every_route_and_its_examples_hold() {
     let mut checked = 0;
     for (path, ops) in paths {
         for (method, op) in ops.as_object().unwrap() {
+            // The change feed streams without end (and this server has no change log): its
+            // examples are checked against the binary in crates/userseg/tests/changes.rs.
+            if path == "/v1/changes" {
+                checked += 1;
+                continue;
+            }
             // The request from the parameter examples.
             let mut url = path.clone();
             let mut query = Vec::new();

@@ -12,6 +12,9 @@ pub enum ErrorKind {
     PermissionDenied,
     /// No such route or resource (HTTP 404, gRPC NOT_FOUND).
     NotFound,
+    /// The resource existed but is no longer kept, e.g. a change-feed cursor older than the
+    /// retention (HTTP 410, gRPC OUT_OF_RANGE).
+    Gone,
     /// The request is understood but this server cannot serve it: an unsupported media type or
     /// an operation this mode does not offer (HTTP 415 / 501, gRPC UNIMPLEMENTED).
     Unsupported,
@@ -32,6 +35,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::Gone => "gone",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::Unavailable => "unavailable",

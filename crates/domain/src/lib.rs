@@ -4,6 +4,7 @@
 //! This crate does no I/O and knows nothing about async runtimes, so every rule here is a plain
 //! function that is tested exhaustively.
 
+mod change;
 mod deletion;
 mod error;
 mod expr;
@@ -11,6 +12,7 @@ mod pair;
 mod window;
 mod within;
 
+pub use change::{event_id, ChangeEvent, ChangeKind, ChangeReason};
 pub use deletion::{DeletionError, Record, UserDeletion, MAX_USERS_PER_DELETE};
 pub use error::ErrorKind;
 pub use expr::{

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use userseg_usecase::Clock;
 
+use crate::changes::FileChangeLog;
 use crate::store::snapshot::{self, SnapshotError};
 use crate::store::MemStore;
 use crate::wal::WalHandle;
@@ -43,6 +44,9 @@ pub struct Checkpointer {
     last: Mutex<(u64, Instant)>,
     /// [`MemStore::erasures`] covered by the last snapshot.
     erasures_done: std::sync::atomic::AtomicU64,
+    /// The change log: synced before each snapshot; its exits ticked and its retention applied
+    /// by [`Checkpointer::run`].
+    changes: Option<Arc<FileChangeLog>>,
 }
 
 impl Checkpointer {
@@ -62,6 +66,30 @@ impl Checkpointer {
             clock,
             last: Mutex::new((recovered_offset, Instant::now())),
             erasures_done: Default::default(),
+            changes: None,
+        }
+    }
+
+    /// Keeps the change log in step: synced before each snapshot (so a snapshot never covers
+    /// a record whose events are not durable), exits emitted as the clock passes bucket edges,
+    /// files beyond the retention removed.
+    pub fn with_changes(mut self, log: Arc<FileChangeLog>) -> Self {
+        self.changes = Some(log);
+        self
+    }
+
+    /// Emits the exits due now and applies the change log's retention.
+    fn tick_changes(&self) {
+        let Some(log) = &self.changes else {
+            return;
+        };
+        if let Err(e) = self.store.tick_changes(self.clock.now()) {
+            tracing::warn!(error = %e, "could not write exits to the change log; will retry");
+        }
+        match log.prune() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(files = n, "removed change log files past the retention"),
+            Err(e) => tracing::warn!(error = %e, "could not remove old change log files"),
         }
     }
 
@@ -73,7 +101,34 @@ impl Checkpointer {
         }
         let started = Instant::now();
         let erasures = self.store.erasures();
-        if let Err(e) = snapshot::write(&self.store, &self.dir, offset) {
+        // Erasure: the ids of users deleted since the last snapshot leave the change log
+        // before the snapshot (which removes the log files holding the deletion): a crash
+        // before the snapshot replays the deletion, which asks for the redaction again.
+        if let Some(log) = &self.changes {
+            let erased = self.store.take_erased();
+            if !erased.is_empty() {
+                if let Err(source) = log.redact(&erased) {
+                    self.store.return_erased(erased);
+                    return Err(SnapshotError::Io {
+                        path: self.dir.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        // With a change feed, the snapshot's fsync syncs the change log too, after the copy
+        // and before the rename: the events of every record the snapshot holds (those up to
+        // `offset`, and later ones a fuzzy copy may hold) are durable before it is.
+        let written = match &self.changes {
+            None => snapshot::write(&self.store, &self.dir, offset),
+            Some(log) => snapshot::write_with(&self.store, &self.dir, offset, |p| {
+                Ok(WithChanges {
+                    file: std::fs::File::create(p)?,
+                    log: log.clone(),
+                })
+            }),
+        };
+        if let Err(e) = written {
             // The temporary file is gone, the previous snapshot and the log are untouched.
             let reason = if e.is_disk_full() {
                 "disk_full"
@@ -129,7 +184,12 @@ impl Checkpointer {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if last_expire.elapsed() >= self.config.expire_interval {
+            let expire_due = last_expire.elapsed() >= self.config.expire_interval;
+            if self.changes.is_some() {
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.tick_changes()).await;
+            }
+            if expire_due {
                 last_expire = Instant::now();
                 let store = self.store.clone();
                 let now = self.clock.now();
@@ -162,6 +222,28 @@ impl Checkpointer {
                 }
             }
         }
+    }
+}
+
+/// A snapshot file whose fsync also syncs the change log.
+struct WithChanges {
+    file: std::fs::File,
+    log: Arc<FileChangeLog>,
+}
+
+impl std::io::Write for WithChanges {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl snapshot::SnapshotFile for WithChanges {
+    fn sync_all(&mut self) -> std::io::Result<()> {
+        self.file.sync_all()?;
+        self.log.sync()
     }
 }
 

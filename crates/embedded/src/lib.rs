@@ -8,6 +8,7 @@
 //! - [`dlq`]: dead letters appended to a file.
 //! - [`history`]: segment count samples in `DATA_DIR/history`.
 
+pub mod changes;
 pub mod checkpoint;
 pub mod dlq;
 pub mod history;
@@ -15,9 +16,13 @@ pub mod standalone;
 pub mod store;
 pub mod wal;
 
+pub use changes::{ChangeLogConfig, FileChangeLog};
 pub use checkpoint::{CheckpointConfig, Checkpointer};
 pub use dlq::FileDeadLetters;
 pub use history::FileHistory;
-pub use standalone::{open_standalone, DataDirLock, OpenError, Recovery, Standalone};
+pub use standalone::{
+    open_standalone, open_standalone_with, ChangesSetup, DataDirLock, OpenError, Recovery,
+    Standalone,
+};
 pub use store::{EmbeddedStore, MemStore, MemoryStats};
 pub use wal::{LogFault, WalConfig, WalHandle, WalLog, WalSource};

@@ -7,6 +7,9 @@ pub mod analytics;
 #[cfg(feature = "testsuite")]
 pub mod analytics_suite;
 pub mod backoff;
+#[cfg(feature = "testsuite")]
+pub mod change_log_suite;
+pub mod changes;
 pub mod clock;
 pub mod estimate;
 pub mod history;
@@ -23,16 +26,17 @@ pub use analytics::{
     Analytics, AnalyticsError, CountList, Export, ExprCount, OverlapAnswer, UserSegments,
 };
 pub use backoff::Backoff;
+pub use changes::{ChangeStream, Changes, ChangesError};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use estimate::{Estimate, EstimateList, Estimation, EstimationError};
 pub use history::{History, HistoryAnswer, HistoryConfig, HistoryError, HistorySampler};
 pub use index::{IndexConfig, IndexStatus, SegmentIndex};
 pub use ingest::{Ingest, IngestError};
 pub use ports::{
-    Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, Followed, HistoryPoint,
-    HistoryStore, InvalidReason, LiveScan, LogFollower, Member, Membership, Message, Mode, Overlap,
-    PairPublisher, PairSource, PortError, SegmentAnalytics, SegmentCount, SegmentCounter,
-    SegmentWriter,
+    ChangeBatch, ChangeLog, ChangeReadError, ChangeRecord, Content, DeadLetter, DeadLetterKind,
+    DeadLetterSink, DeadPayload, Followed, HistoryPoint, HistoryStore, InvalidReason, LiveScan,
+    LogFollower, Member, Membership, Message, Mode, Overlap, PairPublisher, PairSource, PortError,
+    SegmentAnalytics, SegmentCount, SegmentCounter, SegmentWriter,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
 #[cfg(test)]

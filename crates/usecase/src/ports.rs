@@ -131,6 +131,15 @@ pub trait PairSource: Send + 'static {
     fn is_drained(&self) -> bool {
         false
     }
+
+    /// The log offset a position stands for (the embedded log's byte offset after the
+    /// message), when the log has one: the batch processor hands it to
+    /// [`SegmentWriter::write_through`] so a store with a change feed knows which records its
+    /// events cover. Sources without such offsets keep the default `None`.
+    fn log_offset(position: &Self::Position) -> Option<u64> {
+        let _ = position;
+        None
+    }
 }
 
 /// Where dead letters go: a DLQ topic, or a file in standalone mode.
@@ -198,6 +207,28 @@ pub trait SegmentWriter: Send + Sync + 'static {
         Err(PortError::Permanent(
             "this store cannot delete users".into(),
         ))
+    }
+
+    /// [`write`](Self::write) of pairs read from the log up to offset `through`
+    /// ([`PairSource::log_offset`] of the batch's last message), for stores that record what
+    /// their change feed covers. The default ignores the offset.
+    async fn write_through(
+        &self,
+        pairs: Arc<[Pair]>,
+        through: Option<u64>,
+    ) -> Result<(), PortError> {
+        let _ = through;
+        self.write(pairs).await
+    }
+
+    /// [`delete_users`](Self::delete_users) of the deletion logged at offset `through`.
+    async fn delete_users_through(
+        &self,
+        deletion: UserDeletion,
+        through: Option<u64>,
+    ) -> Result<(), PortError> {
+        let _ = through;
+        self.delete_users(deletion).await
     }
 }
 
@@ -409,4 +440,60 @@ pub trait HistoryStore: Send + Sync + 'static {
 
     /// The latest recorded tick, if any (a restarted sampler resumes after it).
     async fn last_tick(&self) -> Result<Option<UnixSeconds>, PortError>;
+}
+
+/// An event of the change feed with the cursor just after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeRecord {
+    /// Opaque to clients: reading after it resumes right after this event.
+    pub cursor: String,
+    pub event: userseg_domain::ChangeEvent,
+}
+
+/// What one [`ChangeLog::read`] returns: events in log order, and where the next read starts
+/// (past the last event, and past records that are not events).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeBatch {
+    pub records: Vec<ChangeRecord>,
+    pub next: String,
+}
+
+/// Why a change log cannot be read after a cursor.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeReadError {
+    /// Not a cursor this log handed out (HTTP 400).
+    #[error("malformed cursor: {0}")]
+    Malformed(String),
+    /// A cursor of events the log no longer keeps (older than the retention; HTTP 410).
+    #[error("cursor expired: {0}")]
+    Expired(String),
+    #[error(transparent)]
+    Port(#[from] PortError),
+}
+
+/// The durable change feed: events of users entering and leaving segments, in the order they
+/// happened per user, kept for a retention (a file log in DATA_DIR, a Kafka topic).
+///
+/// Cursors are opaque strings; a cursor names the position just after an event (or the end of
+/// the log), and reading after it never skips or repeats an event of the log.
+#[async_trait]
+pub trait ChangeLog: Send + Sync + 'static {
+    /// Appends events in order; durable per the adapter's contract once `Ok`.
+    async fn append(&self, events: Vec<userseg_domain::ChangeEvent>) -> Result<(), PortError>;
+
+    /// The cursor of the current end: reading after it returns only events appended later.
+    async fn end(&self) -> Result<String, PortError>;
+
+    /// The cursor of the oldest event kept (reading after it returns every event kept).
+    async fn start(&self) -> Result<String, PortError>;
+
+    /// Up to `max` events after `after`; when there is none yet, waits up to `wait` for one
+    /// (then returns an empty batch whose `next` is `after`). Memory is bounded by `max`
+    /// whatever the log holds.
+    async fn read(
+        &self,
+        after: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<ChangeBatch, ChangeReadError>;
 }

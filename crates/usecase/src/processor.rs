@@ -373,14 +373,25 @@ impl BatchProcessor {
         let pairs = std::mem::take(&mut batches.pairs);
         let logged = std::mem::take(&mut batches.logged);
         let done = std::mem::take(&mut batches.positions);
+        let through = done.last().and_then(S::log_offset);
         if let Some(deletion) = batches.deletion.take() {
-            self.write_then_delete::<S>(pairs, logged, deletion, write_stop)
-                .await?;
+            // The deletion is the batch's last message; the pairs end before it.
+            let pairs_through = done
+                .len()
+                .checked_sub(2)
+                .and_then(|i| S::log_offset(&done[i]));
+            self.write_then_delete::<S>(
+                (pairs, pairs_through),
+                logged,
+                (deletion, through),
+                write_stop,
+            )
+            .await?;
             self.commit(source, done).await;
         } else if pairs.is_empty() {
             self.commit(source, done).await;
         } else {
-            let write = self.write_batch::<S>(pairs.into(), logged, write_stop.clone());
+            let write = self.write_batch::<S>(pairs.into(), through, logged, write_stop.clone());
             batches.inflight = Some((Box::pin(write), done));
         }
         Ok(())
@@ -411,7 +422,8 @@ impl BatchProcessor {
         FlushReason::Shutdown.count();
         let n = pairs.len();
         if !pairs.is_empty() {
-            self.write_batch::<S>(pairs.into(), logged, write_stop.clone())
+            let through = positions.last().and_then(S::log_offset);
+            self.write_batch::<S>(pairs.into(), through, logged, write_stop.clone())
                 .await?;
         }
         self.commit(source, positions).await;
@@ -457,19 +469,23 @@ impl BatchProcessor {
     /// Writes `pairs` (if any), then applies `deletion`, each retried like a batch.
     async fn write_then_delete<S: PairSource>(
         &self,
-        pairs: Vec<Pair>,
+        (pairs, pairs_through): (Vec<Pair>, Option<u64>),
         logged: Vec<SystemTime>,
-        deletion: UserDeletion,
+        (deletion, through): (UserDeletion, Option<u64>),
         stop: &CancellationToken,
     ) -> Result<(), Abandoned> {
         if !pairs.is_empty() {
-            self.write_batch::<S>(pairs.into(), logged, stop.clone())
+            self.write_batch::<S>(pairs.into(), pairs_through, logged, stop.clone())
                 .await?;
         }
         let mut backoff = self.backoff();
         let mut rejections: u32 = 0;
         loop {
-            match self.writer.delete_users(deletion.clone()).await {
+            match self
+                .writer
+                .delete_users_through(deletion.clone(), through)
+                .await
+            {
                 Ok(()) => {
                     self.health.recovered();
                     metrics::counter!("userseg_processor_users_deleted_total")
@@ -526,6 +542,7 @@ impl BatchProcessor {
     async fn write_batch<S: PairSource>(
         &self,
         batch: Arc<[Pair]>,
+        through: Option<u64>,
         logged: Vec<SystemTime>,
         stop: CancellationToken,
     ) -> Result<(), Abandoned> {
@@ -533,7 +550,7 @@ impl BatchProcessor {
         let mut rejections: u32 = 0;
         loop {
             let started = std::time::Instant::now();
-            let result = self.writer.write(batch.clone()).await;
+            let result = self.writer.write_through(batch.clone(), through).await;
             match result {
                 Ok(()) => {
                     self.written(batch.len(), started, logged);

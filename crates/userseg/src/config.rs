@@ -278,6 +278,10 @@ pub struct StandaloneArgs {
     /// Snapshot once this much log is not covered by a snapshot.
     #[arg(long, env = "CHECKPOINT_LOG_BYTES", default_value = "256MiB")]
     pub checkpoint_log_bytes: String,
+    /// How long the change feed (`GET /v1/changes`) keeps events in DATA_DIR/changes; 0 turns
+    /// the feed off.
+    #[arg(long, env = "CHANGES_RETENTION", default_value = "7d")]
+    pub changes_retention: String,
 }
 
 #[derive(Debug, Clone)]
@@ -289,6 +293,8 @@ pub struct StandaloneConfig {
     pub checkpoint_interval: Duration,
     pub checkpoint_log_bytes: u64,
     pub history: userseg_usecase::HistoryConfig,
+    /// CHANGES_RETENTION; `None`: the change feed is off.
+    pub changes_retention: Option<Duration>,
 }
 
 impl StandaloneArgs {
@@ -316,6 +322,13 @@ impl StandaloneArgs {
         if checkpoint_log_bytes < 1 << 20 {
             bail!("CHECKPOINT_LOG_BYTES: must be at least 1MiB");
         }
+        let changes_retention = duration("CHANGES_RETENTION", &self.changes_retention)?;
+        if changes_retention > Duration::from_secs(10 * 366 * 86_400) {
+            bail!("CHANGES_RETENTION: must be at most 10 years");
+        }
+        if !changes_retention.is_zero() && changes_retention < Duration::from_secs(1) {
+            bail!("CHANGES_RETENTION: must be 0 (no change feed) or at least 1s");
+        }
         Ok(StandaloneConfig {
             service,
             batch,
@@ -324,6 +337,7 @@ impl StandaloneArgs {
             checkpoint_interval,
             checkpoint_log_bytes,
             history: self.history.validate()?,
+            changes_retention: (!changes_retention.is_zero()).then_some(changes_retention),
         })
     }
 }
@@ -377,6 +391,8 @@ mod tests {
             (&["--max-inflight-pairs", "10"], "MAX_INFLIGHT_PAIRS"),
             (&["--api-token", "short"], "API_TOKEN"),
             (&["--retry-attempts", "1000"], "RETRY_ATTEMPTS"),
+            (&["--changes-retention", "500ms"], "CHANGES_RETENTION"),
+            (&["--changes-retention", "a week"], "CHANGES_RETENTION"),
         ];
         for (args, var) in cases {
             let err = match parse(args) {
@@ -386,5 +402,22 @@ mod tests {
             assert!(err.starts_with(var), "{args:?}: {err}");
         }
         assert!(parse(&["--batch-size", "2000000"]).is_ok());
+        // The change feed: on for 7 days by default, off with 0.
+        assert_eq!(
+            parse(&[]).unwrap().changes_retention,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            parse(&["--changes-retention", "0"])
+                .unwrap()
+                .changes_retention,
+            None
+        );
+        assert_eq!(
+            parse(&["--changes-retention", "1s"])
+                .unwrap()
+                .changes_retention,
+            Some(Duration::from_secs(1))
+        );
     }
 }

@@ -10,11 +10,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use userseg_api::ApiState;
 use userseg_embedded::{
-    open_standalone, CheckpointConfig, Checkpointer, EmbeddedStore, FileDeadLetters, FileHistory,
-    WalConfig, WalHandle, WalLog, WalSource,
+    open_standalone_with, ChangesSetup, CheckpointConfig, Checkpointer, EmbeddedStore,
+    FileDeadLetters, FileHistory, WalConfig, WalHandle, WalLog, WalSource,
 };
 use userseg_usecase::{
-    Analytics, BatchProcessor, Clock, Estimation, History, HistorySampler, Ingest, Mode,
+    Analytics, BatchProcessor, Changes, Clock, Estimation, History, HistorySampler, Ingest, Mode,
     ProcessorHealth, SegmentWriter, SystemClock,
 };
 
@@ -53,13 +53,17 @@ pub async fn start_with(
 
     let mut wal_config = WalConfig::new(cfg.data_dir.join("wal"));
     wal_config.max_inflight_pairs = cfg.max_inflight_pairs;
-    let opened = open_standalone(&cfg.data_dir, window, wal_config)
+    let changes_setup = cfg.changes_retention.map(|retention| ChangesSetup {
+        retention,
+        clock: clock.clone(),
+    });
+    let opened = open_standalone_with(&cfg.data_dir, window, wal_config, changes_setup)
         .with_context(|| format!("DATA_DIR: cannot open {}", cfg.data_dir.display()))?;
     let recovery = opened.recovery;
     let store = EmbeddedStore(opened.store.clone());
 
     let (processor, health) = spawn_processor(&cfg, &store, opened.source, seams);
-    let checkpointer = Arc::new(Checkpointer::new(
+    let mut checkpointer = Checkpointer::new(
         &cfg.data_dir,
         opened.store.clone(),
         opened.wal.clone(),
@@ -70,7 +74,11 @@ pub async fn start_with(
         },
         clock.clone(),
         recovery.snapshot_offset,
-    ));
+    );
+    if let Some(log) = &opened.changes {
+        checkpointer = checkpointer.with_changes(log.clone());
+    }
+    let checkpointer = Arc::new(checkpointer);
     let checkpoints = Background::spawn(|stop| checkpointer.clone().run(stop));
     let (history, sampler) = history(&cfg, &store, &clock)?;
     let sampling = Background::spawn(|stop| sampler.run(stop));
@@ -93,6 +101,10 @@ pub async fn start_with(
     let mut state = ApiState::new(Some(ingest), Some(estimation));
     state.analytics = Some(analytics);
     state.history = Some(history);
+    state.changes = opened
+        .changes
+        .clone()
+        .map(|log| Changes::new(log, Duration::from_secs(15)));
     state.metrics = Some(metrics);
     state.auth = cfg.service.auth.clone();
     state

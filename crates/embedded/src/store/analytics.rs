@@ -45,22 +45,19 @@ impl Segment {
         }
     }
 
-    /// Removes `user`'s membership; returns whether there was one.
-    pub(crate) fn remove_user(&mut self, user: u32) -> bool {
+    /// Removes `user`'s membership; returns its bucket if there was one.
+    pub(crate) fn remove_user(&mut self, user: u32) -> Option<i64> {
         let coder = self.coder;
         let bucket = match &mut self.members {
             Members::Narrow(r) => r.remove(user).map(|c| coder.decode(c)),
             Members::Wide(r) => r.remove(user).map(|c| coder.decode(c)),
         };
-        match bucket {
-            Some(b) => {
-                if self.ring.holds(b) {
-                    self.ring.dec(b);
-                }
-                true
+        if let Some(b) = bucket {
+            if self.ring.holds(b) {
+                self.ring.dec(b);
             }
-            None => false,
         }
+        bucket
     }
 
     /// Whether the ring counts every member as above `lo` (then the index, if any, is exactly
@@ -697,7 +694,7 @@ impl MemStore {
                 for seg in part.iter() {
                     let mut seg = write(seg);
                     for &u in &found {
-                        n += u64::from(seg.remove_user(u));
+                        n += u64::from(seg.remove_user(u).is_some());
                     }
                 }
                 n

@@ -9,6 +9,7 @@
 
 mod analytics;
 mod dict;
+pub(crate) mod feed;
 mod members;
 mod ring;
 pub mod snapshot;
@@ -52,8 +53,19 @@ pub(crate) struct Segment {
     epoch: i64,
 }
 
+/// What an observation changed: `None` nothing (not newer), `Some(None)` a new membership,
+/// `Some(Some(old))` a membership raised from bucket `old`.
+type Observed = Option<Option<i64>>;
+
 #[inline]
-fn observe_in<C: Code>(repr: &mut Repr<C>, ring: &mut Ring, coder: Coder, user: u32, bucket: i64) {
+fn observe_in<C: Code>(
+    repr: &mut Repr<C>,
+    ring: &mut Ring,
+    coder: Coder,
+    user: u32,
+    bucket: i64,
+) -> Observed {
+    let mut change = None;
     repr.upsert(user, |code| match code {
         Some(code) => {
             let old = coder.decode(code);
@@ -62,6 +74,7 @@ fn observe_in<C: Code>(repr: &mut Repr<C>, ring: &mut Ring, coder: Coder, user: 
                     ring.dec(old);
                 }
                 ring.inc(bucket);
+                change = Some(Some(old));
                 Some(coder.encode(bucket))
             } else {
                 None
@@ -69,19 +82,67 @@ fn observe_in<C: Code>(repr: &mut Repr<C>, ring: &mut Ring, coder: Coder, user: 
         }
         None => {
             ring.inc(bucket);
+            change = Some(None);
             Some(coder.encode(bucket))
         }
     });
+    change
 }
 
-fn expire_in<C: Code>(repr: &mut Repr<C>, ring: &mut Ring, coder: Coder, lo: i64) -> usize {
+/// Exits found while sweeping: `(user, bucket)` of memberships above `exit_lo` removed by a
+/// sweep of the modular codes (only when the exit tick is behind; see `feed`).
+pub(crate) struct Swept<'a> {
+    pub(crate) exit_lo: i64,
+    /// The batch position of the pair being observed (a sweep happens before its insert).
+    pub(crate) at: u32,
+    /// (user, bucket, batch position of the pair whose observation swept it).
+    pub(crate) exits: &'a mut Vec<(u32, i64, u32)>,
+}
+
+/// Did an observation make the user live (bucket above `exit_lo`) where it was not?
+#[inline]
+fn entered(change: Observed, bucket: i64, exit_lo: i64) -> bool {
+    match change {
+        None => false,
+        Some(old) => bucket > exit_lo && old.is_none_or(|o| o <= exit_lo),
+    }
+}
+
+/// What change detection found in a batch.
+#[derive(Default)]
+pub(crate) struct Detected {
+    /// Positions in the batch of the pairs that made their user enter.
+    pub(crate) entered: Vec<u32>,
+    /// Memberships above `exit_lo` a sweep removed: (segment, user, bucket, batch position
+    /// of the pair whose observation swept it).
+    pub(crate) swept: Vec<(Box<str>, u32, i64, u32)>,
+}
+
+impl Detected {
+    fn add_swept(&mut self, segment: &str, exits: Vec<(u32, i64, u32)>) {
+        self.swept.extend(
+            exits
+                .into_iter()
+                .map(|(u, b, at)| (Box::from(segment), u, b, at)),
+        );
+    }
+}
+
+fn expire_in<C: Code>(
+    repr: &mut Repr<C>,
+    ring: &mut Ring,
+    coder: Coder,
+    lo: i64,
+    mut dropped: impl FnMut(u32, i64),
+) -> usize {
     let before = repr.len();
-    repr.retain(|_, c| {
+    repr.retain(|u, c| {
         let b = coder.decode(c);
         if b <= lo {
             if ring.holds(b) {
                 ring.dec(b);
             }
+            dropped(u, b);
             false
         } else {
             true
@@ -126,16 +187,27 @@ impl Segment {
 
     /// Moves the ring top up to `bucket`, first sweeping out entries whose codes could become
     /// ambiguous (they are below the new ring anyway).
-    fn advance(&mut self, bucket: i64) {
+    fn advance(&mut self, bucket: i64, mut swept: Option<&mut Swept<'_>>) {
         let len = self.ring.len();
         let coder = self.coder;
         let keep_above = bucket - len;
+        let mut keep = |u: u32, b: i64| {
+            if b > keep_above {
+                return true;
+            }
+            if let Some(s) = swept.as_deref_mut() {
+                if b > s.exit_lo {
+                    s.exits.push((u, b, s.at));
+                }
+            }
+            false
+        };
         match &mut self.members {
             Members::Narrow(r) => {
                 if r.len() == 0 {
                     self.epoch = bucket;
                 } else if bucket - self.epoch >= sweep_gap::<u16>(len) {
-                    r.retain(|_, c| coder.decode(c) > keep_above);
+                    r.retain(|u, c| keep(u, coder.decode(c)));
                     self.epoch = bucket;
                 }
                 self.coder = Coder::new::<u16>(bucket);
@@ -144,7 +216,7 @@ impl Segment {
                 if r.len() == 0 {
                     self.epoch = bucket;
                 } else if bucket - self.epoch >= sweep_gap::<u32>(len) {
-                    r.retain(|_, c| coder.decode(c) > keep_above);
+                    r.retain(|u, c| keep(u, coder.decode(c)));
                     self.epoch = bucket;
                 }
                 self.coder = Coder::new::<u32>(bucket);
@@ -156,11 +228,22 @@ impl Segment {
     /// Records that `user` was seen in bucket `bucket`; keeps the latest.
     #[inline]
     fn observe(&mut self, user: u32, bucket: i64) {
+        self.observe_swept(user, bucket, None);
+    }
+
+    /// [`Segment::observe`], saying what changed, and handing exits of a sweep to `swept`.
+    #[inline]
+    pub(crate) fn observe_swept(
+        &mut self,
+        user: u32,
+        bucket: i64,
+        swept: Option<&mut Swept<'_>>,
+    ) -> Observed {
         if bucket > self.ring.top() {
-            self.advance(bucket);
+            self.advance(bucket, swept);
         } else if !self.ring.holds(bucket) {
             // Older than anything the ring holds: expired for every estimate we can be asked.
-            return;
+            return None;
         }
         match &mut self.members {
             Members::Narrow(r) => observe_in(r, &mut self.ring, self.coder, user, bucket),
@@ -170,9 +253,14 @@ impl Segment {
 
     /// Drops memberships whose bucket is at or below `lo`; returns how many.
     fn expire(&mut self, lo: i64) -> usize {
+        self.expire_with(lo, |_, _| {})
+    }
+
+    /// [`Segment::expire`], calling `dropped(user, bucket)` for each membership dropped.
+    pub(crate) fn expire_with(&mut self, lo: i64, dropped: impl FnMut(u32, i64)) -> usize {
         match &mut self.members {
-            Members::Narrow(r) => expire_in(r, &mut self.ring, self.coder, lo),
-            Members::Wide(r) => expire_in(r, &mut self.ring, self.coder, lo),
+            Members::Narrow(r) => expire_in(r, &mut self.ring, self.coder, lo, dropped),
+            Members::Wide(r) => expire_in(r, &mut self.ring, self.coder, lo, dropped),
         }
     }
 
@@ -226,6 +314,8 @@ pub struct MemStore {
     erasures: std::sync::atomic::AtomicU64,
     /// Admits at most [`analytics::HEAVY_QUERIES`] bitset queries at once.
     heavy: Arc<tokio::sync::Semaphore>,
+    /// The change feed, once attached (see [`feed`]).
+    pub(crate) feed: std::sync::OnceLock<feed::Feed>,
 }
 
 /// Dictionary shards: a power of two, at least the cores we expect to use.
@@ -331,6 +421,7 @@ impl MemStore {
             segments: RwLock::new(StdHashMap::new()),
             erasures: Default::default(),
             heavy: Arc::new(tokio::sync::Semaphore::new(analytics::HEAVY_QUERIES)),
+            feed: std::sync::OnceLock::new(),
         }
     }
 
@@ -363,24 +454,37 @@ impl MemStore {
     /// then the segments are updated in parallel; each segment still sees its pairs in batch
     /// order, so the result is the same as on one thread.
     pub fn apply(&self, pairs: &[Pair]) -> Result<(), PortError> {
+        self.apply_detect(pairs, None).map(|_| ())
+    }
+
+    /// [`MemStore::apply`]; with `detect = Some(exit_lo)` also says which pairs made their
+    /// user live (bucket above `exit_lo`) where it was not, and which memberships above
+    /// `exit_lo` a sweep removed (see `feed`).
+    pub(crate) fn apply_detect(
+        &self,
+        pairs: &[Pair],
+        detect: Option<i64>,
+    ) -> Result<Detected, PortError> {
         if pairs.is_empty() {
-            return Ok(());
+            return Ok(Detected::default());
         }
         let threads = self.threads.min(pairs.len().div_ceil(self.parallel_min));
         if threads <= 1 || pairs.len() >= SKIP as usize {
-            return self.apply_serial(pairs);
+            return self.apply_serial(pairs, detect);
         }
-        self.apply_parallel(pairs, threads)
+        self.apply_parallel(pairs, threads, detect)
     }
 
-    fn apply_serial(&self, pairs: &[Pair]) -> Result<(), PortError> {
+    fn apply_serial(&self, pairs: &[Pair], detect: Option<i64>) -> Result<Detected, PortError> {
         // Intern users and group by segment under the dictionary locks.
         let mut group_of: StdHashMap<&str, usize, FixedState> = StdHashMap::default();
-        let mut groups: Vec<(&str, Vec<(u32, i64)>)> = Vec::new();
+        // Per segment: (user, bucket, position in the batch) of its pairs.
+        type SegmentPairs = Vec<(u32, i64, u32)>;
+        let mut groups: Vec<(&str, SegmentPairs)> = Vec::new();
         {
             let mut users = self.users.lock_all();
             let mut last: Option<(&str, usize)> = None;
-            for p in pairs {
+            for (i, p) in pairs.iter().enumerate() {
                 let Some(bucket) = bucket_u32(self.bucketing.bucket_of(p.ts)) else {
                     continue;
                 };
@@ -399,24 +503,50 @@ impl MemStore {
                         g
                     }
                 };
-                groups[g].1.push((user, bucket));
+                groups[g].1.push((user, bucket, i as u32));
             }
         }
+        let mut detected = Detected::default();
         for (name, members) in groups {
             let seg = self.segment(name);
             let mut seg = write(&seg);
-            for (user, bucket) in members {
-                seg.observe(user, bucket);
+            match detect {
+                None => {
+                    for (user, bucket, _) in members {
+                        seg.observe(user, bucket);
+                    }
+                }
+                Some(exit_lo) => {
+                    let mut exits = Vec::new();
+                    let mut swept = Swept {
+                        exit_lo,
+                        at: 0,
+                        exits: &mut exits,
+                    };
+                    for (user, bucket, i) in members {
+                        swept.at = i;
+                        let change = seg.observe_swept(user, bucket, Some(&mut swept));
+                        if entered(change, bucket, exit_lo) {
+                            detected.entered.push(i);
+                        }
+                    }
+                    detected.add_swept(name, exits);
+                }
             }
         }
-        Ok(())
+        Ok(detected)
     }
 
     /// Two phases on `threads` threads. First each thread hashes the user ids and groups the
     /// positions by segment of its share of the batch, then (after a barrier) interns the
     /// users of its dictionary shards, locking only those. Then the segment groups, balanced
     /// by pair count, are applied in parallel.
-    fn apply_parallel(&self, pairs: &[Pair], threads: usize) -> Result<(), PortError> {
+    fn apply_parallel(
+        &self,
+        pairs: &[Pair],
+        threads: usize,
+        detect: Option<i64>,
+    ) -> Result<Detected, PortError> {
         let n = pairs.len();
         let hashes: Vec<std::sync::atomic::AtomicU64> =
             (0..n).map(|_| Default::default()).collect();
@@ -518,30 +648,64 @@ impl MemStore {
             }
         }
         let apply_bin = |bin: &[Group<'_>]| {
+            let mut detected = Detected::default();
             for (name, positions) in bin {
                 let seg = self.segment(name);
                 let mut seg = write(&seg);
+                let Some(exit_lo) = detect else {
+                    for &i in positions {
+                        let user = users[i as usize];
+                        if user == SKIP {
+                            continue;
+                        }
+                        seg.observe(user, i64::from(buckets[i as usize]));
+                    }
+                    continue;
+                };
+                let mut exits = Vec::new();
+                let mut swept = Swept {
+                    exit_lo,
+                    at: 0,
+                    exits: &mut exits,
+                };
                 for &i in positions {
                     let user = users[i as usize];
                     if user == SKIP {
                         continue;
                     }
-                    seg.observe(user, i64::from(buckets[i as usize]));
+                    let bucket = i64::from(buckets[i as usize]);
+                    swept.at = i;
+                    let change = seg.observe_swept(user, bucket, Some(&mut swept));
+                    if entered(change, bucket, exit_lo) {
+                        detected.entered.push(i);
+                    }
                 }
+                detected.add_swept(name, exits);
             }
+            detected
         };
-        std::thread::scope(|scope| {
+        let parts: Vec<Detected> = std::thread::scope(|scope| {
             let apply_bin = &apply_bin;
             let mut rest = bins.iter().filter(|b| !b.1.is_empty());
             let first = rest.next();
-            for bin in rest {
-                scope.spawn(move || apply_bin(&bin.1));
-            }
+            let handles: Vec<_> = rest
+                .map(|bin| scope.spawn(move || apply_bin(&bin.1)))
+                .collect();
+            let mut parts = Vec::new();
             if let Some(bin) = first {
-                apply_bin(&bin.1);
+                parts.push(apply_bin(&bin.1));
             }
+            for h in handles {
+                parts.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            }
+            parts
         });
-        Ok(())
+        let mut detected = Detected::default();
+        for mut p in parts {
+            detected.entered.append(&mut p.entered);
+            detected.swept.append(&mut p.swept);
+        }
+        Ok(detected)
     }
 
     /// Users in `segment` at `at`.
@@ -574,6 +738,8 @@ impl MemStore {
     /// Drops memberships expired at `now` (their memory is reclaimed); returns how many.
     pub fn expire(&self, now: UnixSeconds) -> usize {
         let (lo, _) = self.bucketing.live_range(now);
+        // With a change feed, only memberships whose exit is already emitted go.
+        let lo = self.feed.get().map_or(lo, |f| lo.min(f.exit_lo()));
         let segments: Vec<_> = read(&self.segments).values().cloned().collect();
         let mut dropped = 0;
         for s in segments {
@@ -607,20 +773,38 @@ pub struct EmbeddedStore(pub Arc<MemStore>);
 #[async_trait]
 impl SegmentWriter for EmbeddedStore {
     async fn write(&self, pairs: Arc<[Pair]>) -> Result<(), PortError> {
+        self.write_through(pairs, None).await
+    }
+
+    async fn write_through(
+        &self,
+        pairs: Arc<[Pair]>,
+        through: Option<u64>,
+    ) -> Result<(), PortError> {
         if pairs.len() < 4096 {
-            return self.0.apply(&pairs);
+            return self.0.apply_through(&pairs, through);
         }
         let store = self.0.clone();
-        tokio::task::spawn_blocking(move || store.apply(&pairs))
+        tokio::task::spawn_blocking(move || store.apply_through(&pairs, through))
             .await
             .map_err(|e| PortError::Transient(format!("apply task failed: {e}")))?
     }
 
     async fn delete_users(&self, deletion: userseg_domain::UserDeletion) -> Result<(), PortError> {
+        self.delete_users_through(deletion, None).await
+    }
+
+    async fn delete_users_through(
+        &self,
+        deletion: userseg_domain::UserDeletion,
+        through: Option<u64>,
+    ) -> Result<(), PortError> {
         let store = self.0.clone();
-        let found = tokio::task::spawn_blocking(move || store.delete_users(deletion.user_ids()))
-            .await
-            .map_err(|e| PortError::Transient(format!("delete task failed: {e}")))?;
+        let found = tokio::task::spawn_blocking(move || {
+            store.delete_users_through(deletion.user_ids(), through)
+        })
+        .await
+        .map_err(|e| PortError::Transient(format!("delete task failed: {e}")))??;
         tracing::info!(found, "applied a user deletion");
         Ok(())
     }

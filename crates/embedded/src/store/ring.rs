@@ -157,6 +157,16 @@ impl Ring {
         }
     }
 
+    /// Members whose bucket is in `(lo, hi]`, clipped to the buckets held.
+    pub(crate) fn count_range(&self, lo: i64, hi: i64) -> u64 {
+        let lo = lo.max(self.top - self.len);
+        let hi = hi.min(self.top);
+        if lo >= hi {
+            return 0;
+        }
+        self.sum_range(lo, hi)
+    }
+
     /// Members whose bucket is in `(lo, hi]`, for `top - len <= lo < hi <= top`.
     fn sum_range(&self, lo: i64, hi: i64) -> u64 {
         debug_assert!(lo >= self.top - self.len && hi <= self.top);

@@ -677,7 +677,7 @@ impl LoadCtx<'_> {
         read_exact(&mut r, &mut head, path)?;
         let mut seg =
             Segment::with_capacity(self.ring_len, self.window_buckets, rec.n, self.universe);
-        seg.advance(rec.top);
+        seg.advance(rec.top, None);
         let mut left = rec.n;
         let mut skipped = 0u64;
         while left > 0 {

@@ -61,7 +61,7 @@ pub fn encode_deletion(deletion: &UserDeletion, out: &mut Vec<u8>) {
     finish_frame(out, start);
 }
 
-fn finish_frame(out: &mut [u8], start: usize) {
+pub(crate) fn finish_frame(out: &mut [u8], start: usize) {
     let payload = &out[start + FRAME_HEADER..];
     let len = payload.len() as u32;
     let crc = crc32fast::hash(payload);
@@ -69,7 +69,7 @@ fn finish_frame(out: &mut [u8], start: usize) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn get_str(buf: &[u8], pos: &mut usize) -> Option<String> {
+pub(crate) fn get_str(buf: &[u8], pos: &mut usize) -> Option<String> {
     let n = get_varint(buf, pos)? as usize;
     let bytes = buf.get(*pos..pos.checked_add(n)?)?;
     *pos += n;

@@ -120,6 +120,51 @@ fn list_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// Calls `f(position, length, payload)` for every checksummed frame of the file at `path`, in
+/// order; returns the bytes of whole frames and the bytes cut off. A torn frame at the tail of
+/// the `last` file (a crash mid-write, never acknowledged) is cut off; a bad frame anywhere else
+/// is corruption. Shared by the write-ahead log and the change log.
+pub(crate) fn scan_file(
+    path: &Path,
+    last: bool,
+    mut f: impl FnMut(usize, usize, &[u8]) -> Result<(), WalError>,
+) -> Result<(u64, u64), WalError> {
+    let io_err = |source| WalError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let data = stdfs::read(path).map_err(io_err)?;
+    let mut pos = 0usize;
+    while pos < data.len() {
+        match codec::read_frame(&data[pos..]) {
+            Frame::Ok(payload, n) => {
+                f(pos, n, payload)?;
+                pos += n;
+            }
+            Frame::Incomplete | Frame::Corrupt if last => {
+                let cut = (data.len() - pos) as u64;
+                tracing::warn!(
+                    path = %path.display(),
+                    at = pos,
+                    bytes = cut,
+                    "cutting a torn record off the tail of the log"
+                );
+                let file = OpenOptions::new().write(true).open(path).map_err(io_err)?;
+                file.set_len(pos as u64).map_err(io_err)?;
+                file.sync_all().map_err(io_err)?;
+                return Ok((pos as u64, cut));
+            }
+            _ => {
+                return Err(WalError::Corrupt {
+                    path: path.to_owned(),
+                    at: pos as u64,
+                })
+            }
+        }
+    }
+    Ok((pos as u64, 0))
+}
+
 /// Replays every record at or after `from` in log order, calling `apply` with it, and returns the
 /// offset where new records go. A torn record at the very tail (a crash mid-write, never
 /// acknowledged) is cut off; corruption anywhere else is an error.
@@ -127,6 +172,15 @@ pub fn replay(
     dir: &Path,
     from: u64,
     mut apply: impl FnMut(Record),
+) -> Result<ReplayStats, WalError> {
+    replay_at(dir, from, |_, record| apply(record))
+}
+
+/// [`replay`], also handing each record's end offset (its [`WalPosition`]) to `apply`.
+pub fn replay_at(
+    dir: &Path,
+    from: u64,
+    mut apply: impl FnMut(u64, Record),
 ) -> Result<ReplayStats, WalError> {
     let io_err = |path: &Path, source| WalError::Io {
         path: path.to_owned(),
@@ -148,51 +202,24 @@ pub fn replay(
                 continue; // wholly covered by the snapshot
             }
         }
-        let data = stdfs::read(path).map_err(|e| io_err(path, e))?;
-        let mut pos = 0usize;
-        while pos < data.len() {
-            match codec::read_frame(&data[pos..]) {
-                Frame::Ok(payload, n) => {
-                    let start = base + pos as u64;
-                    if start >= from {
-                        let record = codec::decode(payload).ok_or_else(|| WalError::Corrupt {
-                            path: path.clone(),
-                            at: pos as u64,
-                        })?;
-                        stats.records += 1;
-                        match &record {
-                            Record::Pairs(p) => stats.pairs += p.len() as u64,
-                            Record::DeleteUsers(_) => stats.deletions += 1,
-                        }
-                        apply(record);
-                    }
-                    pos += n;
+        let (valid, truncated) = scan_file(path, last, |pos, n, payload| {
+            let start = base + pos as u64;
+            if start >= from {
+                let record = codec::decode(payload).ok_or_else(|| WalError::Corrupt {
+                    path: path.clone(),
+                    at: pos as u64,
+                })?;
+                stats.records += 1;
+                match &record {
+                    Record::Pairs(p) => stats.pairs += p.len() as u64,
+                    Record::DeleteUsers(_) => stats.deletions += 1,
                 }
-                Frame::Incomplete | Frame::Corrupt if last => {
-                    stats.truncated_bytes = (data.len() - pos) as u64;
-                    tracing::warn!(
-                        path = %path.display(),
-                        at = pos,
-                        bytes = stats.truncated_bytes,
-                        "cutting a torn record off the tail of the log"
-                    );
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(path)
-                        .map_err(|e| io_err(path, e))?;
-                    f.set_len(pos as u64).map_err(|e| io_err(path, e))?;
-                    f.sync_all().map_err(|e| io_err(path, e))?;
-                    break;
-                }
-                _ => {
-                    return Err(WalError::Corrupt {
-                        path: path.clone(),
-                        at: pos as u64,
-                    })
-                }
+                apply(start + n as u64, record);
             }
-        }
-        stats.end = stats.end.max(base + pos as u64);
+            Ok(())
+        })?;
+        stats.truncated_bytes += truncated;
+        stats.end = stats.end.max(base + valid);
     }
     Ok(stats)
 }
@@ -695,6 +722,10 @@ impl PairSource for WalSource {
 
     fn is_drained(&self) -> bool {
         self.rx.is_empty()
+    }
+
+    fn log_offset(position: &WalPosition) -> Option<u64> {
+        Some(position.end)
     }
 
     async fn commit(&mut self, positions: Vec<WalPosition>) -> Result<(), PortError> {

@@ -77,6 +77,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("CHECKPOINT_LOG_BYTES", "1GiB"),
     ("HISTORY_INTERVAL", "10s"),
     ("HISTORY_RETENTION", "7d"),
+    ("CHANGES_RETENTION", "1d"),
     ("KAFKA_BROKER_URL", "kafka:9092"),
     ("KAFKA_TOPIC", "pairs"),
     ("KAFKA_DLQ_TOPIC", "pairs-dlq"),
