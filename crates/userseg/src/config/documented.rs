@@ -111,6 +111,8 @@ const SAMPLES: &[(&str, &str)] = &[
     ("CLICKHOUSE_REQUEST_TIMEOUT", "5s"),
     ("CLICKHOUSE_CONNECT_TIMEOUT", "1s"),
     ("CLICKHOUSE_MAX_ROWS_PER_INSERT", "1000"),
+    ("CLICKHOUSE_NODES", "http://ch1:8123,http://ch2:8123"),
+    ("CLICKHOUSE_NODE_DATABASE", "local"),
     ("ESTIMATE_CACHE_TTL", "0s"),
     ("RETENTION_INTERVAL", "10m"),
     ("ES_INDEX", "false"),
