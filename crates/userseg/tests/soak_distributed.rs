@@ -272,7 +272,13 @@ async fn distributed_soak_with_kills_and_restarts_loses_nothing_and_keeps_rss_fl
     } else {
         None
     };
-    let rate = capacity.map_or(fixed_rate as f64, |c| (c * 0.7).round());
+    // The share of the capacity to soak at, in percent (SOAK_LOAD_PERCENT, default 70).
+    let percent = env_secs("SOAK_LOAD_PERCENT", 70);
+    assert!(
+        (1..=100).contains(&percent),
+        "SOAK_LOAD_PERCENT must be 1 to 100"
+    );
+    let rate = capacity.map_or(fixed_rate as f64, |c| (c * percent as f64 / 100.0).round());
     match capacity {
         Some(c) => println!(
             "soakd: capacity {c:.0} pairs/s (ES's write rate under unpaced load); 70% of it"
