@@ -30,6 +30,10 @@ use crate::producer::{ProducerHandle, Record};
 
 /// Idle reading consumers kept for the next reads.
 const POOL: usize = 8;
+/// One record per record batch: tansu 0.6 reports the high watermark of a partition as the
+/// first offset of its last batch plus one, and serves no fetch from an offset inside a batch,
+/// so a cursor must never point into one. (Batches still share a produce request.)
+const PRODUCER_OVERRIDES: &[(&str, &str)] = &[("batch.num.messages", "1")];
 /// Events per produce call (bounds the producer's queue).
 const APPEND_CHUNK: usize = 10_000;
 
@@ -45,7 +49,7 @@ pub struct KafkaChangeLog {
     partitions: i32,
     producer: ProducerHandle,
     lookup: Arc<BaseConsumer<ReaderContext>>,
-    readers: Mutex<Vec<StreamConsumer<ReaderContext>>>,
+    readers: Mutex<Vec<Pooled>>,
 }
 
 impl KafkaChangeLog {
@@ -69,7 +73,7 @@ impl KafkaChangeLog {
                 "kafka topic {topic}: unexpected partition ids {ids:?}"
             )));
         }
-        let producer = ProducerHandle::new(config, "changes")
+        let producer = ProducerHandle::with_overrides(config, "changes", PRODUCER_OVERRIDES)
             .map_err(|e| PortError::Permanent(e.to_string()))?;
         Ok(KafkaChangeLog {
             config: config.clone(),
@@ -112,37 +116,19 @@ impl KafkaChangeLog {
         .map_err(|e| PortError::Transient(format!("fetching kafka watermarks: {e}")))?
     }
 
-    fn reader(&self) -> Result<StreamConsumer<ReaderContext>, PortError> {
-        if let Some(c) = self
-            .readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
+    /// The pooled consumer positioned at `pos` (the previous read ended there: the next read
+    /// continues without reassigning), or a fresh one assigned at `pos`. A consumer is never
+    /// reassigned: librdkafka's queue may still hold what it fetched for the old position.
+    fn reader(&self, pos: &[i64]) -> Result<Pooled, PortError> {
         {
-            return Ok(c);
+            let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = pool.iter().position(|r| r.at == pos) {
+                return Ok(pool.remove(i));
+            }
         }
-        StreamConsumer::from_config_and_context(&reader_config(&self.config), ReaderContext)
-            .map_err(|e| PortError::Permanent(format!("creating the kafka consumer: {e}")))
-    }
-
-    fn give_back(&self, c: StreamConsumer<ReaderContext>) {
-        let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < POOL {
-            pool.push(c);
-        } else {
-            drop(pool);
-            // Closing blocks: not on an async worker.
-            std::thread::spawn(move || drop(c));
-        }
-    }
-
-    async fn read_with(
-        &self,
-        consumer: &StreamConsumer<ReaderContext>,
-        mut pos: Vec<i64>,
-        max: usize,
-        wait: Duration,
-    ) -> Result<ChangeBatch, ChangeReadError> {
+        let consumer: StreamConsumer<ReaderContext> =
+            StreamConsumer::from_config_and_context(&reader_config(&self.config), ReaderContext)
+                .map_err(|e| PortError::Permanent(format!("creating the kafka consumer: {e}")))?;
         let mut tpl = TopicPartitionList::new();
         for (p, &o) in pos.iter().enumerate() {
             tpl.add_partition_offset(&self.topic, p as i32, Offset::Offset(o))
@@ -151,15 +137,42 @@ impl KafkaChangeLog {
         consumer
             .assign(&tpl)
             .map_err(|e| port_error("assigning the kafka partitions", &e))?;
+        Ok(Pooled {
+            at: pos.to_vec(),
+            eof_at: vec![-1; pos.len()],
+            consumer,
+        })
+    }
+
+    fn give_back(&self, r: Pooled) {
+        let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(r);
+        if pool.len() > POOL {
+            let old = pool.remove(0);
+            drop(pool);
+            // Closing blocks: not on an async worker.
+            std::thread::spawn(move || drop(old));
+        }
+    }
+
+    async fn read_with(
+        &self,
+        r: &mut Pooled,
+        max: usize,
+        wait: Duration,
+    ) -> Result<ChangeBatch, ChangeReadError> {
         let started = Instant::now();
-        // How long to wait for the broker to say where every partition ends.
-        let fetch_bound = started + self.config.metadata_timeout.max(Duration::from_secs(1));
         let wait_until = started + wait;
-        let mut eof = vec![false; pos.len()];
+        // Where every partition ends now: the read returns once it has read up to there.
+        let high = self.watermarks(false).await?;
+        let fetch_bound = started + self.config.ack_timeout.max(Duration::from_secs(1));
         let mut records = Vec::new();
         while records.len() < max {
-            let all_eof = eof.iter().all(|&e| e);
-            let deadline = if all_eof {
+            // At the end of a partition: librdkafka said so at this position, and the broker
+            // knows of nothing after it (tansu 0.6 reports a high watermark up to a batch
+            // short, so the watermark alone is not enough; an EOF alone could be old).
+            let at_end = (0..r.at.len()).all(|p| r.at[p] >= high[p] && r.eof_at[p] == r.at[p]);
+            let deadline = if at_end {
                 if !records.is_empty() || Instant::now() >= wait_until {
                     break;
                 }
@@ -167,11 +180,11 @@ impl KafkaChangeLog {
             } else {
                 fetch_bound.max(wait_until)
             };
-            let m = match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            let m = match tokio::time::timeout_at(deadline, r.consumer.recv()).await {
                 Err(_) => break,
                 Ok(Err(KafkaError::PartitionEOF(p))) => {
-                    if let Some(e) = eof.get_mut(p as usize) {
-                        *e = true;
+                    if let Some(i) = usize::try_from(p).ok().filter(|&i| i < r.at.len()) {
+                        r.eof_at[i] = r.at[i];
                     }
                     continue;
                 }
@@ -185,15 +198,16 @@ impl KafkaChangeLog {
                 Ok(Ok(m)) => m,
             };
             let (p, offset) = (m.partition() as usize, m.offset());
-            let Some(next) = pos.get_mut(p) else { continue };
+            let Some(next) = r.at.get_mut(p) else {
+                continue;
+            };
             if offset < *next {
-                continue; // fetched before this read's assignment
+                continue;
             }
             *next = offset + 1;
-            eof[p] = false;
             match m.payload().map(decode_event) {
                 Some(Ok(event)) => records.push(ChangeRecord {
-                    cursor: encode_cursor(&pos),
+                    cursor: encode_cursor(&r.at),
                     event,
                 }),
                 Some(Err(e)) => tracing::warn!(
@@ -205,9 +219,17 @@ impl KafkaChangeLog {
         }
         Ok(ChangeBatch {
             records,
-            next: encode_cursor(&pos),
+            next: encode_cursor(&r.at),
         })
     }
+}
+
+/// A reading consumer, positioned at `at`.
+struct Pooled {
+    at: Vec<i64>,
+    /// Where librdkafka last reported the end of each partition (-1: not yet).
+    eof_at: Vec<i64>,
+    consumer: StreamConsumer<ReaderContext>,
 }
 
 impl Drop for KafkaChangeLog {
@@ -259,7 +281,7 @@ async fn create_topic(config: &KafkaConfig, topic: &str) -> Result<(), PortError
 }
 
 /// The readers' consumer: partitions assigned explicitly (no group membership, never
-/// commits), EOF events tell where each partition ends, and an offset the topic no longer
+/// commits), partition EOF events tell where each partition ends, and an offset the topic no longer
 /// holds is an error (a cursor older than the retention) instead of a silent reset.
 fn reader_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = group_offsets_config(config);
@@ -373,14 +395,12 @@ impl ChangeLog for KafkaChangeLog {
         wait: Duration,
     ) -> Result<ChangeBatch, ChangeReadError> {
         let pos = parse_cursor(after, self.partitions)?;
-        let consumer = self.reader()?;
-        let out = self.read_with(&consumer, pos, max.max(1), wait).await;
-        match &out {
-            // A consumer in an unknown state is not reused.
-            Err(ChangeReadError::Port(_)) => {
-                std::thread::spawn(move || drop(consumer));
-            }
-            _ => self.give_back(consumer),
+        let mut reader = self.reader(&pos)?;
+        let out = self.read_with(&mut reader, max.max(1), wait).await;
+        if out.is_ok() {
+            self.give_back(reader);
+        } else {
+            std::thread::spawn(move || drop(reader));
         }
         out
     }
