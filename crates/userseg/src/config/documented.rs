@@ -111,6 +111,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("ESTIMATE_CACHE_TTL", "0s"),
     ("RETENTION_INTERVAL", "10m"),
     ("ES_INDEX", "false"),
+    ("KAFKA_CHANGES_TOPIC", "user-changes"),
 ];
 
 fn repo() -> &'static Path {
