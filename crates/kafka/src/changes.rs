@@ -93,6 +93,15 @@ impl KafkaChangeLog {
         self.partitions
     }
 
+    /// How many partitions `topic` (another topic, e.g. the pair topic) has.
+    pub async fn partitions_of(&self, topic: &str) -> Result<i32, PortError> {
+        let (l, t, timeout) = (self.lookup.clone(), topic.to_string(), self.config.metadata_timeout);
+        let ids = tokio::task::spawn_blocking(move || topic_partitions(l.client(), &t, timeout))
+            .await
+            .map_err(|e| PortError::Transient(format!("reading kafka metadata: {e}")))??;
+        Ok(ids.len() as i32)
+    }
+
     /// The partition of `user_id`'s events.
     pub fn partition_of(&self, user_id: &str) -> i32 {
         partition_for(user_id.as_bytes(), self.partitions)
