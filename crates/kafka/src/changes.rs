@@ -174,6 +174,13 @@ impl KafkaChangeLog {
         let wait_until = started + wait;
         // Where every partition ends now: the read returns once it has read up to there.
         let high = self.watermarks(false).await?;
+        if r.at.iter().zip(&high).any(|(a, h)| a > h) {
+            return Err(ChangeReadError::Malformed(format!(
+                "{:?} is past the end of the change topic {}",
+                encode_cursor(&r.at),
+                self.topic
+            )));
+        }
         let fetch_bound = started + self.config.ack_timeout.max(Duration::from_secs(1));
         let mut records = Vec::new();
         while records.len() < max {

@@ -99,4 +99,9 @@ async fn a_users_events_stay_in_order_in_its_partition() {
         assert_eq!(have, want, "after event {seen}");
     }
     assert_eq!(log.end().await.expect("end"), cursor);
+    // A cursor past the end is not one this log handed out.
+    match log.read("k0.0.999999", 10, Duration::ZERO).await {
+        Err(userseg_usecase::ChangeReadError::Malformed(_)) => {}
+        other => panic!("expected malformed, got {other:?}"),
+    }
 }
