@@ -9,7 +9,8 @@ on the same data. A read matches when its RowBinary answer is byte for byte 18.1
 read whose rows have no defined order, when the same rows come back (compared as sorted
 TabSeparated lines); for the scan of raw pairs, when each pair has the same latest ts. Any other answer, or a statement that fails, is a difference. Polls of a
 server's progress (system.mutations) must run but answer by timing, not by the data: their
-answers are not compared.
+answers are not compared. Statements of kind `parse` (the cluster DDL of
+deploy/clickhouse-cluster/, which needs a cluster and ZooKeeper) are only parsed, by formatQuery.
 
 Usage: scripts/chdb_check.py [statements.json] [--report FILE]. Exits 1 on any difference.
 """
@@ -56,12 +57,18 @@ def main() -> int:
     sess = session.Session(os.path.join(work, "db"))
     version = sess.query("SELECT version()", "TabSeparated").bytes().decode().strip()
 
-    counts = {"execute": 0, "insert": 0, "same bytes": 0, "same rows": 0, "same pairs": 0, "polls": 0}
+    counts = {"parse": 0, "execute": 0, "insert": 0, "same bytes": 0, "same rows": 0, "same pairs": 0, "polls": 0}
     differences = []
     lines = []
     for i, st in enumerate(doc["statements"]):
         kind, sql, step = st["kind"], st["sql"], st["step"]
         try:
+            if kind == "parse":
+                literal = "'" + sql.replace("\\", "\\\\").replace("'", "\\'") + "'"
+                sess.query(f"SELECT formatQuery({literal})")
+                counts["parse"] += 1
+                lines.append(f"parsed      [{step}] {sql[:110]}")
+                continue
             if kind == "execute":
                 sess.query(sql)
                 counts["execute"] += 1
@@ -109,6 +116,7 @@ def main() -> int:
         f"chdb_check: {total} statements recorded on ClickHouse {doc['clickhouse_version']}, "
         f"replayed on ClickHouse {version} (chdb {chdb.__version__}): "
         f"{counts['execute']} DDL/maintenance, {counts['insert']} inserts, "
+        f"{counts['parse']} cluster DDL parsed only, "
         f"{queries} reads: {counts['same bytes']} same bytes, {counts['same rows']} same rows "
         f"(order not defined), {counts['same pairs']} same latest ts per pair (scans), "
         f"{counts['polls']} progress polls run (answers by timing), "

@@ -114,6 +114,9 @@ pub const HTTP_ACCESS: &[(&str, &str, Access)] = &[
     ("GET", "/v1/users/{}/segments", Needs(Role::Members)),
     ("GET", "/v1/segments/{}/members", Needs(Role::Members)),
     ("GET", "/v1/changes", Needs(Role::Members)),
+    // Between the ES of a sharded index (the answers may hold user ids).
+    ("POST", "/internal/v1/shards", Needs(Role::Members)),
+    ("POST", "/internal/v1/shards/members", Needs(Role::Members)),
     ("DELETE", "/v1/users/{}", Needs(Role::Admin)),
     ("POST", "/v1/users/delete", Needs(Role::Admin)),
     ("GET", "/healthz", Open),

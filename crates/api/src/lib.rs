@@ -12,6 +12,7 @@ mod grpc;
 mod http;
 mod observe;
 pub mod openapi;
+pub mod shards_http;
 pub mod tls;
 mod ui;
 
@@ -59,6 +60,9 @@ pub struct ApiState {
     pub overload_wait: Duration,
     /// Batches of one PushStream call being made durable at once.
     pub stream_pipeline: usize,
+    /// An ES of a sharded index: its loaded shards, served to its peers on the internal routes
+    /// (`shards_http`).
+    pub shards: Option<Arc<dyn userseg_usecase::ShardServer>>,
 }
 
 impl ApiState {
@@ -81,6 +85,7 @@ impl ApiState {
             )),
             overload_wait: Duration::from_secs(5),
             stream_pipeline: 8,
+            shards: None,
         }
     }
 }
@@ -111,6 +116,9 @@ pub fn router(state: ApiState) -> Router {
     let mut routes = http::routes(state.clone());
     if state.estimation.is_some() {
         routes = routes.merge(ui::routes());
+    }
+    if let Some(shards) = &state.shards {
+        routes = routes.merge(shards_http::routes(shards.clone()));
     }
     routes
         .fallback_service(fallback)

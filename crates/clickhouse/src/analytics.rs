@@ -66,6 +66,40 @@ pub(crate) mod sql {
         )
     }
 
+    /// [`count`] on a cluster's Distributed tables: every user lives on one shard, so each
+    /// shard counts its own users and the counts are summed (shards send numbers, not hash
+    /// sets to merge).
+    pub fn count_per_shard(db: &str, segment: &str, after: Option<u32>) -> String {
+        format!(
+            "SELECT toUInt64(sum(users)) FROM (SELECT uniqExact(user_id) AS users FROM {db}.pairs \
+             WHERE segment = {seg} AND {time}) {NO_MERGE} FORMAT RowBinary",
+            seg = quote_string(segment),
+            time = ts_filter(after),
+        )
+    }
+
+    /// [`count_all`] on a cluster, as [`count_per_shard`].
+    pub fn count_all_per_shard(db: &str, after: Option<u32>) -> String {
+        format!(
+            "SELECT segment, toUInt64(sum(users)) FROM (SELECT segment, uniqExact(user_id) AS users \
+             FROM {db}.pairs WHERE {time} GROUP BY segment) GROUP BY segment ORDER BY segment \
+             {NO_MERGE} FORMAT RowBinary",
+            time = ts_filter(after),
+        )
+    }
+
+    /// Makes every shard of a cluster finish the aggregation over the Distributed table
+    /// (`GROUP BY user_id` is complete on the user's shard) and send its rows as they are.
+    pub const NO_MERGE: &str = "SETTINGS distributed_group_by_no_merge = 1";
+
+    /// `sql` (ending with `FORMAT RowBinary`) with [`NO_MERGE`].
+    pub fn no_merge(sql: &str) -> String {
+        match sql.strip_suffix(" FORMAT RowBinary") {
+            Some(q) => format!("{q} {NO_MERGE} FORMAT RowBinary"),
+            None => format!("{sql} {NO_MERGE}"),
+        }
+    }
+
     /// `(segment String, users UInt64)` of every segment with live users, by segment.
     pub fn count_all(db: &str, after: Option<u32>) -> String {
         format!(
@@ -240,8 +274,12 @@ impl ClickHouseStore {
             Since::Always => None,
             Since::From(lo) => Some(lo),
         };
-        self.query_one(sql::count(self.db(), segment, after), "count", Mode::Exact)
-            .await
+        let sql = if self.on_cluster() {
+            sql::count_per_shard(self.db(), segment, after)
+        } else {
+            sql::count(self.db(), segment, after)
+        };
+        self.query_one(sql, "count", Mode::Exact).await
     }
 
     async fn count_all_within_query(
@@ -254,8 +292,12 @@ impl ClickHouseStore {
             Since::Always => None,
             Since::From(lo) => Some(lo),
         };
-        self.query_counts(sql::count_all(self.db(), after), "count_all", Mode::Exact)
-            .await
+        let sql = if self.on_cluster() {
+            sql::count_all_per_shard(self.db(), after)
+        } else {
+            sql::count_all(self.db(), after)
+        };
+        self.query_counts(sql, "count_all", Mode::Exact).await
     }
 
     async fn count_expr_query(
@@ -275,12 +317,11 @@ impl ClickHouseStore {
                 expr.segments().len()
             )));
         }
-        self.query_one(
-            sql::count_expr(self.db(), expr, after),
-            "count_expr",
-            Mode::Exact,
-        )
-        .await
+        let mut sql = sql::count_expr(self.db(), expr, after);
+        if self.on_cluster() {
+            sql = sql::no_merge(&sql);
+        }
+        self.query_one(sql, "count_expr", Mode::Exact).await
     }
 
     async fn overlap_query(
@@ -315,7 +356,10 @@ impl ClickHouseStore {
             Since::From(lo) => Some(Some(lo)),
         };
         if let Some(after) = after {
-            let sql = sql::overlap(self.db(), &names, after);
+            let mut sql = sql::overlap(self.db(), &names, after);
+            if self.on_cluster() {
+                sql = sql::no_merge(&sql);
+            }
             let (body, _) = self.timed_query(&sql, "overlap", Mode::Exact).await?;
             let mut r = rowbinary::Reader::new(&body);
             while !r.is_empty() {
@@ -415,7 +459,10 @@ impl SegmentAnalytics for ClickHouseStore {
             Since::From(lo) => Some(lo),
         };
         let started = Instant::now();
-        let sql = sql::members(self.db(), segment, after);
+        let mut sql = sql::members(self.db(), segment, after);
+        if self.on_cluster() {
+            sql = sql::no_merge(&sql);
+        }
         let mut bytes = 0;
         let streamed = stream_rows(
             self.client(),
@@ -557,5 +604,25 @@ mod tests {
         let mut d = RowDecoder::new(MemberRows { after: None });
         let mut input: &[u8] = &[0, 1, 0, 0, 0];
         assert!(d.next_row(&mut input).is_err());
+    }
+
+    #[test]
+    fn per_shard_forms_sum_the_shards() {
+        assert_eq!(
+            sql::count_per_shard("`d`", "a'", Some(9)),
+            "SELECT toUInt64(sum(users)) FROM (SELECT uniqExact(user_id) AS users FROM `d`.pairs \
+             WHERE segment = 'a\\'' AND ts > toDateTime(9)) \
+             SETTINGS distributed_group_by_no_merge = 1 FORMAT RowBinary"
+        );
+        assert_eq!(
+            sql::count_all_per_shard("`d`", None),
+            "SELECT segment, toUInt64(sum(users)) FROM (SELECT segment, uniqExact(user_id) AS users \
+             FROM `d`.pairs WHERE 1 GROUP BY segment) GROUP BY segment ORDER BY segment \
+             SETTINGS distributed_group_by_no_merge = 1 FORMAT RowBinary"
+        );
+        assert_eq!(
+            sql::no_merge("SELECT 1 FORMAT RowBinary"),
+            "SELECT 1 SETTINGS distributed_group_by_no_merge = 1 FORMAT RowBinary"
+        );
     }
 }

@@ -28,6 +28,13 @@ pub struct ClickHouseConfig {
     /// PEM CA certificates trusted for an `https://` address, besides the system's (a private
     /// CA that signed ClickHouse's certificate).
     pub ca_pem: Option<Vec<u8>>,
+    /// On a cluster (`deploy/clickhouse-cluster/`): the HTTP addresses of every node. Then
+    /// `database` is the cluster database (Distributed tables), and what cannot go through
+    /// Distributed tables runs on every node's `node_database` instead: migrations, user
+    /// deletions, the drop of expired partitions, history pruning. Empty: one server.
+    pub nodes: Vec<String>,
+    /// The local database of every node (with `nodes`), `userseg` by default.
+    pub node_database: String,
 }
 
 impl Default for ClickHouseConfig {
@@ -41,6 +48,8 @@ impl Default for ClickHouseConfig {
             connect_timeout: Duration::from_secs(5),
             max_rows_per_insert: 500_000,
             ca_pem: None,
+            nodes: Vec::new(),
+            node_database: "userseg".into(),
         }
     }
 }
@@ -63,6 +72,8 @@ impl fmt::Debug for ClickHouseConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("max_rows_per_insert", &self.max_rows_per_insert)
             .field("ca_pem_bytes", &self.ca_pem.as_ref().map(Vec::len))
+            .field("nodes", &self.nodes)
+            .field("node_database", &self.node_database)
             .finish()
     }
 }
@@ -75,6 +86,19 @@ impl ClickHouseConfig {
     pub fn with_database(mut self, database: impl Into<String>) -> Self {
         self.database = database.into();
         self
+    }
+
+    /// The settings of each node's local database (empty on one server).
+    pub fn node_configs(&self) -> Vec<ClickHouseConfig> {
+        self.nodes
+            .iter()
+            .map(|addr| ClickHouseConfig {
+                addr: addr.clone(),
+                database: self.node_database.clone(),
+                nodes: Vec::new(),
+                ..self.clone()
+            })
+            .collect()
     }
 }
 

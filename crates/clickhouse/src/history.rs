@@ -144,6 +144,17 @@ impl ClickHouseStore {
         if self.history.dropped_through.load(Ordering::Relaxed) >= last_whole_day {
             return Ok(());
         }
+        // On a cluster, every node drops its own (the Distributed table has no partitions);
+        // reads go through this store, which hides the pruned ticks by its floor.
+        if !self.nodes.is_empty() {
+            for node in &self.nodes {
+                Box::pin(node.prune_history(before)).await?;
+            }
+            self.history
+                .dropped_through
+                .fetch_max(last_whole_day, Ordering::Relaxed);
+            return Ok(());
+        }
         let body = self
             .client()
             .query(&sql::partitions(self.database()))

@@ -89,10 +89,21 @@ pub async fn migrate(config: &ClickHouseConfig) -> Result<Vec<AppliedMigration>,
 }
 
 /// Like [`migrate`], stopping after version `target` (for staged upgrades and tests).
+///
+/// On a cluster ([`ClickHouseConfig::nodes`]) it migrates every node's local database
+/// (`node_database`) and returns what it applied on all of them; the cluster database itself
+/// is made once by `deploy/clickhouse-cluster/cluster.sql`.
 pub async fn migrate_to(
     config: &ClickHouseConfig,
     target: u32,
 ) -> Result<Vec<AppliedMigration>, ClickHouseError> {
+    if !config.nodes.is_empty() {
+        let mut all = Vec::new();
+        for node in config.node_configs() {
+            all.extend(Box::pin(migrate_to(&node, target)).await?);
+        }
+        return Ok(all);
+    }
     // Backfilling sketches from a large pairs table can take minutes: allow it.
     let mut long = config.clone();
     long.request_timeout = long.request_timeout.max(MIGRATION_TIMEOUT);

@@ -43,6 +43,9 @@ pub struct ClickHouseStore {
     pub(crate) mutation_timeout: std::time::Duration,
     /// What history pruning remembers, see `history.rs`.
     pub(crate) history: Arc<crate::history::PruneState>,
+    /// On a cluster, every node's local database ([`ClickHouseConfig::nodes`]): deletions,
+    /// retention and history pruning run there.
+    pub(crate) nodes: Vec<ClickHouseStore>,
 }
 
 /// The lower bound of live event times at some instant.
@@ -70,7 +73,13 @@ impl ClickHouseStore {
     /// [`migrate`](crate::migrate).
     pub fn new(config: ClickHouseConfig, window: Window) -> Result<Self, ClickHouseError> {
         let client = ClickHouseClient::new(&config)?;
+        let nodes = config
+            .node_configs()
+            .into_iter()
+            .map(|node| ClickHouseStore::new(node, window))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(ClickHouseStore {
+            nodes,
             client,
             db: quote_ident(&config.database),
             database: config.database,
@@ -100,6 +109,12 @@ impl ClickHouseStore {
     /// The underlying HTTP client.
     pub fn client(&self) -> &ClickHouseClient {
         &self.client
+    }
+
+    /// Is this the cluster database of a cluster ([`ClickHouseConfig::nodes`])? Exact reads
+    /// then sum per-shard answers.
+    pub(crate) fn on_cluster(&self) -> bool {
+        !self.nodes.is_empty()
     }
 
     /// The quoted database name, for SQL text.
@@ -273,6 +288,15 @@ impl ClickHouseStore {
         segment: &str,
         at: UnixSeconds,
     ) -> Result<u64, ClickHouseError> {
+        if self.on_cluster() {
+            let after = match since(at.saturating_sub(self.window_secs())) {
+                Since::Never => return Ok(0),
+                Since::Always => None,
+                Since::From(lo) => Some(lo),
+            };
+            let sql = crate::analytics::sql::count_per_shard(&self.db, segment, after);
+            return self.query_one(sql, "count", Mode::Exact).await;
+        }
         let time = match since(at.saturating_sub(self.window_secs())) {
             Since::Never => return Ok(0),
             Since::Always => String::new(),
@@ -291,6 +315,15 @@ impl ClickHouseStore {
         &self,
         at: UnixSeconds,
     ) -> Result<Vec<SegmentCount>, ClickHouseError> {
+        if self.on_cluster() {
+            let after = match since(at.saturating_sub(self.window_secs())) {
+                Since::Never => return Ok(Vec::new()),
+                Since::Always => None,
+                Since::From(lo) => Some(lo),
+            };
+            let sql = crate::analytics::sql::count_all_per_shard(&self.db, after);
+            return self.query_counts(sql, "count_all", Mode::Exact).await;
+        }
         let time = match since(at.saturating_sub(self.window_secs())) {
             Since::Never => return Ok(Vec::new()),
             Since::Always => String::new(),
@@ -385,10 +418,20 @@ impl ClickHouseStore {
     /// expired at `now` (its last second is at or before `now - window`). ClickHouse 18.16 has
     /// no TTL, so the service calls this periodically. Counts never change: queries already
     /// ignore expired rows, and only partitions holding nothing but expired rows are dropped.
+    ///
+    /// On a cluster it drops them on every node's local database (the Distributed tables of
+    /// the cluster database have no partitions).
     pub async fn drop_expired_partitions(
         &self,
         now: UnixSeconds,
     ) -> Result<Vec<DroppedPartition>, ClickHouseError> {
+        if !self.nodes.is_empty() {
+            let mut all = Vec::new();
+            for node in &self.nodes {
+                all.extend(Box::pin(node.drop_expired_partitions(now)).await?);
+            }
+            return Ok(all);
+        }
         let horizon = now.saturating_sub(self.window_secs());
         let tables = PARTITIONED_TABLES
             .iter()
@@ -505,6 +548,17 @@ impl SegmentWriter for ClickHouseStore {
     }
 
     async fn delete_users(&self, deletion: UserDeletion) -> Result<(), PortError> {
+        // On a cluster, each node deletes its own users' rows and rebuilds its own sketches
+        // (a deletion cannot go through Distributed tables); each step is idempotent, so a
+        // retry after a node failed redoes nothing the others finished.
+        if !self.nodes.is_empty() {
+            for node in &self.nodes {
+                node.delete_user_ids(deletion.user_ids())
+                    .await
+                    .map_err(|e| port_error("delete_users", e))?;
+            }
+            return Ok(());
+        }
         self.delete_user_ids(deletion.user_ids())
             .await
             .map_err(|e| port_error("delete_users", e))

@@ -8,6 +8,15 @@
 //! more `step!` below; its answer is then checked on both versions.
 //!
 //! Its own test binary: the recording is process-wide.
+//!
+//! The cluster layout (`deploy/clickhouse-cluster/`) is checked as far as one server allows:
+//! the queries of `queries.sql` run on this database's tables (where
+//! `distributed_group_by_no_merge` changes nothing) and are replayed like the crate's own; the
+//! Distributed and Replicated DDL, which needs a cluster (and ZooKeeper), is recorded as
+//! `parse` statements that chdb only parses. `tests/cluster.rs` runs them on a real cluster.
+
+#[path = "support/cluster_sql.rs"]
+mod cluster_sql;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,6 +187,70 @@ async fn export_statements_with_their_answers() {
         store.prune(T - 1800).await.unwrap();
         store.read("sports", T - 7200, T, 600).await.unwrap();
     });
+    step!("cluster queries on local tables", {
+        let db = format!("`{}`", config.database);
+        let bound = T - 14 * DAY;
+        let first_day = ((bound + 1).div_euclid(DAY) * DAY + DAY).to_string();
+        let bound = bound.to_string();
+        let (sports, news, odd) = (
+            userseg_clickhouse::quote_string("sports"),
+            userseg_clickhouse::quote_string("news"),
+            userseg_clickhouse::quote_string("a.b:c-d_e"),
+        );
+        let user = userseg_clickhouse::quote_string("user-3");
+        for name in cluster_sql::query_names() {
+            let sql = cluster_sql::query(
+                name,
+                &[
+                    ("cdb", &db),
+                    ("segment", &sports),
+                    ("bound", &bound),
+                    ("first_day", &first_day),
+                    ("user", &user),
+                    ("a", &sports),
+                    ("b", &news),
+                    ("c", &odd),
+                ],
+            );
+            store
+                .client()
+                .query(&format!("{sql} FORMAT RowBinary"))
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    });
+    step!("per-shard forms (a store that knows cluster nodes)", {
+        // On one server the setting changes nothing: the answers are this server's.
+        let sharded = ClickHouseStore::new(
+            ClickHouseConfig {
+                nodes: vec![config.addr.clone()],
+                node_database: config.database.clone(),
+                ..config.clone()
+            },
+            window,
+        )
+        .unwrap();
+        sharded.count("sports", T, Mode::Exact).await.unwrap();
+        sharded.count_all(T, Mode::Exact).await.unwrap();
+        let within = Within::from_secs(3 * DAY as u64, window).ok();
+        sharded.count_within("news", T, within).await.unwrap();
+        sharded.count_all_within(T, within).await.unwrap();
+        for q in ["sports AND news", "NOT sports"] {
+            sharded
+                .count_expr(&Expr::parse(q).unwrap(), T, None)
+                .await
+                .unwrap();
+        }
+        let segs: Vec<String> = ["sports", "news", "a.b:c-d_e"].map(String::from).into();
+        sharded.overlap(&segs, T, None).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        sharded
+            .export_members("news", T, None, 100, tx)
+            .await
+            .unwrap();
+        drain.await.unwrap();
+    });
     step!("drop expired partitions", {
         let dropped = store.drop_expired_partitions(T).await.unwrap();
         assert!(!dropped.is_empty(), "the backfill's old days expire");
@@ -207,6 +280,23 @@ async fn export_statements_with_their_answers() {
             }),
         })
         .collect();
+    // The cluster DDL, for chdb to parse (no cluster, no ZooKeeper there or here).
+    let names = [
+        ("db", "userseg"),
+        ("cdb", "userseg_cluster"),
+        ("db_name", "'userseg'"),
+        ("db_path", "userseg"),
+        ("cluster", "userseg"),
+    ];
+    let mut statements = statements;
+    for (file, text) in [
+        ("cluster.sql", cluster_sql::CLUSTER_SQL),
+        ("local-replicated.sql", cluster_sql::LOCAL_REPLICATED_SQL),
+    ] {
+        for sql in cluster_sql::statements(text, &names) {
+            statements.push(serde_json::json!({"step": file, "kind": "parse", "sql": sql}));
+        }
+    }
     let version = store
         .client()
         .query("SELECT version() FORMAT TabSeparated")

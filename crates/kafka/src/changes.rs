@@ -61,7 +61,7 @@ impl KafkaChangeLog {
         }
         let lookup: BaseConsumer<ReaderContext> =
             BaseConsumer::from_config_and_context(&group_offsets_config(config), ReaderContext)
-        .map_err(|e| PortError::Permanent(format!("creating the kafka client: {e}")))?;
+                .map_err(|e| PortError::Permanent(format!("creating the kafka client: {e}")))?;
         let lookup = Arc::new(lookup);
         let (l, t, timeout) = (lookup.clone(), topic.to_string(), config.metadata_timeout);
         let ids = tokio::task::spawn_blocking(move || topic_partitions(l.client(), &t, timeout))
@@ -95,7 +95,11 @@ impl KafkaChangeLog {
 
     /// How many partitions `topic` (another topic, e.g. the pair topic) has.
     pub async fn partitions_of(&self, topic: &str) -> Result<i32, PortError> {
-        let (l, t, timeout) = (self.lookup.clone(), topic.to_string(), self.config.metadata_timeout);
+        let (l, t, timeout) = (
+            self.lookup.clone(),
+            topic.to_string(),
+            self.config.metadata_timeout,
+        );
         let ids = tokio::task::spawn_blocking(move || topic_partitions(l.client(), &t, timeout))
             .await
             .map_err(|e| PortError::Transient(format!("reading kafka metadata: {e}")))??;
@@ -450,7 +454,9 @@ mod tests {
         let c = encode_cursor(&[12, 0, 7]);
         assert_eq!(c, "k12.0.7");
         assert_eq!(parse_cursor(&c, 3), Ok(vec![12, 0, 7]));
-        for bad in ["", "k", "12.0.7", "k12.0", "k1.2.3.4", "k1..2", "k-1.0.0", "kx.0.0"] {
+        for bad in [
+            "", "k", "12.0.7", "k12.0", "k1.2.3.4", "k1..2", "k-1.0.0", "kx.0.0",
+        ] {
             assert!(
                 matches!(parse_cursor(bad, 3), Err(ChangeReadError::Malformed(_))),
                 "{bad:?}"

@@ -207,6 +207,17 @@ impl KafkaFollower {
     /// (unreachable, timeouts, unknown topic) is `Transient`; an invalid configuration
     /// `Permanent`.
     pub async fn open(config: &KafkaConfig) -> Result<Self, PortError> {
+        Self::open_partitions(config, None).await
+    }
+
+    /// As [`open`](Self::open), following only `partitions` (those the topic has) — one shard
+    /// of the sharded index; `None` follows them all. [`Followed::CaughtUp`] then means these
+    /// partitions were read to their high watermark at open.
+    pub async fn open_partitions(
+        config: &KafkaConfig,
+        partitions: Option<&[i32]>,
+    ) -> Result<Self, PortError> {
+        let only: Option<Vec<i32>> = partitions.map(<[i32]>::to_vec);
         let highs: Arc<Mutex<HashMap<i32, i64>>> = Arc::default();
         let lookup: BaseConsumer<FollowerContext> = BaseConsumer::from_config_and_context(
             &group_offsets_config(config),
@@ -216,7 +227,7 @@ impl KafkaFollower {
         let topic = config.topic.clone();
         let timeout = config.metadata_timeout;
         let starts = tokio::task::spawn_blocking(move || {
-            let starts = read_starts(&lookup, &topic, timeout);
+            let starts = read_starts(&lookup, &topic, timeout, only.as_deref());
             drop(lookup);
             starts
         })
@@ -276,8 +287,12 @@ fn read_starts(
     lookup: &BaseConsumer<FollowerContext>,
     topic: &str,
     timeout: Duration,
+    only: Option<&[i32]>,
 ) -> Result<Vec<Start>, PortError> {
-    let partitions = topic_partitions(lookup.client(), topic, timeout)?;
+    let mut partitions = topic_partitions(lookup.client(), topic, timeout)?;
+    if let Some(only) = only {
+        partitions.retain(|p| only.contains(p));
+    }
 
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {

@@ -69,6 +69,12 @@ impl KafkaPublisher {
         self.inner.producer.flush(timeout).await
     }
 
+    /// The topic's partition count, fetched from the broker now (within KAFKA_METADATA_TIMEOUT).
+    pub async fn partition_count(&self) -> Result<i32, PortError> {
+        let timeout = self.inner.config().metadata_timeout;
+        self.inner.fetch_partitions(timeout).await
+    }
+
     /// The partition count of the topic as last fetched (for diagnostics and tests).
     pub fn cached_partitions(&self) -> Option<i32> {
         self.inner.cache().map(|c| c.count)

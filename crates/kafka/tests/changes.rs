@@ -87,7 +87,11 @@ async fn a_users_events_stay_in_order_in_its_partition() {
         cursor = b.next;
     }
     assert_eq!(got.len(), sent.len(), "every event once");
-    assert_eq!(per_user(&got), per_user(&sent), "each user's events in order");
+    assert_eq!(
+        per_user(&got),
+        per_user(&sent),
+        "each user's events in order"
+    );
     // Resuming after any event's cursor reads exactly the events not yet read before it.
     for (c, seen) in cursors.iter().step_by(9) {
         let b = log.read(c, 1000, Duration::ZERO).await.expect("read");

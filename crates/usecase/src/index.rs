@@ -48,8 +48,14 @@ pub struct IndexConfig {
 impl Default for IndexConfig {
     fn default() -> Self {
         IndexConfig {
-            scan_chunk_pairs: 50_000,
-            scan_buffer_chunks: 4,
+            // Below the embedded store's parallel threshold (4096 pairs), so a chunk is applied
+            // on the task's own thread: bigger ones are applied by threads spawned per batch,
+            // and a scan of millions of pairs spawning hundreds of short-lived threads left the
+            // allocator with pages of their (abandoned) heaps: 6 (full index) to 9 (sharded)
+            // bytes of RSS per live pair more at 10M pairs (docs/BENCHMARKS.md, "ES index
+            // memory").
+            scan_chunk_pairs: 4_000,
+            scan_buffer_chunks: 32,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
         }
@@ -86,6 +92,8 @@ pub struct SegmentIndex {
     fallback_analytics: Arc<dyn SegmentAnalytics>,
     state: Arc<State>,
     config: IndexConfig,
+    /// Sets the process-wide `userseg_index_serving` gauge (not a shard of the sharded index).
+    whole: bool,
 }
 
 /// Waits the next backoff pause; false when cancelled meanwhile.
@@ -114,6 +122,26 @@ impl SegmentIndex {
             fallback_analytics: fallback,
             state: Arc::default(),
             config,
+            whole: true,
+        }
+    }
+
+    /// The index of one shard of the sharded index ([`crate::ShardedIndex`]): `memory` is also
+    /// what it answers with before loading (its owner asks it only once it serves), and it
+    /// leaves the `userseg_index_serving` gauge to its owner.
+    pub fn shard<M>(memory: Arc<M>, config: IndexConfig) -> Self
+    where
+        M: SegmentWriter + SegmentCounter + SegmentAnalytics,
+    {
+        SegmentIndex {
+            writer: memory.clone(),
+            index: memory.clone(),
+            index_analytics: memory.clone(),
+            fallback: memory.clone(),
+            fallback_analytics: memory,
+            state: Arc::default(),
+            config,
+            whole: false,
         }
     }
 
@@ -214,7 +242,9 @@ impl SegmentIndex {
                 }
                 Ok(Followed::CaughtUp) => {
                     if !self.state.serving.swap(true, Ordering::AcqRel) {
-                        metrics::gauge!("userseg_index_serving").set(1.0);
+                        if self.whole {
+                            metrics::gauge!("userseg_index_serving").set(1.0);
+                        }
                         let s = self.status();
                         tracing::info!(
                             scanned_pairs = s.scanned_pairs,

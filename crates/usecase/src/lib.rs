@@ -18,6 +18,7 @@ pub mod index;
 pub mod ingest;
 pub mod ports;
 pub mod processor;
+pub mod shards;
 #[cfg(feature = "testsuite")]
 pub mod store_suite;
 #[cfg(feature = "testsuite")]
@@ -41,5 +42,9 @@ pub use ports::{
     SegmentAnalytics, SegmentCount, SegmentCounter, SegmentWriter,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
+pub use shards::{
+    combine, LocalShards, OpenPartition, PartitionOf, ShardAnswer, ShardAnswers, ShardMemory,
+    ShardPeers, ShardQuery, ShardServer, ShardedIndex,
+};
 #[cfg(test)]
 mod processor_tests;

@@ -18,7 +18,7 @@ mod documented;
 mod kafka;
 
 pub use clickhouse::ClickHouseArgs;
-pub use distributed::{EsArgs, EsConfig, MigrateArgs, UssArgs, UssConfig};
+pub use distributed::{EsArgs, EsConfig, IndexMode, MigrateArgs, UssArgs, UssConfig};
 pub use kafka::KafkaArgs;
 
 pub fn duration(var: &str, value: &str) -> Result<Duration> {

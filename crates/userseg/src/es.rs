@@ -17,12 +17,14 @@ use userseg_kafka::{
 };
 use userseg_usecase::{
     Analytics, BatchProcessor, ChangeEmitter, ChangeLog, Changes, Clock, EmitterConfig,
-    EmitterInlet, Estimation, History, HistorySampler, HistoryStore, IndexConfig, Mode, PortError,
-    SegmentAnalytics, SegmentCounter, SegmentIndex, SystemClock,
+    EmitterInlet, Estimation, History, HistorySampler, HistoryStore, IndexConfig, Mode,
+    PartitionOf, PortError, SegmentAnalytics, SegmentCounter, SegmentIndex, ShardServer,
+    ShardedIndex, SystemClock,
 };
 
-use crate::config::EsConfig;
+use crate::config::{EsConfig, IndexMode};
 use crate::observability;
+use crate::peers::HttpPeers;
 use crate::server::{self, Server};
 
 /// How often the index drops expired memberships (their memory is reused).
@@ -43,7 +45,7 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     }
     let store = ClickHouseStore::new(cfg.clickhouse.clone(), cfg.service.window)?;
     let source = KafkaSource::new(&cfg.kafka)?;
-    let owned = source.assignment();
+    let assignment = source.assignment();
     let dlq = KafkaDeadLetters::new(&cfg.kafka)?.with_provenance(source.provenance());
     let processor = BatchProcessor::new(Arc::new(store.clone()), Arc::new(dlq), cfg.batch.clone());
     let health = processor.health();
@@ -65,12 +67,12 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     let mut inlet = None;
     if let Some(topic) = &cfg.changes_topic {
         let log = open_change_log(&cfg.kafka, topic, cfg.create_topics).await?;
-        if cfg.index {
+        if cfg.index == IndexMode::Full {
             let pair_partitions = log.partitions_of(&cfg.kafka.topic).await?;
             let log: Arc<dyn ChangeLog> = log.clone();
             let (emitter, i) = ChangeEmitter::new(
                 log,
-                owned,
+                assignment.clone(),
                 move |user| userseg_kafka::partition_for(user.as_bytes(), pair_partitions),
                 EmitterConfig {
                     // A dead member's partitions move after its session timed out.
@@ -83,17 +85,26 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
         } else {
             tracing::warn!(
                 topic,
-                "KAFKA_CHANGES_TOPIC without ES_INDEX: serving the feed, but this ES detects no changes"
+                "KAFKA_CHANGES_TOPIC needs ES_INDEX=true to detect changes: this ES serves the feed but publishes nothing"
             );
         }
         changes = Some(Changes::new(log, Duration::from_secs(15)));
     }
-    let (counter, reads): (Arc<dyn SegmentCounter>, Arc<dyn SegmentAnalytics>) = if cfg.index {
-        let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop, inlet);
-        background.extend(tasks);
-        (Arc::new(index.clone()), Arc::new(index))
-    } else {
-        (Arc::new(store.clone()), Arc::new(store.clone()))
+    let mut shards: Option<Arc<dyn ShardServer>> = None;
+    let (counter, reads): (Arc<dyn SegmentCounter>, Arc<dyn SegmentAnalytics>) = match cfg.index {
+        IndexMode::Full => {
+            let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop, inlet);
+            background.extend(tasks);
+            (Arc::new(index.clone()), Arc::new(index))
+        }
+        IndexMode::Partitioned => {
+            let (index, tasks) =
+                start_sharded(&cfg, &store, assignment, clock.clone(), &background_stop).await?;
+            background.extend(tasks);
+            shards = Some(Arc::new(index.clone()));
+            (Arc::new(index.clone()), Arc::new(index))
+        }
+        IndexMode::Off => (Arc::new(store.clone()), Arc::new(store.clone())),
     };
     // Every ES samples the same ticks (multiples of HISTORY_INTERVAL); ClickHouse keeps one
     // sample per tick.
@@ -122,6 +133,7 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     state.changes = changes;
     state.metrics = Some(metrics);
     state.auth = cfg.service.auth.clone();
+    state.shards = shards;
     state
         .ready_checks
         .push(("processor".into(), server::processor_check(health)));
@@ -310,5 +322,121 @@ async fn expire_index(mem: Arc<MemStore>, clock: Arc<dyn Clock>, stop: Cancellat
         metrics::gauge!("userseg_index_users").set(stats.users as f64);
         metrics::gauge!("userseg_index_memory_bytes")
             .set((stats.member_bytes + stats.dict_bytes) as f64);
+    }
+}
+
+/// The least prefetch buffer of a shard's follower.
+const SHARD_PREFETCH_MIN_KBYTES: usize = 2048;
+
+/// How long the sharded index waits at start for the topic's partition count.
+const PARTITION_COUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// Starts the sharded index (ES_INDEX=partitioned): shards follow `assignment` (the partitions
+/// this member owns), reads combine them with ES_PEERS' shards. Needs the topic's partition
+/// count (the publisher's partitioner depends on it): waited for up to
+/// [`PARTITION_COUNT_WAIT`].
+async fn start_sharded(
+    cfg: &EsConfig,
+    store: &ClickHouseStore,
+    assignment: tokio::sync::watch::Receiver<Arc<std::collections::BTreeSet<i32>>>,
+    clock: Arc<dyn Clock>,
+    stop: &CancellationToken,
+) -> Result<(ShardedIndex<EmbeddedStore>, Vec<JoinHandle<()>>)> {
+    let probe = KafkaPublisher::new(&cfg.kafka)?;
+    let deadline = tokio::time::Instant::now() + PARTITION_COUNT_WAIT;
+    let partitions = loop {
+        match probe.partition_count().await {
+            Ok(n) => break n,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "sharded index: waiting for the topic's partition count");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => anyhow::bail!("sharded index: the topic's partition count: {e}"),
+        }
+    };
+    let partition_of: PartitionOf =
+        Arc::new(move |user: &str| userseg_kafka::partition_for(user.as_bytes(), partitions));
+    let peers = Arc::new(HttpPeers::new(cfg.peers.clone(), cfg.peer_token.clone())?);
+    let window = cfg.service.window;
+    let index = ShardedIndex::new(peers, partition_of, partitions, window);
+    tracing::info!(partitions, peers = ?cfg.peers, "sharded index: starting");
+    // One follower (one librdkafka consumer) per shard: they share KAFKA_PREFETCH_KBYTES, so
+    // the prefetch buffers of all of them stay within what one full-index follower may hold
+    // (at least 2 MiB each, enough for the largest message).
+    let mut kafka = cfg.kafka.clone();
+    let share = usize::try_from(partitions).unwrap_or(1).max(1);
+    kafka.prefetch_kbytes = (kafka.prefetch_kbytes / share).max(SHARD_PREFETCH_MIN_KBYTES);
+    let open = move |partition: i32| {
+        let kafka = kafka.clone();
+        async move { KafkaFollower::open_partitions(&kafka, Some(&[partition])).await }
+    };
+    let run = tokio::spawn(index.clone().run(
+        assignment,
+        move || Arc::new(EmbeddedStore(Arc::new(MemStore::new(window)))),
+        open,
+        Arc::new(store.clone()),
+        clock.clone(),
+        stop.clone(),
+    ));
+    let expire = tokio::spawn(expire_shards(index.clone(), clock, stop.clone()));
+    Ok((index, vec![run, expire]))
+}
+
+/// [`expire_index`] for every shard of the sharded index, and the sums of their size gauges.
+async fn expire_shards(
+    index: ShardedIndex<EmbeddedStore>,
+    clock: Arc<dyn Clock>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(INDEX_STATS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_expire = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let memories: Vec<Arc<MemStore>> = index
+            .local()
+            .memories()
+            .await
+            .into_iter()
+            .map(|m| m.0.clone())
+            .collect();
+        let now = clock.now();
+        let expire = last_expire.elapsed() >= INDEX_EXPIRE_INTERVAL;
+        if expire {
+            last_expire = tokio::time::Instant::now();
+        }
+        let Ok(stats) = tokio::task::spawn_blocking(move || {
+            memories
+                .iter()
+                .map(|m| {
+                    if expire {
+                        m.expire(now);
+                    }
+                    m.memory()
+                })
+                .fold((0u64, 0u64, 0u64), |(p, u, b), s| {
+                    (
+                        p + s.live_pairs,
+                        u + s.users,
+                        b + s.member_bytes + s.dict_bytes,
+                    )
+                })
+        })
+        .await
+        else {
+            continue;
+        };
+        metrics::gauge!("userseg_index_live_pairs").set(stats.0 as f64);
+        metrics::gauge!("userseg_index_users").set(stats.1 as f64);
+        metrics::gauge!("userseg_index_memory_bytes").set(stats.2 as f64);
+        let held = index.local().held().await.len();
+        let loaded = index.local().ready().await.len();
+        metrics::gauge!("userseg_index_shards").set(held as f64);
+        metrics::gauge!("userseg_index_shards_loading").set(held.saturating_sub(loaded) as f64);
+        let serving = index.check_ready().await.is_ok();
+        metrics::gauge!("userseg_index_serving").set(if serving { 1.0 } else { 0.0 });
     }
 }

@@ -14,6 +14,7 @@ pub mod es;
 pub mod keys;
 pub mod migrate;
 pub mod observability;
+mod peers;
 mod reload;
 mod server;
 pub mod standalone;

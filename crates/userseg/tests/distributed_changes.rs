@@ -121,7 +121,10 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
     let mut es = c.spawn("es", &env);
     es.ready().await;
     es_serving(&es).await;
-    until("ES has the old members", 30, async || !es.counts().await.is_empty()).await;
+    until("ES has the old members", 30, async || {
+        !es.counts().await.is_empty()
+    })
+    .await;
     let mut feed = Feed::open(&es.base).await;
     let t = now();
     push(&uss, users("u", 20, "s", t)).await;
@@ -220,7 +223,10 @@ async fn join_and_leave(c: &Cluster) {
         if consumer.assignment().is_ok_and(|a| a.count() > 0) {
             break;
         }
-        assert!(Instant::now() < deadline, "the test consumer got no partition");
+        assert!(
+            Instant::now() < deadline,
+            "the test consumer got no partition"
+        );
     }
     tokio::task::spawn_blocking(move || {
         consumer.unsubscribe();
@@ -266,7 +272,11 @@ async fn one_emitter_per_partition_and_a_sigkill_repeats_only_by_id() {
     .await;
     let first = read_all(&log).await;
     let ids: BTreeSet<&String> = first.iter().map(|(id, _)| id).collect();
-    assert_eq!(ids.len(), first.len(), "no event twice: one emitter per partition");
+    assert_eq!(
+        ids.len(),
+        first.len(),
+        "no event twice: one emitter per partition"
+    );
     assert_eq!(first.len(), 60);
     let e1 = es1.metric("userseg_changes_emitted_total").await;
     let e2 = es2.metric("userseg_changes_emitted_total").await;
@@ -303,13 +313,16 @@ async fn one_emitter_per_partition_and_a_sigkill_repeats_only_by_id() {
     })
     .await;
     let all = read_all(&log).await;
-    let mut ids_of: BTreeMap<(String, String, String, String), BTreeSet<String>> =
-        BTreeMap::new();
+    let mut ids_of: BTreeMap<(String, String, String, String), BTreeSet<String>> = BTreeMap::new();
     for (id, w) in &all {
         ids_of.entry(w.clone()).or_default().insert(id.clone());
     }
     for (w, ids) in &ids_of {
-        assert_eq!(ids.len(), 1, "{w:?}: repeats carry the same id, got {ids:?}");
+        assert_eq!(
+            ids.len(),
+            1,
+            "{w:?}: repeats carry the same id, got {ids:?}"
+        );
     }
     assert!(
         es2.metric("userseg_changes_replayed_total").await > 0.0,

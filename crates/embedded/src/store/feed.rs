@@ -69,12 +69,7 @@ impl MemStore {
     /// Turns change detection on, handing the events to `sink` (the ES index: see
     /// [`EventSink`]), with exits emitted up to `exit_lo`. Returns false if a feed was attached
     /// already.
-    pub fn attach_event_sink(
-        &self,
-        sink: EventSink,
-        clock: Arc<dyn Clock>,
-        exit_lo: i64,
-    ) -> bool {
+    pub fn attach_event_sink(&self, sink: EventSink, clock: Arc<dyn Clock>, exit_lo: i64) -> bool {
         self.attach_sink(Arc::new(sink), clock, exit_lo)
     }
 

@@ -44,6 +44,14 @@ pub struct ClickHouseArgs {
     /// PEM CA certificates to trust for an https:// CLICKHOUSE_ADDR, besides the system's.
     #[arg(long, env = "CLICKHOUSE_CA_FILE")]
     pub clickhouse_ca_file: Option<std::path::PathBuf>,
+    /// On a ClickHouse cluster (deploy/clickhouse-cluster): every node's HTTP address,
+    /// comma-separated. CLICKHOUSE_DATABASE is then the cluster database, and migrations,
+    /// deletions, retention and history pruning run on each node's CLICKHOUSE_NODE_DATABASE.
+    #[arg(long, env = "CLICKHOUSE_NODES", default_value = "")]
+    pub clickhouse_nodes: String,
+    /// The local database of every node of CLICKHOUSE_NODES.
+    #[arg(long, env = "CLICKHOUSE_NODE_DATABASE", default_value = "userseg")]
+    pub clickhouse_node_database: String,
 }
 
 impl ClickHouseArgs {
@@ -66,7 +74,19 @@ impl ClickHouseArgs {
                 Some(path) => Some(ca_file(path)?),
                 None => None,
             },
+            nodes: self
+                .clickhouse_nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| url_of("CLICKHOUSE_NODES", n))
+                .collect::<Result<Vec<_>>>()?,
+            node_database: self.clickhouse_node_database.clone(),
         };
+        if let Err(e) = check_database_name(&c.node_database) {
+            bail!("CLICKHOUSE_NODE_DATABASE: {e}");
+        }
+
         if let Err(e) = check_database_name(&c.database) {
             bail!("CLICKHOUSE_DATABASE: {e}");
         }
@@ -84,7 +104,10 @@ impl ClickHouseArgs {
 }
 
 fn addr(addr: &str) -> Result<String> {
-    let var = "CLICKHOUSE_ADDR";
+    url_of("CLICKHOUSE_ADDR", addr)
+}
+
+fn url_of(var: &str, addr: &str) -> Result<String> {
     let url = match reqwest::Url::parse(addr) {
         Ok(url) => url,
         Err(e) => bail!("{var}: {addr:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8123"),
@@ -153,6 +176,22 @@ mod tests {
     }
 
     #[test]
+    fn cluster_nodes() {
+        let c = parse(&[
+            "--clickhouse-database",
+            "userseg_cluster",
+            "--clickhouse-nodes",
+            "http://ch1:8123, http://ch2:8123",
+        ])
+        .unwrap();
+        assert_eq!(c.nodes, ["http://ch1:8123", "http://ch2:8123"]);
+        assert_eq!(c.node_database, "userseg");
+        assert_eq!(c.node_configs()[1].addr, "http://ch2:8123");
+        assert_eq!(c.node_configs()[1].database, "userseg");
+        assert!(c.node_configs()[1].nodes.is_empty());
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         let cases: &[(&str, &str, &str)] = &[
             ("--clickhouse-addr", "not a url", "CLICKHOUSE_ADDR"),
@@ -193,6 +232,16 @@ mod tests {
                 "--clickhouse-max-rows-per-insert",
                 "0",
                 "CLICKHOUSE_MAX_ROWS_PER_INSERT",
+            ),
+            (
+                "--clickhouse-nodes",
+                "http://a:8123,ch2",
+                "CLICKHOUSE_NODES",
+            ),
+            (
+                "--clickhouse-node-database",
+                "x-y",
+                "CLICKHOUSE_NODE_DATABASE",
             ),
         ];
         for (flag, value, var) in cases {

@@ -61,9 +61,19 @@ pub struct EsArgs {
     pub retention_interval: String,
     /// Keep an exact in-memory index of the live pairs (loaded from ClickHouse at start, then
     /// kept current from the topic) and answer estimates from it; ClickHouse answers until it
-    /// has loaded. About 15 bytes of memory per live pair.
-    #[arg(long, env = "ES_INDEX", default_value_t = true, action = clap::ArgAction::Set)]
-    pub es_index: bool,
+    /// has loaded. About 15 bytes of memory per live pair. `true`: every ES holds all of it;
+    /// `partitioned`: each ES holds the partitions its group member owns and asks ES_PEERS for
+    /// the rest; `false`: no index, ClickHouse answers.
+    #[arg(long, env = "ES_INDEX", default_value = "true")]
+    pub es_index: String,
+    /// With ES_INDEX=partitioned: the base URLs of the estimation services of the group
+    /// (`http://host:port,…`; listing this ES too is harmless).
+    #[arg(long, env = "ES_PEERS", default_value = "")]
+    pub es_peers: String,
+    /// With ES_INDEX=partitioned: the bearer token sent to ES_PEERS (a key with the `members`
+    /// role, when the peers have API keys on).
+    #[arg(long, env = "ES_PEER_TOKEN")]
+    pub es_peer_token: Option<String>,
     /// Segment count history, sampled into ClickHouse (several ES sample the same ticks).
     #[command(flatten)]
     pub history: HistoryArgs,
@@ -85,7 +95,10 @@ pub struct EsConfig {
     pub estimate_cache_ttl: Duration,
     pub retention_interval: Duration,
     /// Answer estimates from the in-memory index (ES_INDEX).
-    pub index: bool,
+    pub index: IndexMode,
+    /// ES_PEERS, ES_PEER_TOKEN (partitioned index only).
+    pub peers: Vec<String>,
+    pub peer_token: Option<String>,
     /// HISTORY_INTERVAL, HISTORY_RETENTION.
     pub history: HistoryConfig,
     /// KAFKA_CHANGES_TOPIC: the change feed's topic, when on.
@@ -115,6 +128,16 @@ impl EsArgs {
                 Some(t)
             }
         };
+        let index = match self.es_index.as_str() {
+            "true" => IndexMode::Full,
+            "false" => IndexMode::Off,
+            "partitioned" => IndexMode::Partitioned,
+            other => bail!("ES_INDEX: {other:?} is none of true, false, partitioned"),
+        };
+        let peers = parse_peers(&self.es_peers)?;
+        if index == IndexMode::Partitioned && peers.is_empty() {
+            bail!("ES_PEERS: ES_INDEX=partitioned needs the base URLs of the group's ES (http://host:port,...)");
+        }
         Ok(EsConfig {
             changes_topic,
             service,
@@ -124,10 +147,39 @@ impl EsArgs {
             clickhouse,
             estimate_cache_ttl,
             retention_interval,
-            index: self.es_index,
+            index,
+            peers,
+            peer_token: self.es_peer_token.clone().filter(|t| !t.is_empty()),
             history: self.history.validate()?,
         })
     }
+}
+
+/// ES_INDEX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexMode {
+    /// No index: ClickHouse answers.
+    Off,
+    /// Every ES holds every live pair.
+    Full,
+    /// Each ES holds the partitions it owns and asks its peers for the rest.
+    Partitioned,
+}
+
+/// ES_PEERS: comma-separated `http(s)://host:port` base URLs, without a trailing slash.
+fn parse_peers(text: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for raw in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let url = raw.trim_end_matches('/');
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        match rest {
+            Some(host) if !host.is_empty() && !host.contains('/') => out.push(url.to_string()),
+            _ => bail!("ES_PEERS: {raw:?} is not a base URL like http://host:port"),
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Args, Debug, Clone)]

@@ -33,6 +33,9 @@ const NOT_SETTINGS: &[&str] = &[
     "DEFAULT_MUTATION_TIMEOUT",
     // the protobuf enum value of approximate estimates
     "MODE_APPROX",
+    // constants of the ES index (crates/usecase/src/shards.rs, crates/kafka/src/follower.rs)
+    "RELEASE_AFTER_EMPTY",
+    "MERGE_PAIRS",
     // read by tracing-subscriber, documented next to LOG_FORMAT
     "RUST_LOG",
     // read by scripts/clickhouse.sh: serve https too (tests of ClickHouse over TLS)
@@ -108,10 +111,14 @@ const SAMPLES: &[(&str, &str)] = &[
     ("CLICKHOUSE_REQUEST_TIMEOUT", "5s"),
     ("CLICKHOUSE_CONNECT_TIMEOUT", "1s"),
     ("CLICKHOUSE_MAX_ROWS_PER_INSERT", "1000"),
+    ("CLICKHOUSE_NODES", "http://ch1:8123,http://ch2:8123"),
+    ("CLICKHOUSE_NODE_DATABASE", "local"),
     ("ESTIMATE_CACHE_TTL", "0s"),
     ("RETENTION_INTERVAL", "10m"),
     ("ES_INDEX", "false"),
     ("KAFKA_CHANGES_TOPIC", "user-changes"),
+    ("ES_PEERS", "http://es-2:8080"),
+    ("ES_PEER_TOKEN", "usk_peer"),
 ];
 
 fn repo() -> &'static Path {

@@ -231,6 +231,12 @@ pub const FAMILIES: &[Family] = &[
         "Undecodable or invalid messages the index's follower skipped."),
     f("userseg_index_apply_errors_total", Counter, E, &[],
         "Failures applying pairs to the index."),
+    f("userseg_index_shards", Gauge, E, &[],
+        "Shards of the sharded index (ES_INDEX=partitioned) this ES holds, loaded or loading."),
+    f("userseg_index_shards_loading", Gauge, E, &[],
+        "Shards of the sharded index this ES holds that are still loading."),
+    f("userseg_index_incomplete_reads_total", Counter, E, &[],
+        "Reads of the sharded index (ES_INDEX=partitioned) refused as incomplete: a partition had no loaded shard on any ES."),
     // --- clickhouse ---
     f("userseg_clickhouse_inserts_total", Counter, E, &[],
         "INSERTs of pair batches into ClickHouse."),
