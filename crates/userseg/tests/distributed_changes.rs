@@ -32,7 +32,7 @@ fn users(prefix: &str, n: usize, segment: &str, ts: i64) -> Value {
         .collect()
 }
 
-/// An NDJSON subscription to `GET /v1/changes`, parsed as it arrives.
+/// An SSE subscription to `GET /v1/changes`, parsed as it arrives.
 struct Feed {
     resp: reqwest::Response,
     buf: String,
@@ -40,11 +40,15 @@ struct Feed {
 }
 
 impl Feed {
-    async fn open(base: &str) -> Feed {
-        let resp = reqwest::get(format!("{base}/v1/changes?format=ndjson"))
+    async fn open(base: &str, query: &str) -> Feed {
+        let resp = reqwest::Client::new()
+            .get(format!("{base}/v1/changes{query}"))
+            .header("accept", "text/event-stream")
+            .send()
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
         Feed {
             resp,
             buf: String::new(),
@@ -63,10 +67,13 @@ impl Feed {
             };
             let chunk = chunk.unwrap().expect("the stream ended");
             self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
-            while let Some(at) = self.buf.find('\n') {
-                let line: String = self.buf.drain(..=at).collect();
-                if !line.trim().is_empty() {
-                    self.events.push(serde_json::from_str(line.trim()).unwrap());
+            while let Some(at) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..at + 2).collect();
+                let id = block.lines().find_map(|l| l.strip_prefix("id: "));
+                if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    let event: Value = serde_json::from_str(data).unwrap();
+                    assert_eq!(Some(event["cursor"].as_str().unwrap()), id, "{block}");
+                    self.events.push(event);
                 }
             }
         }
@@ -104,6 +111,7 @@ async fn es_serving(es: &Proc) {
 /// One ES with a short window: entered for new members only (not refreshes), deleted for a
 /// deleted user, and an expired exit for every member left, each once, through the topic and
 /// ES's own `GET /v1/changes`; what was in ClickHouse before ES started is never `entered`.
+/// Resuming by cursor from ES gives exactly the events after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
     let c = Cluster::new("chfeed");
@@ -125,7 +133,7 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
         !es.counts().await.is_empty()
     })
     .await;
-    let mut feed = Feed::open(&es.base).await;
+    let mut feed = Feed::open(&es.base, "").await;
     let t = now();
     push(&uss, users("u", 20, "s", t)).await;
     // Refreshes of live members and of the old ones: nothing.
@@ -171,6 +179,23 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids, fed);
+    // Resuming after the 10th event's cursor gives exactly the events after it.
+    let cursor = feed.events[9]["cursor"].as_str().unwrap().to_string();
+    let mut resumed = Feed::open(&es.base, &format!("?after={cursor}")).await;
+    let rest = feed.events.len() - 10;
+    resumed
+        .until("the events after the cursor", 30, |e| e.len() >= rest)
+        .await;
+    let after: BTreeSet<String> = resumed
+        .events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    let want: BTreeSet<String> = feed.events[10..]
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(after, want);
 }
 
 async fn open_log(c: &Cluster, topic: &str) -> KafkaChangeLog {
