@@ -303,10 +303,17 @@ async fn one_emitter_per_partition_and_a_sigkill_repeats_only_by_id() {
         "no event twice: one emitter per partition"
     );
     assert_eq!(first.len(), 60);
+    // The counters move right after the broker's acknowledgement.
+    until("the emitters counted 60 events", 10, async || {
+        es1.metric("userseg_changes_emitted_total").await
+            + es2.metric("userseg_changes_emitted_total").await
+            >= 60.0
+    })
+    .await;
     let e1 = es1.metric("userseg_changes_emitted_total").await;
     let e2 = es2.metric("userseg_changes_emitted_total").await;
     assert!(e1 > 0.0 && e2 > 0.0, "both ES emit: {e1} {e2}");
-    assert_eq!(e1 + e2, 60.0);
+    assert_eq!(e1 + e2, 60.0, "each event published by one ES");
 
     // More changes, then es1 dies at once (whatever it had not published yet is lost with it).
     push(&uss, users("b", 60, "s", now())).await;
