@@ -48,6 +48,7 @@ if [ "$mode" != standalone ]; then
   set +a
   export USERSEG_TEST_CLICKHOUSE_DIR="$SERVERS_DIR/clickhouse"
   export USERSEG_TEST_TANSU_DIR="$SERVERS_DIR/tansu"
-  # 5 s unpaced through USS is ~12 M pairs, which ES writes into ClickHouse in ~100 s.
-  SOAK_CAPACITY_SECS="${SOAK_CAPACITY_SECS:-5}" cargo test -p userseg --test soak_distributed -- --nocapture
+  # Capacity: ES's write rate during 10 s of unpaced load through USS (~20 M pairs, which ES
+  # has written into ClickHouse a minute or two later).
+  SOAK_CAPACITY_SECS="${SOAK_CAPACITY_SECS:-10}" cargo test -p userseg --test soak_distributed -- --nocapture
 fi

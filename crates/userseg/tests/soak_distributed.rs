@@ -154,6 +154,18 @@ async fn clickhouse_counts(http: &reqwest::Client, c: &Cluster) -> Option<Vec<(S
         .collect()
 }
 
+/// ES's `userseg_processor_pairs_written_total`: pairs it wrote into ClickHouse.
+async fn pairs_written(http: &reqwest::Client, es_base: &str) -> Option<f64> {
+    let r = http.get(format!("{es_base}/metrics")).send().await.ok()?;
+    let text = r.text().await.ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix("userseg_processor_pairs_written_total ")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 async fn sorted_counts(p: &Proc) -> Vec<(String, u64)> {
     let mut v = p.counts().await;
     v.sort();
@@ -201,11 +213,14 @@ async fn distributed_soak_with_kills_and_restarts_loses_nothing_and_keeps_rss_fl
     es.as_mut().unwrap().ready().await;
     let (uss_base, es_base) = (uss.base.clone(), format!("http://127.0.0.1:{es_port}"));
 
-    // Capacity: unpaced through USS, until ES's index and ClickHouse both count every pair.
+    // Capacity: ES's write rate into ClickHouse while `userseg load` pushes unpaced through USS,
+    // so USS, the generator and the broker take their share of the cores as they do in the
+    // soak (a burst absorbed afterwards, with them idle, overstates it by half or more). Then
+    // wait until ES's index and ClickHouse count every pair, so the soak starts without backlog.
     let http = reqwest::Client::new();
     let capacity = if capacity_secs > 0 {
         let t0 = Instant::now();
-        let (ok, s) = summary(load(
+        let gen = load(
             &uss_base,
             &[
                 "--duration",
@@ -215,29 +230,56 @@ async fn distributed_soak_with_kills_and_restarts_loses_nothing_and_keeps_rss_fl
                 "--verify",
                 "--verify-target",
                 &es_base,
-                // Unpaced, USS accepts far more than ES applies (2.58 M pairs/s against tansu
-                // in a release build): the capacity is what ES absorbs, so wait for it.
+                // Unpaced, USS accepts far more than ES writes: wait for ES to catch up.
                 "--verify-timeout",
                 "600s",
                 "--verify-settle",
                 "60s",
             ],
-        ))
-        .await;
+        );
+        // Samples of (time, pairs written) once a second while the generator sends; the
+        // first two seconds (ES's first batches, the generator's start) are left out.
+        let mut samples: Vec<(Instant, f64)> = Vec::new();
+        while t0.elapsed() < Duration::from_secs(capacity_secs) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if t0.elapsed() >= Duration::from_secs(2)
+                && t0.elapsed() < Duration::from_secs(capacity_secs)
+            {
+                if let Some(w) = pairs_written(&http, &es_base).await {
+                    samples.push((Instant::now(), w));
+                }
+            }
+        }
+        let (first, last) = (samples.first().copied(), samples.last().copied());
+        let (ok, s) = summary(gen).await;
         assert_exact(ok, &s);
         let index = sorted_counts(es.as_ref().expect("ES")).await;
         until("ClickHouse holds the capacity run", 600, async || {
             clickhouse_counts(&http, &c).await.as_ref() == Some(&index)
         })
         .await;
-        Some(s["pairs_accepted"].as_f64().expect("pairs_accepted") / t0.elapsed().as_secs_f64())
+        let ((ta, wa), (tb, wb)) = first.zip(last).expect("ES's metrics while the load ran");
+        let es_rate = (wb - wa) / tb.duration_since(ta).as_secs_f64();
+        let accepted = s["pairs_accepted"].as_f64().expect("pairs_accepted");
+        println!(
+            "soakd: capacity run: USS accepted {accepted:.0} pairs in {capacity_secs} s; \
+             ES wrote {es_rate:.0} pairs/s into ClickHouse meanwhile; all of them in the index and \
+             ClickHouse after {:.1} s ({:.0} pairs/s as a burst)",
+            t0.elapsed().as_secs_f64(),
+            accepted / t0.elapsed().as_secs_f64()
+        );
+        Some(es_rate)
     } else {
         None
     };
     let rate = capacity.map_or(fixed_rate as f64, |c| (c * 0.7).round());
     match capacity {
-        Some(c) => println!("soakd: capacity {c:.0} pairs/s (unpaced {capacity_secs} s, until in the index and ClickHouse); 70% of it"),
-        None => println!("soakd: capacity not measured (SOAK_CAPACITY_SECS=0): the fixed SOAK_RATE"),
+        Some(c) => println!(
+            "soakd: capacity {c:.0} pairs/s (ES's write rate under unpaced load); 70% of it"
+        ),
+        None => {
+            println!("soakd: capacity not measured (SOAK_CAPACITY_SECS=0): the fixed SOAK_RATE")
+        }
     }
     let planned_kills = secs / kill_every - 1;
     let (uss_at, ch_at) = (kill_every / 2, kill_every * 3 / 4);
