@@ -106,6 +106,87 @@ pub struct FileChangeLog {
     written: watch::Sender<u64>,
 }
 
+/// Where the store's change detection writes: the file log (standalone), or an
+/// [`EventSink`] (the ES index, which publishes to a topic).
+pub(crate) trait FeedSink: Send + Sync + 'static {
+    /// [`FileChangeLog::append_frames`].
+    fn append_frames(
+        &self,
+        frames: Vec<u8>,
+        covered: Option<u64>,
+        exit_lo: Option<i64>,
+    ) -> Result<(), PortError>;
+
+    /// The offset erasure bookkeeping records a deletion at; `None` when the sink keeps no
+    /// user ids to erase later.
+    fn erasure_offset(&self) -> Option<u64>;
+}
+
+impl FeedSink for FileChangeLog {
+    fn append_frames(
+        &self,
+        frames: Vec<u8>,
+        covered: Option<u64>,
+        exit_lo: Option<i64>,
+    ) -> Result<(), PortError> {
+        FileChangeLog::append_frames(self, frames, covered, exit_lo)
+    }
+
+    fn erasure_offset(&self) -> Option<u64> {
+        Some(self.end_offset())
+    }
+}
+
+/// A change detection sink that hands each batch of detected events, in the order they
+/// happened, to a function (it must not block: it runs in the store's apply path, under the
+/// feed's lock). Keeps nothing itself.
+pub struct EventSink {
+    deliver: Box<dyn Fn(Vec<ChangeEvent>) + Send + Sync>,
+}
+
+impl EventSink {
+    pub fn new(deliver: impl Fn(Vec<ChangeEvent>) + Send + Sync + 'static) -> EventSink {
+        EventSink {
+            deliver: Box::new(deliver),
+        }
+    }
+}
+
+impl FeedSink for EventSink {
+    fn append_frames(
+        &self,
+        frames: Vec<u8>,
+        _covered: Option<u64>,
+        _exit_lo: Option<i64>,
+    ) -> Result<(), PortError> {
+        let mut events = Vec::new();
+        let mut rest = frames.as_slice();
+        while !rest.is_empty() {
+            match codec::read_frame(rest) {
+                Frame::Ok(payload, len) => {
+                    if let Some(Entry::Events(e)) = decode(payload) {
+                        events.extend(e);
+                    }
+                    rest = &rest[len..];
+                }
+                _ => {
+                    return Err(PortError::Permanent(
+                        "change detection produced an unreadable frame".into(),
+                    ))
+                }
+            }
+        }
+        if !events.is_empty() {
+            (self.deliver)(events);
+        }
+        Ok(())
+    }
+
+    fn erasure_offset(&self) -> Option<u64> {
+        None
+    }
+}
+
 fn file_name(f: FileInfo) -> String {
     format!("{:020}-{}.changes", f.base, f.created.max(0))
 }

@@ -16,7 +16,7 @@ pub mod standalone;
 pub mod store;
 pub mod wal;
 
-pub use changes::{ChangeLogConfig, FileChangeLog};
+pub use changes::{ChangeLogConfig, EventSink, FileChangeLog};
 pub use checkpoint::{CheckpointConfig, Checkpointer};
 pub use dlq::FileDeadLetters;
 pub use history::FileHistory;

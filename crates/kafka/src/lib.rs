@@ -10,12 +10,15 @@
 //!   DLQ topic with `userseg-*` headers.
 //! - [`KafkaFollower`]: the [`LogFollower`](userseg_usecase::LogFollower) of an in-memory
 //!   index: the whole topic, outside any group, from the offsets the processors' group committed.
+//! - [`KafkaChangeLog`]: the [`ChangeLog`](userseg_usecase::ChangeLog) of the change feed on
+//!   KAFKA_CHANGES_TOPIC, keyed by user id.
 //! - [`ensure_topics`]: creates the topic and the DLQ topic when missing.
 //!
 //! Configuration: [`KafkaConfig`] is a plain typed struct; the binary declares, parses and
 //! validates every setting (naming the variable to fix) and hands the adapters the result.
 
 mod admin;
+mod changes;
 mod codec;
 pub mod config;
 mod context;
@@ -29,6 +32,7 @@ mod publisher;
 mod source;
 
 pub use admin::ensure_topics;
+pub use changes::{decode_event, encode_event, KafkaChangeLog};
 pub use codec::{decode_batch, decode_record, encode_batch, encode_deletion, DecodeError};
 pub use config::{Compression, KafkaConfig, UnknownCompression, MESSAGE_OVERHEAD_BYTES};
 pub use dlq::{

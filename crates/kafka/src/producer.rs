@@ -50,6 +50,7 @@ impl Failure {
 pub(crate) struct ProducerHandle {
     config: KafkaConfig,
     name: &'static str,
+    overrides: &'static [(&'static str, &'static str)],
     /// Replaced when the idempotent producer becomes unusable (see `check_fatal`).
     current: Mutex<Current>,
 }
@@ -71,16 +72,34 @@ impl Current {
 /// A producer is replaced at most this often.
 const MIN_PRODUCER_AGE: Duration = Duration::from_secs(1);
 
-fn build(config: &KafkaConfig, name: &'static str) -> Result<Client, KafkaError> {
-    FutureProducer::from_config_and_context(&producer_config(config), LogContext { client: name })
+fn build(
+    config: &KafkaConfig,
+    name: &'static str,
+    overrides: &[(&'static str, &'static str)],
+) -> Result<Client, KafkaError> {
+    let mut c = producer_config(config);
+    for (k, v) in overrides {
+        c.set(*k, *v);
+    }
+    FutureProducer::from_config_and_context(&c, LogContext { client: name })
 }
 
 impl ProducerHandle {
     pub fn new(config: &KafkaConfig, name: &'static str) -> Result<Self, SetupError> {
-        let client = build(config, name).map_err(SetupError::Client)?;
+        Self::with_overrides(config, name, &[])
+    }
+
+    /// A producer with some librdkafka properties set over [`producer_config`]'s.
+    pub fn with_overrides(
+        config: &KafkaConfig,
+        name: &'static str,
+        overrides: &'static [(&'static str, &'static str)],
+    ) -> Result<Self, SetupError> {
+        let client = build(config, name, overrides).map_err(SetupError::Client)?;
         Ok(ProducerHandle {
             config: config.clone(),
             name,
+            overrides,
             current: Mutex::new(Current::new(client)),
         })
     }
@@ -120,7 +139,7 @@ impl ProducerHandle {
         if current.created.elapsed() < MIN_PRODUCER_AGE {
             return; // a fresh producer failing again: do not churn producer ids
         }
-        match build(&self.config, self.name) {
+        match build(&self.config, self.name, self.overrides) {
             Ok(fresh) => {
                 tracing::warn!(
                     client = self.name,

@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod change_log_suite;
 pub mod changes;
 pub mod clock;
+pub mod emitter;
 pub mod estimate;
 pub mod history;
 pub mod index;
@@ -29,6 +30,7 @@ pub use analytics::{
 pub use backoff::Backoff;
 pub use changes::{ChangeStream, Changes, ChangesError};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use emitter::{ChangeEmitter, EmitterConfig, EmitterInlet};
 pub use estimate::{Estimate, EstimateList, Estimation, EstimationError};
 pub use history::{History, HistoryAnswer, HistoryConfig, HistoryError, HistorySampler};
 pub use index::{IndexConfig, IndexStatus, SegmentIndex};

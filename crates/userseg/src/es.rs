@@ -11,11 +11,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use userseg_api::{ApiState, ReadyCheck};
 use userseg_clickhouse::ClickHouseStore;
-use userseg_embedded::{EmbeddedStore, MemStore};
-use userseg_kafka::{KafkaConfig, KafkaDeadLetters, KafkaFollower, KafkaPublisher, KafkaSource};
+use userseg_embedded::{EmbeddedStore, EventSink, MemStore};
+use userseg_kafka::{
+    KafkaChangeLog, KafkaConfig, KafkaDeadLetters, KafkaFollower, KafkaPublisher, KafkaSource,
+};
 use userseg_usecase::{
-    Analytics, BatchProcessor, Clock, Estimation, History, HistorySampler, HistoryStore,
-    IndexConfig, Mode, PartitionOf, SegmentAnalytics, SegmentCounter, SegmentIndex, ShardServer,
+    Analytics, BatchProcessor, ChangeEmitter, ChangeLog, Changes, Clock, EmitterConfig,
+    EmitterInlet, Estimation, History, HistorySampler, HistoryStore, IndexConfig, Mode,
+    PartitionOf, PortError, SegmentAnalytics, SegmentCounter, SegmentIndex, ShardServer,
     ShardedIndex, SystemClock,
 };
 
@@ -59,10 +62,38 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     )];
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // The change feed: published by the index's detection, read back for GET /v1/changes.
+    let mut changes = None;
+    let mut inlet = None;
+    if let Some(topic) = &cfg.changes_topic {
+        let log = open_change_log(&cfg.kafka, topic, cfg.create_topics).await?;
+        if cfg.index == IndexMode::Full {
+            let pair_partitions = log.partitions_of(&cfg.kafka.topic).await?;
+            let log: Arc<dyn ChangeLog> = log.clone();
+            let (emitter, i) = ChangeEmitter::new(
+                log,
+                assignment.clone(),
+                move |user| userseg_kafka::partition_for(user.as_bytes(), pair_partitions),
+                EmitterConfig {
+                    // A dead member's partitions move after its session timed out.
+                    retain: cfg.kafka.session_timeout * 2 + Duration::from_secs(30),
+                    ..EmitterConfig::default()
+                },
+            );
+            background.push(tokio::spawn(emitter.run(background_stop.clone())));
+            inlet = Some(i);
+        } else {
+            tracing::warn!(
+                topic,
+                "KAFKA_CHANGES_TOPIC needs ES_INDEX=true to detect changes: this ES serves the feed but publishes nothing"
+            );
+        }
+        changes = Some(Changes::new(log, Duration::from_secs(15)));
+    }
     let mut shards: Option<Arc<dyn ShardServer>> = None;
     let (counter, reads): (Arc<dyn SegmentCounter>, Arc<dyn SegmentAnalytics>) = match cfg.index {
         IndexMode::Full => {
-            let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop);
+            let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop, inlet);
             background.extend(tasks);
             (Arc::new(index.clone()), Arc::new(index))
         }
@@ -99,6 +130,7 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     let mut state = ApiState::new(None, Some(estimation));
     state.analytics = Some(analytics);
     state.history = Some(history);
+    state.changes = changes;
     state.metrics = Some(metrics);
     state.auth = cfg.service.auth.clone();
     state.shards = shards;
@@ -163,12 +195,14 @@ fn retention(
     })
 }
 
-/// Starts the in-memory index: a task that loads and follows it, and one that expires it.
+/// Starts the in-memory index: a task that loads and follows it, and one that expires it;
+/// with `feed`, change detection into the emitter and the exit tick.
 fn start_index(
     cfg: &EsConfig,
     store: &ClickHouseStore,
     clock: Arc<dyn Clock>,
     stop: &CancellationToken,
+    feed: Option<EmitterInlet>,
 ) -> (SegmentIndex, Vec<JoinHandle<()>>) {
     let mem = Arc::new(MemStore::new(cfg.service.window));
     let memberships = EmbeddedStore(mem.clone());
@@ -177,6 +211,7 @@ fn start_index(
         Arc::new(store.clone()),
         IndexConfig::default(),
     );
+    let feed_tick = feed.map(|inlet| attach_feed(&mem, &index, inlet, clock.clone(), stop));
     let kafka = cfg.kafka.clone();
     let open = move || {
         let kafka = kafka.clone();
@@ -189,7 +224,71 @@ fn start_index(
         stop.clone(),
     ));
     let expire = tokio::spawn(expire_index(mem, clock, stop.clone()));
-    (index, vec![run, expire])
+    let mut tasks = vec![run, expire];
+    tasks.extend(feed_tick);
+    (index, tasks)
+}
+
+/// How often the exit tick looks at the clock (as the standalone checkpointer does).
+const EXIT_TICK: Duration = Duration::from_millis(500);
+
+/// Turns change detection on in the index: every change goes to the emitter, but only once the
+/// index has caught up with the log (the scan of the store of record and the catch-up emit
+/// nothing; the serving flag is raised in the index's task before it applies anything later).
+/// Returns the exit tick's task, which runs only while the index serves.
+fn attach_feed(
+    mem: &Arc<MemStore>,
+    index: &SegmentIndex,
+    inlet: EmitterInlet,
+    clock: Arc<dyn Clock>,
+    stop: &CancellationToken,
+) -> JoinHandle<()> {
+    let serving = index.clone();
+    let sink = EventSink::new(move |events| {
+        if serving.status().serving {
+            inlet.send(events);
+        }
+    });
+    mem.attach_event_sink(sink, clock.clone(), mem.initial_exit_lo(clock.now()));
+    let (mem, index, stop) = (mem.clone(), index.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EXIT_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if !index.status().serving {
+                continue;
+            }
+            let (m, now) = (mem.clone(), clock.now());
+            match tokio::task::spawn_blocking(move || m.tick_changes(now)).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "change feed: the exit tick failed"),
+                Err(e) => tracing::warn!(error = %e, "change feed: the exit tick panicked"),
+                Ok(Ok(_)) => {}
+            }
+        }
+    })
+}
+
+/// Opens the change topic's log, retrying for a while when the broker is not there yet.
+async fn open_change_log(
+    kafka: &KafkaConfig,
+    topic: &str,
+    create: bool,
+) -> Result<Arc<KafkaChangeLog>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match KafkaChangeLog::open(kafka, topic, create).await {
+            Ok(log) => return Ok(Arc::new(log)),
+            Err(PortError::Transient(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(topic, error = %e, "cannot open the change topic yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => anyhow::bail!("KAFKA_CHANGES_TOPIC {topic}: {e}"),
+        }
+    }
 }
 
 /// Expires the index every [`INDEX_EXPIRE_INTERVAL`] and refreshes its size gauges every

@@ -27,10 +27,10 @@ use userseg_domain::{ChangeReason, Pair, UnixSeconds};
 use userseg_usecase::{Clock, PortError};
 
 use super::{read, write, MemStore, Segment};
-use crate::changes::{EventFrames, FileChangeLog};
+use crate::changes::{EventFrames, EventSink, FeedSink, FileChangeLog};
 
 pub(crate) struct Feed {
-    log: Arc<FileChangeLog>,
+    log: Arc<dyn FeedSink>,
     clock: Arc<dyn Clock>,
     /// Held across detection and the append.
     state: Mutex<State>,
@@ -63,6 +63,17 @@ impl MemStore {
         clock: Arc<dyn Clock>,
         exit_lo: i64,
     ) -> bool {
+        self.attach_sink(log, clock, exit_lo)
+    }
+
+    /// Turns change detection on, handing the events to `sink` (the ES index: see
+    /// [`EventSink`]), with exits emitted up to `exit_lo`. Returns false if a feed was attached
+    /// already.
+    pub fn attach_event_sink(&self, sink: EventSink, clock: Arc<dyn Clock>, exit_lo: i64) -> bool {
+        self.attach_sink(Arc::new(sink), clock, exit_lo)
+    }
+
+    fn attach_sink(&self, log: Arc<dyn FeedSink>, clock: Arc<dyn Clock>, exit_lo: i64) -> bool {
         self.feed
             .set(Feed {
                 log,
@@ -294,9 +305,10 @@ impl MemStore {
             .increment(frames.events);
         let appended = feed.log.append_frames(frames.finish(), through, None);
         // Erasure: their ids leave the change log with the next snapshot.
-        let end = feed.log.end_offset();
-        for id in user_ids {
-            st.erased.insert(id.clone(), end);
+        if let Some(end) = feed.log.erasure_offset() {
+            for id in user_ids {
+                st.erased.insert(id.clone(), end);
+            }
         }
         appended.map(|()| found)
     }
@@ -304,8 +316,11 @@ impl MemStore {
     /// Deleted users whose ids the change log may hold (a deletion replayed at start-up
     /// without detection): the next snapshot redacts them up to the current end of the log.
     pub fn note_erased(&self, user_ids: &[String]) {
-        if let Some(feed) = self.feed.get() {
-            let end = feed.log.end_offset();
+        if let Some((feed, end)) = self
+            .feed
+            .get()
+            .and_then(|f| Some((f, f.log.erasure_offset()?)))
+        {
             let mut st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
             for id in user_ids {
                 st.erased.insert(id.clone(), end);
@@ -391,6 +406,41 @@ mod tests {
                 out.extend(b.records.into_iter().map(|r| r.event));
             }
         }
+    }
+
+    /// The ES index's sink gets the same events as the file log, in order, and keeps no
+    /// user ids to erase.
+    #[test]
+    fn an_event_sink_gets_the_events_in_order() {
+        let got: Arc<Mutex<Vec<ChangeEvent>>> = Arc::default();
+        let sink = {
+            let got = got.clone();
+            EventSink::new(move |e| got.lock().unwrap().extend(e))
+        };
+        let clock = Arc::new(ManualClock::new(T0));
+        let store = MemStore::new(Window::from_secs(3600).unwrap());
+        assert!(store.attach_event_sink(sink, clock.clone(), store.initial_exit_lo(T0)));
+        store
+            .apply_through(&[pair(1, 1, T0), pair(2, 1, T0), pair(1, 1, T0 + 5)], None)
+            .unwrap();
+        store
+            .delete_users_through(&["u2".to_string()], Some(7))
+            .unwrap();
+        clock.set(T0 + 3600 + 120);
+        assert_eq!(store.tick_changes(clock.now()).unwrap(), 1);
+        let got = got.lock().unwrap().clone();
+        let kinds: Vec<(String, ChangeReason)> =
+            got.iter().map(|e| (e.user_id.clone(), e.reason)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("u1".to_string(), ChangeReason::Pair),
+                ("u2".to_string(), ChangeReason::Pair),
+                ("u2".to_string(), ChangeReason::Deleted),
+                ("u1".to_string(), ChangeReason::Expired),
+            ]
+        );
+        assert!(store.take_erased().is_empty());
     }
 
     fn pair(u: u32, s: u32, ts: i64) -> Pair {

@@ -77,6 +77,11 @@ pub struct EsArgs {
     /// Segment count history, sampled into ClickHouse (several ES sample the same ticks).
     #[command(flatten)]
     pub history: HistoryArgs,
+    /// Topic of the change feed (users entering and leaving segments, docs/CHANGES.md): each
+    /// ES publishes the events of the partitions it owns and serves `GET /v1/changes` from it.
+    /// Unset or empty: no feed.
+    #[arg(long, env = "KAFKA_CHANGES_TOPIC")]
+    pub kafka_changes_topic: Option<String>,
 }
 
 /// `userseg es`: the batch consumer into ClickHouse and the estimates.
@@ -96,6 +101,8 @@ pub struct EsConfig {
     pub peer_token: Option<String>,
     /// HISTORY_INTERVAL, HISTORY_RETENTION.
     pub history: HistoryConfig,
+    /// KAFKA_CHANGES_TOPIC: the change feed's topic, when on.
+    pub changes_topic: Option<String>,
 }
 
 impl EsArgs {
@@ -109,6 +116,18 @@ impl EsArgs {
         if retention_interval < Duration::from_secs(1) {
             bail!("RETENTION_INTERVAL: must be at least 1s");
         }
+        let changes_topic = match self.kafka_changes_topic.as_deref() {
+            None | Some("") => None,
+            Some(t) => {
+                let t = super::kafka::topic("KAFKA_CHANGES_TOPIC", t)?;
+                if t == kafka.topic || t == kafka.dlq_topic {
+                    bail!(
+                        "KAFKA_CHANGES_TOPIC: must differ from KAFKA_TOPIC and KAFKA_DLQ_TOPIC, got {t:?}"
+                    );
+                }
+                Some(t)
+            }
+        };
         let index = match self.es_index.as_str() {
             "true" => IndexMode::Full,
             "false" => IndexMode::Off,
@@ -120,6 +139,7 @@ impl EsArgs {
             bail!("ES_PEERS: ES_INDEX=partitioned needs the base URLs of the group's ES (http://host:port,...)");
         }
         Ok(EsConfig {
+            changes_topic,
             service,
             batch,
             kafka,
@@ -201,5 +221,22 @@ mod tests {
         assert_eq!(c.batch.batch_size, 500);
         let e = parse(&["--batch-size", "0"]).unwrap_err().to_string();
         assert!(e.contains("BATCH_SIZE"), "{e}");
+    }
+
+    #[test]
+    fn the_change_topic_is_off_unless_set_and_must_be_a_distinct_topic() {
+        assert_eq!(parse(&[]).unwrap().changes_topic, None);
+        assert_eq!(
+            parse(&["--kafka-changes-topic", ""]).unwrap().changes_topic,
+            None
+        );
+        let c = parse(&["--kafka-changes-topic", "user-changes"]).unwrap();
+        assert_eq!(c.changes_topic.as_deref(), Some("user-changes"));
+        for bad in ["bad/topic", "user-segments", "user-segments-dlq"] {
+            let e = parse(&["--kafka-changes-topic", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("KAFKA_CHANGES_TOPIC"), "{bad}: {e}");
+        }
     }
 }

@@ -116,6 +116,7 @@ const SAMPLES: &[(&str, &str)] = &[
     ("ESTIMATE_CACHE_TTL", "0s"),
     ("RETENTION_INTERVAL", "10m"),
     ("ES_INDEX", "false"),
+    ("KAFKA_CHANGES_TOPIC", "user-changes"),
     ("ES_PEERS", "http://es-2:8080"),
     ("ES_PEER_TOKEN", "usk_peer"),
 ];

@@ -236,7 +236,7 @@ fn brokers(brokers: &str) -> Result<String> {
 }
 
 /// Kafka's topic name rules: 1..=249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
-fn topic(var: &str, topic: &str) -> Result<String> {
+pub(crate) fn topic(var: &str, topic: &str) -> Result<String> {
     if topic.is_empty() {
         bail!("{var}: is empty");
     }

@@ -1,0 +1,363 @@
+//! The distributed change feed end to end — USS → Kafka (tansu) → ES (index, detection,
+//! emitter) → KAFKA_CHANGES_TOPIC → ES's `GET /v1/changes` — on the real servers, driving the
+//! real binaries: every change arrives once per id, each partition has one emitter, and after
+//! a SIGKILL of an ES repeats carry the same id and nothing is missing.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{now, until, Api, Cluster};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::ClientConfig;
+use serde_json::{json, Value};
+use userseg_kafka::{KafkaChangeLog, KafkaConfig};
+use userseg_testkit::Proc;
+use userseg_usecase::ChangeLog;
+
+async fn push(uss: &Proc, pairs: Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/pairs", uss.base))
+        .json(&json!({ "pairs": pairs }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+fn users(prefix: &str, n: usize, segment: &str, ts: i64) -> Value {
+    (0..n)
+        .map(|i| json!({"user_id": format!("{prefix}{i}"), "segment": segment, "ts": ts}))
+        .collect()
+}
+
+/// An SSE subscription to `GET /v1/changes`, parsed as it arrives.
+struct Feed {
+    resp: reqwest::Response,
+    buf: String,
+    events: Vec<Value>,
+}
+
+impl Feed {
+    async fn open(base: &str, query: &str) -> Feed {
+        let resp = reqwest::Client::new()
+            .get(format!("{base}/v1/changes{query}"))
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        Feed {
+            resp,
+            buf: String::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Reads until `done(events)` holds (fails after `secs`).
+    async fn until(&mut self, what: &str, secs: u64, done: impl Fn(&[Value]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !done(&self.events) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{what}: got {:#?}", self.events);
+            let Ok(chunk) = tokio::time::timeout(left, self.resp.chunk()).await else {
+                continue;
+            };
+            let chunk = chunk.unwrap().expect("the stream ended");
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+            while let Some(at) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..at + 2).collect();
+                let id = block.lines().find_map(|l| l.strip_prefix("id: "));
+                if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    let event: Value = serde_json::from_str(data).unwrap();
+                    assert_eq!(Some(event["cursor"].as_str().unwrap()), id, "{block}");
+                    self.events.push(event);
+                }
+            }
+        }
+    }
+}
+
+/// (type, reason, user, segment) of an event.
+fn what(e: &Value) -> (String, String, String, String) {
+    let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+    (s("type"), s("reason"), s("user_id"), s("segment"))
+}
+
+fn count(events: &[Value], reason: &str) -> usize {
+    events.iter().filter(|e| e["reason"] == reason).count()
+}
+
+/// Ids must be unique among the events (each change once).
+fn assert_once_per_id(events: &[Value]) {
+    let mut seen = BTreeSet::new();
+    for e in events {
+        assert!(
+            seen.insert(e["id"].as_str().unwrap().to_string()),
+            "{e} arrived twice"
+        );
+    }
+}
+
+async fn es_serving(es: &Proc) {
+    until("the index serves", 60, async || {
+        es.metric("userseg_index_serving").await == 1.0
+    })
+    .await;
+}
+
+/// One ES with a short window: entered for new members only (not refreshes), deleted for a
+/// deleted user, and an expired exit for every member left, each once, through the topic and
+/// ES's own `GET /v1/changes`; what was in ClickHouse before ES started is never `entered`.
+/// Resuming by cursor from ES gives exactly the events after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
+    let c = Cluster::new("chfeed");
+    c.migrate();
+    let changes = format!("{}-changes", c.topic);
+    let env = [
+        ("WINDOW", "8s"),
+        ("KAFKA_CHANGES_TOPIC", changes.as_str()),
+        ("KAFKA_SESSION_TIMEOUT", "10s"),
+    ];
+    let mut uss = c.spawn("uss", &[("WINDOW", "8s")]);
+    uss.ready().await;
+    // In the store of record before ES starts: loaded by the scan, never announced.
+    push(&uss, users("old", 5, "s", now())).await;
+    let mut es = c.spawn("es", &env);
+    es.ready().await;
+    es_serving(&es).await;
+    until("ES has the old members", 30, async || {
+        !es.counts().await.is_empty()
+    })
+    .await;
+    let mut feed = Feed::open(&es.base, "").await;
+    let t = now();
+    push(&uss, users("u", 20, "s", t)).await;
+    // Refreshes of live members and of the old ones: nothing.
+    push(&uss, users("u", 20, "s", t + 1)).await;
+    feed.until("20 entered", 30, |e| count(e, "pair") >= 20)
+        .await;
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/users/u0", uss.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    feed.until("a deleted exit", 30, |e| count(e, "deleted") >= 1)
+        .await;
+    // Every member left expires: the 19 u* and the 5 old ones (their enter was announced by
+    // nobody, but their exit is a real change).
+    feed.until("24 expired exits", 40, |e| count(e, "expired") >= 24)
+        .await;
+    assert_once_per_id(&feed.events);
+    let got: BTreeSet<_> = feed.events.iter().map(what).collect();
+    let mut want = BTreeSet::new();
+    for i in 0..20 {
+        want.insert(what(&json!({"type": "entered", "reason": "pair", "user_id": format!("u{i}"), "segment": "s"})));
+        let reason = if i == 0 { "deleted" } else { "expired" };
+        want.insert(what(&json!({"type": "exited", "reason": reason, "user_id": format!("u{i}"), "segment": "s"})));
+    }
+    for i in 0..5 {
+        want.insert(what(&json!({"type": "exited", "reason": "expired", "user_id": format!("old{i}"), "segment": "s"})));
+    }
+    assert_eq!(got, want);
+    assert_eq!(feed.events.len(), want.len(), "no event twice");
+    // An expired exit comes at most a bucket (1 s for 8 s) plus the tick after its time.
+    for e in feed.events.iter().filter(|e| e["reason"] == "expired") {
+        assert!(e["ts"].as_i64().unwrap() <= now(), "{e}");
+    }
+    // The topic holds the same events, with their ids, readable from its start.
+    let log = open_log(&c, &changes).await;
+    let all = read_all(&log).await;
+    let ids: BTreeSet<String> = all.iter().map(|(id, _)| id.clone()).collect();
+    let fed: BTreeSet<String> = feed
+        .events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, fed);
+    // Resuming after the 10th event's cursor gives exactly the events after it.
+    let cursor = feed.events[9]["cursor"].as_str().unwrap().to_string();
+    let mut resumed = Feed::open(&es.base, &format!("?after={cursor}")).await;
+    let rest = feed.events.len() - 10;
+    resumed
+        .until("the events after the cursor", 30, |e| e.len() >= rest)
+        .await;
+    let after: BTreeSet<String> = resumed
+        .events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    let want: BTreeSet<String> = feed.events[10..]
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(after, want);
+}
+
+async fn open_log(c: &Cluster, topic: &str) -> KafkaChangeLog {
+    KafkaChangeLog::open(&KafkaConfig::new(c.kafka.clone()), topic, false)
+        .await
+        .expect("open the change topic")
+}
+
+/// Every event of the topic from its start: (id hex, (type, reason, user, segment)).
+async fn read_all(log: &KafkaChangeLog) -> Vec<(String, (String, String, String, String))> {
+    let mut cursor = log.start().await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        let b = log.read(&cursor, 1000, Duration::ZERO).await.unwrap();
+        if b.records.is_empty() {
+            return out;
+        }
+        for r in b.records {
+            let e = r.event;
+            out.push((
+                e.id_hex(),
+                (
+                    e.kind().as_str().to_string(),
+                    e.reason.as_str().to_string(),
+                    e.user_id,
+                    e.segment,
+                ),
+            ));
+        }
+        cursor = b.next;
+    }
+}
+
+/// Joins the group as a plain consumer until it is assigned partitions, then leaves: tansu 0.6
+/// drops a dead member only when a join arrives after its session expired (see
+/// `es_killed_mid_stream_loses_and_doubles_nothing` in distributed.rs), and the leave hands
+/// every partition to the members left.
+async fn join_and_leave(c: &Cluster) {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &c.kafka)
+        .set("group.id", &c.group)
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "10000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&c.topic]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
+        if consumer.assignment().is_ok_and(|a| a.count() > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the test consumer got no partition"
+        );
+    }
+    tokio::task::spawn_blocking(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+    })
+    .await
+    .unwrap();
+}
+
+/// Two ES: each partition's events come from one of them only (no event twice, both emit).
+/// Then one is killed with SIGKILL right after more pairs arrived; once its partitions moved
+/// to the other, every change is in the topic, and a repeat carries the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_emitter_per_partition_and_a_sigkill_repeats_only_by_id() {
+    let c = Cluster::new("chtwo");
+    c.migrate();
+    let changes = format!("{}-changes", c.topic);
+    let env = [
+        ("KAFKA_CHANGES_TOPIC", changes.as_str()),
+        ("KAFKA_SESSION_TIMEOUT", "10s"),
+        ("BATCH_SIZE", "200"),
+    ];
+    let mut uss = c.spawn("uss", &[]);
+    uss.ready().await;
+    let mut es1 = c.spawn("es", &env);
+    let mut es2 = c.spawn("es", &env);
+    es1.ready().await;
+    es2.ready().await;
+    es_serving(&es1).await;
+    es_serving(&es2).await;
+    until("both ES own partitions", 60, async || {
+        let l1 = std::fs::read_to_string(&es1.log).unwrap_or_default();
+        let l2 = std::fs::read_to_string(&es2.log).unwrap_or_default();
+        l1.contains("partitions assigned") && l2.contains("partitions assigned")
+    })
+    .await;
+    let log = open_log(&c, &changes).await;
+    let t = now();
+    push(&uss, users("a", 60, "s", t)).await;
+    until("60 entered in the topic", 30, async || {
+        read_all(&log).await.len() >= 60
+    })
+    .await;
+    let first = read_all(&log).await;
+    let ids: BTreeSet<&String> = first.iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        ids.len(),
+        first.len(),
+        "no event twice: one emitter per partition"
+    );
+    assert_eq!(first.len(), 60);
+    // The counters move right after the broker's acknowledgement.
+    until("the emitters counted 60 events", 10, async || {
+        es1.metric("userseg_changes_emitted_total").await
+            + es2.metric("userseg_changes_emitted_total").await
+            >= 60.0
+    })
+    .await;
+    let e1 = es1.metric("userseg_changes_emitted_total").await;
+    let e2 = es2.metric("userseg_changes_emitted_total").await;
+    assert!(e1 > 0.0 && e2 > 0.0, "both ES emit: {e1} {e2}");
+    assert_eq!(e1 + e2, 60.0, "each event published by one ES");
+
+    // More changes, then es1 dies at once (whatever it had not published yet is lost with it).
+    push(&uss, users("b", 60, "s", now())).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/users/delete", uss.base))
+        .json(&json!({"user_ids": ["a1", "a2", "a3"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    es1.sigkill();
+    // es2 has detected every change (it follows the whole topic) and kept those of es1's
+    // partitions; it publishes them once it owns them.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    join_and_leave(&c).await;
+    let mut want: BTreeSet<(String, String, String, String)> = BTreeSet::new();
+    for p in ["a", "b"] {
+        for i in 0..60 {
+            let u = format!("{p}{i}");
+            want.insert(("entered".into(), "pair".into(), u, "s".into()));
+        }
+    }
+    for u in ["a1", "a2", "a3"] {
+        want.insert(("exited".into(), "deleted".into(), u.into(), "s".into()));
+    }
+    until("every change is in the topic", 60, async || {
+        let got: BTreeSet<_> = read_all(&log).await.into_iter().map(|(_, w)| w).collect();
+        got == want
+    })
+    .await;
+    let all = read_all(&log).await;
+    let mut ids_of: BTreeMap<(String, String, String, String), BTreeSet<String>> = BTreeMap::new();
+    for (id, w) in &all {
+        ids_of.entry(w.clone()).or_default().insert(id.clone());
+    }
+    for (w, ids) in &ids_of {
+        assert_eq!(
+            ids.len(),
+            1,
+            "{w:?}: repeats carry the same id, got {ids:?}"
+        );
+    }
+    assert!(
+        es2.metric("userseg_changes_replayed_total").await > 0.0,
+        "es2 replayed the kept events of the partitions it took over"
+    );
+}
