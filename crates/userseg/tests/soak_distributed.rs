@@ -281,7 +281,7 @@ async fn distributed_soak_with_kills_and_restarts_loses_nothing_and_keeps_rss_fl
     let rate = capacity.map_or(fixed_rate as f64, |c| (c * percent as f64 / 100.0).round());
     match capacity {
         Some(c) => println!(
-            "soakd: capacity {c:.0} pairs/s (ES's write rate under unpaced load); 70% of it"
+            "soakd: capacity {c:.0} pairs/s (ES's write rate under unpaced load); {percent}% of it"
         ),
         None => {
             println!("soakd: capacity not measured (SOAK_CAPACITY_SECS=0): the fixed SOAK_RATE")
