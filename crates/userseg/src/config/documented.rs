@@ -53,6 +53,7 @@ const NOT_SETTINGS: &[&str] = &[
     "SOAK_RATE",
     "SOAK_MODE",
     "SOAK_USERS",
+    "SOAK_LOAD_PERCENT",
     // read by the fuzzing scripts (make fuzz, make chdb-check)
     "FUZZ_SECS",
     "ENHANCE_YOUR_CALM",
