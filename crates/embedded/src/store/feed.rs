@@ -51,6 +51,23 @@ impl Feed {
     }
 }
 
+/// The outcome of an append for the store's caller. A transient failure (the disk is full) is
+/// not the store's: the store has applied the changes, and the log keeps the failed frames
+/// pending and writes them first with the next append, which the exit tick makes at least once
+/// a tick. Failing the batch instead would hold every acknowledged pair behind it out of the
+/// counts until the disk had room again. A crash before the pending frames are written loses
+/// nothing: recovery replays the write-ahead log after the last `covered` marker that reached
+/// the log, with detection on.
+fn tolerate(appended: Result<(), PortError>) -> Result<(), PortError> {
+    match appended {
+        Err(PortError::Transient(e)) => {
+            tracing::warn!(error = %e, "change log append failed; its events stay pending and are written with the next append");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// A membership's exit found by a tick or a sweep: (segment, user index, bucket).
 type Exit = (Box<str>, u32, i64);
 
@@ -115,7 +132,7 @@ impl MemStore {
             metrics::counter!("userseg_changes_events_total", "reason" => "expired")
                 .increment(exits as u64);
         }
-        feed.log.append_frames(frames.finish(), through, None)
+        tolerate(feed.log.append_frames(frames.finish(), through, None))
     }
 
     /// The `entered` events of the pairs at `positions`, encoded in batch order: the pairs
@@ -262,7 +279,7 @@ impl MemStore {
         feed.exit_lo.store(new_lo, Ordering::Release);
         metrics::counter!("userseg_changes_events_total", "reason" => "expired")
             .increment(n as u64);
-        appended.map(|()| n)
+        tolerate(appended).map(|()| n)
     }
 
     /// [`MemStore::delete_users`] logged at `through`; with a feed, an `exited`/`deleted`
@@ -310,7 +327,7 @@ impl MemStore {
                 st.erased.insert(id.clone(), end);
             }
         }
-        appended.map(|()| found)
+        tolerate(appended).map(|()| found)
     }
 
     /// Deleted users whose ids the change log may hold (a deletion replayed at start-up
