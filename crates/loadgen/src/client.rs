@@ -59,10 +59,12 @@ impl From<Status> for SendError {
             kind: code_name(s.code()).to_string(),
             message: s.message().to_string(),
             // Overload, unavailability, or the connection broke mid-call (the server was
-            // killed or restarted): tonic reports that as UNKNOWN with the transport error as
-            // its source, which a status sent by a server never has.
+            // killed or restarted): tonic reports that as UNKNOWN, or as CANCELLED when the
+            // HTTP/2 stream was reset, with the transport error as its source, which a status
+            // sent by a server never has.
             retryable: matches!(s.code(), Code::ResourceExhausted | Code::Unavailable)
-                || (s.code() == Code::Unknown && std::error::Error::source(&s).is_some()),
+                || (matches!(s.code(), Code::Unknown | Code::Cancelled)
+                    && std::error::Error::source(&s).is_some()),
         }
     }
 }
