@@ -69,12 +69,21 @@ pub struct LoadArgs {
     /// Segments (named --segment-prefix plus 0..segments); segment s holds users/(s+1)^skew users.
     #[arg(long, env = "LOAD_SEGMENTS", default_value_t = 100)]
     pub segments: u32,
-    /// Total pairs to send [default: 1000000 unless --duration is given].
-    #[arg(long, env = "LOAD_PAIRS", conflicts_with = "duration")]
+    /// Total pairs to send [default: 1000000 unless --duration or --fill is given].
+    #[arg(long, env = "LOAD_PAIRS", conflicts_with_all = ["duration", "fill"])]
     pub pairs: Option<u64>,
     /// Send for this long instead of a number of pairs, e.g. 30s.
-    #[arg(long, env = "LOAD_DURATION", value_parser = duration)]
+    #[arg(long, env = "LOAD_DURATION", value_parser = duration, conflicts_with = "fill")]
     pub duration: Option<Duration>,
+    /// Fill a store with about this many live pairs, fast: every membership of a workload
+    /// whose Zipf exponent is solved for this total (--skew is ignored) is sent exactly once,
+    /// user by user, so the segments of a user travel in the same request; no re-sends.
+    #[arg(long, env = "LOAD_FILL", value_name = "LIVE_PAIRS")]
+    pub fill: Option<u64>,
+    /// Write one line per acknowledged request (or stream) to this file: its start (unix
+    /// milliseconds), its latency (microseconds) and its pairs, space-separated.
+    #[arg(long, env = "LOAD_LATENCY_LOG")]
+    pub latency_log: Option<std::path::PathBuf>,
     /// Offer at most this many pairs per second, over all workers together (retransmissions
     /// included; a stall is caught up by at most 1 s of pairs). Unlimited when not given.
     #[arg(long, env = "LOAD_RATE", value_parser = rate, value_name = "PAIRS_PER_SEC")]
@@ -170,12 +179,13 @@ impl LoadArgs {
         Standalone::try_parse_from(all).map(|s| s.args)
     }
 
-    /// Pairs to send, or `None` for a timed run.
+    /// Pairs to send, or `None` for a timed run or a fill (which sends its workload's
+    /// memberships).
     pub fn total_pairs(&self) -> Option<u64> {
-        match (self.pairs, self.duration) {
-            (Some(p), _) => Some(p),
-            (None, Some(_)) => None,
-            (None, None) => Some(1_000_000),
+        match (self.pairs, self.duration, self.fill) {
+            (Some(p), _, _) => Some(p),
+            (None, Some(_), _) | (None, None, Some(_)) => None,
+            (None, None, None) => Some(1_000_000),
         }
     }
 
@@ -189,6 +199,16 @@ impl LoadArgs {
         }
         if self.pairs == Some(0) {
             return bad("LOAD_PAIRS: must be at least 1".into());
+        }
+        if let Some(fill) = self.fill {
+            let most = u64::from(self.users) * u64::from(self.segments);
+            if fill < u64::from(self.users) || fill > most {
+                return bad(format!(
+                    "LOAD_FILL: {fill} live pairs cannot be made of {} users (each in the first \
+                     segment) and {} segments: give between {} and {most}",
+                    self.users, self.segments, self.users
+                ));
+            }
         }
         if self.duration.is_some_and(|d| d.is_zero()) {
             return bad("LOAD_DURATION: must be more than 0".into());
@@ -262,6 +282,39 @@ mod tests {
         assert!(a.validate().is_err());
         let a = LoadArgs::try_from_flags(["--segment-prefix", "a b"]).unwrap();
         assert!(a.validate().is_err());
+    }
+
+    #[test]
+    fn fill() {
+        let a = LoadArgs::try_from_flags(["--fill", "1000000000", "--users", "10000000"]).unwrap();
+        assert_eq!(a.fill, Some(1_000_000_000));
+        assert_eq!(a.total_pairs(), None);
+        let a = LoadArgs::try_from_flags([
+            "--fill",
+            "1000000000",
+            "--users",
+            "10000000",
+            "--segments",
+            "500",
+        ])
+        .unwrap();
+        assert!(a.validate().is_ok());
+        // More than users × segments, or fewer than one per user: no such workload.
+        for bad in ["5000000001", "9999999"] {
+            let a = LoadArgs::try_from_flags([
+                "--fill",
+                bad,
+                "--users",
+                "10000000",
+                "--segments",
+                "500",
+            ])
+            .unwrap();
+            let e = a.validate().unwrap_err().to_string();
+            assert!(e.starts_with("LOAD_FILL"), "{e}");
+        }
+        assert!(LoadArgs::try_from_flags(["--fill", "5", "--pairs", "5"]).is_err());
+        assert!(LoadArgs::try_from_flags(["--fill", "5", "--duration", "5s"]).is_err());
     }
 
     #[test]

@@ -28,8 +28,8 @@ mod workload;
 pub use args::{HttpBody, LoadArgs, Protocol};
 pub use encode::Names;
 pub use model::{bucket_secs, Comparison, Expected, Mismatch, Model, Tolerance};
-pub use summary::{Latency, Summary, VerifyReport};
-pub use workload::{GenPair, Generator, Workload, RESEND_RING};
+pub use summary::{FillReport, Latency, Summary, VerifyReport};
+pub use workload::{skew_for, Filler, GenPair, Generator, Workload, RESEND_RING};
 
 /// Why a run failed. Errors raised after sending carry the [`Summary`] (already printed).
 #[derive(Debug, thiserror::Error)]

@@ -20,8 +20,8 @@ use crate::client::{Body, Lister, Listing, Pusher, SendError, Sent, Target};
 use crate::encode::Names;
 use crate::model::{bucket_secs, compare, Model, Tolerance};
 use crate::pace::{Gate, Pacer};
-use crate::summary::{Latency, Summary, VerifyReport};
-use crate::workload::{GenPair, Workload};
+use crate::summary::{FillReport, Latency, Summary, VerifyReport};
+use crate::workload::{skew_for, GenPair, Workload};
 use crate::LoadError;
 
 /// A batch failing with retryable errors for this long stops the run.
@@ -85,6 +85,12 @@ struct Ctx {
     fatal: Mutex<Option<String>>,
     accepted: AtomicU64,
     model: Option<Mutex<Model>>,
+    /// `--fill`: workers send their share of the users' memberships instead of random pairs.
+    fill: bool,
+    /// Workers (`--concurrency`).
+    workers: usize,
+    /// `--latency-log`: an instant and the unix time in milliseconds at that instant.
+    latency_epoch: Option<(Instant, u64)>,
 }
 
 impl Ctx {
@@ -131,6 +137,8 @@ struct Stats {
     retries: u64,
     latency_us: Histogram<u64>,
     errors: BTreeMap<String, u64>,
+    /// `--latency-log`: (start unix ms, latency µs, pairs) per acknowledged unit.
+    latency_log: Vec<(u64, u64, u64)>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -149,6 +157,7 @@ impl Stats {
             retries: 0,
             latency_us: histogram(),
             errors: BTreeMap::new(),
+            latency_log: Vec::new(),
         }
     }
 
@@ -164,6 +173,7 @@ impl Stats {
         for (k, v) in o.errors {
             *self.errors.entry(k).or_default() += v;
         }
+        self.latency_log.extend(o.latency_log);
     }
 }
 
@@ -184,6 +194,11 @@ fn refresh(pairs: &mut [GenPair], oldest: i64) -> bool {
 async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>) -> Stats {
     let mut stats = Stats::new();
     let mut generator = ctx.workload.generator(worker_seed(ctx.seed, id));
+    let mut filler = ctx.fill.then(|| {
+        let n = ctx.workers;
+        ctx.workload
+            .filler(ctx.workload.fill_range(n, id), worker_seed(ctx.seed, id))
+    });
     let mut jitter = SmallRng::seed_from_u64(worker_seed(ctx.seed ^ 0x6a17, id));
     let mut left = quota;
     let mut raw: Vec<GenPair> = Vec::new();
@@ -206,12 +221,23 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
             if n == 0 {
                 break;
             }
+            if let Some(f) = &mut filler {
+                if f.fill(&mut raw, n, now) == 0 {
+                    break;
+                }
+                batch_resends.push(0);
+                continue;
+            }
             let resends = generator.fill(&mut raw, n, now);
             stats.resends += resends;
             batch_resends.push(resends);
             if let Some(l) = &mut left {
                 *l -= n as u64;
             }
+        }
+        if raw.is_empty() {
+            // A filler with nothing left.
+            break;
         }
         stats.generated += raw.len() as u64;
         ctx.encode(&raw, &mut bodies);
@@ -243,9 +269,16 @@ async fn worker(ctx: Arc<Ctx>, id: usize, mut pusher: Pusher, quota: Option<u64>
             stats.sent += raw.len() as u64;
             match result {
                 Ok(accepted) => {
-                    stats
-                        .latency_us
-                        .saturating_record(began.elapsed().as_micros() as u64);
+                    let latency = began.elapsed().as_micros() as u64;
+                    stats.latency_us.saturating_record(latency);
+                    if let Some((at, unix_ms)) = ctx.latency_epoch {
+                        let start = if began >= at {
+                            unix_ms + began.duration_since(at).as_millis() as u64
+                        } else {
+                            unix_ms.saturating_sub(at.duration_since(began).as_millis() as u64)
+                        };
+                        stats.latency_log.push((start, latency, raw.len() as u64));
+                    }
                     stats.requests += 1;
                     stats.accepted += accepted;
                     ctx.accepted.fetch_add(accepted, Ordering::Relaxed);
@@ -460,18 +493,36 @@ async fn verify(args: &LoadArgs, ctx: &Ctx, lister: &mut Lister, counts: &Target
 pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
     args.validate()?;
     let (target, counts) = targets(&args)?;
-    let total = args.total_pairs();
     let mut lister = lister(&args, &counts).await?;
     let spread = ts_spread(&args, &target, &counts, &mut lister).await?;
+    let latency_file = match &args.latency_log {
+        Some(path) => Some(std::fs::File::create(path).map_err(|e| {
+            LoadError::Config(format!("LOAD_LATENCY_LOG: cannot create {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
 
+    let (skew, resend_ratio) = match args.fill {
+        Some(live) => (skew_for(args.users, args.segments, live), 0.0),
+        None => (args.skew, args.resend_ratio),
+    };
     let workload = Workload::new(
         args.users,
         args.segments,
-        args.skew,
-        args.resend_ratio,
+        skew,
+        resend_ratio,
         spread as u32,
         args.seed,
     );
+    let fill = args.fill.map(|target| FillReport {
+        target_live_pairs: target,
+        memberships: workload.memberships(),
+        skew,
+    });
+    let total = match &fill {
+        Some(f) => Some(f.memberships),
+        None => args.total_pairs(),
+    };
     let names = Names::new(&args.user_prefix, &args.segment_prefix, args.segments);
     let http = match args.protocol {
         Protocol::Http => Some(target.http_client().map_err(LoadError::Config)?),
@@ -505,11 +556,18 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
         fatal: Mutex::new(None),
         accepted: AtomicU64::new(0),
         model: args.verify.then(|| Mutex::new(Model::new(args.segments))),
+        fill: fill.is_some(),
+        workers: args.concurrency,
+        latency_epoch: latency_file.as_ref().map(|_| (Instant::now(), unix_now_ms())),
     });
 
     let mut handles = Vec::with_capacity(args.concurrency);
     for (id, p) in pushers.into_iter().enumerate() {
-        let q = total.map(|t| quota(t, args.concurrency, id));
+        let q = match fill {
+            // A filler stops when its users' memberships are sent.
+            Some(_) => None,
+            None => total.map(|t| quota(t, args.concurrency, id)),
+        };
         handles.push(tokio::spawn(worker(ctx.clone(), id, p, q)));
     }
     let ticker = spawn_ticker(ctx.clone(), pb.clone(), started, total.is_none());
@@ -525,11 +583,33 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
     pb.finish_and_clear();
 
     let mut summary = summarize(&args, &target, spread, &stats, elapsed);
+    summary.fill = fill;
     summary.fatal = lock(&ctx.fatal).clone();
+    if let (Some(file), Some(path)) = (latency_file, &args.latency_log) {
+        stats.latency_log.sort_unstable();
+        if let Err(e) = write_latency_log(file, &stats.latency_log) {
+            eprintln!("warning: LOAD_LATENCY_LOG: cannot write {}: {e}", path.display());
+        }
+    }
     if args.verify && summary.fatal.is_none() {
         summary.verify = Some(verify(&args, &ctx, &mut lister, &counts).await);
     }
     report(&args, summary)
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `--latency-log`: one `start_unix_ms latency_us pairs` line per acknowledged unit.
+fn write_latency_log(file: std::fs::File, log: &[(u64, u64, u64)]) -> std::io::Result<()> {
+    let mut w = std::io::BufWriter::new(file);
+    for (start, latency, pairs) in log {
+        writeln!(w, "{start} {latency} {pairs}")?;
+    }
+    w.flush()
 }
 
 /// Where to push, and where to read counts (and the window) from: `--verify-target` when
@@ -660,6 +740,7 @@ fn summarize(
         errors: stats.errors.clone(),
         fatal: None,
         verify: None,
+        fill: None,
     }
 }
 

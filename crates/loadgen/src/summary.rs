@@ -42,6 +42,18 @@ pub struct VerifyReport {
     pub error: Option<String>,
 }
 
+/// `--fill`: the workload sent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FillReport {
+    /// The live pairs asked for.
+    pub target_live_pairs: u64,
+    /// The memberships of the workload, each sent once: the live pairs a fresh store holds
+    /// afterwards.
+    pub memberships: u64,
+    /// The Zipf exponent of segment sizes solved for the target.
+    pub skew: f64,
+}
+
 /// What a run did.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Summary {
@@ -77,6 +89,8 @@ pub struct Summary {
     /// The error that stopped the run early, if any.
     pub fatal: Option<String>,
     pub verify: Option<VerifyReport>,
+    /// `--fill`: the workload that was sent.
+    pub fill: Option<FillReport>,
 }
 
 fn thousands(n: u64) -> String {
@@ -147,6 +161,15 @@ impl Summary {
             thousands(self.requests),
             thousands(self.retries)
         );
+        if let Some(f) = &self.fill {
+            let _ = writeln!(
+                s,
+                "  fill        {} memberships (asked {}), segment sizes Zipf with exponent {:.4}",
+                thousands(f.memberships),
+                thousands(f.target_live_pairs),
+                f.skew
+            );
+        }
         let _ = writeln!(s, "  elapsed     {:.2} s", self.elapsed_secs);
         let _ = write!(
             s,

@@ -36,6 +36,9 @@ struct SegmentSpec {
     population: u32,
     a: u64,
     b: u64,
+    /// The inverse of `a` modulo the number of users: `member(s, k) = u` iff
+    /// `k = a_inv * (u - b) mod users`.
+    a_inv: u64,
 }
 
 /// The shape of the workload, shared by all generators of a run.
@@ -56,6 +59,59 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
+/// The inverse of `a` modulo `n` (`gcd(a, n) = 1`, `n ≥ 1`).
+fn inverse(a: u64, n: u64) -> u64 {
+    let (mut r0, mut r1) = (i128::from(n), i128::from(a % n));
+    let (mut t0, mut t1) = (0i128, 1i128);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - q * t1);
+    }
+    t0.rem_euclid(i128::from(n)) as u64
+}
+
+/// Segment `s`'s population for `users` and `skew`.
+fn population(users: u32, s: u32, skew: f64) -> u32 {
+    let f = (f64::from(s) + 1.0).powf(-skew);
+    ((f64::from(users) * f).ceil() as u32).clamp(1, users)
+}
+
+/// All memberships of a workload of `users`, `segments` and `skew`.
+fn memberships_of(users: u32, segments: u32, skew: f64) -> u64 {
+    (0..segments.max(1))
+        .map(|s| u64::from(population(users, s, skew)))
+        .sum()
+}
+
+/// The Zipf exponent (in `[0, 10]`) whose workload holds the number of memberships closest to
+/// `target`: 0 when `target ≥ users × segments`, 10 when it is below the fewest possible.
+pub fn skew_for(users: u32, segments: u32, target: u64) -> f64 {
+    let users = users.max(1);
+    let (mut lo, mut hi) = (0.0f64, 10.0f64);
+    if memberships_of(users, segments, lo) <= target {
+        return lo;
+    }
+    if memberships_of(users, segments, hi) >= target {
+        return hi;
+    }
+    // memberships_of is non-increasing in skew: keep memberships(lo) > target ≥ memberships(hi).
+    for _ in 0..100 {
+        let mid = (lo + hi) / 2.0;
+        if memberships_of(users, segments, mid) > target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let d = |k: f64| memberships_of(users, segments, k).abs_diff(target);
+    if d(lo) < d(hi) {
+        lo
+    } else {
+        hi
+    }
+}
+
 impl Workload {
     /// `users` ≥ 1, `segments` ≥ 1, `skew` ≥ 0, `resend_ratio` in [0, 1), `ts_spread` in seconds
     /// (0 = no ts). The populations and permutations derive from `seed`.
@@ -73,8 +129,7 @@ impl Workload {
         let mut cumulative = Vec::with_capacity(segments as usize);
         let mut total = 0u64;
         for s in 0..segments.max(1) {
-            let f = (f64::from(s) + 1.0).powf(-skew);
-            let population = ((f64::from(users) * f).ceil() as u32).clamp(1, users);
+            let population = population(users, s, skew);
             let n = u64::from(users);
             let a = if n == 1 {
                 1
@@ -87,7 +142,12 @@ impl Workload {
                 }
             };
             let b = rng.random_range(0..n);
-            specs.push(SegmentSpec { population, a, b });
+            specs.push(SegmentSpec {
+                population,
+                a,
+                b,
+                a_inv: inverse(a, n),
+            });
             total += u64::from(population);
             cumulative.push(total);
         }
@@ -124,6 +184,19 @@ impl Workload {
         ((spec.a * u64::from(k) + spec.b) % u64::from(self.users)) as u32
     }
 
+    /// Whether `user` is a member of segment `s` (the inverse of [`Workload::member`]).
+    #[inline]
+    pub fn is_member(&self, s: u32, user: u32) -> bool {
+        let spec = &self.segments[s as usize];
+        if spec.population >= self.users {
+            return true;
+        }
+        let n = u64::from(self.users);
+        let u = u64::from(user);
+        let d = if u >= spec.b { u - spec.b } else { u + n - spec.b };
+        (d * spec.a_inv) % n < u64::from(spec.population)
+    }
+
     /// The membership at position `x` in `0..memberships()`.
     fn membership(&self, x: u64) -> (u32, u32) {
         let s = self.cumulative.partition_point(|&c| c <= x);
@@ -140,6 +213,79 @@ impl Workload {
             ring_next: 0,
             resend_threshold: (self.resend_ratio * (u64::MAX as f64)) as u64,
         }
+    }
+}
+
+/// Fills a store: sends every membership of a [`Workload`] whose user lies in a range exactly
+/// once, user by user (a user's segments are consecutive pairs, so they share a request), in
+/// increasing segment order. No re-sends.
+pub struct Filler<'a> {
+    w: &'a Workload,
+    next_user: u32,
+    end_user: u32,
+    /// The segments of the current user not sent yet (reversed: popped from the end).
+    pending: Vec<u32>,
+    current: u32,
+    rng: SmallRng,
+}
+
+impl Workload {
+    /// A filler for the users `range` (clamped to the workload's users).
+    pub fn filler(&self, range: std::ops::Range<u32>, seed: u64) -> Filler<'_> {
+        Filler {
+            w: self,
+            next_user: range.start.min(self.users),
+            end_user: range.end.min(self.users),
+            pending: Vec::with_capacity(self.segments.len()),
+            current: 0,
+            rng: SmallRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The users worker `id` of `n` fills: a contiguous share of `0..users`.
+    pub fn fill_range(&self, n: usize, id: usize) -> std::ops::Range<u32> {
+        let users = u64::from(self.users);
+        let (n, id) = (n.max(1) as u64, id as u64);
+        ((users * id / n) as u32)..((users * (id + 1) / n) as u32)
+    }
+}
+
+impl Filler<'_> {
+    /// Appends up to `n` pairs to `out`; returns how many (0: every membership was sent).
+    /// `now` as in [`Generator::next_pair`].
+    pub fn fill(&mut self, out: &mut Vec<GenPair>, n: usize, now: i64) -> usize {
+        let mut produced = 0;
+        while produced < n {
+            if self.pending.is_empty() {
+                if self.next_user >= self.end_user {
+                    break;
+                }
+                let u = self.next_user;
+                self.next_user += 1;
+                self.current = u;
+                for s in (0..self.w.segments()).rev() {
+                    if self.w.is_member(s, u) {
+                        self.pending.push(s);
+                    }
+                }
+                continue;
+            }
+            let take = (n - produced).min(self.pending.len());
+            for _ in 0..take {
+                let Some(segment) = self.pending.pop() else {
+                    break;
+                };
+                let ts = (self.w.ts_spread > 0)
+                    .then(|| now - (self.rng.next_u64() % u64::from(self.w.ts_spread)) as i64);
+                out.push(GenPair {
+                    user: self.current,
+                    segment,
+                    ts,
+                });
+            }
+            produced += take;
+        }
+        produced
     }
 }
 
@@ -283,6 +429,90 @@ mod tests {
             let got = f64::from(resends) / f64::from(n);
             assert!((got - ratio).abs() < 0.01, "ratio {ratio}: got {got}");
         }
+    }
+
+    #[test]
+    fn inverse_and_membership() {
+        for n in [1u64, 2, 97, 1000, 4096, 4_294_967_295] {
+            for a in [1u64, 3, 7, 12_345, 4_294_967_291] {
+                if gcd(a, n) != 1 {
+                    continue;
+                }
+                assert_eq!((inverse(a, n) as u128 * a as u128) % n as u128, 1 % n as u128);
+            }
+        }
+        let w = Workload::new(1000, 20, 0.7, 0.0, 0, 5);
+        for s in 0..20 {
+            let members: HashSet<u32> = (0..w.population(s)).map(|k| w.member(s, k)).collect();
+            for u in 0..1000 {
+                assert_eq!(w.is_member(s, u), members.contains(&u), "segment {s} user {u}");
+            }
+        }
+    }
+
+    #[test]
+    fn skew_is_solved_for_a_target() {
+        // 10,000 users × 500 segments, 100 segments per user on average: as close as can be.
+        let k = skew_for(10_000, 500, 1_000_000);
+        assert!(k > 0.0 && k < 1.0, "skew {k}");
+        let got = memberships_of(10_000, 500, k);
+        assert!(got.abs_diff(1_000_000) < 1_000, "{got}");
+        // Sizes stay Zipf-like: the first segment holds everyone, the last far fewer.
+        assert_eq!(population(10_000, 0, k), 10_000);
+        assert!(population(10_000, 499, k) < 2_000);
+        assert_eq!(skew_for(100, 10, 1_000), 0.0, "everything: skew 0");
+        assert_eq!(skew_for(100, 10, 5_000), 0.0);
+        assert_eq!(skew_for(100, 10, 1), 10.0, "below the fewest possible");
+    }
+
+    #[test]
+    fn the_fillers_send_every_membership_once_user_by_user() {
+        let users = 5_000;
+        let k = skew_for(users, 60, 100_000);
+        let w = Workload::new(users, 60, k, 0.5, 0, 11);
+        let expected: HashSet<(u32, u32)> = (0..60)
+            .flat_map(|s| (0..w.population(s)).map(move |i| (s, i)))
+            .map(|(s, i)| (w.member(s, i), s))
+            .collect();
+        assert_eq!(expected.len() as u64, w.memberships());
+        let workers = 3;
+        let mut seen = HashSet::new();
+        let mut sent = 0u64;
+        for id in 0..workers {
+            let mut f = w.filler(w.fill_range(workers, id), 1);
+            let mut out = Vec::new();
+            loop {
+                out.clear();
+                let n = f.fill(&mut out, 777, 0);
+                assert_eq!(n, out.len());
+                if n == 0 {
+                    break;
+                }
+                // Within a batch, one user's pairs are consecutive and its segments increase.
+                for pair in out.windows(2) {
+                    assert!(
+                        pair[0].user < pair[1].user
+                            || pair[0].user == pair[1].user && pair[0].segment < pair[1].segment
+                    );
+                }
+                for p in &out {
+                    assert_eq!(p.ts, None);
+                    assert!(seen.insert((p.user, p.segment)), "sent twice: {p:?}");
+                }
+                sent += n as u64;
+            }
+        }
+        assert_eq!(sent, w.memberships());
+        assert_eq!(seen, expected);
+        // With a spread, every pair carries a ts inside it.
+        let w = Workload::new(100, 5, 0.5, 0.0, 600, 1);
+        let mut f = w.filler(0..100, 2);
+        let mut out = Vec::new();
+        f.fill(&mut out, 1_000, 1_764_000_000);
+        assert!(!out.is_empty());
+        assert!(out
+            .iter()
+            .all(|p| p.ts.is_some_and(|ts| ts > 1_764_000_000 - 600 && ts <= 1_764_000_000)));
     }
 
     #[test]
