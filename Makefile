@@ -1,5 +1,5 @@
 # userseg — see README.md. Every target is a thin wrapper over cargo or scripts/.
-.PHONY: help run test soak lint fmt migrate version bench build clean fuzz chdb-check
+.PHONY: help run test soak lint fmt migrate version bench bench-scale build clean fuzz chdb-check
 
 help: ## This list of targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,10 @@ chdb-check: ## The clickhouse crate's statements on ClickHouse 18.16 and on chdb
 
 bench: ## Benchmarks; writes docs/BENCHMARKS.md
 	scripts/bench.sh
+
+bench-scale: ## Standalone at scale through the binary (SCALE_PAIRS, default 1e9); writes its section of docs/BENCHMARKS.md
+	cargo build --release -p userseg
+	scripts/bench_scale.py
 
 build: ## Release build of the binary (target/release/userseg)
 	cargo build --release -p userseg

@@ -54,6 +54,16 @@ const NOT_SETTINGS: &[&str] = &[
     "SOAK_MODE",
     "SOAK_USERS",
     "SOAK_LOAD_PERCENT",
+    // read by scripts/bench_scale.py (make bench-scale)
+    "SCALE_PAIRS",
+    "SCALE_USERS",
+    "SCALE_SEGMENTS",
+    "SCALE_CONCURRENCY",
+    "SCALE_BATCH",
+    "SCALE_STREAM_BATCHES",
+    "SCALE_ESTIMATES",
+    "SCALE_DATA_DIR",
+    "SCALE_OUT",
     // read by the fuzzing scripts (make fuzz, make chdb-check)
     "FUZZ_SECS",
     "ENHANCE_YOUR_CALM",
