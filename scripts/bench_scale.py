@@ -23,7 +23,8 @@ later run of the same size replaces its block; the rest of the file is left as i
 DATA_DIR is removed at the end, also on failure.
 
 Environment: SCALE_PAIRS (1000000000), SCALE_USERS (10000000), SCALE_SEGMENTS (500),
-SCALE_CONCURRENCY (4), SCALE_BATCH (10000), SCALE_STREAM_BATCHES (4), SCALE_ESTIMATES (200),
+SCALE_CONCURRENCY (4), SCALE_BATCH (10000), SCALE_STREAM_BATCHES (4), SCALE_ESTIMATES (1000),
+SCALE_TAG (a label for a run with other server settings: its own block),
 SCALE_DATA_DIR (a fresh directory under /tmp), SCALE_OUT (docs/BENCHMARKS.md; empty: print
 only), USERSEG (target/release/userseg). Server settings (CHECKPOINT_LOG_BYTES, ...) pass
 through the environment.
@@ -33,6 +34,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -48,7 +50,9 @@ SEGMENTS = int(os.environ.get("SCALE_SEGMENTS", "500"))
 CONCURRENCY = os.environ.get("SCALE_CONCURRENCY", "4")
 BATCH = os.environ.get("SCALE_BATCH", "10000")
 STREAM_BATCHES = os.environ.get("SCALE_STREAM_BATCHES", "4")
-ESTIMATES = int(os.environ.get("SCALE_ESTIMATES", "200"))
+ESTIMATES = int(os.environ.get("SCALE_ESTIMATES", "1000"))
+# A label for runs with other server settings (e.g. "change feed off"): its own block.
+TAG = os.environ.get("SCALE_TAG", "")
 OUT = os.environ.get("SCALE_OUT", "docs/BENCHMARKS.md")
 BINARY = os.environ.get("USERSEG", "target/release/userseg")
 BEGIN, END = "<!-- bench-scale:begin -->", "<!-- bench-scale:end -->"
@@ -75,6 +79,16 @@ def rss_bytes(pid):
     except OSError:
         pass
     return 0
+
+
+def cpu_secs(pid):
+    """User + system CPU seconds of a process so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def loadavg():
@@ -255,7 +269,10 @@ def main():
     latency_log = os.path.join(work, "latency.log")
     port = free_port()
     server = Server(data_dir, port, server_log)
-    r = {"live_pairs_target": PAIRS, "users": USERS, "segments": SEGMENTS,
+    r = {"live_pairs_target": PAIRS, "tag": TAG,
+         "server_env": {k: v for k, v in os.environ.items()
+                        if k in ("CHECKPOINT_LOG_BYTES", "CHECKPOINT_INTERVAL", "CHANGES_RETENTION",
+                                 "BATCH_SIZE", "FLUSH_INTERVAL", "MAX_INFLIGHT_PAIRS")}, "users": USERS, "segments": SEGMENTS,
          "cores": os.cpu_count(), "load_before": loadavg(),
          "date": datetime.date.today().isoformat()}
     try:
@@ -303,7 +320,11 @@ def run(server, r, data_dir, latency_log, server_log):
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t_fill = time.time() * 1000
+    cpu0, child0 = cpu_secs(server.proc.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     load = subprocess.run(cmd, capture_output=True, text=True)
+    child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r["server_cpu_secs"] = cpu_secs(server.proc.pid) - cpu0
+    r["loadgen_cpu_secs"] = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
     done.set()
     sampler.join()
     if load.returncode != 0:
@@ -373,6 +394,11 @@ def verdict(ok, how):
     return "met" if ok else f"**not met** ({how})"
 
 
+def order(key):
+    size, _, tag = key.partition("-")
+    return (int(size), tag)
+
+
 def write_doc(r):
     live = r["live_pairs"]
     rss_pp = r["rss_bytes"] / live
@@ -382,6 +408,13 @@ def write_doc(r):
     p99_out, p99_in = r.get("p99_outside_ms"), r.get("p99_during_ms")
     restart = max(r["restart_kill_ready_secs"], r["restart_term_ready_secs"])
     size = r["live_pairs_target"]
+    key = f"{size}{'-' + re.sub('[^a-z0-9]+', '-', TAG.lower()) if TAG else ''}"
+    cpu = (f" CPU during the fill: server {r['server_cpu_secs']:.0f} s, load generator "
+           f"{r['loadgen_cpu_secs']:.0f} s ({r['server_cpu_secs'] / r['fill_secs']:.2f} + "
+           f"{r['loadgen_cpu_secs'] / r['fill_secs']:.2f} cores of {r['cores']}; "
+           f"{r['server_cpu_secs'] * 1e6 / live:.2f} + {r['loadgen_cpu_secs'] * 1e6 / live:.2f} "
+           f"CPU-seconds per million pairs).")
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(r["server_env"].items())) or "defaults"
     rows = [
         f"| sustained durable ingest ≥ 2,000,000 pairs/s at size | {fmt(rate)} pairs/s over the "
         f"fill, {fmt(rate_q)} in its last quarter | "
@@ -406,22 +439,24 @@ def write_doc(r):
         + " |",
     ]
     block = "\n".join([
-        f"<!-- bench-scale:run {size} -->",
-        f"### {fmt(live)} live pairs ({fmt(r['users'])} users, {r['segments']} segments)",
+        f"<!-- bench-scale:run {key} -->",
+        f"### {fmt(live)} live pairs ({fmt(r['users'])} users, {r['segments']} segments)"
+        + (f", {TAG}" if TAG else ""),
         "",
         f"{r['date']}, commit `{r['commit']}`, {r['cores']} cores, load average {r['load_before']} "
         f"before, {r['load_during']} at the end of the fill, {r['load_after']} at the end. "
-        f"`SCALE_PAIRS={size} SCALE_USERS={r['users']} SCALE_SEGMENTS={r['segments']} make "
-        f"bench-scale`; the fill: `{r['load_command']}` (segment sizes Zipf with exponent "
+        f"`{' '.join(f'{k}={v}' for k, v in sorted(r['server_env'].items()))}"
+        f"{' ' if r['server_env'] else ''}SCALE_PAIRS={size} SCALE_USERS={r['users']} "
+        f"SCALE_SEGMENTS={r['segments']} make bench-scale` (server settings: {settings}); the fill: `{r['load_command']}` (segment sizes Zipf with exponent "
         f"{r['skew']:.3f}), {fmt(r['pairs_accepted'])} pairs in {r['fill_secs']:.1f} s, "
         f"retries {r['retries']}, errors {r['errors'] or 'none'}; counted by the binary "
         f"{r['applied_after_secs']:.1f} s after the last acknowledgement. DATA_DIR after the "
-        f"fill: {fmt(r['data_dir_bytes'] / 2**20)} MiB.",
+        f"fill: {fmt(r['data_dir_bytes'] / 2**20)} MiB." + cpu,
         "",
         "| target (issue 11) | measured | status |",
         "|---|---|---|",
         *rows,
-        f"<!-- bench-scale:end-run {size} -->",
+        f"<!-- bench-scale:end-run {key} -->",
     ])
     try:
         text = open(OUT).read()
@@ -442,18 +477,18 @@ def write_doc(r):
     if BEGIN in text and END in text:
         before, rest = text.split(BEGIN, 1)
         inner, after = rest.split(END, 1)
-        for m in re.finditer(r"<!-- bench-scale:run (\d+) -->.*?<!-- bench-scale:end-run \1 -->",
-                             inner, re.S):
-            blocks[int(m.group(1))] = m.group(0)
+        for m in re.finditer(r"<!-- bench-scale:run ([a-z0-9-]+) -->.*?"
+                             r"<!-- bench-scale:end-run \1 -->", inner, re.S):
+            blocks[m.group(1)] = m.group(0)
     else:
         before, after = text.rstrip("\n") + "\n\n", "\n"
-    blocks[size] = block
+    blocks[key] = block
     notes = ""
     if BEGIN in text:
         m = re.search(r"<!-- bench-scale:notes -->.*?<!-- bench-scale:end-notes -->", inner, re.S)
         if m:
             notes = "\n" + m.group(0) + "\n"
-    inner = "\n" + head + "\n" + "\n\n".join(blocks[k] for k in sorted(blocks)) + "\n" + notes
+    inner = "\n" + head + "\n" + "\n\n".join(blocks[k] for k in sorted(blocks, key=order)) + "\n" + notes
     with open(OUT, "w") as f:
         f.write(before + BEGIN + inner + END + after)
 
