@@ -24,7 +24,8 @@ DATA_DIR is removed at the end, also on failure.
 
 Environment: SCALE_PAIRS (1000000000), SCALE_USERS (10000000), SCALE_SEGMENTS (500),
 SCALE_CONCURRENCY (4), SCALE_BATCH (10000), SCALE_STREAM_BATCHES (4), SCALE_ESTIMATES (1000),
-SCALE_TAG (a label for a run with other server settings: its own block),
+SCALE_TAG (a label for a run with other server settings: its own block), SCALE_MIN_FREE_GIB
+(3: the run stops when the disk of DATA_DIR has less free, or memory half of it),
 SCALE_DATA_DIR (a fresh directory under /tmp), SCALE_OUT (docs/BENCHMARKS.md; empty: print
 only), USERSEG (target/release/userseg). Server settings (CHECKPOINT_LOG_BYTES, ...) pass
 through the environment.
@@ -53,6 +54,10 @@ STREAM_BATCHES = os.environ.get("SCALE_STREAM_BATCHES", "4")
 ESTIMATES = int(os.environ.get("SCALE_ESTIMATES", "1000"))
 # A label for runs with other server settings (e.g. "change feed off"): its own block.
 TAG = os.environ.get("SCALE_TAG", "")
+# The fill stops (server and load generator killed) when the disk of DATA_DIR or the memory
+# would run this low: the machine is shared.
+MIN_FREE_DISK = int(float(os.environ.get("SCALE_MIN_FREE_GIB", "3")) * 2**30)
+MIN_FREE_MEM = int(float(os.environ.get("SCALE_MIN_FREE_GIB", "3")) * 2**30 / 2)
 OUT = os.environ.get("SCALE_OUT", "docs/BENCHMARKS.md")
 BINARY = os.environ.get("USERSEG", "target/release/userseg")
 BEGIN, END = "<!-- bench-scale:begin -->", "<!-- bench-scale:end -->"
@@ -78,6 +83,14 @@ def rss_bytes(pid):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return 0
+
+
+def mem_available():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return 0
 
 
@@ -307,26 +320,48 @@ def run(server, r, data_dir, latency_log, server_log):
     log(f"filling {PAIRS:,} live pairs ({USERS:,} users, {SEGMENTS} segments)")
     peak = [0]
     done = threading.Event()
+    stopped = []
 
     def sample():
         last = time.monotonic()
         while not done.wait(1.0):
             peak[0] = max(peak[0], rss_bytes(server.proc.pid))
+            disk, mem = shutil.disk_usage(data_dir).free, mem_available()
+            if disk < MIN_FREE_DISK or mem < MIN_FREE_MEM:
+                stopped.append(f"stopped the fill after {time.time() - t_fill / 1000:.0f} s (RSS "
+                               f"{peak[0] / 2**30:.1f} GiB): "
+                               f"{disk / 2**30:.1f} GiB free on disk, {mem / 2**30:.1f} GiB of "
+                               f"memory available (SCALE_MIN_FREE_GIB)")
+                server.proc.kill()
+                loader.kill()
+                return
             if time.monotonic() - last >= 30:
                 last = time.monotonic()
                 log(f"  RSS {peak[0] / 2**30:.2f} GiB, DATA_DIR {dir_bytes(data_dir) / 2**30:.2f} "
                     f"GiB, load {loadavg()}")
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     t_fill = time.time() * 1000
     cpu0, child0 = cpu_secs(server.proc.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
-    load = subprocess.run(cmd, capture_output=True, text=True)
+    busy_metrics = ["userseg_wal_commit_seconds", "userseg_processor_write_seconds",
+                    "userseg_ingest_publish_seconds"]
+    busy0 = {m: (server.metric(m + "_sum") or 0, server.metric(m + "_count") or 0)
+             for m in busy_metrics}
+    loader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler.start()
+    stdout, stderr = loader.communicate()
+    load = subprocess.CompletedProcess(cmd, loader.returncode, stdout, stderr)
     child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r["server_cpu_secs"] = cpu_secs(server.proc.pid) - cpu0
+    if not stopped:
+        for m in busy_metrics:
+            total, count = server.metric(m + "_sum") or 0, server.metric(m + "_count") or 0
+            r[m] = {"secs": total - busy0[m][0], "count": count - busy0[m][1]}
     r["loadgen_cpu_secs"] = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
     done.set()
     sampler.join()
+    if stopped:
+        sys.exit(f"bench-scale: {stopped[0]}")
     if load.returncode != 0:
         sys.exit(f"userseg load failed ({load.returncode}): {load.stdout} {load.stderr}")
     summary = json.loads(load.stdout.strip().splitlines()[-1])
@@ -414,6 +449,13 @@ def write_doc(r):
            f"{r['loadgen_cpu_secs'] / r['fill_secs']:.2f} cores of {r['cores']}; "
            f"{r['server_cpu_secs'] * 1e6 / live:.2f} + {r['loadgen_cpu_secs'] * 1e6 / live:.2f} "
            f"CPU-seconds per million pairs).")
+    wal, apply = r.get("userseg_wal_commit_seconds"), r.get("userseg_processor_write_seconds")
+    if wal and apply and wal["count"] and apply["count"]:
+        cpu += (f" The log's writer spent {wal['secs']:.1f} s in {fmt(wal['count'])} group commits "
+                f"(write + fdatasync, {1000 * wal['secs'] / wal['count']:.2f} ms each, "
+                f"{fmt(live / wal['count'])} pairs each: busy {wal['secs'] / r['fill_secs']:.0%} of "
+                f"the fill); the processor {apply['secs']:.1f} s applying {fmt(apply['count'])} "
+                f"batches to the store (busy {apply['secs'] / r['fill_secs']:.0%}).")
     settings = ", ".join(f"{k}={v}" for k, v in sorted(r["server_env"].items())) or "defaults"
     rows = [
         f"| sustained durable ingest ≥ 2,000,000 pairs/s at size | {fmt(rate)} pairs/s over the "
