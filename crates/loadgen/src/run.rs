@@ -497,7 +497,10 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
     let spread = ts_spread(&args, &target, &counts, &mut lister).await?;
     let latency_file = match &args.latency_log {
         Some(path) => Some(std::fs::File::create(path).map_err(|e| {
-            LoadError::Config(format!("LOAD_LATENCY_LOG: cannot create {}: {e}", path.display()))
+            LoadError::Config(format!(
+                "LOAD_LATENCY_LOG: cannot create {}: {e}",
+                path.display()
+            ))
         })?),
         None => None,
     };
@@ -558,7 +561,9 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
         model: args.verify.then(|| Mutex::new(Model::new(args.segments))),
         fill: fill.is_some(),
         workers: args.concurrency,
-        latency_epoch: latency_file.as_ref().map(|_| (Instant::now(), unix_now_ms())),
+        latency_epoch: latency_file
+            .as_ref()
+            .map(|_| (Instant::now(), unix_now_ms())),
     });
 
     let mut handles = Vec::with_capacity(args.concurrency);
@@ -588,7 +593,10 @@ pub(crate) async fn run(args: LoadArgs) -> Result<Summary, LoadError> {
     if let (Some(file), Some(path)) = (latency_file, &args.latency_log) {
         stats.latency_log.sort_unstable();
         if let Err(e) = write_latency_log(file, &stats.latency_log) {
-            eprintln!("warning: LOAD_LATENCY_LOG: cannot write {}: {e}", path.display());
+            eprintln!(
+                "warning: LOAD_LATENCY_LOG: cannot write {}: {e}",
+                path.display()
+            );
         }
     }
     if args.verify && summary.fatal.is_none() {

@@ -193,7 +193,11 @@ impl Workload {
         }
         let n = u64::from(self.users);
         let u = u64::from(user);
-        let d = if u >= spec.b { u - spec.b } else { u + n - spec.b };
+        let d = if u >= spec.b {
+            u - spec.b
+        } else {
+            u + n - spec.b
+        };
         (d * spec.a_inv) % n < u64::from(spec.population)
     }
 
@@ -438,14 +442,21 @@ mod tests {
                 if gcd(a, n) != 1 {
                     continue;
                 }
-                assert_eq!((inverse(a, n) as u128 * a as u128) % n as u128, 1 % n as u128);
+                assert_eq!(
+                    (inverse(a, n) as u128 * a as u128) % n as u128,
+                    1 % n as u128
+                );
             }
         }
         let w = Workload::new(1000, 20, 0.7, 0.0, 0, 5);
         for s in 0..20 {
             let members: HashSet<u32> = (0..w.population(s)).map(|k| w.member(s, k)).collect();
             for u in 0..1000 {
-                assert_eq!(w.is_member(s, u), members.contains(&u), "segment {s} user {u}");
+                assert_eq!(
+                    w.is_member(s, u),
+                    members.contains(&u),
+                    "segment {s} user {u}"
+                );
             }
         }
     }
@@ -510,9 +521,9 @@ mod tests {
         let mut out = Vec::new();
         f.fill(&mut out, 1_000, 1_764_000_000);
         assert!(!out.is_empty());
-        assert!(out
-            .iter()
-            .all(|p| p.ts.is_some_and(|ts| ts > 1_764_000_000 - 600 && ts <= 1_764_000_000)));
+        assert!(out.iter().all(|p| p
+            .ts
+            .is_some_and(|ts| ts > 1_764_000_000 - 600 && ts <= 1_764_000_000)));
     }
 
     #[test]

@@ -20,8 +20,11 @@ struct Svc(Seen);
 
 impl Svc {
     fn record(&self, req: PushRequest) -> u64 {
-        let pairs: Vec<(String, String)> =
-            req.pairs.into_iter().map(|p| (p.user_id, p.segment)).collect();
+        let pairs: Vec<(String, String)> = req
+            .pairs
+            .into_iter()
+            .map(|p| (p.user_id, p.segment))
+            .collect();
         let n = pairs.len() as u64;
         self.0.lock().expect("lock").push(pairs);
         n
@@ -173,7 +176,10 @@ async fn fill_sends_every_membership_once_user_by_user() {
             assert_eq!(l.len(), 3);
             assert!(l[0] <= now_ms && l[0] + 60_000 > now_ms, "start {}", l[0]);
         }
-        assert!(lines.windows(2).all(|w| w[0][0] <= w[1][0]), "sorted by start");
+        assert!(
+            lines.windows(2).all(|w| w[0][0] <= w[1][0]),
+            "sorted by start"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
