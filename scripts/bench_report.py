@@ -238,14 +238,5 @@ w("```")
 w("")
 w("Criterion micro-benchmarks of the hot paths: `cargo bench -p userseg-api --bench decode` "
   "(decode + validate a 1000-pair push), `cargo bench -p userseg-embedded --bench store` (apply, count all, count one).")
-# The section `make bench-scale` writes (scripts/bench_scale.py) is kept as it was.
-try:
-    old = open(out).read()
-except FileNotFoundError:
-    old = ""
-begin, end = "<!-- bench-scale:begin -->", "<!-- bench-scale:end -->"
-if begin in old and end in old:
-    kept = begin + old.split(begin, 1)[1].split(end, 1)[0] + end
-    lines.extend(["", kept])
 with open(out, "w") as fh:
     fh.write("\n".join(lines) + "\n")
