@@ -13,6 +13,8 @@ pub mod changes;
 pub mod clock;
 pub mod emitter;
 pub mod estimate;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod exit_marks_suite;
 pub mod history;
 pub mod index;
 pub mod ingest;
