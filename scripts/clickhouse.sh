@@ -263,12 +263,7 @@ launch() {
     fi
     sleep 0.2
   done
-  local listener
-  listener=$(ss -Hltnp "sport = :$http" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
-  if [ -n "$listener" ] && [ "$listener" != "$pid" ]; then
-    echo "clickhouse.sh: port $http is served by pid $listener, not by the server started as pid $pid" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+  if lost_port "$http" "$pid" clickhouse.sh; then
     rm -f "$dir/clickhouse.pid"
     return 0
   fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sourced (not run) by scripts/clickhouse.sh and scripts/tansu.sh: picking free loopback ports
-# for the test servers.
+# Sourced (not run) by scripts/clickhouse.sh and scripts/tansu.sh: free loopback ports for the
+# test servers, and telling when a server lost the one it was given.
 #
 # A port is probed free before the server binds it, so another process can take it in between;
 # the scripts then start the server again on freshly probed ports. Ports are probed below the
@@ -23,6 +23,21 @@ port_range() {
   else
     echo "20000 40000"
   fi
+}
+
+# True when a process other than PID listens on 127.0.0.1:PORT: the port was taken since it was
+# probed, and the server started as PID will not get it. Says so on stderr (prefixed with WHO)
+# and SIGKILLs PID, a child of the calling script, reaping it.
+lost_port() {
+  local port=$1 pid=$2 who=$3 listener
+  listener=$(ss -Hltnp "sport = :$port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
+  if [ -z "$listener" ] || [ "$listener" = "$pid" ]; then
+    return 1
+  fi
+  echo "$who: port $port is served by pid $listener, not by the server started as pid $pid" >&2
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  return 0
 }
 
 # Prints a free TCP port that is not among the ports given as arguments.

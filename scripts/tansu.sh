@@ -130,12 +130,7 @@ launch() {
     sleep 0.1
     waited=$((waited + 1))
   done
-  local listener
-  listener=$(ss -Hltnp "sport = :$port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
-  if [ -n "$listener" ] && [ "$listener" != "$pid" ]; then
-    echo "tansu.sh: port $port is served by pid $listener, not by tansu started as pid $pid" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+  if lost_port "$port" "$pid" tansu.sh; then
     rm -f "$dir/tansu.pid"
     return 0
   fi
