@@ -3,7 +3,8 @@
 # tests run against.
 #
 #   servers_start DIR   empties DIR, starts tansu in DIR/tansu and ClickHouse in DIR/clickhouse,
-#                       stops both when the calling script exits (even on failure), and exports
+#                       stops both when the calling script exits (even on failure: an EXIT
+#                       trap, which replaces any the caller had set), and exports
 #                       what the tests read: USERSEG_TEST_KAFKA and USERSEG_TEST_CLICKHOUSE_URL
 #                       (from the servers' env files), USERSEG_TEST_TANSU_DIR and
 #                       USERSEG_TEST_CLICKHOUSE_DIR (tests that restart a server need them)
