@@ -755,7 +755,7 @@ async fn the_replicated_layout_parses_on_18_16_and_records_the_crates_checksums(
             ("cluster", &cluster.name),
         ],
     );
-    assert_eq!(statements.len(), 9);
+    assert_eq!(statements.len(), 10);
     for st in &statements {
         let err = store
             .client()
