@@ -7,7 +7,10 @@ use crate::ExitMarks;
 
 /// Marks are per partition, only rise, and a partition never saved has none.
 pub async fn run(marks: &dyn ExitMarks) {
-    assert!(marks.load().await.expect("load").is_empty(), "fresh: no marks");
+    assert!(
+        marks.load().await.expect("load").is_empty(),
+        "fresh: no marks"
+    );
     marks
         .save(&BTreeMap::from([(0, 1_800_000_000), (3, 1_800_000_100)]))
         .await
