@@ -64,6 +64,8 @@ const NOT_SETTINGS: &[&str] = &[
     "SCALE_ESTIMATES",
     "SCALE_DATA_DIR",
     "SCALE_OUT",
+    "SCALE_TAG",
+    "SCALE_MIN_FREE_GIB",
     // read by the fuzzing scripts (make fuzz, make chdb-check)
     "FUZZ_SECS",
     "ENHANCE_YOUR_CALM",
