@@ -167,3 +167,45 @@ async fn grpc_and_http_runs_verify_exactly() {
         other => panic!("expected UNAUTHENTICATED, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_leaves_exactly_its_memberships_live() {
+    let server = start_server("14d").await;
+    // 2,000 users × 100 segments, 60,000 live pairs asked: 30 segments per user on average.
+    let s = run(args(
+        &server,
+        "--fill 60000 --users 2000 --segments 100 --batch 700 --segment-prefix f- --verify",
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("fill: {e}"));
+    let fill = s.fill.clone().expect("a fill report");
+    assert!(fill.memberships.abs_diff(60_000) < 500, "{fill:?}");
+    assert!(s.errors.is_empty() && s.fatal.is_none(), "{s:?}");
+    assert_eq!(s.resends, 0);
+    assert_eq!(s.pairs_accepted, fill.memberships);
+    let v = s.verify.as_ref().expect("verified");
+    assert!(v.ok && v.comparison.mismatches.is_empty(), "{v:?}");
+    assert_eq!(v.memberships, fill.memberships, "every pair sent was new");
+    // The server's counts are the workload's populations: segment s holds ceil(users/(s+1)^k).
+    let w = userseg_loadgen::Workload::new(2000, 100, fill.skew, 0.0, 0, 1);
+    let body = reqwest::Client::new()
+        .get(format!("{}/v1/segments", server.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET /v1/segments")
+        .text()
+        .await
+        .expect("a body");
+    let listing: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let mut total = 0;
+    for seg in listing["segments"].as_array().expect("segments") {
+        let name = seg["segment"].as_str().expect("name");
+        let index: u32 = name.trim_start_matches("f-").parse().expect("f-N");
+        let users = seg["users"].as_u64().expect("users");
+        assert_eq!(users, u64::from(w.population(index)), "{name}");
+        total += users;
+    }
+    assert_eq!(total, fill.memberships);
+    assert_eq!(w.population(0), 2000, "everyone is in the first segment");
+}
