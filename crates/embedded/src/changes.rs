@@ -109,10 +109,11 @@ pub struct FileChangeLog {
 /// Where the store's change detection writes: the file log (standalone), or an
 /// [`EventSink`] (the ES index, which publishes to a topic).
 pub(crate) trait FeedSink: Send + Sync + 'static {
-    /// [`FileChangeLog::append_frames`].
+    /// [`FileChangeLog::append_buf`]: appends the frames in `frames` (then the markers
+    /// given) and leaves `frames` empty, its capacity kept for the next batch.
     fn append_frames(
         &self,
-        frames: Vec<u8>,
+        frames: &mut Vec<u8>,
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError>;
@@ -125,11 +126,11 @@ pub(crate) trait FeedSink: Send + Sync + 'static {
 impl FeedSink for FileChangeLog {
     fn append_frames(
         &self,
-        frames: Vec<u8>,
+        frames: &mut Vec<u8>,
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
-        FileChangeLog::append_frames(self, frames, covered, exit_lo)
+        FileChangeLog::append_buf(self, frames, covered, exit_lo)
     }
 
     fn erasure_offset(&self) -> Option<u64> {
@@ -155,11 +156,12 @@ impl EventSink {
 impl FeedSink for EventSink {
     fn append_frames(
         &self,
-        frames: Vec<u8>,
+        frames: &mut Vec<u8>,
         _covered: Option<u64>,
         _exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
         let mut events = Vec::new();
+        let frames = std::mem::take(frames);
         let mut rest = frames.as_slice();
         while !rest.is_empty() {
             match codec::read_frame(rest) {
@@ -231,6 +233,15 @@ pub(crate) struct EventFrames {
 }
 
 impl EventFrames {
+    /// Frames built in `buf` (emptied first), keeping its capacity.
+    pub(crate) fn with_buf(mut buf: Vec<u8>) -> EventFrames {
+        buf.clear();
+        EventFrames {
+            buf,
+            ..EventFrames::default()
+        }
+    }
+
     #[inline]
     pub(crate) fn push(
         &mut self,
@@ -494,30 +505,42 @@ impl FileChangeLog {
     /// detected again).
     pub(crate) fn append_frames(
         &self,
-        frames: Vec<u8>,
+        mut frames: Vec<u8>,
+        covered: Option<u64>,
+        exit_lo: Option<i64>,
+    ) -> Result<(), PortError> {
+        self.append_buf(&mut frames, covered, exit_lo)
+    }
+
+    /// [`FileChangeLog::append_frames`] of the frames in `buf`, which it leaves empty (its
+    /// capacity kept: the apply path reuses one buffer, so that encoding a batch's events
+    /// does not fault in fresh pages each time).
+    pub(crate) fn append_buf(
+        &self,
+        buf: &mut Vec<u8>,
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
         let mut w = lock(&self.writer);
-        let mut buf = frames;
         if !w.pending.is_empty() {
             let mut pending = std::mem::take(&mut w.pending);
-            pending.extend_from_slice(&buf);
-            buf = pending;
+            pending.extend_from_slice(buf);
+            buf.clear();
+            *buf = pending;
         }
         if let Some(c) = covered {
-            encode_marker(COVERED, c, &mut buf);
+            encode_marker(COVERED, c, buf);
         }
         if let Some(t) = exit_lo {
-            encode_marker(TICK, zigzag(t), &mut buf);
+            encode_marker(TICK, zigzag(t), buf);
         }
         if buf.is_empty() {
             return Ok(());
         }
-        if let Err(e) = w.file.write_all(&buf) {
+        if let Err(e) = w.file.write_all(buf) {
             let durable = w.offset - w.base;
             let cut = w.file.set_len(durable);
-            w.pending = buf;
+            w.pending = std::mem::take(buf);
             metrics::counter!("userseg_changes_write_failures_total").increment(1);
             return Err(PortError::Transient(format!(
                 "change log write failed ({e}){}",
@@ -528,6 +551,8 @@ impl FileChangeLog {
             )));
         }
         w.offset += buf.len() as u64;
+        let written = buf.len() as u64;
+        buf.clear();
         w.dirty = true;
         if covered.is_some() {
             w.covered = covered;
@@ -535,7 +560,7 @@ impl FileChangeLog {
         if exit_lo.is_some() {
             w.exit_lo = exit_lo;
         }
-        metrics::counter!("userseg_changes_bytes_total").increment(buf.len() as u64);
+        metrics::counter!("userseg_changes_bytes_total").increment(written);
         self.written.send_replace(w.offset);
         self.maybe_roll(&mut w);
         Ok(())

@@ -43,6 +43,34 @@ struct State {
     /// Deleted users whose ids the change log still holds, each with the log offset its
     /// deletion's events end at: the checkpointer redacts them ([`MemStore::take_erased`]).
     erased: HashMap<String, u64>,
+    /// The buffer a batch's events are encoded in, kept between batches (see
+    /// [`FileChangeLog::append_buf`]).
+    buf: Vec<u8>,
+}
+
+/// Largest encoding buffer kept between batches.
+const KEEP_BUF: usize = 16 << 20;
+
+impl State {
+    fn frames(&mut self) -> EventFrames {
+        EventFrames::with_buf(std::mem::take(&mut self.buf))
+    }
+
+    /// Appends `frames` and the markers to the log; keeps the buffer for the next batch.
+    fn append(
+        &mut self,
+        log: &dyn FeedSink,
+        frames: EventFrames,
+        covered: Option<u64>,
+        exit_lo: Option<i64>,
+    ) -> Result<(), PortError> {
+        let mut buf = frames.finish();
+        let appended = log.append_frames(&mut buf, covered, exit_lo);
+        if buf.capacity() <= KEEP_BUF {
+            self.buf = buf;
+        }
+        appended
+    }
 }
 
 impl Feed {
@@ -66,6 +94,30 @@ fn tolerate(appended: Result<(), PortError>) -> Result<(), PortError> {
         }
         other => other,
     }
+}
+
+/// Sorts `positions` (distinct, each below `n`): a pass over a bitmap of the batch when they
+/// are many (they are a few sorted runs, one per segment, which a comparison sort pays for
+/// more than a bit per pair).
+fn in_batch_order(positions: &mut [u32], n: usize) {
+    if positions.len() < 256 || positions.len() < n / 64 {
+        positions.sort_unstable();
+        return;
+    }
+    let mut bits = vec![0u64; n.div_ceil(64)];
+    for &p in positions.iter() {
+        bits[p as usize / 64] |= 1 << (p % 64);
+    }
+    let mut k = 0;
+    for (w, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            positions[k] = (w * 64) as u32 + word.trailing_zeros();
+            k += 1;
+            word &= word - 1;
+        }
+    }
+    debug_assert_eq!(k, positions.len(), "positions are distinct");
 }
 
 /// A membership's exit found by a tick or a sweep: (segment, user index, bucket).
@@ -98,6 +150,7 @@ impl MemStore {
                 state: Mutex::new(State {
                     exit_lo,
                     erased: HashMap::new(),
+                    buf: Vec::new(),
                 }),
                 exit_lo: AtomicI64::new(exit_lo),
             })
@@ -120,9 +173,9 @@ impl MemStore {
         let Some(feed) = self.feed.get() else {
             return self.apply(pairs);
         };
-        let st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
         let detected = self.apply_detect(pairs, Some(st.exit_lo))?;
-        let mut frames = EventFrames::default();
+        let mut frames = st.frames();
         let exits = detected.swept.len();
         let swept = self.resolve_exits(detected.swept);
         self.encode_entered(pairs, detected.entered, swept, &mut frames);
@@ -132,7 +185,7 @@ impl MemStore {
             metrics::counter!("userseg_changes_events_total", "reason" => "expired")
                 .increment(exits as u64);
         }
-        tolerate(feed.log.append_frames(frames.finish(), through, None))
+        tolerate(st.append(feed.log.as_ref(), frames, through, None))
     }
 
     /// The `entered` events of the pairs at `positions`, encoded in batch order: the pairs
@@ -150,7 +203,7 @@ impl MemStore {
         swept: Vec<(u32, String, Box<str>, i64)>,
         frames: &mut EventFrames,
     ) {
-        positions.sort_unstable();
+        in_batch_order(&mut positions, pairs.len());
         frames.buf.reserve(positions.len() * 40);
         let bs = self.bucketing.bucket_secs();
         let wb = self.bucketing.window_buckets();
@@ -270,9 +323,9 @@ impl MemStore {
             });
         }
         let n = exits.len();
-        let mut frames = EventFrames::default();
+        let mut frames = st.frames();
         self.encode_exits(exits, &mut frames);
-        let appended = feed.log.append_frames(frames.finish(), None, Some(new_lo));
+        let appended = st.append(feed.log.as_ref(), frames, None, Some(new_lo));
         // Even if the append failed: the exits are in the pending frames, written first next
         // time, and the memberships are gone.
         st.exit_lo = new_lo;
@@ -299,7 +352,7 @@ impl MemStore {
             .iter()
             .filter_map(|id| Some((id, self.users.get(id.as_bytes())?)))
             .collect();
-        let mut frames = EventFrames::default();
+        let mut frames = st.frames();
         if !users.is_empty() {
             let segments: Vec<(Box<str>, Arc<std::sync::RwLock<Segment>>)> = read(&self.segments)
                 .iter()
@@ -320,7 +373,7 @@ impl MemStore {
         let found = self.delete_users(user_ids);
         metrics::counter!("userseg_changes_events_total", "reason" => "deleted")
             .increment(frames.events);
-        let appended = feed.log.append_frames(frames.finish(), through, None);
+        let appended = st.append(feed.log.as_ref(), frames, through, None);
         // Erasure: their ids leave the change log with the next snapshot.
         if let Some(end) = feed.log.erasure_offset() {
             for id in user_ids {
