@@ -109,11 +109,11 @@ pub struct FileChangeLog {
 /// Where the store's change detection writes: the file log (standalone), or an
 /// [`EventSink`] (the ES index, which publishes to a topic).
 pub(crate) trait FeedSink: Send + Sync + 'static {
-    /// [`FileChangeLog::append_buf`]: appends the frames in `frames` (then the markers
-    /// given) and leaves `frames` empty, its capacity kept for the next batch.
+    /// [`FileChangeLog::append_bufs`]: appends the frames in `frames`, in order (then the
+    /// markers given), and leaves each buffer empty, its capacity kept for the next batch.
     fn append_frames(
         &self,
-        frames: &mut Vec<u8>,
+        frames: &mut [Vec<u8>],
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError>;
@@ -126,11 +126,11 @@ pub(crate) trait FeedSink: Send + Sync + 'static {
 impl FeedSink for FileChangeLog {
     fn append_frames(
         &self,
-        frames: &mut Vec<u8>,
+        frames: &mut [Vec<u8>],
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
-        FileChangeLog::append_buf(self, frames, covered, exit_lo)
+        FileChangeLog::append_bufs(self, frames, covered, exit_lo)
     }
 
     fn erasure_offset(&self) -> Option<u64> {
@@ -156,12 +156,12 @@ impl EventSink {
 impl FeedSink for EventSink {
     fn append_frames(
         &self,
-        frames: &mut Vec<u8>,
+        frames: &mut [Vec<u8>],
         _covered: Option<u64>,
         _exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
         let mut events = Vec::new();
-        let frames = std::mem::take(frames);
+        let frames: Vec<u8> = frames.iter_mut().flat_map(std::mem::take).collect();
         let mut rest = frames.as_slice();
         while !rest.is_empty() {
             match codec::read_frame(rest) {
@@ -251,6 +251,13 @@ impl EventFrames {
         ts: i64,
         key: i64,
     ) {
+        self.push_prefixed(&EventPrefix::new(reason, ts, key), user, segment);
+    }
+
+    /// [`EventFrames::push`] of an event whose reason, ts and key are encoded in `prefix`
+    /// (the apply path encodes them once for all the pairs of a timestamp).
+    #[inline]
+    pub(crate) fn push_prefixed(&mut self, prefix: &EventPrefix, user: &str, segment: &str) {
         let out = &mut self.buf;
         if self.count == 0 {
             self.start = out.len();
@@ -258,9 +265,8 @@ impl EventFrames {
             out.push(EVENTS);
             out.extend_from_slice(&[0; 4]);
         }
-        out.push(reason.code());
-        codec::put_varint(out, zigzag(ts));
-        codec::put_varint(out, zigzag(key));
+        out.reserve(prefix.len as usize + user.len() + segment.len() + 20);
+        out.extend_from_slice(&prefix.bytes[..prefix.len as usize]);
         codec::put_varint(out, user.len() as u64);
         out.extend_from_slice(user.as_bytes());
         codec::put_varint(out, segment.len() as u64);
@@ -291,6 +297,27 @@ impl EventFrames {
     pub(crate) fn finish(mut self) -> Vec<u8> {
         self.close();
         self.buf
+    }
+}
+
+/// An event's reason, ts and key, encoded as in a frame.
+pub(crate) struct EventPrefix {
+    bytes: [u8; 21],
+    len: u8,
+}
+
+impl EventPrefix {
+    pub(crate) fn new(reason: ChangeReason, ts: i64, key: i64) -> EventPrefix {
+        let mut v = Vec::with_capacity(21);
+        v.push(reason.code());
+        codec::put_varint(&mut v, zigzag(ts));
+        codec::put_varint(&mut v, zigzag(key));
+        let mut bytes = [0; 21];
+        bytes[..v.len()].copy_from_slice(&v);
+        EventPrefix {
+            bytes,
+            len: v.len() as u8,
+        }
     }
 }
 
@@ -505,42 +532,48 @@ impl FileChangeLog {
     /// detected again).
     pub(crate) fn append_frames(
         &self,
-        mut frames: Vec<u8>,
+        frames: Vec<u8>,
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
-        self.append_buf(&mut frames, covered, exit_lo)
+        self.append_bufs(&mut [frames], covered, exit_lo)
     }
 
-    /// [`FileChangeLog::append_frames`] of the frames in `buf`, which it leaves empty (its
-    /// capacity kept: the apply path reuses one buffer, so that encoding a batch's events
-    /// does not fault in fresh pages each time).
-    pub(crate) fn append_buf(
+    /// [`FileChangeLog::append_frames`] of the frames in `bufs`, in order, which it leaves
+    /// empty with their capacity kept (the apply path reuses its buffers, so that encoding a
+    /// batch's events does not fault in fresh pages each time).
+    pub(crate) fn append_bufs(
         &self,
-        buf: &mut Vec<u8>,
+        bufs: &mut [Vec<u8>],
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
-        let mut w = lock(&self.writer);
-        if !w.pending.is_empty() {
-            let mut pending = std::mem::take(&mut w.pending);
-            pending.extend_from_slice(buf);
-            buf.clear();
-            *buf = pending;
-        }
+        let mut markers = Vec::new();
         if let Some(c) = covered {
-            encode_marker(COVERED, c, buf);
+            encode_marker(COVERED, c, &mut markers);
         }
         if let Some(t) = exit_lo {
-            encode_marker(TICK, zigzag(t), buf);
+            encode_marker(TICK, zigzag(t), &mut markers);
         }
-        if buf.is_empty() {
+        let mut w = lock(&self.writer);
+        let pending = std::mem::take(&mut w.pending);
+        let parts = || {
+            std::iter::once(&pending)
+                .chain(bufs.iter())
+                .chain(std::iter::once(&markers))
+                .filter(|p| !p.is_empty())
+        };
+        let len: u64 = parts().map(|p| p.len() as u64).sum();
+        if len == 0 {
             return Ok(());
         }
-        if let Err(e) = w.file.write_all(buf) {
+        if let Err(e) = parts().try_for_each(|p| w.file.write_all(p)) {
             let durable = w.offset - w.base;
             let cut = w.file.set_len(durable);
-            w.pending = std::mem::take(buf);
+            w.pending = parts().flatten().copied().collect();
+            for b in bufs.iter_mut() {
+                b.clear();
+            }
             metrics::counter!("userseg_changes_write_failures_total").increment(1);
             return Err(PortError::Transient(format!(
                 "change log write failed ({e}){}",
@@ -550,9 +583,10 @@ impl FileChangeLog {
                 }
             )));
         }
-        w.offset += buf.len() as u64;
-        let written = buf.len() as u64;
-        buf.clear();
+        for b in bufs.iter_mut() {
+            b.clear();
+        }
+        w.offset += len;
         w.dirty = true;
         if covered.is_some() {
             w.covered = covered;
@@ -560,7 +594,7 @@ impl FileChangeLog {
         if exit_lo.is_some() {
             w.exit_lo = exit_lo;
         }
-        metrics::counter!("userseg_changes_bytes_total").increment(written);
+        metrics::counter!("userseg_changes_bytes_total").increment(len);
         self.written.send_replace(w.offset);
         self.maybe_roll(&mut w);
         Ok(())
