@@ -651,7 +651,10 @@ mod tests {
                 .collect();
             second.extend((0..10_000u32).map(|k| pair(2 * users + k, 3, now)));
             h.store.apply_through(&second, Some(2)).unwrap();
-            h.new_events()
+            let events = h.new_events();
+            let counted = crate::changes::count_all(h._dir.path()).unwrap();
+            assert_eq!(counted, events.len() as u64);
+            events
         };
         let one = events(1);
         let two = events(2);
