@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: runs the benchmark scenarios on this machine and writes docs/BENCHMARKS.md.
-# Every figure in that file comes from this script's runs; nothing is typed by hand.
+# scripts/bench_report.py rewrites only its own sections there (between its markers): every
+# figure in them comes from this script's runs; the sections measured by hand stay as they are.
 #
 # Sizes can be lowered for a quick run, e.g. BENCH_SCALE_PAIRS=5000000 BENCH_INGEST_SECS=10.
 set -euo pipefail

@@ -19,8 +19,9 @@ import os
 import subprocess
 import sys
 import time
-import urllib.parse
 import urllib.request
+
+from promtext import metrics
 
 pairs, users = int(sys.argv[1]), int(sys.argv[2])
 modes = sys.argv[3:] or ["true", "partitioned"]
@@ -33,25 +34,6 @@ def sql(q):
     req = urllib.request.Request(ch + "/", data=q.encode(), method="POST")
     with urllib.request.urlopen(req, timeout=3600) as r:
         return r.read().decode()
-
-
-def metrics(base):
-    try:
-        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
-    vals = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        name, _, value = line.rpartition(" ")
-        name = name.split("{", 1)[0]
-        try:
-            vals[name] = vals.get(name, 0.0) + float(value)
-        except ValueError:
-            pass
-    return vals
 
 
 def free_port():

@@ -11,28 +11,10 @@ ClickHouse (or at the timeout) and writes a JSON summary: when each stage reache
 import json
 import sys
 import time
-import urllib.request
+
+from promtext import metrics
 
 uss, es, target, timeout, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-
-
-def metrics(base):
-    try:
-        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
-    vals = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        name, _, value = line.rpartition(" ")
-        name = name.split("{", 1)[0]
-        try:
-            vals[name] = vals.get(name, 0.0) + float(value)
-        except ValueError:
-            pass
-    return vals
 
 
 start = time.monotonic()

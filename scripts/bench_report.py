@@ -1,9 +1,24 @@
 #!/usr/bin/env python3
-"""Turns the JSON outputs of scripts/bench.sh into docs/BENCHMARKS.md."""
+"""Turns the JSON outputs of scripts/bench.sh into docs/BENCHMARKS.md.
+
+Usage: bench_report.py WORK_DIR OUT.md
+
+The report is made of named sections, each written between two markers:
+
+    <!-- bench_report.py: NAME ... -->
+    ...
+    <!-- /bench_report.py: NAME -->
+
+When OUT.md exists, only what stands between each pair of markers is replaced; everything
+outside them (sections measured by hand, notes) is kept as it is. A section whose markers are
+missing from OUT.md is appended at its end (with its markers, and a warning). When OUT.md does
+not exist, it is written with every section in order.
+"""
 import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -63,16 +78,57 @@ repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 commands = commands.replace(repo + "/", "")
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
-lines = []
-w = lines.append
+BEGIN = "<!-- bench_report.py: {} (written by `make bench`; edit outside these markers only) -->"
+END = "<!-- /bench_report.py: {} -->"
+sections = {}  # name -> lines, in the order the report writes them
+
+
+def section(name):
+    """Starts section NAME: what w() writes from now on goes into it."""
+    global w
+    sections[name] = []
+    w = sections[name].append
+
+
+def merge(existing, sections):
+    """EXISTING's lines with the text between each section's markers replaced by the section."""
+    begin = re.compile(r"^<!-- bench_report\.py: (\S+)")
+    out, i, seen = [], 0, set()
+    while i < len(existing):
+        m = begin.match(existing[i])
+        if not m or m.group(1) not in sections:
+            out.append(existing[i])
+            i += 1
+            continue
+        name = m.group(1)
+        try:
+            j = existing.index(END.format(name), i + 1)
+        except ValueError:
+            sys.exit(f"bench_report.py: no {END.format(name)!r} after line {i + 1} of {out_path}")
+        out += [BEGIN.format(name)] + sections[name] + [END.format(name)]
+        seen.add(name)
+        i = j + 1
+    for name, body in sections.items():
+        if name not in seen:
+            print(f"bench_report.py: no markers of section {name} in {out_path}: appended at its end",
+                  file=sys.stderr)
+            out += ["", BEGIN.format(name)] + body + [END.format(name)]
+    return out
+
+
+out_path = out
+section("header")
 w("# Benchmarks")
 w("")
 w(f"Written by `make bench` (scripts/bench.sh) on {datetime.date.today().isoformat()}, commit `{rev}`. "
-  "Every figure below comes from that run; the load generator runs on the same machine as the servers.")
+  "Every figure in its sections (between `bench_report.py` markers in this file's source) comes from that run; "
+  "the sections measured by hand name their own command and date. "
+  "The load generator runs on the same machine as the servers.")
 w("")
 w(f"- machine: {os.cpu_count()} cores ({cpu_model()}), {mem_gib():.0f} GiB RAM, {platform.system()} {platform.release()}")
 w("- build: `cargo build --release` (thin LTO)")
 w("")
+section("summary")
 w("## Summary against the targets")
 w("")
 w("| target | figure | status |")
@@ -129,6 +185,7 @@ def ingest_section(title, s):
     w("")
 
 
+section("scenarios")
 w("## Scenarios")
 w("")
 ingest_section("(1) Standalone ingest, gRPC streaming, durable", s1)
@@ -181,6 +238,7 @@ if es_rss:
 if es_restart:
     w(f"ES restart (SIGKILL, start, scan {es_restart['scanned_pairs']:,.0f} pairs out of ClickHouse, catch up the topic, serve from the index): **{es_restart['restart_secs']:.1f} s**; ClickHouse answers meanwhile.")
     w("")
+section("memory")
 w("### (4) Memory per live pair and restart")
 w("")
 if scale:
@@ -191,6 +249,7 @@ if scale:
     w(f"- snapshot: {scale['snapshot_bytes'] / 2**20:,.0f} MiB written in {scale['snapshot_write_seconds']:.2f} s; "
       f"restart (load + rebuild) **{scale['restart_from_snapshot_seconds']:.2f} s**")
     w("")
+section("analytics")
 w("### (6) Analytics at scale (embedded store; the ES index is the same structure)")
 w("")
 if an:
@@ -230,6 +289,7 @@ if ryw_idle or ryw_load:
         if r:
             w(f"- {name}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms ({r['samples']} probes)")
     w("")
+section("commands")
 w("## Commands")
 w("")
 w("```")
@@ -238,5 +298,17 @@ w("```")
 w("")
 w("Criterion micro-benchmarks of the hot paths: `cargo bench -p userseg-api --bench decode` "
   "(decode + validate a 1000-pair push), `cargo bench -p userseg-embedded --bench store` (apply, count all, count one).")
+existing = None
+if os.path.exists(out):
+    with open(out) as fh:
+        existing = fh.read().split("\n")
+    if existing and existing[-1] == "":
+        existing.pop()
+if existing is None:
+    lines = []
+    for name, body in sections.items():
+        lines += [BEGIN.format(name)] + body + [END.format(name)]
+else:
+    lines = merge(existing, sections)
 with open(out, "w") as fh:
     fh.write("\n".join(lines) + "\n")

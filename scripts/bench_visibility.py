@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+import promtext
+
 
 def free_port():
     s = socket.socket()
@@ -106,10 +108,7 @@ def main():
             load.terminate()
             load.wait(timeout=30)
             status, text = Server(port).request("GET", "/metrics")
-            pairs = 0.0
-            for line in text.decode().splitlines():
-                if line.startswith("userseg_ingest_pairs_total"):
-                    pairs += float(line.split()[-1])
+            pairs = promtext.parse(text.decode()).get("userseg_ingest_pairs_total", 0)
             print(json.dumps({
                 "low_load": summary(low),
                 "full_load": summary(full),

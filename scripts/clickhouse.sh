@@ -12,8 +12,12 @@
 # USERSEG_TEST_CLICKHOUSE_HTTPS_URL=https://localhost:PORT.
 # Without HTTP_PORT a restart reuses the ports of the previous run in DIR when they are still
 # free, otherwise it picks free ones. The native TCP and interserver ports are always distinct
-# free ports.
+# free ports. A free port is probed before the server binds it, so another process can take it
+# in between (the server then exits during its start): `start` then tries again on freshly
+# probed ports (HTTP_PORT, when given, is kept), three tries in all.
 set -euo pipefail
+# shellcheck source=scripts/ports.sh
+. "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 die() {
   echo "clickhouse.sh: $*" >&2
@@ -42,23 +46,6 @@ find_server() {
 port_in_use() {
   local port=$1
   ss -Hltn 2>/dev/null | awk '{print $4}' | grep -Eq "[:.]${port}\$"
-}
-
-# Prints a free TCP port that is not among the ports given as arguments.
-free_port() {
-  local port taken
-  for _ in $(seq 1 200); do
-    port=$((20000 + RANDOM % 40000))
-    taken=0
-    for other in "$@"; do
-      [ "$other" = "$port" ] && taken=1
-    done
-    [ "$taken" = 0 ] || continue
-    port_in_use "$port" && continue
-    echo "$port"
-    return 0
-  done
-  die "no free port found"
 }
 
 ping_ok() {
@@ -196,32 +183,57 @@ cmd_start() {
     prev_tcp=${TCP_PORT:-}
     prev_inter=${INTERSERVER_PORT:-}
   fi
-  if [ -z "$http" ]; then
-    if [ -n "$prev_http" ] && ! port_in_use "$prev_http"; then
-      http=$prev_http
-    else
-      http=$(free_port)
-    fi
-  fi
-  [[ "$http" =~ ^[0-9]+$ ]] || die "HTTP_PORT must be a number, got '$http'"
-  port_in_use "$http" && die "port $http is already in use"
+  local want_http=$http
+  [ -z "$want_http" ] || [[ "$want_http" =~ ^[0-9]+$ ]] || die "HTTP_PORT must be a number, got '$want_http'"
 
-  local tcp inter
-  if [ -n "$prev_tcp" ] && [ "$prev_tcp" != "$http" ] && ! port_in_use "$prev_tcp"; then
-    tcp=$prev_tcp
-  else
-    tcp=$(free_port "$http")
+  local attempt tcp inter https
+  for attempt in 1 2 3; do
+    if [ "$attempt" -gt 1 ]; then
+      echo "clickhouse.sh: trying again on freshly probed ports (attempt $attempt of 3)" >&2
+      # A port found free may have been taken since: none of the previous ones is reused.
+      prev_http="" prev_tcp="" prev_inter=""
+    fi
+    http=$want_http
+    if [ -z "$http" ]; then
+      if [ -n "$prev_http" ] && ! port_in_use "$prev_http"; then
+        http=$prev_http
+      else
+        http=$(free_port)
+      fi
+    fi
+    port_in_use "$http" && die "port $http is already in use"
+    if [ -n "$prev_tcp" ] && [ "$prev_tcp" != "$http" ] && ! port_in_use "$prev_tcp"; then
+      tcp=$prev_tcp
+    else
+      tcp=$(free_port "$http")
+    fi
+    if [ -n "$prev_inter" ] && [ "$prev_inter" != "$http" ] && [ "$prev_inter" != "$tcp" ] &&
+      ! port_in_use "$prev_inter"; then
+      inter=$prev_inter
+    else
+      inter=$(free_port "$http" "$tcp")
+    fi
+    https=""
+    if [ -n "${CLICKHOUSE_HTTPS_CERT:-}" ] && [ -n "${CLICKHOUSE_HTTPS_KEY:-}" ]; then
+      https=$(free_port "$http" "$tcp" "$inter")
+    fi
+    launch "$dir" "$http" "$tcp" "$inter" "$https"
+    [ "$LAUNCHED" = 1 ] && break
+  done
+  [ "$LAUNCHED" = 1 ] || die "the server exited during start three times, on fresh ports each time (see $dir/log)"
+  echo "USERSEG_TEST_CLICKHOUSE_URL=http://127.0.0.1:$http" >"$dir/clickhouse.env"
+  if [ -n "$https" ]; then
+    echo "USERSEG_TEST_CLICKHOUSE_HTTPS_URL=https://localhost:$https" >>"$dir/clickhouse.env"
   fi
-  if [ -n "$prev_inter" ] && [ "$prev_inter" != "$http" ] && [ "$prev_inter" != "$tcp" ] &&
-    ! port_in_use "$prev_inter"; then
-    inter=$prev_inter
-  else
-    inter=$(free_port "$http" "$tcp")
-  fi
-  local https=""
-  if [ -n "${CLICKHOUSE_HTTPS_CERT:-}" ] && [ -n "${CLICKHOUSE_HTTPS_KEY:-}" ]; then
-    https=$(free_port "$http" "$tcp" "$inter")
-  fi
+  echo "clickhouse.sh: started pid $(read_pid "$dir"), http://127.0.0.1:$http (tcp $tcp, interserver $inter), data in $dir/data"
+}
+
+# Starts the server in DIR on the ports given and waits for /ping. Sets LAUNCHED=1 when it
+# serves, LAUNCHED=0 when it exited during its start or another process answers on its HTTP
+# port (a port taken since it was probed: worth another try on other ports); dies otherwise.
+launch() {
+  local dir=$1 http=$2 tcp=$3 inter=$4 https=$5
+  LAUNCHED=0
   printf 'HTTP_PORT=%s\nTCP_PORT=%s\nINTERSERVER_PORT=%s\n' "$http" "$tcp" "$inter" >"$dir/ports"
   write_config "$dir" "$http" "$tcp" "$inter" "$https"
 
@@ -241,9 +253,9 @@ cmd_start() {
   until ping_ok "$http"; do
     if ! pid_alive "$pid"; then
       echo "clickhouse.sh: the server exited during start; last log lines:" >&2
-      tail -n 20 "$dir/log/clickhouse-server.err.log" "$dir/log/stderr.log" 2>/dev/null >&2 || true
+      tail -n 20 "$dir/log/clickhouse-server.err.log" "$dir/log/stderr.log" >&2 2>/dev/null || true
       rm -f "$dir/clickhouse.pid"
-      exit 1
+      return 0
     fi
     if [ $SECONDS -ge $deadline ]; then
       kill "$pid" 2>/dev/null || true
@@ -251,16 +263,11 @@ cmd_start() {
     fi
     sleep 0.2
   done
-  local listener
-  listener=$(ss -Hltnp "sport = :$http" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)
-  if [ -n "$listener" ] && [ "$listener" != "$pid" ]; then
-    die "port $http is served by pid $listener, not by the server started as pid $pid"
+  if lost_port "$http" "$pid" clickhouse.sh; then
+    rm -f "$dir/clickhouse.pid"
+    return 0
   fi
-  echo "USERSEG_TEST_CLICKHOUSE_URL=http://127.0.0.1:$http" >"$dir/clickhouse.env"
-  if [ -n "$https" ]; then
-    echo "USERSEG_TEST_CLICKHOUSE_HTTPS_URL=https://localhost:$https" >>"$dir/clickhouse.env"
-  fi
-  echo "clickhouse.sh: started pid $pid, http://127.0.0.1:$http (tcp $tcp, interserver $inter), data in $dir/data"
+  LAUNCHED=1
 }
 
 cmd_stop() {

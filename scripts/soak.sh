@@ -30,24 +30,9 @@ fi
 
 if [ "$mode" != standalone ]; then
   scripts/install-deps.sh
-  SERVERS_DIR="${USERSEG_TEST_SERVERS_DIR:-$PWD/.test-servers}/soak"
-  rm -rf "$SERVERS_DIR"
-  mkdir -p "$SERVERS_DIR/tansu" "$SERVERS_DIR/clickhouse"
-  stop_servers() {
-    scripts/tansu.sh stop "$SERVERS_DIR/tansu" || true
-    scripts/clickhouse.sh stop "$SERVERS_DIR/clickhouse" || true
-  }
-  trap stop_servers EXIT
-  scripts/tansu.sh start "$SERVERS_DIR/tansu"
-  scripts/clickhouse.sh start "$SERVERS_DIR/clickhouse"
-  set -a
-  # shellcheck disable=SC1091
-  . "$SERVERS_DIR/tansu/tansu.env"
-  # shellcheck disable=SC1091
-  . "$SERVERS_DIR/clickhouse/clickhouse.env"
-  set +a
-  export USERSEG_TEST_CLICKHOUSE_DIR="$SERVERS_DIR/clickhouse"
-  export USERSEG_TEST_TANSU_DIR="$SERVERS_DIR/tansu"
+  # shellcheck source=scripts/servers.sh
+  . scripts/servers.sh
+  servers_start "${USERSEG_TEST_SERVERS_DIR:-$PWD/.test-servers}/soak"
   # Capacity: ES's write rate during 10 s of unpaced load through USS (~20 M pairs, which ES
   # has written into ClickHouse a minute or two later).
   # Soaked at 50% of it: at 70% the backlog after each ES kill grows on 2 cores

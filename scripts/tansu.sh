@@ -9,7 +9,9 @@
 #
 # A restart (stop, then start with the same DIR) reuses the previous port and storage unless
 # given again, so clients keep their address; with TANSU_STORAGE=sqlite the topics, messages and
-# committed offsets survive it.
+# committed offsets survive it. A free port is probed before tansu binds it, so another process
+# can take it in between (tansu then exits during its start): a start on a port it picked itself
+# (neither given nor reused) then tries again on a freshly probed one, three tries in all.
 #
 # Environment:
 #   TANSU_BIN       the tansu binary (default: $HOME/.cache/userseg/tansu-0.6.0/bin/tansu)
@@ -24,6 +26,8 @@
 #   cargo test -p userseg-kafka
 #   scripts/tansu.sh stop /tmp/userseg-kafka
 set -euo pipefail
+# shellcheck source=scripts/ports.sh
+. "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 TANSU_BIN="${TANSU_BIN:-$HOME/.cache/userseg/tansu-0.6.0/bin/tansu}"
 
@@ -35,23 +39,6 @@ usage() {
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_open() {
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-free_port() {
-  if command -v python3 >/dev/null 2>&1; then
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-    return
-  fi
-  local p
-  for _ in $(seq 1 200); do
-    p=$((20000 + RANDOM % 40000))
-    if ! port_open "$p"; then
-      echo "$p"
-      return
-    fi
-  done
-  echo "tansu.sh: found no free port" >&2
-  exit 1
 }
 
 running_pid() {
@@ -76,11 +63,8 @@ start() {
   if [ -z "$port" ] && [ -f "$dir/tansu.env" ]; then
     port="$(sed -n 's/^USERSEG_TEST_KAFKA=127\.0\.0\.1://p' "$dir/tansu.env")"
   fi
-  [ -n "$port" ] || port="$(free_port)"
-  if port_open "$port"; then
-    echo "tansu.sh: port $port is already in use" >&2
-    exit 1
-  fi
+  # Only a port picked here may be changed when tansu loses it.
+  local fixed_port="$port"
 
   local storage kind="${TANSU_STORAGE:-}"
   if [ -z "$kind" ] && [ -f "$dir/tansu.storage" ]; then
@@ -95,6 +79,31 @@ start() {
     *) storage="$kind" ;;
   esac
 
+  local attempt
+  for attempt in 1 2 3; do
+    port="${fixed_port:-$(free_port)}"
+    if port_open "$port"; then
+      echo "tansu.sh: port $port is already in use" >&2
+      exit 1
+    fi
+    launch "$dir" "$port" "$storage"
+    [ "$LAUNCHED" = 1 ] && break
+    if [ -n "$fixed_port" ] || [ "$attempt" = 3 ]; then
+      exit 1
+    fi
+    echo "tansu.sh: trying again on a freshly probed port (attempt $((attempt + 1)) of 3)" >&2
+  done
+
+  echo "USERSEG_TEST_KAFKA=127.0.0.1:$port" >"$dir/tansu.env"
+  echo "tansu.sh: tansu $storage listening on 127.0.0.1:$port (pid $(cat "$dir/tansu.pid"), log $dir/tansu.log)"
+}
+
+# Starts tansu in DIR on PORT with STORAGE and waits until the port accepts connections. Sets
+# LAUNCHED=1 when tansu listens there, LAUNCHED=0 when it exited during its start or another
+# process listens on its port (a port taken since it was probed); exits on a timeout.
+launch() {
+  local dir="$1" port="$2" storage="$3"
+  LAUNCHED=0
   # setsid: the broker outlives this script and is not hit by the caller's Ctrl-C.
   (cd "$dir" && exec setsid "$TANSU_BIN" broker \
     --listener-url "tcp://127.0.0.1:$port" \
@@ -110,7 +119,7 @@ start() {
       echo "tansu.sh: tansu exited during startup; last log lines:" >&2
       tail -n 20 "$dir/tansu.log" >&2 || true
       rm -f "$dir/tansu.pid"
-      exit 1
+      return 0
     fi
     if [ "$waited" -ge $((wait_secs * 10)) ]; then
       echo "tansu.sh: port $port not open after ${wait_secs}s; stopping tansu" >&2
@@ -121,9 +130,11 @@ start() {
     sleep 0.1
     waited=$((waited + 1))
   done
-
-  echo "USERSEG_TEST_KAFKA=127.0.0.1:$port" >"$dir/tansu.env"
-  echo "tansu.sh: tansu $storage listening on 127.0.0.1:$port (pid $pid, log $dir/tansu.log)"
+  if lost_port "$port" "$pid" tansu.sh; then
+    rm -f "$dir/tansu.pid"
+    return 0
+  fi
+  LAUNCHED=1
 }
 
 stop() {

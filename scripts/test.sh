@@ -7,27 +7,9 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 
-SERVERS_DIR="${USERSEG_TEST_SERVERS_DIR:-$PWD/.test-servers}"
-rm -rf "$SERVERS_DIR"
-mkdir -p "$SERVERS_DIR/tansu" "$SERVERS_DIR/clickhouse"
-
-stop_servers() {
-  scripts/tansu.sh stop "$SERVERS_DIR/tansu" || true
-  scripts/clickhouse.sh stop "$SERVERS_DIR/clickhouse" || true
-}
-trap stop_servers EXIT
-
-scripts/tansu.sh start "$SERVERS_DIR/tansu"
-scripts/clickhouse.sh start "$SERVERS_DIR/clickhouse"
-set -a
-# shellcheck disable=SC1091
-. "$SERVERS_DIR/tansu/tansu.env"
-# shellcheck disable=SC1091
-. "$SERVERS_DIR/clickhouse/clickhouse.env"
-set +a
-# Tests that restart ClickHouse need to know where its script and directory are.
-export USERSEG_TEST_CLICKHOUSE_DIR="$SERVERS_DIR/clickhouse"
-export USERSEG_TEST_TANSU_DIR="$SERVERS_DIR/tansu"
+# shellcheck source=scripts/servers.sh
+. scripts/servers.sh
+servers_start "${USERSEG_TEST_SERVERS_DIR:-$PWD/.test-servers}"
 echo "test servers: kafka=$USERSEG_TEST_KAFKA clickhouse=$USERSEG_TEST_CLICKHOUSE_URL"
 
 # The end-to-end tests start the real binaries; build them first so test time is test time.

@@ -29,6 +29,10 @@ ENGINE = Distributed({cluster}, {db_name}, 'agg_day');
 CREATE TABLE IF NOT EXISTS {cdb}.history AS {db}.history
 ENGINE = Distributed({cluster}, {db_name}, 'history', cityHash64(tick));
 
+-- The change feed's exit marks: read as max(at) per partition over every shard.
+CREATE TABLE IF NOT EXISTS {cdb}.change_marks AS {db}.change_marks
+ENGINE = Distributed({cluster}, {db_name}, 'change_marks', partition);
+
 -- ES's readiness check reads the schema version here: the versions every node recorded.
 CREATE TABLE IF NOT EXISTS {cdb}.schema_migrations AS {db}.schema_migrations
 ENGINE = Distributed({cluster}, {db_name}, 'schema_migrations');

@@ -65,6 +65,15 @@ ORDER BY (user_id, segment);
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.pairs_by_user_mv ON CLUSTER {cluster} TO {db}.pairs_by_user
 AS SELECT user_id, segment, ts FROM {db}.pairs;
 
+-- Migration 5.
+CREATE TABLE IF NOT EXISTS {db}.change_marks ON CLUSTER {cluster}
+(
+    partition UInt32,
+    at DateTime('UTC')
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{db_path}/change_marks', '{replica}', at)
+ORDER BY partition;
+
 -- The versions above, as `userseg migrate` records them (the checksums are the CRC-32 of the
 -- crate's migration files, which `migrate` compares): `userseg migrate` against a node then
 -- has nothing to do, and ES's readiness check passes. One table for the whole cluster (no
@@ -78,4 +87,5 @@ INSERT INTO {db}.schema_migrations (version, name, checksum, applied_at) VALUES
 (1, 'pairs', 1623105226, now()),
 (2, 'approx_sketches', 745426140, now()),
 (3, 'history', 3515347053, now()),
-(4, 'pairs_by_user', 3253053621, now());
+(4, 'pairs_by_user', 3253053621, now()),
+(5, 'change_marks', 1881679031, now());

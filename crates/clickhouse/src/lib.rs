@@ -24,6 +24,7 @@ mod config;
 mod delete;
 mod error;
 mod history;
+mod marks;
 mod migrate;
 mod rows;
 mod scan;

@@ -67,6 +67,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "pairs_by_user",
         sql: include_str!("../migrations/0004_pairs_by_user.sql"),
     },
+    Migration {
+        version: 5,
+        name: "change_marks",
+        sql: include_str!("../migrations/0005_change_marks.sql"),
+    },
 ];
 
 /// The schema version this binary needs.

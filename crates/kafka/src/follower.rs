@@ -55,8 +55,9 @@ pub struct KafkaFollower {
     progress: Progress,
     /// A consumer error seen while merging messages, reported by the next call.
     deferred: Option<PortError>,
-    /// A deletion read after pairs that were handed out first: the next call hands it out.
-    deletion: Option<UserDeletion>,
+    /// A deletion read after pairs that were handed out first: the next call hands it out,
+    /// with its (partition, offset).
+    deletion: Option<(UserDeletion, (i32, i64))>,
 }
 
 /// Where the follower stands on each partition.
@@ -69,6 +70,8 @@ struct Progress {
     caught_up_sent: bool,
     /// The latest high watermarks librdkafka reported in its statistics.
     highs: Arc<Mutex<HashMap<i32, i64>>>,
+    /// Where the deletion `take` returned last was.
+    last_deletion: (i32, i64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +118,7 @@ impl Progress {
             behind,
             caught_up_sent: false,
             highs,
+            last_deletion: (-1, -1),
         }
     }
 
@@ -161,7 +165,10 @@ impl Progress {
         match decoded {
             Ok(Record::Pairs(pairs)) if out.is_empty() => *out = pairs,
             Ok(Record::Pairs(pairs)) => out.extend(pairs),
-            Ok(Record::DeleteUsers(d)) => return Some(d),
+            Ok(Record::DeleteUsers(d)) => {
+                self.last_deletion = (partition, offset);
+                return Some(d);
+            }
             Err(reason) => {
                 tracing::warn!(
                     topic = %self.topic,
@@ -339,7 +346,7 @@ impl LogFollower for KafkaFollower {
     /// Cancel-safe: the only await is librdkafka's cancel-safe `recv`; everything after it
     /// (decoding, merging the messages already fetched) runs without yielding.
     async fn next(&mut self) -> Result<Followed, PortError> {
-        if let Some(d) = self.deletion.take() {
+        if let Some((d, _)) = self.deletion.take() {
             return Ok(Followed::Delete(d));
         }
         if let Some(e) = self.deferred.take() {
@@ -386,7 +393,7 @@ impl LogFollower for KafkaFollower {
                     return Ok(Followed::Delete(d));
                 }
                 // The pairs read before the deletion go first; the deletion on the next call.
-                self.deletion = Some(d);
+                self.deletion = Some((d, progress.last_deletion));
                 return Ok(Followed::Pairs(pairs));
             }
             if !pairs.is_empty() {
@@ -401,6 +408,20 @@ impl LogFollower for KafkaFollower {
 
     fn lag(&self) -> Option<u64> {
         self.progress.lag()
+    }
+
+    /// The next offset of each partition, except that a deletion read but not handed out yet
+    /// is not past.
+    fn positions(&self) -> Vec<(i32, i64)> {
+        let held = self.deletion.as_ref().map(|(_, at)| *at);
+        self.progress
+            .partitions
+            .iter()
+            .map(|(p, at)| match held {
+                Some((hp, ho)) if hp == *p => (*p, at.next.min(ho)),
+                _ => (*p, at.next),
+            })
+            .collect()
     }
 }
 

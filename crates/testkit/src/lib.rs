@@ -1,11 +1,12 @@
 //! Helpers shared by userseg's tests (a dev-dependency only, never published): free ports, the
 //! clock, names no other test uses, waiting for a condition, the real test servers that
-//! `scripts/test.sh` starts, and child processes of the real binary.
+//! `scripts/test.sh` starts, child processes of the real binary, and their Prometheus metrics.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod metrics;
 pub mod process;
 pub mod tansu;
 pub mod tls;

@@ -62,6 +62,20 @@ impl Default for IndexConfig {
     }
 }
 
+/// Hooks into the index's loading and following, for what must happen at exact points of it
+/// (the distributed change feed: detection starts right after the scan, and the emitter learns
+/// how far detection got).
+#[async_trait]
+pub trait IndexObserver: Send + Sync + 'static {
+    /// The scan as of `at` is done and nothing followed has been applied yet. Retried (with
+    /// backoff) until it succeeds.
+    async fn scanned(&self, at: UnixSeconds) -> Result<(), PortError>;
+
+    /// Every followed message before `positions` ([`LogFollower::positions`]) is applied. May
+    /// wait (backpressure: the index follows on once it returns).
+    async fn applied(&self, positions: Vec<(i32, i64)>);
+}
+
 #[derive(Debug, Default)]
 struct State {
     serving: AtomicBool,
@@ -94,6 +108,7 @@ pub struct SegmentIndex {
     config: IndexConfig,
     /// Sets the process-wide `userseg_index_serving` gauge (not a shard of the sharded index).
     whole: bool,
+    observer: Option<Arc<dyn IndexObserver>>,
 }
 
 /// Waits the next backoff pause; false when cancelled meanwhile.
@@ -123,6 +138,7 @@ impl SegmentIndex {
             state: Arc::default(),
             config,
             whole: true,
+            observer: None,
         }
     }
 
@@ -142,7 +158,14 @@ impl SegmentIndex {
             state: Arc::default(),
             config,
             whole: false,
+            observer: None,
         }
+    }
+
+    /// Calls `observer` at the points [`IndexObserver`] names.
+    pub fn with_observer(mut self, observer: Arc<dyn IndexObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn status(&self) -> IndexStatus {
@@ -191,7 +214,7 @@ impl SegmentIndex {
             }
         };
         backoff.reset();
-        loop {
+        let scanned_at = loop {
             let at = clock.now();
             let scanned = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -204,7 +227,7 @@ impl SegmentIndex {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "index: scanned the store of record"
                     );
-                    break;
+                    break at;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "index: scanning the store of record failed; will retry");
@@ -213,8 +236,26 @@ impl SegmentIndex {
                     }
                 }
             }
-        }
+        };
         backoff.reset();
+        if let Some(observer) = &self.observer {
+            loop {
+                let done = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = observer.scanned(scanned_at) => r,
+                };
+                match done {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "index: the post-scan step failed; will retry");
+                        if !wait(&mut backoff, &cancel).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            backoff.reset();
+        }
         let mut last_lag_report = Instant::now();
         loop {
             let next = tokio::select! {
@@ -230,6 +271,9 @@ impl SegmentIndex {
                     }
                     self.state.followed_pairs.fetch_add(n, Ordering::Relaxed);
                     metrics::counter!("userseg_index_followed_pairs_total").increment(n);
+                    if !self.applied(follower.positions(), &cancel).await {
+                        return;
+                    }
                 }
                 Ok(Followed::Delete(deletion)) => {
                     backoff.reset();
@@ -239,6 +283,9 @@ impl SegmentIndex {
                     self.state
                         .followed_deletions
                         .fetch_add(1, Ordering::Relaxed);
+                    if !self.applied(follower.positions(), &cancel).await {
+                        return;
+                    }
                 }
                 Ok(Followed::CaughtUp) => {
                     if !self.state.serving.swap(true, Ordering::AcqRel) {
@@ -267,6 +314,17 @@ impl SegmentIndex {
                     metrics::gauge!("userseg_index_lag_messages").set(lag as f64);
                 }
             }
+        }
+    }
+
+    /// Tells the observer how far the follower's messages are applied; false when cancelled.
+    async fn applied(&self, positions: Vec<(i32, i64)>, cancel: &CancellationToken) -> bool {
+        let Some(observer) = &self.observer else {
+            return true;
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = observer.applied(positions) => true,
         }
     }
 

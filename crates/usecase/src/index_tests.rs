@@ -24,6 +24,13 @@ fn log(events: &Events, e: impl Into<String>) {
     events.lock().unwrap().push(e.into());
 }
 
+/// What the fakes send into a scan or export sink: its receiver gone is a transient error.
+async fn send<T>(sink: &mpsc::Sender<T>, v: T) -> Result<(), PortError> {
+    sink.send(v)
+        .await
+        .map_err(|_| PortError::Transient("closed".into()))
+}
+
 /// An exact index: latest ts per membership; fails the first `fail_writes` writes and
 /// deletions.
 #[derive(Default)]
@@ -154,9 +161,7 @@ impl SegmentAnalytics for MapIndex {
             .map(|(_, user_id, last_seen)| Member { user_id, last_seen })
             .collect();
         let n = members.len() as u64;
-        sink.send(members)
-            .await
-            .map_err(|_| PortError::Transient("closed".into()))?;
+        send(&sink, members).await?;
         Ok(n)
     }
 }
@@ -262,9 +267,7 @@ impl SegmentAnalytics for Fallback {
             user_id: "fallback".into(),
             last_seen: 1,
         };
-        sink.send(vec![m])
-            .await
-            .map_err(|_| PortError::Transient("closed".into()))?;
+        send(&sink, vec![m]).await?;
         Ok(1)
     }
 }
@@ -298,9 +301,7 @@ impl LiveScan for FakeScan {
         let mut n = 0;
         for c in self.pairs.chunks(chunk) {
             assert!(c.len() <= chunk);
-            sink.send(c.to_vec())
-                .await
-                .map_err(|_| PortError::Transient("closed".into()))?;
+            send(&sink, c.to_vec()).await?;
             n += c.len() as u64;
         }
         log(&self.events, "scan-ok");
@@ -344,9 +345,9 @@ fn config() -> IndexConfig {
 
 /// Starts an index whose `open` fails `open_failures` times and whose scan fails
 /// `scan_failures` times.
-fn start(scanned: Vec<Pair>, open_failures: u32, scan_failures: u32, index: MapIndex) -> Harness {
+fn start(scanned: Vec<Pair>, open_failures: u32, scan_failures: u32) -> Harness {
     let events: Events = Arc::default();
-    let index = Arc::new(index);
+    let index = Arc::new(MapIndex::default());
     let replica = SegmentIndex::new(index.clone(), Arc::new(Fallback), config());
     let scan = Arc::new(FakeScan {
         pairs: scanned,
@@ -390,6 +391,44 @@ fn start(scanned: Vec<Pair>, open_failures: u32, scan_failures: u32, index: MapI
     }
 }
 
+/// An index on an exact MapIndex whose `open` and scan succeed at once.
+fn started(scanned: Vec<Pair>) -> Harness {
+    start(scanned, 0, 0)
+}
+
+impl Harness {
+    /// Waits until the scan went through (after any failed attempts).
+    async fn scanned(&self) {
+        until("the scan", || {
+            self.events.lock().unwrap().last().map(String::as_str) == Some("scan-ok")
+        })
+        .await;
+    }
+
+    /// The follower hands out `pairs`.
+    fn follow(&self, pairs: Vec<Pair>) {
+        self.tx.send(Ok(Followed::Pairs(pairs))).unwrap();
+    }
+
+    /// The follower reaches the end of the log; waits until the index serves.
+    async fn catch_up(&self) {
+        self.tx.send(Ok(Followed::CaughtUp)).unwrap();
+        until("serving", || self.replica.status().serving).await;
+    }
+
+    /// The segments the index answers for `user` now.
+    async fn segments_of(&self, user: &str) -> Vec<String> {
+        let m = self.replica.user_segments(user, NOW).await.unwrap();
+        m.into_iter().map(|m| m.segment).collect()
+    }
+
+    /// Cancels the index's task and waits for it to end.
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap();
+    }
+}
+
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cond() {
@@ -411,14 +450,13 @@ async fn answers_from_the_fallback_until_caught_up_then_from_scan_and_log() {
         pair("u3", "b", NOW - 5),
         pair("u3", "b", NOW - 90), // an older duplicate
     ];
-    let h = start(scanned, 0, 0, MapIndex::default());
+    let h = started(scanned);
     until("the scan", || h.replica.status().scanned_pairs == 5).await;
-    h.tx.send(Ok(Followed::Pairs(vec![
+    h.follow(vec![
         pair("u2", "a", NOW - 1), // refreshes an expired membership
         pair("u4", "c", NOW),
         pair("u1", "a", NOW - 80), // older than what the scan had
-    ])))
-    .unwrap();
+    ]);
     until("the followed pairs", || {
         h.replica.status().followed_pairs == 3
     })
@@ -432,8 +470,7 @@ async fn answers_from_the_fallback_until_caught_up_then_from_scan_and_log() {
     );
     assert!(h.replica.check_ready().await.is_err());
 
-    h.tx.send(Ok(Followed::CaughtUp)).unwrap();
-    until("serving", || h.replica.status().serving).await;
+    h.catch_up().await;
     let (all, exact) = h.replica.count_all(NOW, Mode::Approx).await.unwrap();
     assert!(exact);
     assert_eq!(counts(&all), [("a", 2), ("b", 2), ("c", 1)]);
@@ -446,67 +483,46 @@ async fn answers_from_the_fallback_until_caught_up_then_from_scan_and_log() {
     assert!(h.replica.check_ready().await.is_ok());
 
     // Pairs after catching up keep flowing in.
-    h.tx.send(Ok(Followed::Pairs(vec![pair("u9", "c", NOW)])))
-        .unwrap();
+    h.follow(vec![pair("u9", "c", NOW)]);
     until("a later pair", || h.replica.status().followed_pairs == 4).await;
     assert_eq!(h.replica.count("c", NOW, Mode::Exact).await, Ok((2, true)));
     assert_eq!(*h.scan.seen_at.lock().unwrap(), [NOW]);
 
-    h.cancel.cancel();
-    h.task.await.unwrap();
+    h.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn opens_the_follower_before_scanning_and_retries_each_step() {
-    let h = start(
-        vec![pair("u1", "a", NOW), pair("u2", "a", NOW)],
-        2,
-        1,
-        MapIndex::default(),
-    );
-    until("the scan", || {
-        h.events.lock().unwrap().last().map(String::as_str) == Some("scan-ok")
-    })
-    .await;
+    let h = start(vec![pair("u1", "a", NOW), pair("u2", "a", NOW)], 2, 1);
+    h.scanned().await;
     // The follower is opened once, before any scan; a failed scan is retried with the same
     // follower (its start positions are still behind everything the store holds).
     assert_eq!(
         *h.events.lock().unwrap(),
         ["open-fail", "open-fail", "open-ok", "scan-fail", "scan-ok"]
     );
-    h.tx.send(Ok(Followed::CaughtUp)).unwrap();
-    until("serving", || h.replica.status().serving).await;
+    h.catch_up().await;
     assert_eq!(h.replica.count("a", NOW, Mode::Exact).await, Ok((2, true)));
-    h.cancel.cancel();
-    h.task.await.unwrap();
+    h.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn failed_writes_and_log_errors_lose_nothing() {
-    let h = start(vec![], 0, 0, MapIndex::default());
-    until("the scan", || {
-        h.events.lock().unwrap().last().map(String::as_str) == Some("scan-ok")
-    })
-    .await;
+    let h = started(vec![]);
+    h.scanned().await;
     h.index.fail_writes.store(3, Ordering::SeqCst);
     h.tx.send(Err(PortError::Transient("broker away".into())))
         .unwrap();
-    h.tx.send(Ok(Followed::Pairs(vec![
-        pair("u1", "a", NOW),
-        pair("u2", "a", NOW),
-    ])))
-    .unwrap();
-    h.tx.send(Ok(Followed::CaughtUp)).unwrap();
-    until("serving", || h.replica.status().serving).await;
+    h.follow(vec![pair("u1", "a", NOW), pair("u2", "a", NOW)]);
+    h.catch_up().await;
     assert_eq!(h.index.fail_writes.load(Ordering::SeqCst), 0);
     assert_eq!(h.replica.count("a", NOW, Mode::Exact).await, Ok((2, true)));
-    h.cancel.cancel();
-    h.task.await.unwrap();
+    h.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn cancelling_while_the_follower_cannot_open_stops_the_task() {
-    let h = start(vec![], u32::MAX, 0, MapIndex::default());
+    let h = start(vec![], u32::MAX, 0);
     until("a failed open", || !h.events.lock().unwrap().is_empty()).await;
     h.cancel.cancel();
     h.task.await.unwrap();
@@ -536,12 +552,7 @@ async fn export(replica: &SegmentIndex, segment: &str) -> Vec<String> {
 #[tokio::test(start_paused = true)]
 async fn deletions_apply_in_log_order_with_the_pairs_and_scanned_pairs() {
     // The scan holds pairs logged before a deletion the follower hands out later.
-    let h = start(
-        vec![pair("u1", "a", NOW - 10), pair("u2", "a", NOW - 10)],
-        0,
-        0,
-        MapIndex::default(),
-    );
+    let h = started(vec![pair("u1", "a", NOW - 10), pair("u2", "a", NOW - 10)]);
     until("the scan", || h.replica.status().scanned_pairs == 2).await;
     for f in [
         Followed::Pairs(vec![pair("u1", "b", NOW - 5), pair("u3", "b", NOW - 5)]),
@@ -554,12 +565,8 @@ async fn deletions_apply_in_log_order_with_the_pairs_and_scanned_pairs() {
     until("serving", || h.replica.status().serving).await;
     assert_eq!(h.replica.status().followed_deletions, 1);
     // u1 is only in what was logged after its deletion; u3 is gone; u2 untouched.
-    let u1 = h.replica.user_segments("u1", NOW).await.unwrap();
-    assert_eq!(
-        u1.iter().map(|m| m.segment.as_str()).collect::<Vec<_>>(),
-        ["c"]
-    );
-    assert!(h.replica.user_segments("u3", NOW).await.unwrap().is_empty());
+    assert_eq!(h.segments_of("u1").await, ["c"]);
+    assert!(h.segments_of("u3").await.is_empty());
     let (all, _) = h.replica.count_all(NOW, Mode::Exact).await.unwrap();
     assert_eq!(counts(&all), [("a", 1), ("c", 1)]);
     assert_eq!(h.replica.count_within("a", NOW, None).await, Ok(1));
@@ -570,8 +577,7 @@ async fn deletions_apply_in_log_order_with_the_pairs_and_scanned_pairs() {
     // A deletion the index fails to apply is retried, never skipped; pairs after it wait.
     h.index.fail_writes.store(2, Ordering::SeqCst);
     h.tx.send(Ok(Followed::Delete(deletion(&["u2"])))).unwrap();
-    h.tx.send(Ok(Followed::Pairs(vec![pair("u2", "d", NOW)])))
-        .unwrap();
+    h.follow(vec![pair("u2", "d", NOW)]);
     until("the retried deletion", || {
         h.replica.status().followed_deletions == 2
     })
@@ -581,18 +587,13 @@ async fn deletions_apply_in_log_order_with_the_pairs_and_scanned_pairs() {
     })
     .await;
     assert_eq!(h.index.fail_writes.load(Ordering::SeqCst), 0);
-    let u2 = h.replica.user_segments("u2", NOW).await.unwrap();
-    assert_eq!(
-        u2.iter().map(|m| m.segment.as_str()).collect::<Vec<_>>(),
-        ["d"]
-    );
-    h.cancel.cancel();
-    h.task.await.unwrap();
+    assert_eq!(h.segments_of("u2").await, ["d"]);
+    h.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn analytics_come_from_the_store_of_record_until_the_index_serves() {
-    let h = start(vec![pair("u1", "a", NOW)], 0, 0, MapIndex::default());
+    let h = started(vec![pair("u1", "a", NOW)]);
     until("the scan", || h.replica.status().scanned_pairs == 1).await;
     let w = Some(
         Within::from_secs(
@@ -604,10 +605,7 @@ async fn analytics_come_from_the_store_of_record_until_the_index_serves() {
     let expr = Expr::parse("NOT a").unwrap();
     let segs = vec!["a".to_string(), "b".to_string()];
     // Loaded, not caught up: every read is the store of record's.
-    assert_eq!(
-        h.replica.user_segments("u1", NOW).await.unwrap()[0].segment,
-        "fallback"
-    );
+    assert_eq!(h.segments_of("u1").await, ["fallback"]);
     assert_eq!(h.replica.count_within("a", NOW, w).await, Ok(999));
     assert_eq!(
         h.replica.count_all_within(NOW, w).await.unwrap()[0].users,
@@ -620,8 +618,7 @@ async fn analytics_come_from_the_store_of_record_until_the_index_serves() {
     );
     assert_eq!(export(&h.replica, "a").await, ["fallback"]);
 
-    h.tx.send(Ok(Followed::CaughtUp)).unwrap();
-    until("serving", || h.replica.status().serving).await;
+    h.catch_up().await;
     assert_eq!(
         h.replica.user_segments("u1", NOW).await.unwrap(),
         [Membership {
@@ -641,6 +638,5 @@ async fn analytics_come_from_the_store_of_record_until_the_index_serves() {
         [1]
     );
     assert_eq!(export(&h.replica, "a").await, ["u1"]);
-    h.cancel.cancel();
-    h.task.await.unwrap();
+    h.stop().await;
 }

@@ -13,6 +13,8 @@ pub mod changes;
 pub mod clock;
 pub mod emitter;
 pub mod estimate;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod exit_marks_suite;
 pub mod history;
 pub mod index;
 pub mod ingest;
@@ -30,16 +32,16 @@ pub use analytics::{
 pub use backoff::Backoff;
 pub use changes::{ChangeStream, Changes, ChangesError};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use emitter::{ChangeEmitter, EmitterConfig, EmitterInlet};
+pub use emitter::{ChangeEmitter, EmitGate, EmitterConfig, EmitterInlet};
 pub use estimate::{Estimate, EstimateList, Estimation, EstimationError};
 pub use history::{History, HistoryAnswer, HistoryConfig, HistoryError, HistorySampler};
-pub use index::{IndexConfig, IndexStatus, SegmentIndex};
+pub use index::{IndexConfig, IndexObserver, IndexStatus, SegmentIndex};
 pub use ingest::{Ingest, IngestError};
 pub use ports::{
     ChangeBatch, ChangeLog, ChangeReadError, ChangeRecord, Content, DeadLetter, DeadLetterKind,
-    DeadLetterSink, DeadPayload, Followed, HistoryPoint, HistoryStore, InvalidReason, LiveScan,
-    LogFollower, Member, Membership, Message, Mode, Overlap, PairPublisher, PairSource, PortError,
-    SegmentAnalytics, SegmentCount, SegmentCounter, SegmentWriter,
+    DeadLetterSink, DeadPayload, ExitMarks, Followed, HistoryPoint, HistoryStore, InvalidReason,
+    LiveScan, LogFollower, Member, Membership, Message, Mode, Overlap, PairPublisher, PairSource,
+    PortError, SegmentAnalytics, SegmentCount, SegmentCounter, SegmentWriter, WriteGate,
 };
 pub use processor::{BatchConfig, BatchProcessor, ProcessorHealth};
 pub use shards::{

@@ -140,6 +140,41 @@ pub trait PairSource: Send + 'static {
         let _ = position;
         None
     }
+
+    /// The (partition, offset) a position stands for in a partitioned log (Kafka), for a
+    /// [`WriteGate`]. Sources without partitions keep the default `None`.
+    fn partition_offset(position: &Self::Position) -> Option<(i32, i64)> {
+        let _ = position;
+        None
+    }
+}
+
+/// Holds the batch processor's writes to the store of record back until something else has
+/// dealt with the messages first: the distributed change feed must have published the events
+/// of every message before the store of record holds it, because an index reloaded from the
+/// store of record after a crash could no longer detect them ([`crate::emitter`]).
+#[async_trait]
+pub trait WriteGate: Send + Sync + 'static {
+    /// Resolves once the messages up to and including these offsets, per partition, may be
+    /// written. Cancel-safe.
+    async fn admit(&self, through: &std::collections::BTreeMap<i32, i64>);
+}
+
+/// Durable per-partition watermarks of the distributed change feed's exits: for each pair-log
+/// partition, the time `t` such that the `expired` exits of every membership that had expired
+/// at `t` are published. A new emitter of the partition starts its exits there, so exits due
+/// while no estimation service ran are published late rather than never. (ClickHouse's
+/// `change_marks` table; tests use an in-memory one.)
+#[async_trait]
+pub trait ExitMarks: Send + Sync + 'static {
+    /// The latest mark of each partition that has one.
+    async fn load(&self) -> Result<std::collections::BTreeMap<i32, UnixSeconds>, PortError>;
+
+    /// Raises the marks of these partitions (a lower mark than the stored one changes nothing).
+    async fn save(
+        &self,
+        marks: &std::collections::BTreeMap<i32, UnixSeconds>,
+    ) -> Result<(), PortError>;
 }
 
 /// Where dead letters go: a DLQ topic, or a file in standalone mode.
@@ -311,6 +346,12 @@ pub trait LogFollower: Send + 'static {
 
     /// Messages between the follower's position and the end of the log, when known.
     fn lag(&self) -> Option<u64>;
+
+    /// Per partition, the offset of the next message not yet handed out: every message before
+    /// it has been returned by [`next`](Self::next). Empty when the log has no partitions.
+    fn positions(&self) -> Vec<(i32, i64)> {
+        Vec::new()
+    }
 }
 
 /// One live membership of a user, as [`SegmentAnalytics::user_segments`] reports it. Times may

@@ -4,6 +4,7 @@
 //! grows); permanent rejections are retried `retry_attempts` times and then dead-lettered, and
 //! only then committed. Nothing is ever dropped.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use userseg_domain::{Pair, UserDeletion};
 
 use crate::{
     Backoff, Content, DeadLetter, DeadLetterKind, DeadLetterSink, DeadPayload, Message, PairSource,
-    PortError, SegmentWriter,
+    PortError, SegmentWriter, WriteGate,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +97,8 @@ pub struct BatchProcessor {
     dead_letters: Arc<dyn DeadLetterSink>,
     config: BatchConfig,
     health: ProcessorHealth,
+    /// Holds writes back until the gate admits their messages (the distributed change feed).
+    gate: Option<Arc<dyn WriteGate>>,
 }
 
 /// Why a batch was flushed (the `reason` label of `userseg_processor_flushes_total`).
@@ -179,7 +182,47 @@ impl BatchProcessor {
             dead_letters,
             config,
             health: ProcessorHealth::default(),
+            gate: None,
         }
+    }
+
+    /// Every write (pairs or a deletion) first waits until `gate` admits the messages it
+    /// stands for ([`WriteGate`]).
+    pub fn with_gate(mut self, gate: Arc<dyn WriteGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The (partition, offset)s of `positions`, for the gate.
+    fn offsets<S: PairSource>(positions: &[S::Position]) -> Vec<(i32, i64)> {
+        positions.iter().filter_map(S::partition_offset).collect()
+    }
+
+    /// Waits for the gate (if any) to admit the messages at `offsets`; gives up when `stop`
+    /// fires.
+    async fn admit(
+        &self,
+        offsets: &[(i32, i64)],
+        stop: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let Some(gate) = &self.gate else {
+            return Ok(());
+        };
+        let mut through: BTreeMap<i32, i64> = BTreeMap::new();
+        for &(p, o) in offsets {
+            let at = through.entry(p).or_insert(o);
+            *at = (*at).max(o);
+        }
+        if through.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        tokio::select! {
+            _ = stop.cancelled() => return Err(Abandoned),
+            _ = gate.admit(&through) => {}
+        }
+        metrics::histogram!("userseg_processor_gate_wait_seconds").record(started.elapsed());
+        Ok(())
     }
 
     pub fn health(&self) -> ProcessorHealth {
@@ -380,6 +423,7 @@ impl BatchProcessor {
                 .len()
                 .checked_sub(2)
                 .and_then(|i| S::log_offset(&done[i]));
+            self.admit(&Self::offsets::<S>(&done), write_stop).await?;
             self.write_then_delete::<S>(
                 (pairs, pairs_through),
                 logged,
@@ -391,7 +435,13 @@ impl BatchProcessor {
         } else if pairs.is_empty() {
             self.commit(source, done).await;
         } else {
-            let write = self.write_batch::<S>(pairs.into(), through, logged, write_stop.clone());
+            let gate = Self::offsets::<S>(&done);
+            let stop = write_stop.clone();
+            let write = async move {
+                self.admit(&gate, &stop).await?;
+                self.write_batch::<S>(pairs.into(), through, logged, stop)
+                    .await
+            };
             batches.inflight = Some((Box::pin(write), done));
         }
         Ok(())
@@ -422,6 +472,8 @@ impl BatchProcessor {
         FlushReason::Shutdown.count();
         let n = pairs.len();
         if !pairs.is_empty() {
+            self.admit(&Self::offsets::<S>(&positions), write_stop)
+                .await?;
             let through = positions.last().and_then(S::log_offset);
             self.write_batch::<S>(pairs.into(), through, logged, write_stop.clone())
                 .await?;

@@ -30,6 +30,10 @@ impl PairSource for FakeSource {
     fn is_drained(&self) -> bool {
         self.drains && self.rx.is_empty()
     }
+    /// Every message is in partition 0, at offset = position.
+    fn partition_offset(position: &u64) -> Option<(i32, i64)> {
+        Some((0, *position as i64))
+    }
 }
 
 /// A writer that replays a script of results, then succeeds.
@@ -109,6 +113,15 @@ fn rig(config: BatchConfig, script: Vec<PortError>) -> Rig {
 }
 
 fn rig_with(config: BatchConfig, script: Vec<PortError>, drains: bool) -> Rig {
+    rig_gated(config, script, drains, None)
+}
+
+fn rig_gated(
+    config: BatchConfig,
+    script: Vec<PortError>,
+    drains: bool,
+    gate: Option<Arc<dyn WriteGate>>,
+) -> Rig {
     let (tx, rx) = mpsc::channel(64);
     let committed = Arc::new(Mutex::new(Vec::new()));
     let writer = Arc::new(ScriptedWriter {
@@ -116,7 +129,10 @@ fn rig_with(config: BatchConfig, script: Vec<PortError>, drains: bool) -> Rig {
         ..Default::default()
     });
     let dlq = Arc::new(Dlq::default());
-    let processor = BatchProcessor::new(writer.clone(), dlq.clone(), config);
+    let mut processor = BatchProcessor::new(writer.clone(), dlq.clone(), config);
+    if let Some(gate) = gate {
+        processor = processor.with_gate(gate);
+    }
     let health = processor.health();
     let cancel = CancellationToken::new();
     let source = FakeSource {
@@ -427,4 +443,57 @@ async fn a_failing_deletion_is_retried_and_stays_uncommitted_until_applied() {
     .await;
     assert_eq!(*r.writer.ops.lock().unwrap(), vec!["du9"]);
     assert!(r.dlq.0.lock().unwrap().is_empty());
+}
+
+/// Admits messages of partition 0 below the watched offset.
+struct Below(tokio::sync::watch::Receiver<i64>);
+
+#[async_trait]
+impl WriteGate for Below {
+    async fn admit(&self, through: &std::collections::BTreeMap<i32, i64>) {
+        let want = through.get(&0).copied().unwrap_or(-1);
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|below| *below > want).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gated_write_waits_until_the_gate_admits_its_last_message() {
+    let (open_to, below) = tokio::sync::watch::channel(0_i64);
+    let r = rig_gated(config(2), vec![], true, Some(Arc::new(Below(below))));
+    r.tx.send(msg(1, vec![pair(1)])).await.unwrap();
+    r.tx.send(msg(2, vec![pair(2)])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        r.writer.written.lock().unwrap().is_empty(),
+        "held by the gate"
+    );
+    assert!(r.committed.lock().unwrap().is_empty());
+    // Admitting only the first message is not enough: the batch ends at offset 2.
+    open_to.send(2).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(r.writer.written.lock().unwrap().is_empty());
+    open_to.send(3).unwrap();
+    until("the batch is written and committed", || {
+        r.committed.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(r.writer.written.lock().unwrap().len(), 1);
+    // A deletion waits too.
+    r.tx.send(deletion(3, &["u1"])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!r
+        .writer
+        .ops
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|o| o.starts_with('d')));
+    open_to.send(4).unwrap();
+    until("the deletion is applied", || {
+        r.writer.ops.lock().unwrap().iter().any(|o| o == "du1")
+    })
+    .await;
+    r.cancel.cancel();
+    r.task.await.unwrap();
 }

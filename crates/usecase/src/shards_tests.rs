@@ -51,24 +51,29 @@ fn per_partition_answers_add_up() {
 /// A shard memory that is never asked (no shard is loaded in these tests).
 struct Unused;
 
+/// The answer of what these tests never ask.
+fn unused<T>() -> Result<T, PortError> {
+    Err(PortError::Permanent("unused".into()))
+}
+
 #[async_trait]
 impl SegmentWriter for Unused {
     async fn write(&self, _pairs: Arc<[Pair]>) -> Result<(), PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
 }
 
 #[async_trait]
 impl SegmentCounter for Unused {
     async fn count(&self, _: &str, _: UnixSeconds, _: Mode) -> Result<(u64, bool), PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
     async fn count_all(
         &self,
         _: UnixSeconds,
         _: Mode,
     ) -> Result<(Vec<SegmentCount>, bool), PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
     async fn check_ready(&self) -> Result<(), PortError> {
         Ok(())
@@ -78,7 +83,7 @@ impl SegmentCounter for Unused {
 #[async_trait]
 impl SegmentAnalytics for Unused {
     async fn user_segments(&self, _: &str, _: UnixSeconds) -> Result<Vec<Membership>, PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
     async fn count_within(
         &self,
@@ -86,14 +91,14 @@ impl SegmentAnalytics for Unused {
         _: UnixSeconds,
         _: Option<Within>,
     ) -> Result<u64, PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
     async fn count_all_within(
         &self,
         _: UnixSeconds,
         _: Option<Within>,
     ) -> Result<Vec<SegmentCount>, PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
     async fn count_expr(
         &self,
@@ -101,7 +106,7 @@ impl SegmentAnalytics for Unused {
         _: UnixSeconds,
         _: Option<Within>,
     ) -> Result<u64, PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
     async fn overlap(
         &self,
@@ -109,7 +114,7 @@ impl SegmentAnalytics for Unused {
         _: UnixSeconds,
         _: Option<Within>,
     ) -> Result<Overlap, PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
     async fn export_members(
         &self,
@@ -119,7 +124,7 @@ impl SegmentAnalytics for Unused {
         _: usize,
         _: mpsc::Sender<Vec<Member>>,
     ) -> Result<u64, PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
 }
 
@@ -160,10 +165,19 @@ impl ShardPeers for FakePeers {
         _: usize,
         _: mpsc::Sender<Vec<Member>>,
     ) -> Result<u64, PortError> {
-        Err(PortError::Permanent("unused".into()))
+        unused()
     }
 }
 
+/// A peer answering `counts` for its partitions.
+fn up(counts: &[(i32, u64)]) -> Option<BTreeMap<i32, u64>> {
+    Some(counts.iter().copied().collect())
+}
+
+/// A peer that is unreachable.
+const DOWN: Option<BTreeMap<i32, u64>> = None;
+
+/// A sharded index of 4 partitions over peers answering from `tables`.
 fn index(tables: Vec<Option<BTreeMap<i32, u64>>>) -> (ShardedIndex<Unused>, Arc<FakePeers>) {
     let peers = Arc::new(FakePeers {
         tables,
@@ -186,9 +200,9 @@ async fn a_read_takes_one_answer_per_partition_from_the_peers() {
     // Partition 1 is answered by two peers (a shard moving: the old owner still holds it):
     // it counts once. A peer that is down does not matter when the others cover everything.
     let (idx, peers) = index(vec![
-        Some(BTreeMap::from([(0, 10), (1, 20)])),
-        None,
-        Some(BTreeMap::from([(1, 20), (2, 30), (3, 40)])),
+        up(&[(0, 10), (1, 20)]),
+        DOWN,
+        up(&[(1, 20), (2, 30), (3, 40)]),
     ]);
     let (n, exact) = idx.count("s", 100, Mode::Exact).await.expect("count");
     assert_eq!((n, exact), (100, true));
@@ -201,11 +215,7 @@ async fn a_read_takes_one_answer_per_partition_from_the_peers() {
 
 #[tokio::test]
 async fn a_partition_nobody_answers_makes_the_read_incomplete_not_wrong() {
-    let (idx, _) = index(vec![
-        Some(BTreeMap::from([(0, 10), (1, 20)])),
-        Some(BTreeMap::from([(3, 40)])),
-        None,
-    ]);
+    let (idx, _) = index(vec![up(&[(0, 10), (1, 20)]), up(&[(3, 40)]), DOWN]);
     let err = idx
         .count("s", 100, Mode::Exact)
         .await
@@ -216,7 +226,7 @@ async fn a_partition_nobody_answers_makes_the_read_incomplete_not_wrong() {
     assert!(msg.contains("incomplete") && msg.contains("[2]"), "{msg}");
     assert!(idx.check_ready().await.is_err());
     // A user read needs only the user's partition ("abc": 3 % 4 = 3).
-    let (idx, peers) = index(vec![Some(BTreeMap::from([(3, 1)]))]);
+    let (idx, peers) = index(vec![up(&[(3, 1)])]);
     // The fake answers Count for any query: the combination then fails on the kind, which
     // shows only partition 3 was asked.
     let _ = idx.user_segments("abc", 100).await;

@@ -11,15 +11,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use userseg_api::{ApiState, ReadyCheck};
 use userseg_clickhouse::ClickHouseStore;
+use userseg_domain::{ChangeEvent, UnixSeconds};
 use userseg_embedded::{EmbeddedStore, EventSink, MemStore};
 use userseg_kafka::{
     KafkaChangeLog, KafkaConfig, KafkaDeadLetters, KafkaFollower, KafkaPublisher, KafkaSource,
 };
 use userseg_usecase::{
     Analytics, BatchProcessor, ChangeEmitter, ChangeLog, Changes, Clock, EmitterConfig,
-    EmitterInlet, Estimation, History, HistorySampler, HistoryStore, IndexConfig, Mode,
-    PartitionOf, PortError, SegmentAnalytics, SegmentCounter, SegmentIndex, ShardServer,
-    ShardedIndex, SystemClock,
+    EmitterInlet, Estimation, ExitMarks, History, HistorySampler, HistoryStore, IndexConfig,
+    IndexObserver, Mode, PartitionOf, PortError, SegmentAnalytics, SegmentCounter, SegmentIndex,
+    ShardServer, ShardedIndex, SystemClock,
 };
 
 use crate::config::{EsConfig, IndexMode};
@@ -47,13 +48,8 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     let source = KafkaSource::new(&cfg.kafka)?;
     let assignment = source.assignment();
     let dlq = KafkaDeadLetters::new(&cfg.kafka)?.with_provenance(source.provenance());
-    let processor = BatchProcessor::new(Arc::new(store.clone()), Arc::new(dlq), cfg.batch.clone());
-    let health = processor.health();
-    let processor_stop = CancellationToken::new();
-    let processor_task = {
-        let stop = processor_stop.clone();
-        tokio::spawn(async move { processor.run(source, stop).await })
-    };
+    let mut processor =
+        BatchProcessor::new(Arc::new(store.clone()), Arc::new(dlq), cfg.batch.clone());
     let background_stop = CancellationToken::new();
     let mut background = vec![retention(
         store.clone(),
@@ -64,24 +60,36 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     // The change feed: published by the index's detection, read back for GET /v1/changes.
     let mut changes = None;
-    let mut inlet = None;
+    let mut feed = None;
     if let Some(topic) = &cfg.changes_topic {
         let log = open_change_log(&cfg.kafka, topic, cfg.create_topics).await?;
         if cfg.index == IndexMode::Full {
             let pair_partitions = log.partitions_of(&cfg.kafka.topic).await?;
-            let log: Arc<dyn ChangeLog> = log.clone();
-            let (emitter, i) = ChangeEmitter::new(
-                log,
+            let partition_of: PartitionOf = Arc::new(move |user: &str| {
+                userseg_kafka::partition_for(user.as_bytes(), pair_partitions)
+            });
+            let of = partition_of.clone();
+            let change_log: Arc<dyn ChangeLog> = log.clone();
+            let marks: Arc<dyn ExitMarks> = Arc::new(store.clone());
+            let (emitter, inlet) = ChangeEmitter::new(
+                change_log,
+                Some(marks.clone()),
                 assignment.clone(),
-                move |user| userseg_kafka::partition_for(user.as_bytes(), pair_partitions),
+                move |user| of(user),
                 EmitterConfig {
                     // A dead member's partitions move after its session timed out.
                     retain: cfg.kafka.session_timeout * 2 + Duration::from_secs(30),
                     ..EmitterConfig::default()
                 },
             );
+            // The store of record takes a message only once its events are published.
+            processor = processor.with_gate(Arc::new(emitter.gate()));
             background.push(tokio::spawn(emitter.run(background_stop.clone())));
-            inlet = Some(i);
+            feed = Some(FeedParts {
+                inlet,
+                marks,
+                partition_of,
+            });
         } else {
             tracing::warn!(
                 topic,
@@ -90,10 +98,16 @@ pub async fn start(cfg: EsConfig, shutdown: CancellationToken) -> Result<Server>
         }
         changes = Some(Changes::new(log, Duration::from_secs(15)));
     }
+    let health = processor.health();
+    let processor_stop = CancellationToken::new();
+    let processor_task = {
+        let stop = processor_stop.clone();
+        tokio::spawn(async move { processor.run(source, stop).await })
+    };
     let mut shards: Option<Arc<dyn ShardServer>> = None;
     let (counter, reads): (Arc<dyn SegmentCounter>, Arc<dyn SegmentAnalytics>) = match cfg.index {
         IndexMode::Full => {
-            let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop, inlet);
+            let (index, tasks) = start_index(&cfg, &store, clock.clone(), &background_stop, feed);
             background.extend(tasks);
             (Arc::new(index.clone()), Arc::new(index))
         }
@@ -195,6 +209,13 @@ fn retention(
     })
 }
 
+/// What the index needs to feed the emitter.
+struct FeedParts {
+    inlet: EmitterInlet,
+    marks: Arc<dyn ExitMarks>,
+    partition_of: PartitionOf,
+}
+
 /// Starts the in-memory index: a task that loads and follows it, and one that expires it;
 /// with `feed`, change detection into the emitter and the exit tick.
 fn start_index(
@@ -202,16 +223,26 @@ fn start_index(
     store: &ClickHouseStore,
     clock: Arc<dyn Clock>,
     stop: &CancellationToken,
-    feed: Option<EmitterInlet>,
+    feed: Option<FeedParts>,
 ) -> (SegmentIndex, Vec<JoinHandle<()>>) {
     let mem = Arc::new(MemStore::new(cfg.service.window));
     let memberships = EmbeddedStore(mem.clone());
-    let index = SegmentIndex::new(
+    let mut index = SegmentIndex::new(
         Arc::new(memberships),
         Arc::new(store.clone()),
         IndexConfig::default(),
     );
-    let feed_tick = feed.map(|inlet| attach_feed(&mem, &index, inlet, clock.clone(), stop));
+    let mut feed_tick = None;
+    if let Some(feed) = feed {
+        let inlet = feed.inlet.clone();
+        index = index.with_observer(Arc::new(FeedObserver {
+            mem: mem.clone(),
+            store: store.clone(),
+            feed,
+            clock: clock.clone(),
+        }));
+        feed_tick = Some(exit_tick(&mem, &index, inlet, clock.clone(), stop));
+    }
     let kafka = cfg.kafka.clone();
     let open = move || {
         let kafka = kafka.clone();
@@ -223,7 +254,7 @@ fn start_index(
         clock.clone(),
         stop.clone(),
     ));
-    let expire = tokio::spawn(expire_index(mem, clock, stop.clone()));
+    let expire = tokio::spawn(expire_index(mem, index.clone(), clock, stop.clone()));
     let mut tasks = vec![run, expire];
     tasks.extend(feed_tick);
     (index, tasks)
@@ -232,24 +263,93 @@ fn start_index(
 /// How often the exit tick looks at the clock (as the standalone checkpointer does).
 const EXIT_TICK: Duration = Duration::from_millis(500);
 
-/// Turns change detection on in the index: every change goes to the emitter, but only once the
-/// index has caught up with the log (the scan of the store of record and the catch-up emit
-/// nothing; the serving flag is raised in the index's task before it applies anything later).
-/// Returns the exit tick's task, which runs only while the index serves.
-fn attach_feed(
+/// Change detection in the index (see `userseg_usecase::emitter`): turned on once the scan of
+/// the store of record is done (the scan emits nothing: whatever the store of record holds has
+/// had its events published, the batch processor's gate sees to it), after publishing the
+/// exits due while no ES emitted them; then every followed message's events go to the
+/// emitter, with how far the index got.
+struct FeedObserver {
+    mem: Arc<MemStore>,
+    store: ClickHouseStore,
+    feed: FeedParts,
+    clock: Arc<dyn Clock>,
+}
+
+#[async_trait::async_trait]
+impl IndexObserver for FeedObserver {
+    async fn scanned(&self, at: UnixSeconds) -> Result<(), PortError> {
+        let exits = self.exits_due_before(at).await?;
+        if !exits.is_empty() {
+            tracing::info!(
+                exits = exits.len(),
+                "change feed: publishing the exits due while no ES emitted them"
+            );
+            metrics::counter!("userseg_changes_caught_up_exits_total")
+                .increment(exits.len() as u64);
+        }
+        self.feed.inlet.send(exits);
+        let inlet = self.feed.inlet.clone();
+        let sink = EventSink::new(move |events| inlet.send(events));
+        if !self
+            .mem
+            .attach_event_sink(sink, self.clock.clone(), self.mem.initial_exit_lo(at))
+        {
+            tracing::warn!("change feed: detection was on already");
+        }
+        Ok(())
+    }
+
+    async fn applied(&self, positions: Vec<(i32, i64)>) {
+        self.feed.inlet.through(positions).await;
+    }
+}
+
+impl FeedObserver {
+    /// The `expired` exits due between each partition's exit mark and `at` (the scan's time):
+    /// memberships whose latest pair expired in that span, per the store of record, and that
+    /// the index (just loaded as of `at`) does not hold live. Partitions without a mark have
+    /// never had an emitter: nothing to catch up.
+    async fn exits_due_before(&self, at: UnixSeconds) -> Result<Vec<ChangeEvent>, PortError> {
+        let marks = self.feed.marks.load().await?;
+        let Some(&oldest) = marks.values().min() else {
+            return Ok(Vec::new());
+        };
+        let window = i64::try_from(self.mem.window().secs()).unwrap_or(i64::MAX);
+        // A margin of a bucket (at most an hour) on both sides; exact filtering below.
+        let margin = 3_600;
+        let band = self
+            .store
+            .latest_in(
+                oldest.saturating_sub(window).saturating_sub(margin),
+                at.saturating_sub(window).saturating_add(margin),
+            )
+            .await?;
+        let mut exits: Vec<ChangeEvent> = band
+            .into_iter()
+            .filter(|p| {
+                let Some(&mark) = marks.get(&(self.feed.partition_of)(&p.user_id)) else {
+                    return false;
+                };
+                !self.mem.expired_at(p.ts, mark)
+                    && self.mem.expired_at(p.ts, at)
+                    && !self.mem.holds_live(&p.user_id, &p.segment, at)
+            })
+            .map(|p| self.mem.expired_event(&p.user_id, &p.segment, p.ts))
+            .collect();
+        exits.sort_by(|a, b| (a.ts, &a.user_id, &a.segment).cmp(&(b.ts, &b.user_id, &b.segment)));
+        Ok(exits)
+    }
+}
+
+/// The exit tick: while the index serves, emits the exits due, then tells the emitter how far
+/// they go (the emitter saves it as the exit mark of its partitions).
+fn exit_tick(
     mem: &Arc<MemStore>,
     index: &SegmentIndex,
     inlet: EmitterInlet,
     clock: Arc<dyn Clock>,
     stop: &CancellationToken,
 ) -> JoinHandle<()> {
-    let serving = index.clone();
-    let sink = EventSink::new(move |events| {
-        if serving.status().serving {
-            inlet.send(events);
-        }
-    });
-    mem.attach_event_sink(sink, clock.clone(), mem.initial_exit_lo(clock.now()));
     let (mem, index, stop) = (mem.clone(), index.clone(), stop.clone());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(EXIT_TICK);
@@ -259,14 +359,14 @@ fn attach_feed(
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if !index.status().serving {
+            if !index.status().serving || !mem.has_feed() {
                 continue;
             }
             let (m, now) = (mem.clone(), clock.now());
             match tokio::task::spawn_blocking(move || m.tick_changes(now)).await {
                 Ok(Err(e)) => tracing::warn!(error = %e, "change feed: the exit tick failed"),
                 Err(e) => tracing::warn!(error = %e, "change feed: the exit tick panicked"),
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => inlet.exits_through(now),
             }
         }
     })
@@ -293,7 +393,14 @@ async fn open_change_log(
 
 /// Expires the index every [`INDEX_EXPIRE_INTERVAL`] and refreshes its size gauges every
 /// [`INDEX_STATS_INTERVAL`].
-async fn expire_index(mem: Arc<MemStore>, clock: Arc<dyn Clock>, stop: CancellationToken) {
+/// Nothing is expired before the index serves: with a change feed, detection (which expiry
+/// must not get ahead of) starts only after the scan.
+async fn expire_index(
+    mem: Arc<MemStore>,
+    index: SegmentIndex,
+    clock: Arc<dyn Clock>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(INDEX_STATS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_expire = tokio::time::Instant::now();
@@ -304,7 +411,7 @@ async fn expire_index(mem: Arc<MemStore>, clock: Arc<dyn Clock>, stop: Cancellat
         }
         let m = mem.clone();
         let now = clock.now();
-        let expire = last_expire.elapsed() >= INDEX_EXPIRE_INTERVAL;
+        let expire = last_expire.elapsed() >= INDEX_EXPIRE_INTERVAL && index.status().serving;
         if expire {
             last_expire = tokio::time::Instant::now();
         }

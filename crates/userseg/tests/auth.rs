@@ -11,6 +11,7 @@ use userseg_api::auth::{
     grpc_access, http_access, registered_http_routes, token_sha256_hex, Access,
 };
 use userseg_api::{ApiState, Authenticator, KeySet, Role};
+use userseg_testkit::metrics::value;
 
 const KEYS: [(&str, &str); 5] = [
     ("ingest", "token-of-the-ingest-key"),
@@ -166,16 +167,8 @@ async fn every_http_route_and_every_caller() {
     // Failures are counted by reason; tokens never show.
     let text = metrics.render();
     for reason in ["missing", "unknown", "forbidden"] {
-        let line = text
-            .lines()
-            .find(|l| {
-                l.starts_with(&format!(
-                    "userseg_auth_failures_total{{reason=\"{reason}\"}}"
-                ))
-            })
-            .unwrap_or_else(|| panic!("no {reason} counter in\n{text}"));
-        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-        assert!(n >= 1.0, "{line}");
+        let n = value(&text, "userseg_auth_failures_total", &[("reason", reason)]);
+        assert!(n >= 1.0, "no {reason} failure counted in\n{text}");
     }
     for (_, token) in KEYS {
         assert!(!text.contains(token));

@@ -110,7 +110,7 @@ async fn es_serving(es: &Proc) {
 
 /// One ES with a short window: entered for new members only (not refreshes), deleted for a
 /// deleted user, and an expired exit for every member left, each once, through the topic and
-/// ES's own `GET /v1/changes`; what was in ClickHouse before ES started is never `entered`.
+/// ES's own `GET /v1/changes`; pairs that arrived before any ES ran are announced once.
 /// Resuming by cursor from ES gives exactly the events after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
@@ -124,7 +124,7 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
     ];
     let mut uss = c.spawn("uss", &[("WINDOW", "8s")]);
     uss.ready().await;
-    // In the store of record before ES starts: loaded by the scan, never announced.
+    // In the pair log before any ES runs: announced by the first ES once it has caught up.
     push(&uss, users("old", 5, "s", now())).await;
     let mut es = c.spawn("es", &env);
     es.ready().await;
@@ -148,8 +148,7 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
     assert!(r.status().is_success(), "{}", r.status());
     feed.until("a deleted exit", 30, |e| count(e, "deleted") >= 1)
         .await;
-    // Every member left expires: the 19 u* and the 5 old ones (their enter was announced by
-    // nobody, but their exit is a real change).
+    // Every member left expires: the 19 u* and the 5 old ones.
     feed.until("24 expired exits", 40, |e| count(e, "expired") >= 24)
         .await;
     assert_once_per_id(&feed.events);
@@ -169,7 +168,9 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
     for e in feed.events.iter().filter(|e| e["reason"] == "expired") {
         assert!(e["ts"].as_i64().unwrap() <= now(), "{e}");
     }
-    // The topic holds the same events, with their ids, readable from its start.
+    // The topic holds the same events, with their ids, readable from its start; before them,
+    // the old members' entries: nobody had announced them (no ES ran when they arrived), so
+    // the ES announced them once it had caught up, before the subscription above began.
     let log = open_log(&c, &changes).await;
     let all = read_all(&log).await;
     let ids: BTreeSet<String> = all.iter().map(|(id, _)| id.clone()).collect();
@@ -178,7 +179,24 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ids, fed);
+    let earlier: BTreeSet<_> = all
+        .iter()
+        .filter(|(id, _)| !fed.contains(id))
+        .map(|(_, w)| w.clone())
+        .collect();
+    let old_entries: BTreeSet<_> = (0..5)
+        .map(|i| {
+            (
+                "entered".to_string(),
+                "pair".to_string(),
+                format!("old{i}"),
+                "s".to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(earlier, old_entries);
+    assert!(fed.is_subset(&ids));
+    assert_eq!(all.len(), ids.len(), "no event twice in the topic");
     // Resuming after the 10th event's cursor gives exactly the events after it.
     let cursor = feed.events[9]["cursor"].as_str().unwrap().to_string();
     let mut resumed = Feed::open(&es.base, &format!("?after={cursor}")).await;
@@ -359,5 +377,116 @@ async fn one_emitter_per_partition_and_a_sigkill_repeats_only_by_id() {
     assert!(
         es2.metric("userseg_changes_replayed_total").await > 0.0,
         "es2 replayed the kept events of the partitions it took over"
+    );
+}
+
+/// Rows of `SELECT count() ...` on the test ClickHouse.
+async fn ch_count(c: &Cluster, sql: &str) -> u64 {
+    let r = reqwest::Client::new()
+        .post(&c.clickhouse)
+        .body(sql.to_string())
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{sql}: {text}"))
+}
+
+/// No ES runs for a while: the changes made meanwhile — pairs that arrived (in the pair log,
+/// not yet in ClickHouse) and memberships that expired (their exits were due while nobody
+/// emitted) — are published by the next ES, late but never lost, each once per id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_no_es_ran_are_published_by_the_next_one() {
+    let c = Cluster::new("chgap");
+    c.migrate();
+    let changes = format!("{}-changes", c.topic);
+    let env = [
+        ("WINDOW", "20s"),
+        ("KAFKA_CHANGES_TOPIC", changes.as_str()),
+        ("KAFKA_SESSION_TIMEOUT", "6s"),
+    ];
+    let mut uss = c.spawn("uss", &[("WINDOW", "20s")]);
+    uss.ready().await;
+    let mut es1 = c.spawn("es", &env);
+    es1.ready().await;
+    es_serving(&es1).await;
+    let log = open_log(&c, &changes).await;
+    let t = now();
+    push(&uss, users("a", 10, "s", t)).await;
+    until("10 entered in the topic", 30, async || {
+        read_all(&log).await.len() >= 10
+    })
+    .await;
+    // The pairs are in ClickHouse (written only after their events were published) and the
+    // emitter has saved an exit mark.
+    let pairs = format!("SELECT count() FROM `{}`.pairs", c.database);
+    let marks = format!("SELECT count() FROM `{}`.change_marks", c.database);
+    until(
+        "the pairs are in ClickHouse and a mark is saved",
+        30,
+        async || ch_count(&c, &pairs).await >= 10 && ch_count(&c, &marks).await > 0,
+    )
+    .await;
+    es1.sigkill();
+    assert!(
+        now() < t + 20,
+        "the members must expire while no ES runs: the test was too slow"
+    );
+    // While no ES runs: the `a` members expire (20 s after t), and new members arrive.
+    let expired_at = t + 22;
+    while now() < expired_at {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    push(&uss, users("b", 10, "s", now())).await;
+    let mut es2 = c.spawn("es", &env);
+    es2.ready().await;
+    es_serving(&es2).await;
+    let mut want: BTreeSet<(String, String, String, String)> = BTreeSet::new();
+    for i in 0..10 {
+        want.insert(("entered".into(), "pair".into(), format!("a{i}"), "s".into()));
+        want.insert((
+            "exited".into(),
+            "expired".into(),
+            format!("a{i}"),
+            "s".into(),
+        ));
+        want.insert(("entered".into(), "pair".into(), format!("b{i}"), "s".into()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: BTreeSet<_> = read_all(&log)
+            .await
+            .into_iter()
+            .map(|(_, w)| w)
+            .filter(|w| !(w.2.starts_with('b') && w.1 == "expired"))
+            .collect();
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every change made while no ES ran is in the topic: missing {:?}, extra {:?}",
+            want.difference(&got).collect::<Vec<_>>(),
+            got.difference(&want).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut ids_of: BTreeMap<(String, String, String, String), BTreeSet<String>> = BTreeMap::new();
+    for (id, w) in read_all(&log).await {
+        ids_of.entry(w).or_default().insert(id);
+    }
+    for (w, ids) in &ids_of {
+        assert_eq!(
+            ids.len(),
+            1,
+            "{w:?}: repeats carry the same id, got {ids:?}"
+        );
+    }
+    assert_eq!(
+        es2.metric("userseg_changes_caught_up_exits_total").await,
+        10.0,
+        "the exits due while no ES ran came from the catch-up"
     );
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{Pair, PushRequest};
+use userseg_testkit::metrics::metric;
 use userseg_testkit::{free_port, until, Proc};
 
 /// A tmpfs mounted for the test, unmounted when dropped (also when the test fails).
@@ -152,22 +153,6 @@ async fn count(p: &Proc) -> u64 {
     v["users"].as_u64().unwrap_or(u64::MAX)
 }
 
-async fn metric(p: &Proc, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", p.base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The snapshot files, name and bytes.
 fn snapshots(data: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(data.join("snapshots"))
@@ -277,7 +262,8 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_by_itself_even_acros
             .is_some_and(|m| m.contains("disk full")),
         "{ready}"
     );
-    assert!(metric(&p, "userseg_wal_disk_full_refusals_total").await >= 3.0);
+    let refusals = metric(&p.base, "userseg_wal_disk_full_refusals_total").await;
+    assert!(refusals.expect("metrics") >= 3.0, "{refusals:?}");
 
     // Reads go on, with every acknowledged pair; the process stays up.
     until("every acknowledged pair is counted", 10, async || {

@@ -15,6 +15,7 @@ use common::{free_port, now, until, Api, Cluster, Proc};
 use serde_json::{json, Value};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{Pair as GrpcPair, PushRequest};
+use userseg_testkit::metrics::{self, value};
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -76,34 +77,8 @@ fn families(scrape: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The sum of the samples of `name` whose labels include every one of `labels`.
-fn value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let (label_text, v) = if let Some(r) = rest.strip_prefix('{') {
-                let end = r.rfind('}')?;
-                (&r[..end], r[end + 1..].trim())
-            } else if rest.starts_with(' ') {
-                ("", rest.trim())
-            } else {
-                return None;
-            };
-            let all = labels
-                .iter()
-                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
-            all.then(|| v.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
-
 async fn scrape(base: &str) -> String {
-    match reqwest::get(format!("{base}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    }
+    metrics::scrape(base).await.unwrap_or_default()
 }
 
 /// Waits until the scrape's families equal the document's for `role` (families with run-time

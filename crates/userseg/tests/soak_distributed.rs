@@ -34,6 +34,7 @@ use soak_common::{
     assert_exact, bin, curve_text, env_secs, load, max, median, print_lags, print_load, probe,
     probe_count, rss_mib, summary, Lags,
 };
+use userseg_testkit::metrics::metric;
 
 /// ES's consumer-group session: a killed ES is restarted this long (plus a second) after the
 /// kill.
@@ -154,18 +155,6 @@ async fn clickhouse_counts(http: &reqwest::Client, c: &Cluster) -> Option<Vec<(S
         .collect()
 }
 
-/// ES's `userseg_processor_pairs_written_total`: pairs it wrote into ClickHouse.
-async fn pairs_written(http: &reqwest::Client, es_base: &str) -> Option<f64> {
-    let r = http.get(format!("{es_base}/metrics")).send().await.ok()?;
-    let text = r.text().await.ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix("userseg_processor_pairs_written_total ")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 async fn sorted_counts(p: &Proc) -> Vec<(String, u64)> {
     let mut v = p.counts().await;
     v.sort();
@@ -245,7 +234,7 @@ async fn distributed_soak_with_kills_and_restarts_loses_nothing_and_keeps_rss_fl
             if t0.elapsed() >= Duration::from_secs(2)
                 && t0.elapsed() < Duration::from_secs(capacity_secs)
             {
-                if let Some(w) = pairs_written(&http, &es_base).await {
+                if let Some(w) = metric(&es_base, "userseg_processor_pairs_written_total").await {
                     samples.push((Instant::now(), w));
                 }
             }

@@ -11,6 +11,7 @@ use support::{https_client, write_tls_files, Ca};
 use userseg_api::TlsReloader;
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{ListEstimatesRequest, Pair as PbPair, PushRequest};
+use userseg_testkit::metrics::value;
 
 /// Standalone mode serving over `tls`.
 async fn start_tls(tls: TlsReloader) -> support::Server {
@@ -102,13 +103,6 @@ async fn a_client_trusting_another_ca_is_refused() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
-fn counter(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_to_the_tls_port_fails_at_once() {
     let metrics = support::metrics();
@@ -160,12 +154,12 @@ async fn plaintext_to_the_tls_port_fails_at_once() {
         .expect("the server closes a garbage connection")
         .ok();
     // Counted (the other tests of this binary only add to the counter).
-    let plaintext = r#"userseg_tls_handshake_failures_total{reason="plaintext"}"#;
-    assert!(
-        counter(&metrics.render(), plaintext) >= 3.0,
-        "{}",
-        metrics.render()
+    let plaintext = value(
+        &metrics.render(),
+        "userseg_tls_handshake_failures_total",
+        &[("reason", "plaintext")],
     );
+    assert!(plaintext >= 3.0, "{}", metrics.render());
     // And still serves TLS.
     let r = https_client(&ca, None)
         .get(format!("{}/healthz", server.https()))

@@ -10,6 +10,7 @@ mod analytics;
 mod approx;
 mod deletion;
 mod errors;
+mod marks;
 mod migrations;
 mod names;
 mod perf;

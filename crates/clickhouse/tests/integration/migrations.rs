@@ -74,6 +74,7 @@ async fn migrations_are_applied_once_recorded_and_idempotent() {
         vec![
             "agg_day",
             "agg_day_mv",
+            "change_marks",
             "history",
             "pairs",
             "pairs_by_user",

@@ -8,6 +8,7 @@
 //! an estimate is O(1) at the time of the latest data and never touches the memberships.
 
 mod analytics;
+mod catchup;
 mod dict;
 pub(crate) mod feed;
 mod members;

@@ -412,6 +412,10 @@ fn commit_blocking(
 impl PairSource for KafkaSource {
     type Position = Position;
 
+    fn partition_offset(position: &Position) -> Option<(i32, i64)> {
+        Some((position.partition, position.offset))
+    }
+
     /// Cancel-safe: the awaits are librdkafka's cancel-safe `recv`, handing revoked partitions
     /// over (done at most once), and waiting forever; a message is converted synchronously
     /// once received.

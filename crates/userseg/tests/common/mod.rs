@@ -117,17 +117,9 @@ impl Api for Proc {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let Ok(r) = reqwest::get(format!("{}/metrics", self.base)).await else {
-            return 0.0;
-        };
-        let text = r.text().await.unwrap_or_default();
-        text.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        userseg_testkit::metrics::metric(&self.base, name)
+            .await
+            .unwrap_or(0.0)
     }
 }
 
