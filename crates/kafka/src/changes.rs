@@ -353,13 +353,15 @@ fn reader_config(config: &KafkaConfig) -> ClientConfig {
         .set("auto.offset.reset", "error")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "100")
-        // A reader's memory, whether its client reads or not: at most ~1 MiB queued and one
-        // fetch of at most 1 MiB (librdkafka's defaults prefetch up to 100,000 messages and
-        // fetch 50 MB at a time: a stalled SSE client held ~70 MB of ES's memory).
-        .set("queued.max.messages.kbytes", "1024")
+        // A reader's memory, whether its client reads or not: at most 256 KiB queued and one
+        // fetch of at most 256 KiB (librdkafka's defaults prefetch up to 100,000 messages and
+        // fetch 50 MB at a time: a stalled SSE client held ~70 MB of ES's memory; now ~6 MB,
+        // `es_feed_needs_members_and_stalled_clients_stay_bounded`).
+        .set("queued.max.messages.kbytes", "256")
         .set("queued.min.messages", "1000")
-        .set("fetch.max.bytes", "1048576")
-        .set("max.partition.fetch.bytes", "262144");
+        .set("fetch.max.bytes", "262144")
+        .set("message.max.bytes", "262144")
+        .set("max.partition.fetch.bytes", "65536");
     c
 }
 
@@ -520,7 +522,11 @@ mod tests {
     #[test]
     fn a_cursor_before_a_partitions_start_is_expired() {
         assert_eq!(first_deleted(&[5, 0, 7], &[0, 0, 0]), None);
-        assert_eq!(first_deleted(&[5, 3, 7], &[5, 3, 7]), None, "at the start: all kept");
+        assert_eq!(
+            first_deleted(&[5, 3, 7], &[5, 3, 7]),
+            None,
+            "at the start: all kept"
+        );
         assert_eq!(first_deleted(&[5, 2, 7], &[0, 3, 8]), Some(1));
     }
 
