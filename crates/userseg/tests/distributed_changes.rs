@@ -578,8 +578,8 @@ async fn es_feed_needs_members_and_stalled_clients_stay_bounded() {
     // ~30 MB of events in the topic (written by the adapter ES reads it with).
     let log = open_log(&c, &changes).await;
     let start = log.start().await.unwrap();
-    const N: usize = 100_000;
-    let long = "x".repeat(250);
+    const N: usize = 50_000;
+    let long = "x".repeat(600);
     for b in 0..N / 5_000 {
         let events = (0..5_000)
             .map(|i| {
