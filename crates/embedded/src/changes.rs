@@ -109,10 +109,11 @@ pub struct FileChangeLog {
 /// Where the store's change detection writes: the file log (standalone), or an
 /// [`EventSink`] (the ES index, which publishes to a topic).
 pub(crate) trait FeedSink: Send + Sync + 'static {
-    /// [`FileChangeLog::append_frames`].
+    /// [`FileChangeLog::append_bufs`]: appends the frames in `frames`, in order (then the
+    /// markers given), and leaves each buffer empty, its capacity kept for the next batch.
     fn append_frames(
         &self,
-        frames: Vec<u8>,
+        frames: &mut [Vec<u8>],
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError>;
@@ -125,11 +126,11 @@ pub(crate) trait FeedSink: Send + Sync + 'static {
 impl FeedSink for FileChangeLog {
     fn append_frames(
         &self,
-        frames: Vec<u8>,
+        frames: &mut [Vec<u8>],
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
-        FileChangeLog::append_frames(self, frames, covered, exit_lo)
+        FileChangeLog::append_bufs(self, frames, covered, exit_lo)
     }
 
     fn erasure_offset(&self) -> Option<u64> {
@@ -155,26 +156,29 @@ impl EventSink {
 impl FeedSink for EventSink {
     fn append_frames(
         &self,
-        frames: Vec<u8>,
+        frames: &mut [Vec<u8>],
         _covered: Option<u64>,
         _exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
         let mut events = Vec::new();
-        let mut rest = frames.as_slice();
-        while !rest.is_empty() {
-            match codec::read_frame(rest) {
-                Frame::Ok(payload, len) => {
-                    if let Some(Entry::Events(e)) = decode(payload) {
-                        events.extend(e);
+        for buf in frames.iter_mut() {
+            let mut rest = buf.as_slice();
+            while !rest.is_empty() {
+                match codec::read_frame(rest) {
+                    Frame::Ok(payload, len) => {
+                        if let Some(Entry::Events(e)) = decode(payload) {
+                            events.extend(e);
+                        }
+                        rest = &rest[len..];
                     }
-                    rest = &rest[len..];
-                }
-                _ => {
-                    return Err(PortError::Permanent(
-                        "change detection produced an unreadable frame".into(),
-                    ))
+                    _ => {
+                        return Err(PortError::Permanent(
+                            "change detection produced an unreadable frame".into(),
+                        ))
+                    }
                 }
             }
+            buf.clear();
         }
         if !events.is_empty() {
             (self.deliver)(events);
@@ -231,6 +235,15 @@ pub(crate) struct EventFrames {
 }
 
 impl EventFrames {
+    /// Frames built in `buf` (emptied first), keeping its capacity.
+    pub(crate) fn with_buf(mut buf: Vec<u8>) -> EventFrames {
+        buf.clear();
+        EventFrames {
+            buf,
+            ..EventFrames::default()
+        }
+    }
+
     #[inline]
     pub(crate) fn push(
         &mut self,
@@ -240,6 +253,13 @@ impl EventFrames {
         ts: i64,
         key: i64,
     ) {
+        self.push_prefixed(&EventPrefix::new(reason, ts, key), user, segment);
+    }
+
+    /// [`EventFrames::push`] of an event whose reason, ts and key are encoded in `prefix`
+    /// (the apply path encodes them once for all the pairs of a timestamp).
+    #[inline]
+    pub(crate) fn push_prefixed(&mut self, prefix: &EventPrefix, user: &str, segment: &str) {
         let out = &mut self.buf;
         if self.count == 0 {
             self.start = out.len();
@@ -247,9 +267,8 @@ impl EventFrames {
             out.push(EVENTS);
             out.extend_from_slice(&[0; 4]);
         }
-        out.push(reason.code());
-        codec::put_varint(out, zigzag(ts));
-        codec::put_varint(out, zigzag(key));
+        out.reserve(prefix.len as usize + user.len() + segment.len() + 20);
+        out.extend_from_slice(&prefix.bytes[..prefix.len as usize]);
         codec::put_varint(out, user.len() as u64);
         out.extend_from_slice(user.as_bytes());
         codec::put_varint(out, segment.len() as u64);
@@ -280,6 +299,27 @@ impl EventFrames {
     pub(crate) fn finish(mut self) -> Vec<u8> {
         self.close();
         self.buf
+    }
+}
+
+/// An event's reason, ts and key, encoded as in a frame.
+pub(crate) struct EventPrefix {
+    bytes: [u8; 21],
+    len: u8,
+}
+
+impl EventPrefix {
+    pub(crate) fn new(reason: ChangeReason, ts: i64, key: i64) -> EventPrefix {
+        let mut v = Vec::with_capacity(21);
+        v.push(reason.code());
+        codec::put_varint(&mut v, zigzag(ts));
+        codec::put_varint(&mut v, zigzag(key));
+        let mut bytes = [0; 21];
+        bytes[..v.len()].copy_from_slice(&v);
+        EventPrefix {
+            bytes,
+            len: v.len() as u8,
+        }
     }
 }
 
@@ -498,26 +538,44 @@ impl FileChangeLog {
         covered: Option<u64>,
         exit_lo: Option<i64>,
     ) -> Result<(), PortError> {
-        let mut w = lock(&self.writer);
-        let mut buf = frames;
-        if !w.pending.is_empty() {
-            let mut pending = std::mem::take(&mut w.pending);
-            pending.extend_from_slice(&buf);
-            buf = pending;
-        }
+        self.append_bufs(&mut [frames], covered, exit_lo)
+    }
+
+    /// [`FileChangeLog::append_frames`] of the frames in `bufs`, in order, which it leaves
+    /// empty with their capacity kept (the apply path reuses its buffers, so that encoding a
+    /// batch's events does not fault in fresh pages each time).
+    pub(crate) fn append_bufs(
+        &self,
+        bufs: &mut [Vec<u8>],
+        covered: Option<u64>,
+        exit_lo: Option<i64>,
+    ) -> Result<(), PortError> {
+        let mut markers = Vec::new();
         if let Some(c) = covered {
-            encode_marker(COVERED, c, &mut buf);
+            encode_marker(COVERED, c, &mut markers);
         }
         if let Some(t) = exit_lo {
-            encode_marker(TICK, zigzag(t), &mut buf);
+            encode_marker(TICK, zigzag(t), &mut markers);
         }
-        if buf.is_empty() {
+        let mut w = lock(&self.writer);
+        let pending = std::mem::take(&mut w.pending);
+        let parts = || {
+            std::iter::once(&pending)
+                .chain(bufs.iter())
+                .chain(std::iter::once(&markers))
+                .filter(|p| !p.is_empty())
+        };
+        let len: u64 = parts().map(|p| p.len() as u64).sum();
+        if len == 0 {
             return Ok(());
         }
-        if let Err(e) = w.file.write_all(&buf) {
+        if let Err(e) = parts().try_for_each(|p| w.file.write_all(p)) {
             let durable = w.offset - w.base;
             let cut = w.file.set_len(durable);
-            w.pending = buf;
+            w.pending = parts().flatten().copied().collect();
+            for b in bufs.iter_mut() {
+                b.clear();
+            }
             metrics::counter!("userseg_changes_write_failures_total").increment(1);
             return Err(PortError::Transient(format!(
                 "change log write failed ({e}){}",
@@ -527,7 +585,10 @@ impl FileChangeLog {
                 }
             )));
         }
-        w.offset += buf.len() as u64;
+        for b in bufs.iter_mut() {
+            b.clear();
+        }
+        w.offset += len;
         w.dirty = true;
         if covered.is_some() {
             w.covered = covered;
@@ -535,7 +596,7 @@ impl FileChangeLog {
         if exit_lo.is_some() {
             w.exit_lo = exit_lo;
         }
-        metrics::counter!("userseg_changes_bytes_total").increment(buf.len() as u64);
+        metrics::counter!("userseg_changes_bytes_total").increment(len);
         self.written.send_replace(w.offset);
         self.maybe_roll(&mut w);
         Ok(())
@@ -863,6 +924,35 @@ impl ChangeLog for FileChangeLog {
     }
 }
 
+/// How many events a log holds from its start (without decoding them: for benchmarks, whose
+/// measurements a few million decoded events would disturb).
+pub fn count_all(dir: &Path) -> Result<u64, WalError> {
+    let files = list(dir).map_err(|source| WalError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut n = 0;
+    for (i, f) in files.iter().enumerate() {
+        let path = dir.join(file_name(*f));
+        scan_file(&path, i + 1 == files.len(), |at, _, payload| {
+            match payload.split_first() {
+                Some((&EVENTS, rest)) if rest.len() >= 4 => {
+                    n += u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]));
+                }
+                Some((&COVERED | &TICK, _)) => {}
+                _ => {
+                    return Err(WalError::Corrupt {
+                        path: path.clone(),
+                        at: at as u64,
+                    })
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(n)
+}
+
 /// The events of a log from its start, for tests and tools.
 pub fn read_all(dir: &Path) -> Result<Vec<ChangeEvent>, WalError> {
     let files = list(dir).map_err(|source| WalError::Io {
@@ -936,6 +1026,7 @@ mod tests {
         );
         assert_eq!(log.end_offset(), end);
         assert_eq!(read_all(dir.path()).unwrap().len(), 1);
+        assert_eq!(count_all(dir.path()).unwrap(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,21 @@ pub struct KafkaChangeLog {
     producer: ProducerHandle,
     lookup: Arc<BaseConsumer<ReaderContext>>,
     readers: Mutex<Vec<Pooled>>,
+    /// The latest (low, high) watermarks and when they were fetched: every subscriber's read
+    /// asks for them, and one fetch serves all the reads of [`WATERMARKS_FRESH`] (a thousand
+    /// subscribers make one request per partition, not a thousand).
+    marks: tokio::sync::Mutex<Option<(Instant, Arc<Watermarks>)>>,
 }
+
+/// The low and high watermarks of every partition.
+#[derive(Debug)]
+struct Watermarks {
+    low: Vec<i64>,
+    high: Vec<i64>,
+}
+
+/// How long fetched watermarks serve reads.
+const WATERMARKS_FRESH: Duration = Duration::from_millis(50);
 
 impl KafkaChangeLog {
     /// Creates `topic` unless it exists (KAFKA_PARTITIONS partitions, when `create`), then
@@ -82,6 +96,7 @@ impl KafkaChangeLog {
             producer,
             lookup,
             readers: Mutex::new(Vec::new()),
+            marks: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -113,30 +128,55 @@ impl KafkaChangeLog {
 
     /// Low (`low = true`) or high watermarks of every partition.
     async fn watermarks(&self, low: bool) -> Result<Vec<i64>, PortError> {
+        let w = self.both_watermarks(Duration::ZERO).await?;
+        Ok(if low { w.low.clone() } else { w.high.clone() })
+    }
+
+    /// The watermarks, fetched unless those fetched last are younger than `fresh` (reads pass
+    /// [`WATERMARKS_FRESH`]: one fetch serves every reader; concurrent callers wait for the
+    /// one fetch in flight).
+    async fn both_watermarks(&self, fresh: Duration) -> Result<Arc<Watermarks>, PortError> {
+        let asked = Instant::now();
+        let mut cached = self.marks.lock().await;
+        if let Some((at, w)) = cached.as_ref() {
+            // A fetch that began after this call did (the one it waited for), or fresh enough.
+            if *at >= asked || at.elapsed() < fresh {
+                return Ok(w.clone());
+            }
+        }
         let (lookup, topic, n) = (self.lookup.clone(), self.topic.clone(), self.partitions);
         let timeout = self.config.metadata_timeout;
-        tokio::task::spawn_blocking(move || {
-            (0..n)
-                .map(|p| {
-                    let (lo, hi) = lookup
-                        .fetch_watermarks(&topic, p, timeout)
-                        .map_err(|e| port_error("fetching kafka watermarks", &e))?;
-                    Ok(if low { lo.max(0) } else { hi.max(0) })
-                })
-                .collect()
+        let started = Instant::now();
+        let w = tokio::task::spawn_blocking(move || {
+            let mut w = Watermarks {
+                low: Vec::with_capacity(n.max(0) as usize),
+                high: Vec::with_capacity(n.max(0) as usize),
+            };
+            for p in 0..n {
+                let (lo, hi) = lookup
+                    .fetch_watermarks(&topic, p, timeout)
+                    .map_err(|e| port_error("fetching kafka watermarks", &e))?;
+                w.low.push(lo.max(0));
+                w.high.push(hi.max(0));
+            }
+            Ok::<_, PortError>(w)
         })
         .await
-        .map_err(|e| PortError::Transient(format!("fetching kafka watermarks: {e}")))?
+        .map_err(|e| PortError::Transient(format!("fetching kafka watermarks: {e}")))??;
+        let w = Arc::new(w);
+        *cached = Some((started, w.clone()));
+        Ok(w)
     }
 
     /// The pooled consumer positioned at `pos` (the previous read ended there: the next read
     /// continues without reassigning), or a fresh one assigned at `pos`. A consumer is never
     /// reassigned: librdkafka's queue may still hold what it fetched for the old position.
-    fn reader(&self, pos: &[i64]) -> Result<Pooled, PortError> {
+    /// The second value says the reader is fresh (not continuing a previous read).
+    fn reader(&self, pos: &[i64]) -> Result<(Pooled, bool), PortError> {
         {
             let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = pool.iter().position(|r| r.at == pos) {
-                return Ok(pool.remove(i));
+                return Ok((pool.remove(i), false));
             }
         }
         let consumer: StreamConsumer<ReaderContext> =
@@ -150,11 +190,14 @@ impl KafkaChangeLog {
         consumer
             .assign(&tpl)
             .map_err(|e| port_error("assigning the kafka partitions", &e))?;
-        Ok(Pooled {
-            at: pos.to_vec(),
-            eof_at: vec![-1; pos.len()],
-            consumer,
-        })
+        Ok((
+            Pooled {
+                at: pos.to_vec(),
+                eof_at: vec![-1; pos.len()],
+                consumer,
+            },
+            true,
+        ))
     }
 
     fn give_back(&self, r: Pooled) {
@@ -177,7 +220,7 @@ impl KafkaChangeLog {
         let started = Instant::now();
         let wait_until = started + wait;
         // Where every partition ends now: the read returns once it has read up to there.
-        let high = self.watermarks(false).await?;
+        let high = self.both_watermarks(WATERMARKS_FRESH).await?.high.clone();
         if r.at.iter().zip(&high).any(|(a, h)| a > h) {
             return Err(ChangeReadError::Malformed(format!(
                 "{:?} is past the end of the change topic {}",
@@ -310,8 +353,22 @@ fn reader_config(config: &KafkaConfig) -> ClientConfig {
         .set("auto.offset.reset", "error")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "100")
-        .set("queued.max.messages.kbytes", "4096");
+        // A reader's memory, whether its client reads or not: at most 256 KiB queued and one
+        // fetch of at most 256 KiB (librdkafka's defaults prefetch up to 100,000 messages and
+        // fetch 50 MB at a time: a stalled SSE client held ~70 MB of ES's memory; now ~6 MB,
+        // `es_feed_needs_members_and_stalled_clients_stay_bounded`).
+        .set("queued.max.messages.kbytes", "256")
+        .set("queued.min.messages", "1000")
+        .set("fetch.max.bytes", "262144")
+        .set("message.max.bytes", "262144")
+        .set("max.partition.fetch.bytes", "65536");
     c
+}
+
+/// The first partition whose events after the cursor position `pos` are partly deleted
+/// (retention moved its start, `low`, past the position): the cursor is too old.
+fn first_deleted(pos: &[i64], low: &[i64]) -> Option<usize> {
+    pos.iter().zip(low).position(|(p, l)| p < l)
 }
 
 fn encode_cursor(pos: &[i64]) -> String {
@@ -397,6 +454,8 @@ impl ChangeLog for KafkaChangeLog {
                 .await
                 .map_err(|f| f.error)?;
         }
+        // Reads after this append see it: the cached watermarks predate it.
+        *self.marks.lock().await = None;
         Ok(())
     }
 
@@ -415,7 +474,18 @@ impl ChangeLog for KafkaChangeLog {
         wait: Duration,
     ) -> Result<ChangeBatch, ChangeReadError> {
         let pos = parse_cursor(after, self.partitions)?;
-        let mut reader = self.reader(&pos)?;
+        let (mut reader, fresh) = self.reader(&pos)?;
+        if fresh {
+            let low = self.both_watermarks(WATERMARKS_FRESH).await?.low.clone();
+            if let Some(p) = first_deleted(&pos, &low) {
+                std::thread::spawn(move || drop(reader));
+                return Err(ChangeReadError::Expired(format!(
+                    "the change topic {} no longer holds the events after this cursor \
+                     (partition {p} starts at offset {}, the cursor is at {})",
+                    self.topic, low[p], pos[p]
+                )));
+            }
+        }
         let out = self.read_with(&mut reader, max.max(1), wait).await;
         if out.is_ok() {
             self.give_back(reader);
@@ -448,6 +518,17 @@ impl ConsumerContext for ReaderContext {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cursor_before_a_partitions_start_is_expired() {
+        assert_eq!(first_deleted(&[5, 0, 7], &[0, 0, 0]), None);
+        assert_eq!(
+            first_deleted(&[5, 3, 7], &[5, 3, 7]),
+            None,
+            "at the start: all kept"
+        );
+        assert_eq!(first_deleted(&[5, 2, 7], &[0, 3, 8]), Some(1));
+    }
 
     #[test]
     fn cursors_round_trip_and_foreign_ones_are_malformed() {

@@ -490,3 +490,177 @@ async fn changes_made_while_no_es_ran_are_published_by_the_next_one() {
         "the exits due while no ES ran came from the catch-up"
     );
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// ES's `GET /v1/changes` (reading the change topic): the `members` role is needed (403
+/// naming it otherwise), a malformed cursor is 400, and ten clients that stop reading while
+/// 40 MB of events wait for them hold ES to a few MiB each (a topic reader's bounded
+/// prefetch: librdkafka's defaults held ~70 MB per stalled client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es_feed_needs_members_and_stalled_clients_stay_bounded() {
+    use std::io::Write;
+    let c = Cluster::new("chstall");
+    c.migrate();
+    let changes = format!("{}-changes", c.topic);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    let key = |name: &str, role: &str, token: &str| {
+        format!(
+            "[[key]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [\"{role}\"]\n\n",
+            userseg_api::auth::token_sha256_hex(token)
+        )
+    };
+    std::fs::write(
+        &keys,
+        key("reader", "read", "read-token") + &key("member", "members", "members-token"),
+    )
+    .unwrap();
+    let keys_path = keys.to_string_lossy().into_owned();
+    let mut es = c.spawn(
+        "es",
+        &[
+            ("KAFKA_CHANGES_TOPIC", changes.as_str()),
+            ("API_KEYS_FILE", keys_path.as_str()),
+        ],
+    );
+    es.ready().await;
+    let client = reqwest::Client::new();
+    let get = |url: String, token: &'static str| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(url)
+                .bearer_auth(token)
+                .header("accept", "application/x-ndjson")
+                .send()
+                .await
+                .unwrap();
+            let st = r.status().as_u16();
+            let body: Value = if st == 200 {
+                Value::Null
+            } else {
+                r.json().await.unwrap()
+            };
+            (st, body)
+        }
+    };
+    let (st, body) = get(format!("{}/v1/changes", es.base), "read-token").await;
+    assert_eq!(st, 403, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("members"),
+        "{body}"
+    );
+    let (st, body) = get(
+        format!("{}/v1/changes?after=k1.x", es.base),
+        "members-token",
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_argument");
+    assert_eq!(
+        get(format!("{}/v1/changes", es.base), "members-token")
+            .await
+            .0,
+        200
+    );
+
+    // ~30 MB of events in the topic (written by the adapter ES reads it with).
+    let log = open_log(&c, &changes).await;
+    let start = log.start().await.unwrap();
+    const N: usize = 50_000;
+    let long = "x".repeat(600);
+    for b in 0..N / 5_000 {
+        let events = (0..5_000)
+            .map(|i| {
+                userseg_domain::ChangeEvent::new(
+                    format!("user-{b}-{i}-{long}"),
+                    "s",
+                    userseg_domain::ChangeReason::Pair,
+                    1_800_000_000,
+                    1,
+                )
+            })
+            .collect();
+        log.append(events).await.unwrap();
+    }
+    // A reading client gets everything (the data is really there), which also brings ES to
+    // its working size for streaming.
+    let r = client
+        .get(format!("{}/v1/changes?after={start}", es.base))
+        .bearer_auth("members-token")
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    let mut r = r;
+    assert_eq!(r.status(), 200, "{:?}", r.chunk().await);
+    let (mut lines, mut bytes, mut buf) = (0usize, 0usize, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while lines < N {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "the reading client got {lines} of {N} events"
+        );
+        let Ok(chunk) = tokio::time::timeout(left, r.chunk()).await else {
+            continue;
+        };
+        let chunk = chunk.unwrap().expect("the stream ended");
+        bytes += chunk.len();
+        buf.extend_from_slice(&chunk);
+        while let Some(at) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=at).collect();
+            if line.len() > 1 {
+                lines += 1;
+            }
+        }
+    }
+    drop(r);
+    assert!(bytes > 25 << 20, "the stream is {bytes} bytes");
+    let pid = es.child.id();
+    let before = rss_kib(pid);
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", es.port)).unwrap();
+        write!(
+            s,
+            "GET /v1/changes?after={start} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer members-token\r\naccept: text/event-stream\r\n\r\n"
+        )
+        .unwrap();
+        stalled.push(s);
+    }
+    // Each is answered 200 (they read the status line, then nothing more).
+    for s in &mut stalled {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+    }
+    // They fill their sockets, and ES's reads for them stop there: the most ES holds meanwhile.
+    let mut during = 0;
+    for _ in 0..20 {
+        during = during.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let grew = during.saturating_sub(before);
+    eprintln!(
+        "ES RSS {before} KiB before, {during} KiB with 10 stalled clients; stream {bytes} bytes"
+    );
+    assert!(
+        grew < 80 << 10,
+        "ES RSS grew by {grew} KiB with 10 stalled clients ({before} -> {during} KiB)"
+    );
+    drop(stalled);
+}

@@ -27,7 +27,7 @@ use userseg_domain::{ChangeReason, Pair, UnixSeconds};
 use userseg_usecase::{Clock, PortError};
 
 use super::{read, write, MemStore, Segment};
-use crate::changes::{EventFrames, EventSink, FeedSink, FileChangeLog};
+use crate::changes::{EventFrames, EventPrefix, EventSink, FeedSink, FileChangeLog};
 
 pub(crate) struct Feed {
     log: Arc<dyn FeedSink>,
@@ -43,6 +43,40 @@ struct State {
     /// Deleted users whose ids the change log still holds, each with the log offset its
     /// deletion's events end at: the checkpointer redacts them ([`MemStore::take_erased`]).
     erased: HashMap<String, u64>,
+    /// The buffers a batch's events are encoded in (two: see [`PARALLEL_ENCODE`]), kept
+    /// between batches (see [`FileChangeLog::append_bufs`]).
+    bufs: [Vec<u8>; 2],
+}
+
+/// Largest encoding buffer kept between batches.
+const KEEP_BUF: usize = 16 << 20;
+
+/// From this many `entered` events in a batch, the two halves are encoded on two threads.
+const PARALLEL_ENCODE: usize = 16_384;
+
+impl State {
+    fn frames(&mut self, k: usize) -> EventFrames {
+        EventFrames::with_buf(std::mem::take(&mut self.bufs[k]))
+    }
+
+    /// Appends `frames`, in order, and the markers to the log; keeps the buffers for the
+    /// next batch.
+    fn append(
+        &mut self,
+        log: &dyn FeedSink,
+        frames: Vec<EventFrames>,
+        covered: Option<u64>,
+        exit_lo: Option<i64>,
+    ) -> Result<(), PortError> {
+        let mut bufs: Vec<Vec<u8>> = frames.into_iter().map(EventFrames::finish).collect();
+        let appended = log.append_frames(&mut bufs, covered, exit_lo);
+        for (k, buf) in bufs.into_iter().enumerate().take(2) {
+            if buf.capacity() <= KEEP_BUF && buf.capacity() > self.bufs[k].capacity() {
+                self.bufs[k] = buf;
+            }
+        }
+        appended
+    }
 }
 
 impl Feed {
@@ -66,6 +100,45 @@ fn tolerate(appended: Result<(), PortError>) -> Result<(), PortError> {
         }
         other => other,
     }
+}
+
+/// Asks the CPU to fetch the cache line at `p` (a hint: nothing is read).
+// The workspace denies unsafe code; a prefetch is a hint that cannot fault.
+#[allow(unsafe_code)]
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of the x86_64 baseline, and a prefetch reads nothing (any address
+    // is allowed).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Sorts `positions` (distinct, each below `n`): a pass over a bitmap of the batch when they
+/// are many (they are a few sorted runs, one per segment, which a comparison sort pays for
+/// more than a bit per pair).
+fn in_batch_order(positions: &mut [u32], n: usize) {
+    if positions.len() < 256 || positions.len() < n / 64 {
+        positions.sort_unstable();
+        return;
+    }
+    let mut bits = vec![0u64; n.div_ceil(64)];
+    for &p in positions.iter() {
+        bits[p as usize / 64] |= 1 << (p % 64);
+    }
+    let mut k = 0;
+    for (w, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            positions[k] = (w * 64) as u32 + word.trailing_zeros();
+            k += 1;
+            word &= word - 1;
+        }
+    }
+    debug_assert_eq!(k, positions.len(), "positions are distinct");
 }
 
 /// A membership's exit found by a tick or a sweep: (segment, user index, bucket).
@@ -98,6 +171,7 @@ impl MemStore {
                 state: Mutex::new(State {
                     exit_lo,
                     erased: HashMap::new(),
+                    bufs: [Vec::new(), Vec::new()],
                 }),
                 exit_lo: AtomicI64::new(exit_lo),
             })
@@ -120,19 +194,40 @@ impl MemStore {
         let Some(feed) = self.feed.get() else {
             return self.apply(pairs);
         };
-        let st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = feed.state.lock().unwrap_or_else(|e| e.into_inner());
         let detected = self.apply_detect(pairs, Some(st.exit_lo))?;
-        let mut frames = EventFrames::default();
         let exits = detected.swept.len();
         let swept = self.resolve_exits(detected.swept);
-        self.encode_entered(pairs, detected.entered, swept, &mut frames);
-        let entered = frames.events - exits as u64;
+        let mut positions = detected.entered;
+        in_batch_order(&mut positions, pairs.len());
+        let mut frames = vec![st.frames(0)];
+        if positions.len() >= PARALLEL_ENCODE && self.threads > 1 {
+            // Two halves in batch order, each with the exits made before its first pair.
+            let mid = positions.len() / 2;
+            let split = swept.partition_point(|e| e.0 < positions[mid]);
+            let mut second = st.frames(1);
+            std::thread::scope(|scope| {
+                let (positions, swept, second) = (&positions, &swept, &mut second);
+                let other = scope.spawn(move || {
+                    self.encode_entered(pairs, &positions[mid..], &swept[split..], second)
+                });
+                self.encode_entered(pairs, &positions[..mid], &swept[..split], &mut frames[0]);
+                other
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            });
+            frames.push(second);
+        } else {
+            self.encode_entered(pairs, &positions, &swept, &mut frames[0]);
+        }
+        let events: u64 = frames.iter().map(|f| f.events).sum();
+        let entered = events - exits as u64;
         metrics::counter!("userseg_changes_events_total", "reason" => "pair").increment(entered);
         if exits > 0 {
             metrics::counter!("userseg_changes_events_total", "reason" => "expired")
                 .increment(exits as u64);
         }
-        tolerate(feed.log.append_frames(frames.finish(), through, None))
+        tolerate(st.append(feed.log.as_ref(), frames, through, None))
     }
 
     /// The `entered` events of the pairs at `positions`, encoded in batch order: the pairs
@@ -146,30 +241,41 @@ impl MemStore {
     fn encode_entered(
         &self,
         pairs: &[Pair],
-        mut positions: Vec<u32>,
-        swept: Vec<(u32, String, Box<str>, i64)>,
+        positions: &[u32],
+        swept: &[(u32, String, Box<str>, i64)],
         frames: &mut EventFrames,
     ) {
-        positions.sort_unstable();
         frames.buf.reserve(positions.len() * 40);
         let bs = self.bucketing.bucket_secs();
         let wb = self.bucketing.window_buckets();
-        let mut swept = swept.into_iter().peekable();
+        let mut swept = swept.iter().peekable();
         let mut exits_until = |frames: &mut EventFrames, p: u32| {
             while let Some((_, id, seg, b)) = swept.next_if(|e| e.0 <= p) {
-                frames.push(&id, &seg, ChangeReason::Expired, (b + wb) * bs, b);
+                frames.push(id, seg, ChangeReason::Expired, (b + wb) * bs, *b);
             }
         };
+        // The pairs and their strings are long out of the cache: fetch a later pair `2 *
+        // AHEAD` ahead, and the strings of the one `AHEAD` ahead, while this one is encoded.
         const AHEAD: usize = 8;
+        // The encoded reason, bucket time and key of the last pair's ts (most pairs of a batch
+        // share a few).
+        let mut prefix = (i64::MIN, EventPrefix::new(ChangeReason::Pair, 0, 0));
         for (k, &i) in positions.iter().enumerate() {
             exits_until(frames, i);
-            // Start fetching a later pair's id while this one is encoded.
+            if let Some(&j) = positions.get(k + 2 * AHEAD) {
+                prefetch(&pairs[j as usize]);
+            }
             if let Some(&j) = positions.get(k + AHEAD) {
-                std::hint::black_box(pairs[j as usize].user_id.as_bytes().first());
+                let p = &pairs[j as usize];
+                prefetch(p.user_id.as_ptr());
+                prefetch(p.segment.as_ptr());
             }
             let p = &pairs[i as usize];
-            let b = self.bucketing.bucket_of(p.ts);
-            frames.push(&p.user_id, &p.segment, ChangeReason::Pair, b * bs, b);
+            if p.ts != prefix.0 {
+                let b = self.bucketing.bucket_of(p.ts);
+                prefix = (p.ts, EventPrefix::new(ChangeReason::Pair, b * bs, b));
+            }
+            frames.push_prefixed(&prefix.1, &p.user_id, &p.segment);
         }
         exits_until(frames, u32::MAX);
     }
@@ -270,9 +376,9 @@ impl MemStore {
             });
         }
         let n = exits.len();
-        let mut frames = EventFrames::default();
+        let mut frames = st.frames(0);
         self.encode_exits(exits, &mut frames);
-        let appended = feed.log.append_frames(frames.finish(), None, Some(new_lo));
+        let appended = st.append(feed.log.as_ref(), vec![frames], None, Some(new_lo));
         // Even if the append failed: the exits are in the pending frames, written first next
         // time, and the memberships are gone.
         st.exit_lo = new_lo;
@@ -299,7 +405,7 @@ impl MemStore {
             .iter()
             .filter_map(|id| Some((id, self.users.get(id.as_bytes())?)))
             .collect();
-        let mut frames = EventFrames::default();
+        let mut frames = st.frames(0);
         if !users.is_empty() {
             let segments: Vec<(Box<str>, Arc<std::sync::RwLock<Segment>>)> = read(&self.segments)
                 .iter()
@@ -320,7 +426,7 @@ impl MemStore {
         let found = self.delete_users(user_ids);
         metrics::counter!("userseg_changes_events_total", "reason" => "deleted")
             .increment(frames.events);
-        let appended = feed.log.append_frames(frames.finish(), through, None);
+        let appended = st.append(feed.log.as_ref(), vec![frames], through, None);
         // Erasure: their ids leave the change log with the next snapshot.
         if let Some(end) = feed.log.erasure_offset() {
             for id in user_ids {
@@ -523,6 +629,47 @@ mod tests {
         // Nothing left to expire for the deleted user.
         h.clock.advance(10_000);
         assert_eq!(h.store.tick_changes(h.clock.now()).unwrap(), 0);
+    }
+
+    /// A batch large enough to be encoded in two halves on two threads gives the events of
+    /// the one-thread encoding, in the same order: exits a sweep made in either half come
+    /// just before the `entered` of the pair that made them.
+    #[test]
+    fn a_batch_encoded_in_halves_matches_one_thread() {
+        let events = |threads: usize| {
+            let mut h = harness(600, 4, threads, 1000);
+            let users = 30_000u32;
+            let first: Vec<Pair> = (0..users).map(|u| pair(u, u % 4, T0)).collect();
+            h.store.apply_through(&first, Some(1)).unwrap();
+            // Far ahead with no tick: the first pair of each segment sweeps its memberships,
+            // which are above the exit watermark, so their exits come with this batch. Segment
+            // 3's pairs all come in the second half.
+            h.clock.advance(80_000);
+            let now = h.clock.now();
+            let mut second: Vec<Pair> = (0..30_000u32)
+                .map(|k| pair(users + k, k % 3, now))
+                .collect();
+            second.extend((0..10_000u32).map(|k| pair(2 * users + k, 3, now)));
+            h.store.apply_through(&second, Some(2)).unwrap();
+            let events = h.new_events();
+            let counted = crate::changes::count_all(h._dir.path()).unwrap();
+            assert_eq!(counted, events.len() as u64);
+            events
+        };
+        let one = events(1);
+        let two = events(2);
+        assert!(one.len() > 2 * PARALLEL_ENCODE);
+        let kinds = |e: &[ChangeEvent], r| e.iter().filter(|e| e.reason == r).count();
+        assert_eq!(kinds(&one, ChangeReason::Expired), 30_000);
+        assert_eq!(kinds(&one, ChangeReason::Pair), 70_000);
+        // Segment 3's exits come after the first entered events of the second batch, in the
+        // second half.
+        let first_s3_exit = one
+            .iter()
+            .position(|e| e.reason == ChangeReason::Expired && e.segment == "s3")
+            .unwrap();
+        assert!(first_s3_exit > 30_000 + 20_000, "{first_s3_exit}");
+        assert!(one == two, "the two encodings differ");
     }
 
     /// Random workloads against a brute-force model of exact times: every enter and exit is
