@@ -664,3 +664,192 @@ async fn es_feed_needs_members_and_stalled_clients_stay_bounded() {
     );
     drop(stalled);
 }
+
+/// What a random workload does, at an offset from its start.
+#[derive(Clone, Debug)]
+enum Act {
+    /// A pair of (user, segment) at the current time, or (`backfill`) older than its latest.
+    Push(usize, usize, bool),
+    Delete(usize),
+}
+
+/// A random workload against a model, through USS → Kafka → ES → the change topic: every
+/// entry and exit the model makes arrives (each id once, no other event), an `expired` exit
+/// names its membership's true expiry (`last_seen + WINDOW`) and an `entered` its pair's ts.
+/// Refreshes come 2 s after a pair, re-entries 12 s after (the window is 8 s), so no change
+/// sits at an expiry's edge; backfills (older than a live membership's latest pair) change
+/// nothing; deletions come only when each of the user's memberships is either clearly live or
+/// clearly expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_workload_makes_exactly_the_models_changes() {
+    use rand::{Rng, SeedableRng};
+    const W: i64 = 8;
+    const USERS: usize = 10;
+    const SEGMENTS: usize = 2;
+    let seed: u64 = std::env::var("USERSEG_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (USERSEG_TEST_SEED)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // The schedule, in whole seconds from the start.
+    let mut acts: Vec<(i64, Act)> = Vec::new();
+    let mut pushes: BTreeMap<(usize, usize), Vec<i64>> = BTreeMap::new();
+    for u in 0..USERS {
+        for s in 0..SEGMENTS {
+            if !rng.random_bool(0.8) {
+                continue;
+            }
+            let mut t = rng.random_range(0..3);
+            while t < 22 {
+                acts.push((t, Act::Push(u, s, false)));
+                pushes.entry((u, s)).or_default().push(t);
+                t += if rng.random_bool(0.6) { 2 } else { 12 };
+            }
+            if rng.random_bool(0.3) {
+                acts.push((rng.random_range(0..22), Act::Push(u, s, true)));
+            }
+        }
+    }
+    // Deletions at a time no membership of the user is within 2 s of its expiry.
+    for u in 0..USERS {
+        if !rng.random_bool(0.3) {
+            continue;
+        }
+        let t = rng.random_range(3..22);
+        let clear = pushes
+            .iter()
+            .filter(|((pu, _), _)| *pu == u)
+            .all(|(_, ts)| {
+                let last = ts.iter().filter(|&&x| x < t).max();
+                last.is_none_or(|&l| (t - (l + W)).abs() > 2) && !ts.contains(&t)
+            });
+        if clear {
+            acts.push((t, Act::Delete(u)));
+        }
+    }
+    acts.sort_by_key(|(t, _)| *t);
+
+    let c = Cluster::new("chmodel");
+    c.migrate();
+    let changes = format!("{}-changes", c.topic);
+    let env = [("WINDOW", "8s"), ("KAFKA_CHANGES_TOPIC", changes.as_str())];
+    let mut uss = c.spawn("uss", &[("WINDOW", "8s")]);
+    uss.ready().await;
+    let mut es = c.spawn("es", &env);
+    es.ready().await;
+    es_serving(&es).await;
+    let user = |u: usize| format!("m{u}");
+    let seg = |s: usize| format!("s{s}");
+
+    // Run the schedule; the model follows what was really sent, at the second it was sent.
+    let start = Instant::now();
+    let mut live: BTreeMap<(usize, usize), i64> = BTreeMap::new();
+    let mut want: Vec<(String, String, String, String, Option<i64>)> = Vec::new();
+    let expire_until = |live: &mut BTreeMap<(usize, usize), i64>,
+                        want: &mut Vec<(String, String, String, String, Option<i64>)>,
+                        t: i64| {
+        live.retain(|&(u, s), last| {
+            let gone = *last + W <= t;
+            if gone {
+                want.push((
+                    "exited".into(),
+                    "expired".into(),
+                    user(u),
+                    seg(s),
+                    Some(*last + W),
+                ));
+            }
+            !gone
+        });
+    };
+    for (at, act) in &acts {
+        let due = start + Duration::from_secs(*at as u64);
+        tokio::time::sleep_until(due.into()).await;
+        let t = now();
+        expire_until(&mut live, &mut want, t);
+        match act {
+            Act::Push(u, s, backfill) => {
+                // A backfill: older than the live membership's latest pair (USS refuses pairs
+                // already expired), which changes nothing.
+                let ts = match (*backfill, live.get(&(*u, *s))) {
+                    (false, _) => t,
+                    (true, Some(&last)) if last - 1 > t - W + 1 => last - 1,
+                    (true, _) => continue,
+                };
+                push(
+                    &uss,
+                    json!([{"user_id": user(*u), "segment": seg(*s), "ts": ts}]),
+                )
+                .await;
+                if !backfill {
+                    if !live.contains_key(&(*u, *s)) {
+                        want.push(("entered".into(), "pair".into(), user(*u), seg(*s), Some(ts)));
+                    }
+                    live.insert((*u, *s), ts);
+                }
+            }
+            Act::Delete(u) => {
+                let r = reqwest::Client::new()
+                    .post(format!("{}/v1/users/delete", uss.base))
+                    .json(&json!({"user_ids": [user(*u)]}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{}", r.status());
+                live.retain(|&(lu, s), _| {
+                    if lu == *u {
+                        want.push(("exited".into(), "deleted".into(), user(lu), seg(s), None));
+                    }
+                    lu != *u
+                });
+            }
+        }
+    }
+    expire_until(&mut live, &mut want, i64::MAX);
+    want.sort();
+
+    // Every event the topic holds, each id once, against the model.
+    let log = open_log(&c, &changes).await;
+    let read = async || {
+        let mut cursor = log.start().await.unwrap();
+        let mut by_id: BTreeMap<u64, (String, String, String, String, Option<i64>)> =
+            BTreeMap::new();
+        loop {
+            let b = log.read(&cursor, 1000, Duration::ZERO).await.unwrap();
+            if b.records.is_empty() {
+                break;
+            }
+            for r in b.records {
+                let e = r.event;
+                let ts = (e.reason != userseg_domain::ChangeReason::Deleted).then_some(e.ts);
+                let w = (
+                    e.kind().as_str().to_string(),
+                    e.reason.as_str().to_string(),
+                    e.user_id.clone(),
+                    e.segment.clone(),
+                    ts,
+                );
+                if let Some(old) = by_id.insert(e.id, w.clone()) {
+                    assert_eq!(old, w, "one id, two different events");
+                }
+            }
+            cursor = b.next;
+        }
+        let mut got: Vec<_> = by_id.into_values().collect();
+        got.sort();
+        got
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = read().await;
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: the topic's changes differ from the model's:\nwant {want:#?}\ngot {got:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -38,6 +38,8 @@ const NOT_SETTINGS: &[&str] = &[
     "MERGE_PAIRS",
     // read by tracing-subscriber, documented next to LOG_FORMAT
     "RUST_LOG",
+    // the seed of a random test, to replay it (crates/userseg/tests/distributed_changes.rs)
+    "USERSEG_TEST_SEED",
     // read by scripts/clickhouse.sh: serve https too (tests of ClickHouse over TLS)
     "CLICKHOUSE_HTTPS_CERT",
     "CLICKHOUSE_HTTPS_KEY",
