@@ -3,7 +3,8 @@
 //! Ingest answers 503 `unavailable` / UNAVAILABLE saying the disk is full, `/readyz` says so,
 //! reads count every acknowledged pair, a snapshot that cannot be written leaves the previous
 //! one, and writes resume by themselves, without a restart, once the filler is removed. Then
-//! the same with a SIGKILL while the disk is full: nothing acknowledged is lost.
+//! the same with a SIGKILL while the disk is full: nothing acknowledged is lost, and every
+//! acknowledged pair's `entered` event reaches the change log once.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -198,6 +199,53 @@ fn finished_snapshots(data: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// Reads the change feed from its start until `want` events came (or 30 s passed): the
+/// events read and the distinct users that entered segment `disk`, each id counted once.
+async fn entered_events(c: &reqwest::Client, p: &Proc, want: u64) -> (u64, u64) {
+    let mut r = c
+        .get(format!("{}/v1/changes?after=0&format=ndjson", p.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (mut ids, mut users) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    let mut events = 0u64;
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while events < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let Ok(chunk) = tokio::time::timeout(left, r.chunk()).await else {
+            break;
+        };
+        buf.extend_from_slice(&chunk.unwrap().expect("the stream ended"));
+        while let Some(at) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=at).collect();
+            if line.len() <= 1 {
+                continue;
+            }
+            let e: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(
+                (e["type"].as_str(), e["segment"].as_str()),
+                (Some("entered"), Some("disk")),
+                "{e}"
+            );
+            events += 1;
+            assert!(
+                ids.insert(e["id"].as_str().unwrap().to_string()),
+                "{e} twice"
+            );
+            users.insert(e["user_id"].as_str().unwrap().to_string());
+        }
+    }
+    (events, users.len() as u64)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_by_itself_even_across_sigkill() {
     let disk = Tmpfs::mount("16m");
@@ -341,6 +389,12 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_by_itself_even_acros
         count(&p).await == acked
     })
     .await;
+    // Every acknowledged pair's `entered` event is in the change log exactly once: those
+    // whose append found the disk full were written once there was room again, and the
+    // recoveries after SIGTERM and SIGKILL regenerated none twice.
+    let (events, users) = entered_events(&c, &p, acked).await;
+    assert_eq!(users, acked, "one user entered per acknowledged pair");
+    assert_eq!(events, acked, "no event twice");
     // With room again, the snapshot that could not be written is written.
     p.sigterm(30).await;
     let after = finished_snapshots(&data);
