@@ -3,6 +3,7 @@
 //! analytics, history — from the in-memory index (or ClickHouse). It also samples every
 //! segment's count into ClickHouse's history table each HISTORY_INTERVAL tick.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -240,6 +241,7 @@ fn start_index(
             store: store.clone(),
             feed,
             clock: clock.clone(),
+            catch_up_failures: AtomicU32::new(0),
         }));
         feed_tick = Some(exit_tick(&mem, &index, inlet, clock.clone(), stop));
     }
@@ -273,12 +275,28 @@ struct FeedObserver {
     store: ClickHouseStore,
     feed: FeedParts,
     clock: Arc<dyn Clock>,
+    catch_up_failures: AtomicU32,
 }
+
+/// Attempts at reading the exits due while no ES emitted them before giving up on them.
+const CATCH_UP_TRIES: u32 = 5;
 
 #[async_trait::async_trait]
 impl IndexObserver for FeedObserver {
     async fn scanned(&self, at: UnixSeconds) -> Result<(), PortError> {
-        let exits = self.exits_due_before(at).await?;
+        let exits = match self.exits_due_before(at).await {
+            Ok(exits) => exits,
+            // Retried (with backoff) a few times; then the index serves without them rather
+            // than never (a band too large for ClickHouse's memory would fail every time).
+            Err(e) if self.catch_up_failures.fetch_add(1, Ordering::Relaxed) < CATCH_UP_TRIES => {
+                return Err(e)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "change feed: the exits due while no ES emitted them could not be read; they are not published");
+                metrics::counter!("userseg_changes_catch_up_failures_total").increment(1);
+                Vec::new()
+            }
+        };
         if !exits.is_empty() {
             tracing::info!(
                 exits = exits.len(),

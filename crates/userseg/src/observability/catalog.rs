@@ -137,6 +137,8 @@ pub const FAMILIES: &[Family] = &[
         "Change events of partitions owned by other ES, kept for a handover."),
     f("userseg_changes_caught_up_exits_total", Counter, E, &[],
         "Expired exits due while no ES emitted them (between a partition's exit mark and this ES's start), published at start."),
+    f("userseg_changes_catch_up_failures_total", Counter, E, &[],
+        "Starts of this ES that gave up, after 5 attempts, publishing the exits due while no ES emitted them (logged as an error)."),
     f("userseg_changes_mark_failures_total", Counter, E, &[],
         "Saves of the change feed's exit marks into ClickHouse that failed (retried at the next tick)."),
     f("userseg_processor_gate_wait_seconds", Histogram, E, &[],
