@@ -20,8 +20,8 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
+from benchlib import clickhouse_sql, free_port
 from promtext import metrics
 
 secs = int(sys.argv[1]) if len(sys.argv) > 1 else 20
@@ -30,20 +30,6 @@ kafka = os.environ["USERSEG_TEST_KAFKA"]
 ch = os.environ["USERSEG_TEST_CLICKHOUSE_URL"]
 binary = os.environ.get("USERSEG", "target/release/userseg")
 
-
-def sql(q):
-    req = urllib.request.Request(ch + "/", data=q.encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return r.read().decode()
-
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def env_for(db, topic, port, feed):
@@ -120,7 +106,7 @@ for feed in [m == "on" for m in modes]:
     for p in (uss, es):
         p.terminate()
         p.wait()
-    sql(f"DROP DATABASE {db}")
+    clickhouse_sql(ch, f"DROP DATABASE {db}")
 
 if "off" in results and "on" in results:
     off, on = results["off"]["es_written_pairs_per_sec"], results["on"]["es_written_pairs_per_sec"]

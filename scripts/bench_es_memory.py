@@ -19,8 +19,8 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
+from benchlib import clickhouse_sql, free_port
 from promtext import metrics
 
 pairs, users = int(sys.argv[1]), int(sys.argv[2])
@@ -29,20 +29,6 @@ kafka = os.environ["USERSEG_TEST_KAFKA"]
 ch = os.environ["USERSEG_TEST_CLICKHOUSE_URL"]
 binary = os.environ.get("USERSEG", "target/release/userseg")
 
-
-def sql(q):
-    req = urllib.request.Request(ch + "/", data=q.encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=3600) as r:
-        return r.read().decode()
-
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def env_for(db, topic, mode, port):
@@ -97,7 +83,7 @@ for mode in modes:
     empty = settle(base)
     p.terminate(); p.wait()
     t0 = time.monotonic()
-    sql(f"INSERT INTO {db}.pairs (segment, user_id, ts) SELECT "
+    clickhouse_sql(ch, f"INSERT INTO {db}.pairs (segment, user_id, ts) SELECT "
         f"concat('seg-', toString((intDiv(number, {users}) * 37 + (number % {users}) * 13) % 500)), "
         f"concat('user-', toString(number % {users})), now() - (number % 3600) "
         f"FROM numbers({pairs})")
@@ -121,4 +107,4 @@ for mode in modes:
         "rss_bytes_per_pair": round(rss / live, 2),
         "index_accounting_bytes_per_pair": round(acct / live, 2),
     }), flush=True)
-    sql(f"DROP DATABASE {db}")
+    clickhouse_sql(ch, f"DROP DATABASE {db}")

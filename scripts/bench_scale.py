@@ -38,12 +38,12 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from benchlib import free_port
 
 PAIRS = int(os.environ.get("SCALE_PAIRS", "1000000000"))
 USERS = int(os.environ.get("SCALE_USERS", "10000000"))
@@ -66,13 +66,6 @@ BEGIN, END = "<!-- bench-scale:begin -->", "<!-- bench-scale:end -->"
 def log(msg):
     print(f"bench-scale: {msg}", file=sys.stderr, flush=True)
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def rss_bytes(pid):

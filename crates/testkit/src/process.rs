@@ -105,6 +105,18 @@ impl Proc {
         }
     }
 
+    /// Its resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the process's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc status")
+    }
+
     /// Kills the process with SIGKILL and reaps it.
     pub fn sigkill(&mut self) {
         self.child.kill().expect("SIGKILL");

@@ -382,15 +382,6 @@ async fn resume_by_cursor_across_sigkill_of_server_and_client() {
     );
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Clients that stop reading hold the server to one chunk each: with 40 MB of events to send
 /// and ten stalled clients, the server's resident memory barely moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,9 +405,8 @@ async fn stalled_clients_do_not_grow_server_memory() {
     })
     .await;
     drop(probe);
-    let pid = p.child.id();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = rss_kib(pid);
+    let before = p.rss_kib();
     // Ten clients that send the request and never read the answer.
     let mut stalled = Vec::new();
     for _ in 0..10 {
@@ -430,7 +420,7 @@ async fn stalled_clients_do_not_grow_server_memory() {
     }
     // Let the server fill the sockets and go on trying.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let during = rss_kib(pid);
+    let during = p.rss_kib();
     // A reading client gets everything meanwhile (the data is really there: ~40 MB of SSE).
     let mut reader = Feed::open(&p.base, &format!("?after={start}"), true, &[]).await;
     reader.until(N, 120).await;

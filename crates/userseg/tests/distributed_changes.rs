@@ -491,15 +491,6 @@ async fn changes_made_while_no_es_ran_are_published_by_the_next_one() {
     );
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// ES's `GET /v1/changes` (reading the change topic): the `members` role is needed (403
 /// naming it otherwise), a malformed cursor is 400, and ten clients that stop reading while
 /// 40 MB of events wait for them hold ES to a few MiB each (a topic reader's bounded
@@ -628,8 +619,7 @@ async fn es_feed_needs_members_and_stalled_clients_stay_bounded() {
     }
     drop(r);
     assert!(bytes > 25 << 20, "the stream is {bytes} bytes");
-    let pid = es.child.id();
-    let before = rss_kib(pid);
+    let before = es.rss_kib();
     let mut stalled = Vec::new();
     for _ in 0..10 {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", es.port)).unwrap();
@@ -651,7 +641,7 @@ async fn es_feed_needs_members_and_stalled_clients_stay_bounded() {
     // They fill their sockets, and ES's reads for them stop there: the most ES holds meanwhile.
     let mut during = 0;
     for _ in 0..20 {
-        during = during.max(rss_kib(pid));
+        during = during.max(es.rss_kib());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let grew = during.saturating_sub(before);

@@ -40,18 +40,6 @@ async fn server(extra: &[(&str, &str)]) -> (tempfile::TempDir, Proc) {
     (dir, p)
 }
 
-/// Resident memory of a process, in bytes.
-fn rss(p: &Proc) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 async fn post(
     base: &str,
     path: &str,
@@ -510,7 +498,7 @@ async fn oversized_headers_are_refused() {
 async fn slow_header_clients_are_cut_off() {
     let (_dir, p) = server(&[]).await;
     let normal = NormalClient::start(&p.base);
-    let before = rss(&p);
+    let before = p.rss_kib() * 1024;
     let start = Instant::now();
     let mut slow = Vec::new();
     for i in 0..150 {
@@ -556,7 +544,7 @@ async fn slow_header_clients_are_cut_off() {
         );
     }
     normal.check(Duration::from_secs(2)).await;
-    let grown = rss(&p).saturating_sub(before);
+    let grown = (p.rss_kib() * 1024).saturating_sub(before);
     assert!(grown < 64 << 20, "RSS grew by {} MiB", grown >> 20);
 }
 
@@ -570,7 +558,7 @@ async fn http2_stream_and_reset_floods_leave_normal_clients_served() {
     // Warm up, then measure.
     let normal = NormalClient::start(&p.base);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss(&p);
+    let before = p.rss_kib() * 1024;
 
     // Stalled uploads: each declares a large body, sends 1 KiB of it and stops. Every one holds
     // only the bytes it sent, never the in-flight budget of other clients.
@@ -654,7 +642,7 @@ async fn http2_stream_and_reset_floods_leave_normal_clients_served() {
     eprintln!("{} resets sent", resets.load(Ordering::Relaxed));
     let served = normal.check(Duration::from_secs(3)).await;
     eprintln!("normal client served {served} times during the floods");
-    let grown = rss(&p).saturating_sub(before);
+    let grown = (p.rss_kib() * 1024).saturating_sub(before);
     eprintln!("RSS grew by {} KiB", grown >> 10);
     assert!(grown < 96 << 20, "RSS grew by {} MiB", grown >> 20);
     drop(held);
