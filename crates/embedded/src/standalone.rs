@@ -66,6 +66,10 @@ pub struct DataDirLock {
     _file: File,
 }
 
+/// About the fewest bytes a pair takes in the log (a short user id and segment name, in a
+/// batch): the log's size over it bounds the pairs a replay brings.
+const LOG_BYTES_PER_PAIR: u64 = 20;
+
 /// Opens (or creates) a data directory: loads the newest snapshot, replays the log after it,
 /// and starts the log writer. Holds an exclusive lock on the directory while open.
 pub fn open_standalone(
@@ -102,7 +106,10 @@ pub fn open_standalone_with(
         Err(fs::TryLockError::Error(e)) => return Err(io_err(e)),
     }
     let snap_dir = data_dir.join("snapshots");
-    let (store, offset) = match snapshot::load_latest(&snap_dir, window)? {
+    let wal_dir = data_dir.join("wal");
+    // Room in the loaded tables for what the log replays (an estimate from its size).
+    let replay_pairs = |offset| wal::bytes_after(&wal_dir, offset) / LOG_BYTES_PER_PAIR;
+    let (store, offset) = match snapshot::load_latest_before(&snap_dir, window, replay_pairs)? {
         Some((store, offset)) => (store, offset),
         None => (MemStore::new(window), 0),
     };

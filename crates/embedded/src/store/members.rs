@@ -525,6 +525,28 @@ impl<C: Code> Repr<C> {
         }
     }
 
+    /// Starts fetching what an [`upsert`](Self::upsert) of `key` will touch first (the home
+    /// slot of a table, the code of a dense array, the index word), so that a loop can issue it
+    /// a few keys ahead and overlap the misses. Changes nothing.
+    #[inline]
+    pub(crate) fn prefetch(&self, key: u32) {
+        match &self.kind {
+            Kind::Table(t) => {
+                if let Some(s) = t.slots.get(home(key, t.slots.len())) {
+                    super::hint::prefetch(s);
+                }
+            }
+            Kind::Dense(d) => {
+                if let Some(c) = d.codes.get(key as usize) {
+                    super::hint::prefetch(c);
+                }
+            }
+        }
+        if let Some(w) = self.index.as_ref().and_then(|ix| ix.words.get(key as usize / 64)) {
+            super::hint::prefetch(w);
+        }
+    }
+
     #[inline]
     pub(crate) fn get(&self, key: u32) -> Option<C> {
         match &self.kind {

@@ -11,6 +11,7 @@ mod analytics;
 mod catchup;
 mod dict;
 pub(crate) mod feed;
+mod hint;
 mod members;
 mod ring;
 pub mod snapshot;
@@ -226,6 +227,16 @@ impl Segment {
         self.ring.advance(bucket);
     }
 
+    /// Starts fetching the memory an observation of `user` will touch (see
+    /// [`Repr::prefetch`]).
+    #[inline]
+    fn prefetch(&self, user: u32) {
+        match &self.members {
+            Members::Narrow(r) => r.prefetch(user),
+            Members::Wide(r) => r.prefetch(user),
+        }
+    }
+
     /// Records that `user` was seen in bucket `bucket`; keeps the latest.
     #[inline]
     fn observe(&mut self, user: u32, bucket: i64) {
@@ -394,6 +405,92 @@ impl<'a> Groups<'a> {
     }
 }
 
+/// How many observations ahead the segment loops prefetch (see [`Lookahead`]).
+const AHEAD: usize = 8;
+
+type SegmentGuard<'a> = std::sync::RwLockWriteGuard<'a, Segment>;
+
+/// Walks groups of observations (one segment each, in order) and prefetches the memory of the
+/// observation [`AHEAD`] positions ahead, so that the cache and TLB misses into the member
+/// tables (GBs at scale: nearly every observation misses) overlap instead of following one
+/// another. Near the end of a group it looks into the next group, whose segment it then locks
+/// with `try_write` (never waiting while holding a lock, so no lock order is imposed on
+/// anyone); when that lock is taken the next group simply starts unprefetched.
+struct Lookahead<'a, L, U> {
+    segs: &'a [Arc<RwLock<Segment>>],
+    /// Observations in group `g`.
+    len: L,
+    /// The user of observation `k` of group `g` (`None`: not applied).
+    user: U,
+    /// The next group's segment, locked ahead of time.
+    next: Option<(usize, SegmentGuard<'a>)>,
+    /// The next group's lock was taken by someone else: do not try again.
+    next_busy: bool,
+}
+
+impl<'a, L, U> Lookahead<'a, L, U>
+where
+    L: Fn(usize) -> usize,
+    U: Fn(usize, usize) -> Option<u32>,
+{
+    fn new(segs: &'a [Arc<RwLock<Segment>>], len: L, user: U) -> Self {
+        Lookahead {
+            segs,
+            len,
+            user,
+            next: None,
+            next_busy: false,
+        }
+    }
+
+    /// Locks group `g`'s segment (taking the guard locked ahead, if any) and prefetches its
+    /// first observations.
+    fn start(&mut self, g: usize) -> SegmentGuard<'a> {
+        let seg = match self.next.take() {
+            Some((n, guard)) if n == g => guard,
+            _ => write(&self.segs[g]),
+        };
+        self.next_busy = false;
+        for k in 0..AHEAD.min((self.len)(g)) {
+            if let Some(u) = (self.user)(g, k) {
+                seg.prefetch(u);
+            }
+        }
+        seg
+    }
+
+    /// Before observation `k` of group `g` (whose segment is `seg`): prefetches observation
+    /// `k + AHEAD`, in this group or the next.
+    #[inline]
+    fn ahead(&mut self, seg: &Segment, g: usize, k: usize) {
+        let len = (self.len)(g);
+        let j = k + AHEAD;
+        if j < len {
+            if let Some(u) = (self.user)(g, j) {
+                seg.prefetch(u);
+            }
+            return;
+        }
+        let (n, j) = (g + 1, j - len);
+        if n >= self.segs.len() || j >= (self.len)(n) || self.next_busy {
+            return;
+        }
+        if self.next.is_none() {
+            match self.segs[n].try_write() {
+                Ok(guard) => self.next = Some((n, guard)),
+                Err(std::sync::TryLockError::Poisoned(e)) => self.next = Some((n, e.into_inner())),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    self.next_busy = true;
+                    return;
+                }
+            }
+        }
+        if let (Some((_, next)), Some(u)) = (&self.next, (self.user)(n, j)) {
+            next.prefetch(u);
+        }
+    }
+}
+
 impl MemStore {
     pub fn new(window: Window) -> MemStore {
         let threads = std::thread::available_parallelism()
@@ -508,12 +605,18 @@ impl MemStore {
             }
         }
         let mut detected = Detected::default();
-        for (name, members) in groups {
-            let seg = self.segment(name);
-            let mut seg = write(&seg);
+        let segs: Vec<_> = groups.iter().map(|(name, _)| self.segment(name)).collect();
+        let mut ahead = Lookahead::new(
+            &segs,
+            |g| groups[g].1.len(),
+            |g, k| Some(groups[g].1[k].0),
+        );
+        for (g, (name, members)) in groups.iter().enumerate() {
+            let mut seg = ahead.start(g);
             match detect {
                 None => {
-                    for (user, bucket, _) in members {
+                    for (k, &(user, bucket, _)) in members.iter().enumerate() {
+                        ahead.ahead(&seg, g, k);
                         seg.observe(user, bucket);
                     }
                 }
@@ -524,7 +627,8 @@ impl MemStore {
                         at: 0,
                         exits: &mut exits,
                     };
-                    for (user, bucket, i) in members {
+                    for (k, &(user, bucket, i)) in members.iter().enumerate() {
+                        ahead.ahead(&seg, g, k);
                         swept.at = i;
                         let change = seg.observe_swept(user, bucket, Some(&mut swept));
                         if entered(change, bucket, exit_lo) {
@@ -650,11 +754,20 @@ impl MemStore {
         }
         let apply_bin = |bin: &[Group<'_>]| {
             let mut detected = Detected::default();
-            for (name, positions) in bin {
-                let seg = self.segment(name);
-                let mut seg = write(&seg);
+            let segs: Vec<_> = bin.iter().map(|(name, _)| self.segment(name)).collect();
+            let mut ahead = Lookahead::new(
+                &segs,
+                |g| bin[g].1.len(),
+                |g, k| {
+                    let user = users[bin[g].1[k] as usize];
+                    (user != SKIP).then_some(user)
+                },
+            );
+            for (g, (name, positions)) in bin.iter().enumerate() {
+                let mut seg = ahead.start(g);
                 let Some(exit_lo) = detect else {
-                    for &i in positions {
+                    for (k, &i) in positions.iter().enumerate() {
+                        ahead.ahead(&seg, g, k);
                         let user = users[i as usize];
                         if user == SKIP {
                             continue;
@@ -669,7 +782,8 @@ impl MemStore {
                     at: 0,
                     exits: &mut exits,
                 };
-                for &i in positions {
+                for (k, &i) in positions.iter().enumerate() {
+                    ahead.ahead(&seg, g, k);
                     let user = users[i as usize];
                     if user == SKIP {
                         continue;

@@ -282,19 +282,44 @@ fn u64_at<R: Read>(r: &mut R, path: &Path) -> Result<u64, SnapshotError> {
 }
 
 /// Loads the newest snapshot in `dir`, if any: the store and the log offset to replay from.
+#[cfg(test)]
 pub(crate) fn load_latest(
     dir: &Path,
     window: Window,
 ) -> Result<Option<(MemStore, u64)>, SnapshotError> {
-    let Some((_, path)) = list(dir).map_err(io_error(dir))?.pop() else {
+    load_latest_before(dir, window, |_| 0)
+}
+
+/// [`load_latest`], with room in the member tables for the pairs about to be replayed:
+/// `replay(offset)` estimates how many pairs the log holds after the snapshot's offset.
+pub(crate) fn load_latest_before(
+    dir: &Path,
+    window: Window,
+    replay: impl FnOnce(u64) -> u64,
+) -> Result<Option<(MemStore, u64)>, SnapshotError> {
+    let Some((offset, path)) = list(dir).map_err(io_error(dir))?.pop() else {
         return Ok(None);
     };
-    load(&path, window).map(Some)
+    load_with_room(&path, window, replay(offset)).map(Some)
 }
+
+/// At most this share of extra room is made for the pairs to replay after a snapshot.
+const MAX_ROOM: f64 = 0.5;
 
 /// Loads the snapshot at `path`: the store and the log offset to replay from. Every region is
 /// checksummed; a snapshot written with another window is refused.
 pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotError> {
+    load_with_room(path, window, 0)
+}
+
+/// [`load`], sizing the member tables (and dense arrays) for about `more` pairs beyond the
+/// snapshot's, spread like its own: a table loaded exactly full would grow (rehashing every
+/// entry, GBs at scale) at the first new member the log replay brings.
+pub fn load_with_room(
+    path: &Path,
+    window: Window,
+    more: u64,
+) -> Result<(MemStore, u64), SnapshotError> {
     let io_err = io_error(path);
     let mut file = File::open(path).map_err(&io_err)?;
     let footer = read_footer(&mut file, path)?;
@@ -307,11 +332,18 @@ pub fn load(path: &Path, window: Window) -> Result<(MemStore, u64), SnapshotErro
     drop(r);
 
     let mut store = MemStore::new(window);
+    let held: u64 = records.iter().map(|r| r.n as u64).sum();
+    let room = if more == 0 || held == 0 {
+        0.0
+    } else {
+        (more as f64 / held as f64).min(MAX_ROOM)
+    };
     let ctx = LoadCtx {
         path,
         remap: &remap,
         // Global indices are below shards × the largest shard (a little above the user count).
         universe: users.universe(),
+        room,
         ring_len: store.ring_len,
         window_buckets: store.bucketing.window_buckets(),
     };
@@ -577,6 +609,16 @@ impl Remap {
         }
     }
 
+    /// Starts fetching what [`Remap::get`] of `old` reads (dense only).
+    #[inline]
+    fn prefetch(&self, old: usize) {
+        if let Remap::Dense(v) = self {
+            if let Some(n) = v.get(old) {
+                super::hint::prefetch(n);
+            }
+        }
+    }
+
     fn get(&self, old: usize) -> Option<u32> {
         match self {
             Remap::Dense(v) => v.get(old).copied().filter(|u| *u != u32::MAX),
@@ -606,6 +648,8 @@ struct LoadCtx<'a> {
     path: &'a Path,
     remap: &'a Remap,
     universe: usize,
+    /// Extra room per segment, as a share of its entries (see [`load_with_room`]).
+    room: f64,
     ring_len: i64,
     window_buckets: i64,
 }
@@ -675,25 +719,51 @@ impl LoadCtx<'_> {
         );
         let mut head = vec![0u8; (rec.body_start - rec.start) as usize];
         read_exact(&mut r, &mut head, path)?;
-        let mut seg =
-            Segment::with_capacity(self.ring_len, self.window_buckets, rec.n, self.universe);
+        let grown = |n: usize| n + (n as f64 * self.room) as usize;
+        let mut seg = Segment::with_capacity(
+            self.ring_len,
+            self.window_buckets,
+            grown(rec.n),
+            grown(self.universe),
+        );
         seg.advance(rec.top, None);
         let mut left = rec.n;
         let mut skipped = 0u64;
+        // A block of entries at a time, in two passes, each prefetching AHEAD entries ahead
+        // (both lookups are random accesses into large arrays): the new index of each user,
+        // then the segment updates.
+        let mut block: Vec<(u32, u32)> = Vec::with_capacity(buf.len() / 8);
+        const AHEAD: usize = 8;
         while left > 0 {
             let take = left.min(buf.len() / 8);
             let bytes = &mut buf[..take * 8];
             read_exact(&mut r, bytes, path)?;
-            for e in bytes.chunks_exact(8) {
-                let old = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) as usize;
+            block.clear();
+            let old_of = |e: &[u8]| u32::from_le_bytes([e[0], e[1], e[2], e[3]]) as usize;
+            for e in bytes.chunks_exact(8).take(AHEAD) {
+                self.remap.prefetch(old_of(e));
+            }
+            for (k, e) in bytes.chunks_exact(8).enumerate() {
+                if let Some(next) = bytes.get((k + AHEAD) * 8..(k + AHEAD + 1) * 8) {
+                    self.remap.prefetch(old_of(next));
+                }
                 let bucket = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
                 // A user missing from the dictionary was erased (deleted) while the snapshot
                 // was being written: the deletion is in the log after the snapshot's offset and
                 // is replayed, so its membership is dropped here. (Checksums catch corruption.)
-                match self.remap.get(old) {
-                    Some(user) => seg.observe(user, i64::from(bucket)),
+                match self.remap.get(old_of(e)) {
+                    Some(user) => block.push((user, bucket)),
                     None => skipped += 1,
                 }
+            }
+            for &(user, _) in block.iter().take(AHEAD) {
+                seg.prefetch(user);
+            }
+            for (k, &(user, bucket)) in block.iter().enumerate() {
+                if let Some(&(next, _)) = block.get(k + AHEAD) {
+                    seg.prefetch(next);
+                }
+                seg.observe(user, i64::from(bucket));
             }
             left -= take;
         }
