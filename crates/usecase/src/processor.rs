@@ -99,6 +99,9 @@ pub struct BatchProcessor {
     health: ProcessorHealth,
     /// Holds writes back until the gate admits their messages (the distributed change feed).
     gate: Option<Arc<dyn WriteGate>>,
+    /// While a write is in flight, the pending batch grows past `batch_size` up to this many
+    /// pairs (see [`BatchProcessor::with_backlog_batches`]).
+    backlog_batch_size: usize,
 }
 
 /// Why a batch was flushed (the `reason` label of `userseg_processor_flushes_total`).
@@ -183,7 +186,24 @@ impl BatchProcessor {
             config,
             health: ProcessorHealth::default(),
             gate: None,
+            backlog_batch_size: 0,
         }
+    }
+
+    /// Adapts the batch to the backlog: while a write is in flight the pending batch keeps
+    /// filling past `batch_size`, up to `max` pairs, and goes as soon as that write ends (or
+    /// reaches `max`). An idle or keeping-up processor still writes small batches at once;
+    /// one that falls behind applies what arrived meanwhile in one go, so that the per-batch
+    /// costs of the store (per segment touched) are spread over more pairs.
+    pub fn with_backlog_batches(mut self, max: usize) -> Self {
+        self.backlog_batch_size = max;
+        self
+    }
+
+    /// Whether a pending batch of `pending` pairs is full (`writing`: a write is in flight).
+    fn full(&self, pending: usize, writing: bool) -> bool {
+        pending >= self.config.batch_size
+            && (!writing || pending >= self.backlog_batch_size.max(self.config.batch_size))
     }
 
     /// Every write (pairs or a deletion) first waits until `gate` admits the messages it
@@ -334,9 +354,15 @@ impl BatchProcessor {
                     return Err(Stop::Abandoned);
                 }
                 self.commit(source, done).await;
-                // Group commit: what arrived during the write goes now if nothing else waits.
-                Ok((!batches.positions.is_empty() && source.is_drained())
-                    .then_some(FlushReason::Drained))
+                // Group commit: what arrived during the write goes now if nothing else waits,
+                // or if it is full (it may have grown past `batch_size` during the write).
+                Ok(if batches.positions.is_empty() {
+                    None
+                } else if self.full(batches.pairs.len(), false) {
+                    Some(FlushReason::Size)
+                } else {
+                    source.is_drained().then_some(FlushReason::Drained)
+                })
             }
             _ = timer, if deadline.is_some() => Ok(Some(FlushReason::Interval)),
             next = source.next() => match next {
@@ -387,7 +413,7 @@ impl BatchProcessor {
                 }
             }
         }
-        Ok(if batches.pairs.len() >= self.config.batch_size {
+        Ok(if self.full(batches.pairs.len(), batches.inflight.is_some()) {
             Some(FlushReason::Size)
         } else if batches.deletion.is_some() {
             Some(FlushReason::Deletion)

@@ -370,6 +370,68 @@ async fn the_next_batch_fills_while_one_is_written_and_commits_stay_in_order() {
     cancel.cancel();
 }
 
+/// With backlog batches, what arrives while a write is in flight is written as one batch when
+/// that write ends (past `batch_size`, up to the backlog maximum), in order; without a
+/// backlog, batches stay small.
+#[tokio::test(start_paused = true)]
+async fn a_backlog_is_applied_in_larger_batches_up_to_the_maximum() {
+    let (tx, rx) = mpsc::channel(64);
+    let committed = Arc::new(Mutex::new(Vec::new()));
+    let writer = Arc::new(GatedWriter {
+        gate: tokio::sync::Semaphore::new(0),
+        written: Mutex::new(Vec::new()),
+    });
+    let processor = BatchProcessor::new(writer.clone(), Arc::new(Dlq::default()), config(1))
+        .with_backlog_batches(3);
+    let source = FakeSource {
+        rx,
+        committed: committed.clone(),
+        drains: false,
+    };
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let task = tokio::spawn(async move {
+        processor.run(source, c).await;
+    });
+    // Batch 1 alone (nothing in flight), held in its write.
+    tx.send(msg(1, vec![pair(1)])).await.unwrap();
+    until("write 1 started", || tx.capacity() == 64).await;
+    // Meanwhile 2 and 3 wait (2 < 3 pairs), 4 fills the batch to the maximum, 5 waits behind.
+    for i in 2..=5 {
+        tx.send(msg(i, vec![pair(i as usize)])).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(writer.written.lock().unwrap().is_empty());
+    writer.gate.add_permits(1);
+    until("batch 1 is committed", || {
+        committed.lock().unwrap().len() == 1
+    })
+    .await;
+    // Batch 2 is what arrived during write 1, up to the maximum; 5 goes once it is written.
+    writer.gate.add_permits(2);
+    until("all are committed", || committed.lock().unwrap().len() == 5).await;
+    assert_eq!(*committed.lock().unwrap(), vec![1, 2, 3, 4, 5]);
+    let written: Vec<Vec<Pair>> = writer.written.lock().unwrap().clone();
+    assert_eq!(
+        written,
+        vec![
+            vec![pair(1)],
+            vec![pair(2), pair(3), pair(4)],
+            vec![pair(5)]
+        ]
+    );
+    // No backlog: one message, one batch, at once.
+    writer.gate.add_permits(10);
+    tx.send(msg(6, vec![pair(6)])).await.unwrap();
+    until("batch 6 is committed", || {
+        committed.lock().unwrap().len() == 6
+    })
+    .await;
+    assert_eq!(writer.written.lock().unwrap().last(), Some(&vec![pair(6)]));
+    cancel.cancel();
+    task.await.unwrap();
+}
+
 fn deletion(pos: u64, users: &[&str]) -> Message<u64> {
     Message {
         position: pos,
