@@ -413,15 +413,17 @@ impl BatchProcessor {
                 }
             }
         }
-        Ok(if self.full(batches.pairs.len(), batches.inflight.is_some()) {
-            Some(FlushReason::Size)
-        } else if batches.deletion.is_some() {
-            Some(FlushReason::Deletion)
-        } else if batches.inflight.is_none() && source.is_drained() {
-            Some(FlushReason::Drained)
-        } else {
-            None
-        })
+        Ok(
+            if self.full(batches.pairs.len(), batches.inflight.is_some()) {
+                Some(FlushReason::Size)
+            } else if batches.deletion.is_some() {
+                Some(FlushReason::Deletion)
+            } else if batches.inflight.is_none() && source.is_drained() {
+                Some(FlushReason::Drained)
+            } else {
+                None
+            },
+        )
     }
 
     /// Flushes the pending batch. At most one write is in flight: the previous one is awaited

@@ -163,11 +163,6 @@ impl<T: Send + 'static> Background<T> {
     }
 }
 
-/// Largest batch the processor applies when it falls behind (see
-/// `BatchProcessor::with_backlog_batches`): a store batch touches every segment of its pairs
-/// once, so a backlog applied in larger batches costs less per pair.
-const BACKLOG_BATCH_PAIRS: usize = 100_000;
-
 /// The batch processor from the log to the store (through `seams.writer`, if any), running.
 fn spawn_processor(
     cfg: &StandaloneConfig,
@@ -186,8 +181,7 @@ fn spawn_processor(
             cfg.data_dir.join("dead-letters.ndjson"),
         )),
         cfg.batch.clone(),
-    )
-    .with_backlog_batches(BACKLOG_BATCH_PAIRS.max(cfg.batch.batch_size));
+    );
     let health = processor.health();
     let task = Background::spawn(|stop| async move { processor.run(source, stop).await });
     (task, health)

@@ -542,7 +542,11 @@ impl<C: Code> Repr<C> {
                 }
             }
         }
-        if let Some(w) = self.index.as_ref().and_then(|ix| ix.words.get(key as usize / 64)) {
+        if let Some(w) = self
+            .index
+            .as_ref()
+            .and_then(|ix| ix.words.get(key as usize / 64))
+        {
             super::hint::prefetch(w);
         }
     }

@@ -606,11 +606,7 @@ impl MemStore {
         }
         let mut detected = Detected::default();
         let segs: Vec<_> = groups.iter().map(|(name, _)| self.segment(name)).collect();
-        let mut ahead = Lookahead::new(
-            &segs,
-            |g| groups[g].1.len(),
-            |g, k| Some(groups[g].1[k].0),
-        );
+        let mut ahead = Lookahead::new(&segs, |g| groups[g].1.len(), |g, k| Some(groups[g].1[k].0));
         for (g, (name, members)) in groups.iter().enumerate() {
             let mut seg = ahead.start(g);
             match detect {

@@ -779,6 +779,38 @@ mod tests {
     use super::*;
     use userseg_domain::Pair;
 
+    /// Loaded with room for the pairs the log will replay, the member tables take those new
+    /// members without growing (no rehash of every entry right after a restart); loaded
+    /// without, they grow at once. Counts are the same either way.
+    #[test]
+    fn room_for_the_replay_is_made_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Window::from_secs(3600).unwrap();
+        let now = 1_800_000_000;
+        let pair = |i: u32| Pair {
+            user_id: format!("user-{i}"),
+            segment: format!("seg{}", i % 7),
+            ts: now - i64::from(i % 3000),
+        };
+        let store = MemStore::new(w);
+        let first: Vec<Pair> = (0..20_000).map(pair).collect();
+        store.apply(&first).unwrap();
+        let path = write(&store, dir.path(), 1).unwrap();
+        // What the log brings after the snapshot: 10% more members, all new users.
+        let replay: Vec<Pair> = (20_000..22_000).map(pair).collect();
+        store.apply(&replay).unwrap();
+        let want = store.count_all(now);
+        let mut grew = Vec::new();
+        for more in [0, 2_000] {
+            let (loaded, _) = load_with_room(&path, w, more).unwrap();
+            let before = loaded.memory().member_bytes;
+            loaded.apply(&replay).unwrap();
+            assert_eq!(loaded.count_all(now), want, "room {more}");
+            grew.push(loaded.memory().member_bytes > before);
+        }
+        assert_eq!(grew, vec![true, false]);
+    }
+
     #[test]
     fn round_trip_compacts_and_keeps_counts() {
         let dir = tempfile::tempdir().unwrap();

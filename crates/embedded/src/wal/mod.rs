@@ -180,9 +180,9 @@ pub fn replay(
 /// Bytes of log after offset `from` (what a replay from `from` reads, about).
 pub fn bytes_after(dir: &Path, from: u64) -> u64 {
     let files = list_files(dir).unwrap_or_default();
-    let end = files
-        .last()
-        .map_or(0, |(base, path)| base + stdfs::metadata(path).map_or(0, |m| m.len()));
+    let end = files.last().map_or(0, |(base, path)| {
+        base + stdfs::metadata(path).map_or(0, |m| m.len())
+    });
     end.saturating_sub(from)
 }
 
