@@ -176,8 +176,7 @@ pub fn replay(
     replay_at(dir, from, |_, record| apply(record))
 }
 
-/// [`replay`], also handing each record's end offset (its [`WalPosition`]) to `apply`.
-/// Bytes of log after offset `from` (what a replay from `from` reads, about).
+/// Bytes of log after offset `from` (about what a replay from `from` reads).
 pub fn bytes_after(dir: &Path, from: u64) -> u64 {
     let files = list_files(dir).unwrap_or_default();
     let end = files.last().map_or(0, |(base, path)| {
@@ -186,6 +185,7 @@ pub fn bytes_after(dir: &Path, from: u64) -> u64 {
     end.saturating_sub(from)
 }
 
+/// [`replay`], also handing each record's end offset (its [`WalPosition`]) to `apply`.
 pub fn replay_at(
     dir: &Path,
     from: u64,
