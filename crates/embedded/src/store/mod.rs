@@ -448,7 +448,11 @@ where
     fn start(&mut self, g: usize) -> SegmentGuard<'a> {
         let seg = match self.next.take() {
             Some((n, guard)) if n == g => guard,
-            _ => write(&self.segs[g]),
+            other => {
+                // Never wait for a lock while holding another.
+                drop(other);
+                write(&self.segs[g])
+            }
         };
         self.next_busy = false;
         for k in 0..AHEAD.min((self.len)(g)) {
