@@ -839,6 +839,10 @@ mod tests {
         let mut n = 0;
         replay(dir.path(), ends[9], |_| n += 1).unwrap();
         assert_eq!(n, 10);
+        // The bytes a replay reads, across files.
+        assert_eq!(bytes_after(dir.path(), 0), stats.end);
+        assert_eq!(bytes_after(dir.path(), ends[9]), stats.end - ends[9]);
+        assert_eq!(bytes_after(dir.path(), stats.end + 5), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
