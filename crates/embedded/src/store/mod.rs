@@ -25,7 +25,7 @@ use userseg_domain::{Bucketing, Pair, UnixSeconds, Window};
 use userseg_usecase::{Mode, PortError, SegmentCount, SegmentCounter, SegmentWriter};
 
 pub use dict::{UserDict, Users};
-use members::{Code, Coder, Repr};
+use members::{Code, Coder, Layout, Repr};
 use ring::Ring;
 
 /// Memberships with `u16` codes when the ring leaves enough room below `u16::MAX` for sweeps to
@@ -153,21 +153,28 @@ fn expire_in<C: Code>(
 }
 
 impl Segment {
+    #[cfg(test)]
     fn new(ring_len: i64, window_buckets: i64) -> Segment {
-        Segment::with_capacity(ring_len, window_buckets, 0, 0)
+        Segment::with_capacity(ring_len, window_buckets, 0, 0, Layout::Auto)
     }
 
     /// A segment sized for `n` members among users below `universe`.
-    fn with_capacity(ring_len: i64, window_buckets: i64, n: usize, universe: usize) -> Segment {
+    fn with_capacity(
+        ring_len: i64,
+        window_buckets: i64,
+        n: usize,
+        universe: usize,
+        layout: Layout,
+    ) -> Segment {
         let ring = Ring::new(ring_len, window_buckets);
         let (members, coder) = if narrow_fits(ring.len()) {
             (
-                Members::Narrow(Repr::with_capacity(n, universe)),
+                Members::Narrow(Repr::with_capacity(n, universe, layout)),
                 Coder::new::<u16>(ring.top()),
             )
         } else {
             (
-                Members::Wide(Repr::with_capacity(n, universe)),
+                Members::Wide(Repr::with_capacity(n, universe, layout)),
                 Coder::new::<u32>(ring.top()),
             )
         };
@@ -282,6 +289,14 @@ impl Segment {
         }
     }
 
+    #[cfg(test)]
+    fn is_packed(&self) -> bool {
+        match &self.members {
+            Members::Narrow(r) => r.is_packed(),
+            Members::Wide(r) => r.is_packed(),
+        }
+    }
+
     fn memory_bytes(&self) -> usize {
         let m = match &self.members {
             Members::Narrow(r) => r.memory_bytes(),
@@ -317,6 +332,8 @@ pub struct MemStore {
     heavy: Arc<tokio::sync::Semaphore>,
     /// The change feed, once attached (see [`feed`]).
     pub(crate) feed: std::sync::OnceLock<feed::Feed>,
+    /// How new segments lay out their memberships.
+    layout: Layout,
 }
 
 /// Dictionary shards: a power of two, at least the cores we expect to use.
@@ -423,6 +440,16 @@ impl MemStore {
             erasures: Default::default(),
             heavy: Arc::new(tokio::sync::Semaphore::new(analytics::HEAVY_QUERIES)),
             feed: std::sync::OnceLock::new(),
+            layout: Layout::Auto,
+        }
+    }
+
+    /// A store whose segments use the packed layout whatever their size (tests).
+    #[cfg(test)]
+    pub(crate) fn packed(window: Window) -> MemStore {
+        MemStore {
+            layout: Layout::Packed,
+            ..MemStore::new(window)
         }
     }
 
@@ -441,9 +468,12 @@ impl MemStore {
         write(&self.segments)
             .entry(name.into())
             .or_insert_with(|| {
-                Arc::new(RwLock::new(Segment::new(
+                Arc::new(RwLock::new(Segment::with_capacity(
                     self.ring_len,
                     self.bucketing.window_buckets(),
+                    0,
+                    0,
+                    self.layout,
                 )))
             })
             .clone()
@@ -860,6 +890,41 @@ mod tests {
 
     userseg_usecase::analytics_test_suite!(make_analytics, seeds = 30, steps = 50);
 
+    /// The shared suites again, every segment in the packed layout whatever its size: counts,
+    /// lookups, lookbacks, expressions, overlaps, exports and deletions over it.
+    mod packed_layout {
+        use super::*;
+
+        async fn make_store(window: Window) -> userseg_usecase::store_suite::SuiteStore {
+            let s = EmbeddedStore(Arc::new(MemStore::packed(window)));
+            userseg_usecase::store_suite::SuiteStore {
+                writer: Arc::new(s.clone()),
+                counter: Arc::new(s),
+            }
+        }
+
+        userseg_usecase::store_test_suite!(make_store, seeds = 20, steps = 60);
+
+        async fn make_analytics(
+            window: Window,
+        ) -> userseg_usecase::analytics_suite::SuiteAnalytics {
+            let s = EmbeddedStore(Arc::new(MemStore::packed(window)));
+            userseg_usecase::analytics_suite::SuiteAnalytics {
+                writer: Arc::new(s.clone()),
+                analytics: Arc::new(s),
+            }
+        }
+
+        userseg_usecase::analytics_test_suite!(make_analytics, seeds = 20, steps = 50);
+
+        #[test]
+        fn every_segment_is_packed() {
+            let store = MemStore::packed(Window::DEFAULT);
+            store.apply(&[p(1, 1, 1_800_000_000)]).unwrap();
+            assert!(read(&read(&store.segments)["s1"]).is_packed());
+        }
+    }
+
     fn p(u: u32, s: u32, ts: i64) -> Pair {
         Pair {
             user_id: format!("u{u}"),
@@ -921,18 +986,19 @@ mod tests {
     }
 
     proptest! {
-        /// Counts match the bucket-level model through table/dense switches (many users per
-        /// segment), expiry, large jumps of time (sweeps of the modular codes) and narrow and
+        /// Counts match the bucket-level model through table/packed/dense switches (many users
+        /// per segment) or in the packed layout throughout, expiry, large jumps of time (sweeps of the modular codes) and narrow and
         /// wide codes (short and long windows).
         #[test]
         fn counts_match_model_across_representations(
+            packed in any::<bool>(),
             window_pick in 0usize..3,
             users in 1u32..600,
             events in proptest::collection::vec((0u32..600, 0u32..3, 0u8..20, 0i64..1000), 1..1500),
         ) {
             let window = [3600u64, 14 * 86_400, 60 * 86_400][window_pick];
             let w = Window::from_secs(window).unwrap();
-            let store = MemStore::new(w);
+            let store = if packed { MemStore::packed(w) } else { MemStore::new(w) };
             let b = store.bucketing();
             let mut model = Model { ring_len: store.ring_len, latest: Default::default(), top: Default::default() };
             let mut now = 1_700_000_000i64;

@@ -19,6 +19,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use super::members::Layout;
 use super::{MemStore, Segment, Users};
 use userseg_domain::Window;
 
@@ -675,8 +676,13 @@ impl LoadCtx<'_> {
         );
         let mut head = vec![0u8; (rec.body_start - rec.start) as usize];
         read_exact(&mut r, &mut head, path)?;
-        let mut seg =
-            Segment::with_capacity(self.ring_len, self.window_buckets, rec.n, self.universe);
+        let mut seg = Segment::with_capacity(
+            self.ring_len,
+            self.window_buckets,
+            rec.n,
+            self.universe,
+            Layout::Auto,
+        );
         seg.advance(rec.top, None);
         let mut left = rec.n;
         let mut skipped = 0u64;
@@ -767,7 +773,7 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_of_dense_and_table_segments_in_parallel() {
+    fn round_trip_of_dense_packed_and_table_segments_in_parallel() {
         let dir = tempfile::tempdir().unwrap();
         let w = Window::DEFAULT;
         let store = MemStore::new(w);
@@ -787,6 +793,13 @@ mod tests {
                         ts: ts - 7,
                     });
                 }
+                if i % 5 == 0 {
+                    v.push(Pair {
+                        user_id: format!("user-{i:012}"),
+                        segment: "fifth".into(),
+                        ts: ts - 11,
+                    });
+                }
                 v
             })
             .collect();
@@ -796,6 +809,11 @@ mod tests {
         let (loaded, offset) = load(&path, w).unwrap();
         assert_eq!(offset, 99);
         assert!(super::super::read(&super::super::read(&loaded.segments)["all"]).is_dense());
+        for s in [&store, &loaded] {
+            let segs = super::super::read(&s.segments);
+            assert!(super::super::read(&segs["fifth"]).is_packed());
+            assert!(!super::super::read(&segs["few0"]).is_packed());
+        }
         for at in [now, now + 100_000, now + 1_000_000, now + 1_300_000] {
             assert_eq!(loaded.count_all(at), store.count_all(at), "at {at}");
         }
