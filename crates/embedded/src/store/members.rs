@@ -5,15 +5,29 @@
 //! `Code::M` buckets below the top, and [`Members::advance`] sweeps out entries that could become
 //! ambiguous before the top moves that far.
 //!
-//! Two representations, switched by density:
+//! Three representations, chosen by size and density (the share `s` of the user indices a
+//! segment spans that it holds):
 //! * [`Table`]: open addressing with linear probing and backward-shift deletion, slots packed as
-//!   `(user u32, code)` (6 bytes with `u16` codes), any capacity (growth ×1.5, load ≤ 0.85);
-//! * [`Dense`]: one code per user index, for segments holding a large share of all users.
+//!   `(user u32, code)` (6 bytes with `u16` codes), any capacity (growth ×1.5, load ≤ 0.85):
+//!   ≈ 8.6 bytes per member whatever `s`, for sparse segments;
+//! * [`Packed`]: a bitmap-rank layout, one bit per user index of the span and the codes of the
+//!   keys held in key order, in pages of [`PAGE_KEYS`] indices, each with the rank of its bit
+//!   words: ≈ `2.06 + 0.19 / s` bytes per member (3.4 at `s` = 0.14, 2.5 at 0.5), for the
+//!   middle;
+//! * [`Dense`]: one code per user index, `2.1 / s` bytes per member with its index, for segments
+//!   holding nearly every user they span.
 //!
-//! A segment whose members are a large enough share of the user indices they span also keeps an
-//! [`Index`]: one bit per user index, set for every entry (live or not). Expressions and overlaps
-//! start from it instead of scanning the entries (see `analytics.rs`); it costs at most
-//! [`INDEX_BYTES_PER_MEMBER`] bytes per member, and is built or dropped when the representation
+//! [`choose`] picks the smallest by estimated bytes when a representation is built or resized
+//! (a table growing, a dense array or a packed layout covering more users, a packed layout
+//! grown by an eighth, a retain: expiry and sweeps), leaving the one in place only for one a
+//! quarter smaller (or for a smaller dense array), so that a segment near a boundary does not
+//! switch back and forth.
+//!
+//! The key index analytics start from (see `analytics.rs`: expressions and overlaps copy it
+//! instead of scanning the entries) is one bit per user index, set for every entry (live or
+//! not): a packed layout's bits are that; a table or a dense array whose members are a large
+//! enough share of the user indices they span keeps an [`Index`] for it, which costs at most
+//! [`INDEX_BYTES_PER_MEMBER`] bytes per member and is built or dropped when the representation
 //! is resized.
 
 /// A modular bucket code. Codes are `1..=M`; 0 marks an empty slot.

@@ -2,10 +2,12 @@
 //! periodic snapshots (see [`crate::checkpoint`]).
 //!
 //! Layout: user ids are interned into dense `u32`s ([`dict::UserDict`]); each segment maps
-//! user index → bucket of the latest ts ([`members`]: a 6-byte-slot open-addressing table, or
-//! for segments holding a large share of all users a dense array of 2-byte codes indexed by
-//! user), and keeps a [`ring::Ring`] of member counts per bucket with the window sum cached, so
-//! an estimate is O(1) at the time of the latest data and never touches the memberships.
+//! user index → bucket of the latest ts as a 2-byte code ([`members`], by the share of the
+//! users it spans that it holds: a 6-byte-slot open-addressing table for sparse segments, a
+//! packed bitmap-rank layout (a bit per user index, the codes of the members in key order) for
+//! the middle, a dense array of codes indexed by user for segments holding nearly all), and
+//! keeps a [`ring::Ring`] of member counts per bucket with the window sum cached, so an
+//! estimate is O(1) at the time of the latest data and never touches the memberships.
 
 mod analytics;
 mod catchup;
