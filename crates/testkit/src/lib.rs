@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod feed;
+pub mod keys;
 pub mod metrics;
 pub mod process;
 pub mod tansu;

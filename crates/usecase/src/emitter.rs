@@ -431,16 +431,36 @@ mod tests {
     use std::sync::Mutex;
     use userseg_domain::ChangeReason;
 
-    /// Records appends; fails the first `fail` of them.
+    /// Records appends; fails the first `fail` of them; with `open`, each append first waits
+    /// for a permit of it (a log that is down).
     #[derive(Default)]
     struct Recorder {
         got: Mutex<Vec<ChangeEvent>>,
         fail: Mutex<usize>,
+        open: Option<tokio::sync::Notify>,
+    }
+
+    impl Recorder {
+        fn stuck() -> Recorder {
+            Recorder {
+                open: Some(tokio::sync::Notify::new()),
+                ..Recorder::default()
+            }
+        }
+
+        fn let_one_through(&self) {
+            if let Some(open) = &self.open {
+                open.notify_one();
+            }
+        }
     }
 
     #[async_trait]
     impl ChangeLog for Recorder {
         async fn append(&self, events: Vec<ChangeEvent>) -> Result<(), PortError> {
+            if let Some(open) = &self.open {
+                open.notified().await;
+            }
             let mut fail = self.fail.lock().unwrap();
             if *fail > 0 {
                 *fail -= 1;
@@ -579,39 +599,9 @@ mod tests {
         task.await.unwrap();
     }
 
-    /// A log whose appends wait until `open`.
-    #[derive(Default)]
-    struct Stuck {
-        open: tokio::sync::Notify,
-        got: Mutex<Vec<ChangeEvent>>,
-    }
-
-    #[async_trait]
-    impl ChangeLog for Stuck {
-        async fn append(&self, events: Vec<ChangeEvent>) -> Result<(), PortError> {
-            self.open.notified().await;
-            self.got.lock().unwrap().extend(events);
-            Ok(())
-        }
-        async fn end(&self) -> Result<String, PortError> {
-            Ok(String::new())
-        }
-        async fn start(&self) -> Result<String, PortError> {
-            Ok(String::new())
-        }
-        async fn read(
-            &self,
-            _: &str,
-            _: usize,
-            _: Duration,
-        ) -> Result<ChangeBatch, ChangeReadError> {
-            Ok(ChangeBatch::default())
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn while_the_topic_is_down_the_index_waits_instead_of_queueing_without_bound() {
-        let log = Arc::new(Stuck::default());
+        let log = Arc::new(Recorder::stuck());
         let (_owned_tx, owned_rx) = watch::channel(Arc::new(BTreeSet::from([0])));
         let config = EmitterConfig {
             max_pending: 3,
@@ -628,8 +618,8 @@ mod tests {
         inlet.send(vec![ev("u0", 4)]);
         // ... and past it the index waits.
         assert!(still_pending(inlet.through(vec![(0, 3)])).await);
-        log.open.notify_one();
-        log.open.notify_one();
+        log.let_one_through();
+        log.let_one_through();
         inlet.through(vec![(0, 3)]).await;
         assert!(log.got.lock().unwrap().len() >= 2);
         cancel.cancel();

@@ -4,6 +4,8 @@
 
 mod support;
 
+use userseg_testkit::keys::{keys_toml, sha256_hex, Key};
+
 use serde_json::Value;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic_prost::prost::Message;
@@ -22,16 +24,18 @@ const KEYS: [(&str, &str); 5] = [
 ];
 
 fn keys_file() -> String {
-    KEYS.iter()
-        .map(|(name, token)| {
-            let roles: Vec<String> = name.split('+').map(|r| format!("\"{r}\"")).collect();
-            format!(
-                "[[key]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [{}]\n\n",
-                token_sha256_hex(token),
-                roles.join(", ")
-            )
-        })
-        .collect()
+    let roles: Vec<Vec<&str>> = KEYS
+        .iter()
+        .map(|(name, _)| name.split('+').collect())
+        .collect();
+    let keys: Vec<Key<'_>> = KEYS
+        .iter()
+        .zip(&roles)
+        .map(|((name, token), roles)| Key { name, roles, token })
+        .collect();
+    // The tests' keys files hash tokens as the server does.
+    assert_eq!(sha256_hex(KEYS[0].1), token_sha256_hex(KEYS[0].1));
+    keys_toml(&keys)
 }
 
 fn authenticator() -> Authenticator {

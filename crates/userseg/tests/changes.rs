@@ -6,9 +6,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
+use userseg_testkit::feed::{Feed, FeedEvent};
+use userseg_testkit::keys::{get_status, write_keys_file, Key};
 use userseg_testkit::{free_port, now, until, Proc};
 
 fn spawn(data: &Path, port: u16, extra: &[(&str, &str)]) -> Proc {
@@ -36,113 +38,27 @@ async fn push(base: &str, pairs: Value) {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
 
-/// One event as the client got it: the cursor (SSE `id:`) and the JSON.
-#[derive(Clone, Debug)]
-struct Got {
-    cursor: String,
-    event: Value,
-}
-
-/// A streaming subscription, parsed as it arrives.
-struct Feed {
-    resp: reqwest::Response,
-    sse: bool,
-    buf: String,
-    events: Vec<Got>,
-}
-
-impl Feed {
-    async fn open(base: &str, query: &str, sse: bool, headers: &[(&str, &str)]) -> Feed {
-        let accept = if sse {
-            "text/event-stream"
-        } else {
-            "application/x-ndjson"
-        };
-        let mut req = reqwest::Client::new()
-            .get(format!("{base}/v1/changes{query}"))
-            .header("accept", accept);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = req.send().await.unwrap();
-        assert_eq!(resp.status(), 200, "{query}");
-        let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
-        // `format=` overrides Accept.
-        let sse = sse && !query.contains("format=ndjson");
-        let want = if sse {
-            "text/event-stream"
-        } else {
-            "application/x-ndjson"
-        };
-        assert_eq!(ct, want, "{query}");
-        Feed {
-            resp,
-            sse,
-            buf: String::new(),
-            events: Vec::new(),
-        }
+/// Subscribes to `GET /v1/changes{query}`, as SSE (`sse`) or NDJSON by the Accept header, and
+/// checks the format of the answer (`format=` overrides Accept).
+async fn open_feed(base: &str, query: &str, sse: bool, headers: &[(&str, &str)]) -> Feed {
+    let accept = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    let mut req = reqwest::Client::new()
+        .get(format!("{base}/v1/changes{query}"))
+        .header("accept", accept);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
-
-    /// Reads until at least `n` events arrived in all (fails after `secs`).
-    async fn until(&mut self, n: usize, secs: u64) -> &[Got] {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while self.events.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "{} of {n} events after {secs} s: {:?}",
-                self.events.len(),
-                self.events
-            );
-            let chunk = tokio::time::timeout(left, self.resp.chunk()).await;
-            let Ok(chunk) = chunk else { continue };
-            let chunk = chunk.unwrap().expect("the stream ended");
-            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
-            self.parse();
-        }
-        &self.events
-    }
-
-    fn parse(&mut self) {
-        let sep = if self.sse { "\n\n" } else { "\n" };
-        while let Some(at) = self.buf.find(sep) {
-            let block: String = self.buf.drain(..at + sep.len()).collect();
-            if self.sse {
-                let mut id = None;
-                let mut data = None;
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id: ") {
-                        id = Some(v.to_string());
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data = Some(serde_json::from_str::<Value>(v).unwrap());
-                    } else {
-                        assert!(line.is_empty() || line.starts_with(':'), "{line:?}");
-                    }
-                }
-                if let Some(event) = data {
-                    let cursor = id.expect("every SSE event has an id");
-                    assert_eq!(event["cursor"], cursor.as_str());
-                    self.events.push(Got { cursor, event });
-                }
-            } else if !block.trim().is_empty() {
-                let event: Value = serde_json::from_str(block.trim()).unwrap();
-                let cursor = event["cursor"].as_str().unwrap().to_string();
-                self.events.push(Got { cursor, event });
-            }
-        }
-    }
-
-    /// Reads for `d`, returning every event that arrived meanwhile.
-    async fn for_a_while(&mut self, d: Duration) -> &[Got] {
-        let deadline = Instant::now() + d;
-        while let Ok(Ok(Some(chunk))) =
-            tokio::time::timeout_at(deadline.into(), self.resp.chunk()).await
-        {
-            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
-            self.parse();
-        }
-        &self.events
-    }
+    let feed = Feed::new(req.send().await.unwrap()).await;
+    assert_eq!(
+        feed.is_sse(),
+        sse && !query.contains("format=ndjson"),
+        "{query}"
+    );
+    feed
 }
 
 fn summary(e: &Value) -> (String, String, String, String) {
@@ -166,9 +82,9 @@ async fn subscribers_see_entered_deleted_and_expired() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = spawn(&dir.path().join("data"), free_port(), &[("WINDOW", "6s")]);
     p.ready().await;
-    let mut sse = Feed::open(&p.base, "", true, &[]).await;
-    let mut nd = Feed::open(&p.base, "?segments=a", false, &[]).await;
-    let mut forced = Feed::open(&p.base, "?format=ndjson&segments=b", true, &[]).await;
+    let mut sse = open_feed(&p.base, "", true, &[]).await;
+    let mut nd = open_feed(&p.base, "?segments=a", false, &[]).await;
+    let mut forced = open_feed(&p.base, "?format=ndjson&segments=b", true, &[]).await;
 
     let t = now();
     push(
@@ -183,7 +99,7 @@ async fn subscribers_see_entered_deleted_and_expired() {
     )
     .await;
     let got: Vec<_> = sse
-        .until(2, 20)
+        .until_count(2, 20)
         .await
         .iter()
         .map(|g| summary(&g.event))
@@ -199,14 +115,14 @@ async fn subscribers_see_entered_deleted_and_expired() {
     assert!((ts - t).abs() <= 2, "entered ts {ts} vs {t}");
     assert_eq!(sse.events[0].event["id"].as_str().unwrap().len(), 16);
     let got: Vec<_> = nd
-        .until(1, 20)
+        .until_count(1, 20)
         .await
         .iter()
         .map(|g| summary(&g.event))
         .collect();
     assert_eq!(got, vec![s("entered", "pair", "u1", "a")]);
     let got: Vec<_> = forced
-        .until(1, 20)
+        .until_count(1, 20)
         .await
         .iter()
         .map(|g| summary(&g.event))
@@ -223,7 +139,7 @@ async fn subscribers_see_entered_deleted_and_expired() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let got: Vec<_> = sse
-        .until(3, 20)
+        .until_count(3, 20)
         .await
         .iter()
         .map(|g| summary(&g.event))
@@ -238,7 +154,7 @@ async fn subscribers_see_entered_deleted_and_expired() {
 
     // Expiry: u1's latest pair was pushed at about `t`; its exit comes at t + 6 s, within a
     // bucket (1 s) plus the 0.5 s tick.
-    let got = sse.until(4, 30).await;
+    let got = sse.until_count(4, 30).await;
     let arrived = now();
     assert_eq!(summary(&got[3].event), s("exited", "expired", "u1", "a"));
     let due = got[3].event["ts"].as_i64().unwrap();
@@ -249,7 +165,7 @@ async fn subscribers_see_entered_deleted_and_expired() {
         arrived - due
     );
     let got: Vec<_> = nd
-        .until(2, 20)
+        .until_count(2, 20)
         .await
         .iter()
         .map(|g| summary(&g.event))
@@ -270,12 +186,12 @@ async fn resume_by_cursor_across_sigkill_of_server_and_client() {
     let extra = [("CHECKPOINT_INTERVAL", "1s")];
     let mut p = spawn(&data, port, &extra);
     p.ready().await;
-    let first = Feed::open(&p.base, "?format=ndjson", false, &[]).await;
+    let first = open_feed(&p.base, "?format=ndjson", false, &[]).await;
     // Where the feed starts (nothing has happened yet).
     let start = {
         let mut f = first;
         push(&p.base, json!([{"user_id": "probe", "segment": "p"}])).await;
-        let g = f.until(1, 20).await[0].clone();
+        let g = f.until_count(1, 20).await[0].clone();
         assert_eq!(g.event["user_id"], "probe");
         g.cursor
     };
@@ -309,7 +225,7 @@ async fn resume_by_cursor_across_sigkill_of_server_and_client() {
     // Every event by id, and the order of cursors, across reconnections.
     let mut seen: BTreeMap<String, Value> = BTreeMap::new();
     let mut cursor = start.clone();
-    let record = |seen: &mut BTreeMap<String, Value>, g: &Got| {
+    let record = |seen: &mut BTreeMap<String, Value>, g: &FeedEvent| {
         let id = g.event["id"].as_str().unwrap().to_string();
         let mut e = g.event.clone();
         e.as_object_mut().unwrap().remove("cursor");
@@ -321,11 +237,11 @@ async fn resume_by_cursor_across_sigkill_of_server_and_client() {
     // Last-Event-ID; the server is killed once in between.
     for round in 0..4 {
         let mut f = if round % 2 == 0 {
-            Feed::open(&p.base, &format!("?after={cursor}"), true, &[]).await
+            open_feed(&p.base, &format!("?after={cursor}"), true, &[]).await
         } else {
-            Feed::open(&p.base, "", true, &[("last-event-id", cursor.as_str())]).await
+            open_feed(&p.base, "", true, &[("last-event-id", cursor.as_str())]).await
         };
-        let got = f.until(150, 60).await.to_vec();
+        let got = f.until_count(150, 60).await.to_vec();
         for g in &got {
             record(&mut seen, g);
         }
@@ -345,7 +261,7 @@ async fn resume_by_cursor_across_sigkill_of_server_and_client() {
     pusher.await.unwrap();
     // Drain the rest after the pusher finished.
     let acked = acked.lock().unwrap().clone();
-    let mut f = Feed::open(&p.base, &format!("?after={cursor}"), false, &[]).await;
+    let mut f = open_feed(&p.base, &format!("?after={cursor}"), false, &[]).await;
     until(
         "every acknowledged pair's entered arrived",
         120,
@@ -365,9 +281,9 @@ async fn resume_by_cursor_across_sigkill_of_server_and_client() {
     )
     .await;
     // From the start, in one go: the same events, each once, in the same order as resumed.
-    let mut all = Feed::open(&p.base, &format!("?after={start}"), false, &[]).await;
+    let mut all = open_feed(&p.base, &format!("?after={start}"), false, &[]).await;
     let total = seen.len();
-    let got = all.until(total, 60).await.to_vec();
+    let got = all.until_count(total, 60).await.to_vec();
     let ids: Vec<&str> = got
         .iter()
         .map(|g| g.event["id"].as_str().unwrap())
@@ -389,7 +305,7 @@ async fn stalled_clients_do_not_grow_server_memory() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = spawn(&dir.path().join("data"), free_port(), &[]);
     p.ready().await;
-    let mut probe = Feed::open(&p.base, "", false, &[]).await;
+    let mut probe = open_feed(&p.base, "", false, &[]).await;
     const N: usize = 300_000;
     for b in 0..(N / 100_000) {
         let pairs: Vec<Value> = (0..100_000)
@@ -422,8 +338,8 @@ async fn stalled_clients_do_not_grow_server_memory() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let during = p.rss_kib();
     // A reading client gets everything meanwhile (the data is really there: ~40 MB of SSE).
-    let mut reader = Feed::open(&p.base, &format!("?after={start}"), true, &[]).await;
-    reader.until(N, 120).await;
+    let mut reader = open_feed(&p.base, &format!("?after={start}"), true, &[]).await;
+    reader.until_count(N, 120).await;
     let bytes: usize = reader
         .events
         .iter()
@@ -444,20 +360,26 @@ async fn stalled_clients_do_not_grow_server_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_cursor_is_gone_bad_cursor_is_invalid_and_members_role_is_needed() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys.toml");
-    let key = |name: &str, role: &str, token: &str| {
-        format!(
-            "[[key]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [\"{role}\"]\n\n",
-            userseg_api::auth::token_sha256_hex(token)
-        )
-    };
-    std::fs::write(
-        &keys,
-        key("reader", "read", "read-token")
-            + &key("member", "members", "members-token")
-            + &key("pusher", "ingest", "ingest-token"),
-    )
-    .unwrap();
+    let keys = write_keys_file(
+        dir.path(),
+        &[
+            Key {
+                name: "reader",
+                roles: &["read"],
+                token: "read-token",
+            },
+            Key {
+                name: "member",
+                roles: &["members"],
+                token: "members-token",
+            },
+            Key {
+                name: "pusher",
+                roles: &["ingest"],
+                token: "ingest-token",
+            },
+        ],
+    );
     let keys_path = keys.to_string_lossy().into_owned();
     let mut p = spawn(
         &dir.path().join("data"),
@@ -471,22 +393,7 @@ async fn old_cursor_is_gone_bad_cursor_is_invalid_and_members_role_is_needed() {
     let client = reqwest::Client::new();
     let get = |url: String, token: &'static str| {
         let client = client.clone();
-        async move {
-            let r = client
-                .get(url)
-                .bearer_auth(token)
-                .header("accept", "application/x-ndjson")
-                .send()
-                .await
-                .unwrap();
-            let st = r.status().as_u16();
-            let body: Value = if st == 200 {
-                Value::Null
-            } else {
-                r.json().await.unwrap()
-            };
-            (st, body)
-        }
+        async move { get_status(&client, &url, token, "application/x-ndjson").await }
     };
     let (st, body) = get(format!("{}/v1/changes", p.base), "read-token").await;
     assert_eq!(st, 403, "{body}");

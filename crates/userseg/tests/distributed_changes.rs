@@ -13,6 +13,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use userseg_kafka::{KafkaChangeLog, KafkaConfig};
+use userseg_testkit::feed::Feed;
+use userseg_testkit::keys::{get_status, write_keys_file, Key};
 use userseg_testkit::Proc;
 use userseg_usecase::ChangeLog;
 
@@ -32,52 +34,17 @@ fn users(prefix: &str, n: usize, segment: &str, ts: i64) -> Value {
         .collect()
 }
 
-/// An SSE subscription to `GET /v1/changes`, parsed as it arrives.
-struct Feed {
-    resp: reqwest::Response,
-    buf: String,
-    events: Vec<Value>,
-}
-
-impl Feed {
-    async fn open(base: &str, query: &str) -> Feed {
-        let resp = reqwest::Client::new()
-            .get(format!("{base}/v1/changes{query}"))
-            .header("accept", "text/event-stream")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        Feed {
-            resp,
-            buf: String::new(),
-            events: Vec::new(),
-        }
-    }
-
-    /// Reads until `done(events)` holds (fails after `secs`).
-    async fn until(&mut self, what: &str, secs: u64, done: impl Fn(&[Value]) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !done(&self.events) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "{what}: got {:#?}", self.events);
-            let Ok(chunk) = tokio::time::timeout(left, self.resp.chunk()).await else {
-                continue;
-            };
-            let chunk = chunk.unwrap().expect("the stream ended");
-            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
-            while let Some(at) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..at + 2).collect();
-                let id = block.lines().find_map(|l| l.strip_prefix("id: "));
-                if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
-                    let event: Value = serde_json::from_str(data).unwrap();
-                    assert_eq!(Some(event["cursor"].as_str().unwrap()), id, "{block}");
-                    self.events.push(event);
-                }
-            }
-        }
-    }
+/// An SSE subscription to `GET /v1/changes{query}`.
+async fn open_feed(base: &str, query: &str) -> Feed {
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/v1/changes{query}"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let feed = Feed::new(resp).await;
+    assert!(feed.is_sse());
+    feed
 }
 
 /// (type, reason, user, segment) of an event.
@@ -133,12 +100,12 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
         !es.counts().await.is_empty()
     })
     .await;
-    let mut feed = Feed::open(&es.base, "").await;
+    let mut feed = open_feed(&es.base, "").await;
     let t = now();
     push(&uss, users("u", 20, "s", t)).await;
     // Refreshes of live members and of the old ones: nothing.
     push(&uss, users("u", 20, "s", t + 1)).await;
-    feed.until("20 entered", 30, |e| count(e, "pair") >= 20)
+    feed.until("20 entered", 30, |f| count(&f.values(), "pair") >= 20)
         .await;
     let r = reqwest::Client::new()
         .delete(format!("{}/v1/users/u0", uss.base))
@@ -146,13 +113,16 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
-    feed.until("a deleted exit", 30, |e| count(e, "deleted") >= 1)
+    feed.until("a deleted exit", 30, |f| count(&f.values(), "deleted") >= 1)
         .await;
     // Every member left expires: the 19 u* and the 5 old ones.
-    feed.until("24 expired exits", 40, |e| count(e, "expired") >= 24)
-        .await;
-    assert_once_per_id(&feed.events);
-    let got: BTreeSet<_> = feed.events.iter().map(what).collect();
+    feed.until("24 expired exits", 40, |f| {
+        count(&f.values(), "expired") >= 24
+    })
+    .await;
+    let events = feed.values();
+    assert_once_per_id(&events);
+    let got: BTreeSet<_> = events.iter().map(what).collect();
     let mut want = BTreeSet::new();
     for i in 0..20 {
         want.insert(what(&json!({"type": "entered", "reason": "pair", "user_id": format!("u{i}"), "segment": "s"})));
@@ -163,9 +133,9 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
         want.insert(what(&json!({"type": "exited", "reason": "expired", "user_id": format!("old{i}"), "segment": "s"})));
     }
     assert_eq!(got, want);
-    assert_eq!(feed.events.len(), want.len(), "no event twice");
+    assert_eq!(events.len(), want.len(), "no event twice");
     // An expired exit comes at most a bucket (1 s for 8 s) plus the tick after its time.
-    for e in feed.events.iter().filter(|e| e["reason"] == "expired") {
+    for e in events.iter().filter(|e| e["reason"] == "expired") {
         assert!(e["ts"].as_i64().unwrap() <= now(), "{e}");
     }
     // The topic holds the same events, with their ids, readable from its start; before them,
@@ -174,8 +144,7 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
     let log = open_log(&c, &changes).await;
     let all = read_all(&log).await;
     let ids: BTreeSet<String> = all.iter().map(|(id, _)| id.clone()).collect();
-    let fed: BTreeSet<String> = feed
-        .events
+    let fed: BTreeSet<String> = events
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect();
@@ -198,18 +167,18 @@ async fn entered_deleted_and_expired_arrive_once_through_the_topic() {
     assert!(fed.is_subset(&ids));
     assert_eq!(all.len(), ids.len(), "no event twice in the topic");
     // Resuming after the 10th event's cursor gives exactly the events after it.
-    let cursor = feed.events[9]["cursor"].as_str().unwrap().to_string();
-    let mut resumed = Feed::open(&es.base, &format!("?after={cursor}")).await;
-    let rest = feed.events.len() - 10;
+    let cursor = events[9]["cursor"].as_str().unwrap().to_string();
+    let mut resumed = open_feed(&es.base, &format!("?after={cursor}")).await;
+    let rest = events.len() - 10;
     resumed
-        .until("the events after the cursor", 30, |e| e.len() >= rest)
+        .until("the events after the cursor", 30, |f| f.count >= rest)
         .await;
     let after: BTreeSet<String> = resumed
-        .events
+        .values()
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect();
-    let want: BTreeSet<String> = feed.events[10..]
+    let want: BTreeSet<String> = events[10..]
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect();
@@ -502,18 +471,21 @@ async fn es_feed_needs_members_and_stalled_clients_stay_bounded() {
     c.migrate();
     let changes = format!("{}-changes", c.topic);
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys.toml");
-    let key = |name: &str, role: &str, token: &str| {
-        format!(
-            "[[key]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [\"{role}\"]\n\n",
-            userseg_api::auth::token_sha256_hex(token)
-        )
-    };
-    std::fs::write(
-        &keys,
-        key("reader", "read", "read-token") + &key("member", "members", "members-token"),
-    )
-    .unwrap();
+    let keys = write_keys_file(
+        dir.path(),
+        &[
+            Key {
+                name: "reader",
+                roles: &["read"],
+                token: "read-token",
+            },
+            Key {
+                name: "member",
+                roles: &["members"],
+                token: "members-token",
+            },
+        ],
+    );
     let keys_path = keys.to_string_lossy().into_owned();
     let mut es = c.spawn(
         "es",
@@ -526,22 +498,7 @@ async fn es_feed_needs_members_and_stalled_clients_stay_bounded() {
     let client = reqwest::Client::new();
     let get = |url: String, token: &'static str| {
         let client = client.clone();
-        async move {
-            let r = client
-                .get(url)
-                .bearer_auth(token)
-                .header("accept", "application/x-ndjson")
-                .send()
-                .await
-                .unwrap();
-            let st = r.status().as_u16();
-            let body: Value = if st == 200 {
-                Value::Null
-            } else {
-                r.json().await.unwrap()
-            };
-            (st, body)
-        }
+        async move { get_status(&client, &url, token, "application/x-ndjson").await }
     };
     let (st, body) = get(format!("{}/v1/changes", es.base), "read-token").await;
     assert_eq!(st, 403, "{body}");
@@ -594,29 +551,10 @@ async fn es_feed_needs_members_and_stalled_clients_stay_bounded() {
         .send()
         .await
         .unwrap();
-    let mut r = r;
-    assert_eq!(r.status(), 200, "{:?}", r.chunk().await);
-    let (mut lines, mut bytes, mut buf) = (0usize, 0usize, Vec::new());
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while lines < N {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "the reading client got {lines} of {N} events"
-        );
-        let Ok(chunk) = tokio::time::timeout(left, r.chunk()).await else {
-            continue;
-        };
-        let chunk = chunk.unwrap().expect("the stream ended");
-        bytes += chunk.len();
-        buf.extend_from_slice(&chunk);
-        while let Some(at) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=at).collect();
-            if line.len() > 1 {
-                lines += 1;
-            }
-        }
-    }
+    let mut r = Feed::new(r).await.counting_only();
+    r.until("the reading client gets every event", 180, |f| f.count >= N)
+        .await;
+    let bytes = r.bytes;
     drop(r);
     assert!(bytes > 25 << 20, "the stream is {bytes} bytes");
     let before = es.rss_kib();

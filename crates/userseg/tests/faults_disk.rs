@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use userseg_proto::v1::segments_client::SegmentsClient;
 use userseg_proto::v1::{Pair, PushRequest};
+use userseg_testkit::feed::Feed;
 use userseg_testkit::metrics::metric;
 use userseg_testkit::{free_port, until, Proc};
 
@@ -202,48 +203,31 @@ fn finished_snapshots(data: &Path) -> Vec<(String, Vec<u8>)> {
 /// Reads the change feed from its start until `want` events came (or 30 s passed): the
 /// events read and the distinct users that entered segment `disk`, each id counted once.
 async fn entered_events(c: &reqwest::Client, p: &Proc, want: u64) -> (u64, u64) {
-    let mut r = c
+    let r = c
         .get(format!("{}/v1/changes?after=0&format=ndjson", p.base))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    let mut feed = Feed::new(r).await;
+    // Not `until`: the caller asserts the count, with its context.
+    feed.read_until(30, |f| f.count as u64 >= want).await;
     let (mut ids, mut users) = (
         std::collections::BTreeSet::new(),
         std::collections::BTreeSet::new(),
     );
-    let mut events = 0u64;
-    let mut buf = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while events < want {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let Ok(chunk) = tokio::time::timeout(left, r.chunk()).await else {
-            break;
-        };
-        buf.extend_from_slice(&chunk.unwrap().expect("the stream ended"));
-        while let Some(at) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=at).collect();
-            if line.len() <= 1 {
-                continue;
-            }
-            let e: Value = serde_json::from_slice(&line).unwrap();
-            assert_eq!(
-                (e["type"].as_str(), e["segment"].as_str()),
-                (Some("entered"), Some("disk")),
-                "{e}"
-            );
-            events += 1;
-            assert!(
-                ids.insert(e["id"].as_str().unwrap().to_string()),
-                "{e} twice"
-            );
-            users.insert(e["user_id"].as_str().unwrap().to_string());
-        }
+    for e in feed.values() {
+        assert_eq!(
+            (e["type"].as_str(), e["segment"].as_str()),
+            (Some("entered"), Some("disk")),
+            "{e}"
+        );
+        assert!(
+            ids.insert(e["id"].as_str().unwrap().to_string()),
+            "{e} twice"
+        );
+        users.insert(e["user_id"].as_str().unwrap().to_string());
     }
-    (events, users.len() as u64)
+    (feed.count as u64, users.len() as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
