@@ -710,25 +710,23 @@ impl<C: Code> Packed<C> {
         p
     }
 
-    /// Addresses an upsert of `key` reads first, for a software prefetch: its bit word and its
-    /// page (one line each); `None` beyond the span. The code itself is behind the page's
-    /// pointer: [`Packed::codes_addr`], once the page is cached.
+    /// What an upsert of `key` reads first, for a software prefetch (a line each): its bit word
+    /// and its page; `None` beyond the span. The code itself is behind the page's pointer:
+    /// [`Packed::code_near`], once the page is cached.
     #[allow(dead_code)] // for the upsert prefetch of the apply loops
-    pub(crate) fn prefetch_addrs(&self, key: u32) -> Option<[*const u8; 2]> {
+    pub(crate) fn prefetch_targets(&self, key: u32) -> Option<(&u64, &Page<C>)> {
         let w = key as usize / 64;
-        let word = self.bits.get(w)?;
-        let page = &self.pages[w / PAGE_WORDS];
-        Some([(word as *const u64).cast(), (page as *const Page<C>).cast()])
+        Some((self.bits.get(w)?, self.pages.get(w / PAGE_WORDS)?))
     }
 
-    /// The address of the first code of `key`'s bit word (the key's own is at most 63 codes
-    /// further), for a software prefetch: reads the page.
+    /// The first code of `key`'s bit word in its page (the key's own is at most 63 codes
+    /// further), for a software prefetch; reads the page. `None` beyond the span or when the
+    /// page holds no code from there.
     #[allow(dead_code)] // for the upsert prefetch of the apply loops
-    pub(crate) fn codes_addr(&self, key: u32) -> Option<*const u8> {
+    pub(crate) fn code_near(&self, key: u32) -> Option<&C> {
         let w = key as usize / 64;
         let page = self.pages.get(w / PAGE_WORDS)?;
-        let at = usize::from(page.prefix[w % PAGE_WORDS]);
-        Some(page.codes.as_ptr().wrapping_add(at).cast())
+        page.codes.get(usize::from(page.prefix[w % PAGE_WORDS]))
     }
 }
 
@@ -1487,6 +1485,13 @@ mod tests {
         }
         assert!(r.is_packed());
         check_all(&r, &model);
+        // What a prefetch of key 4480 (the first of its word) would touch.
+        let p = r.packed().expect("packed");
+        let (word, page) = p.prefetch_targets(4480).expect("in the span");
+        assert_eq!(*word, r.index().expect("bits")[4480 / 64]);
+        assert!(std::ptr::eq(page, &p.pages[4480 / PAGE_KEYS]));
+        assert_eq!(p.code_near(4480).copied(), r.get(4480));
+        assert!(p.prefetch_targets(10_000_000).is_none());
         // ~2 bytes a code, 3/16 of a byte per key of the span, a little room.
         assert!(
             r.memory_bytes() < 10_000 * 2 + 50_000 * 3 / 16 + 2_000,
