@@ -872,22 +872,30 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    async fn make_store(window: Window) -> userseg_usecase::store_suite::SuiteStore {
-        let s = EmbeddedStore(Arc::new(MemStore::new(window)));
+    fn suite_store(store: MemStore) -> userseg_usecase::store_suite::SuiteStore {
+        let s = EmbeddedStore(Arc::new(store));
         userseg_usecase::store_suite::SuiteStore {
             writer: Arc::new(s.clone()),
             counter: Arc::new(s),
         }
     }
 
-    userseg_usecase::store_test_suite!(make_store, seeds = 40, steps = 60);
-
-    async fn make_analytics(window: Window) -> userseg_usecase::analytics_suite::SuiteAnalytics {
-        let s = EmbeddedStore(Arc::new(MemStore::new(window)));
+    fn suite_analytics(store: MemStore) -> userseg_usecase::analytics_suite::SuiteAnalytics {
+        let s = EmbeddedStore(Arc::new(store));
         userseg_usecase::analytics_suite::SuiteAnalytics {
             writer: Arc::new(s.clone()),
             analytics: Arc::new(s),
         }
+    }
+
+    async fn make_store(window: Window) -> userseg_usecase::store_suite::SuiteStore {
+        suite_store(MemStore::new(window))
+    }
+
+    userseg_usecase::store_test_suite!(make_store, seeds = 40, steps = 60);
+
+    async fn make_analytics(window: Window) -> userseg_usecase::analytics_suite::SuiteAnalytics {
+        suite_analytics(MemStore::new(window))
     }
 
     userseg_usecase::analytics_test_suite!(make_analytics, seeds = 30, steps = 50);
@@ -898,11 +906,7 @@ mod tests {
         use super::*;
 
         async fn make_store(window: Window) -> userseg_usecase::store_suite::SuiteStore {
-            let s = EmbeddedStore(Arc::new(MemStore::packed(window)));
-            userseg_usecase::store_suite::SuiteStore {
-                writer: Arc::new(s.clone()),
-                counter: Arc::new(s),
-            }
+            suite_store(MemStore::packed(window))
         }
 
         userseg_usecase::store_test_suite!(make_store, seeds = 20, steps = 60);
@@ -910,11 +914,7 @@ mod tests {
         async fn make_analytics(
             window: Window,
         ) -> userseg_usecase::analytics_suite::SuiteAnalytics {
-            let s = EmbeddedStore(Arc::new(MemStore::packed(window)));
-            userseg_usecase::analytics_suite::SuiteAnalytics {
-                writer: Arc::new(s.clone()),
-                analytics: Arc::new(s),
-            }
+            suite_analytics(MemStore::packed(window))
         }
 
         userseg_usecase::analytics_test_suite!(make_analytics, seeds = 20, steps = 50);
