@@ -30,10 +30,12 @@ use crate::producer::{ProducerHandle, Record};
 
 /// Idle reading consumers kept for the next reads.
 const POOL: usize = 8;
-/// One record per record batch: tansu 0.6 reports the high watermark of a partition as the
-/// first offset of its last batch plus one, and serves no fetch from an offset inside a batch,
-/// so a cursor must never point into one. (Batches still share a produce request.)
-const PRODUCER_OVERRIDES: &[(&str, &str)] = &[("batch.num.messages", "1")];
+/// Uncompressed record batches of at most 64 KiB (some 300 events): a reader fetches whole
+/// batches (it may start inside one) and holds them decompressed, so the batch size bounds what
+/// each subscriber's reader holds (LZ4 batches of the pair producer's 1 MB held ~11 MB per
+/// stalled client, `es_feed_needs_members_and_stalled_clients_stay_bounded`).
+const PRODUCER_OVERRIDES: &[(&str, &str)] =
+    &[("batch.size", "65536"), ("compression.type", "none")];
 /// Events per produce call (bounds the producer's queue).
 const APPEND_CHUNK: usize = 10_000;
 
@@ -232,8 +234,7 @@ impl KafkaChangeLog {
         let mut records = Vec::new();
         while records.len() < max {
             // At the end of a partition: librdkafka said so at this position, and the broker
-            // knows of nothing after it (tansu 0.6 reports a high watermark up to a batch
-            // short, so the watermark alone is not enough; an EOF alone could be old).
+            // knew of nothing after it when the read began (an EOF alone could be old).
             let at_end = (0..r.at.len()).all(|p| r.at[p] >= high[p] && r.eof_at[p] == r.at[p]);
             let deadline = if at_end {
                 if !records.is_empty() || Instant::now() >= wait_until {
@@ -355,7 +356,7 @@ fn reader_config(config: &KafkaConfig) -> ClientConfig {
         .set("fetch.wait.max.ms", "100")
         // A reader's memory, whether its client reads or not: at most 256 KiB queued and one
         // fetch of at most 256 KiB (librdkafka's defaults prefetch up to 100,000 messages and
-        // fetch 50 MB at a time: a stalled SSE client held ~70 MB of ES's memory; now ~6 MB,
+        // fetch 50 MB at a time: a stalled SSE client held ~70 MB of ES's memory; now ~2–6 MB,
         // `es_feed_needs_members_and_stalled_clients_stay_bounded`).
         .set("queued.max.messages.kbytes", "256")
         .set("queued.min.messages", "1000")
