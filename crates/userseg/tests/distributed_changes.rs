@@ -610,6 +610,24 @@ enum Act {
 /// clearly expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_random_workload_makes_exactly_the_models_changes() {
+    random_workload_against_the_model("chmodel", false).await;
+}
+
+/// The same with two ES, one of them killed with SIGKILL at a random moment of the workload and
+/// started again once its session expired: its partitions move to the other and back, and the
+/// topic should still hold exactly the model's changes (a repeat only ever with the id of the
+/// same change). It fails for some seeds (e.g. `USERSEG_TEST_SEED=647737569700566121`): a
+/// known defect, docs/CHANGES.md "Limits": the restarted ES's catch-up of exits reads the
+/// memberships from ClickHouse while refreshes of them still wait in the pair topic (no one
+/// consumed its partitions while it was dead), so it publishes exits that did not happen and
+/// then entries for the refreshes. Run it with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known defect: the restart catch-up ignores pairs still in the topic (docs/CHANGES.md, Limits)"]
+async fn a_random_workload_across_a_sigkill_and_rebalances_makes_exactly_the_models_changes() {
+    random_workload_against_the_model("chmodelkill", true).await;
+}
+
+async fn random_workload_against_the_model(name: &str, kill: bool) {
     use rand::{Rng, SeedableRng};
     const W: i64 = 8;
     const USERS: usize = 10;
@@ -658,15 +676,37 @@ async fn a_random_workload_makes_exactly_the_models_changes() {
     }
     acts.sort_by_key(|(t, _)| *t);
 
-    let c = Cluster::new("chmodel");
+    // With `kill`: which second of the schedule the second ES dies at.
+    let kill_at = kill.then(|| rng.random_range(3..15i64));
+    eprintln!("kill at {kill_at:?}");
+
+    let c = Cluster::new(name);
     c.migrate();
     let changes = format!("{}-changes", c.topic);
-    let env = [("WINDOW", "8s"), ("KAFKA_CHANGES_TOPIC", changes.as_str())];
+    let env = [
+        ("WINDOW", "8s"),
+        ("KAFKA_CHANGES_TOPIC", changes.as_str()),
+        ("KAFKA_SESSION_TIMEOUT", "10s"),
+    ];
     let mut uss = c.spawn("uss", &[("WINDOW", "8s")]);
     uss.ready().await;
     let mut es = c.spawn("es", &env);
     es.ready().await;
     es_serving(&es).await;
+    let mut other = None;
+    if kill {
+        let mut es2 = c.spawn("es", &env);
+        es2.ready().await;
+        es_serving(&es2).await;
+        until("both ES own partitions", 60, async || {
+            let l1 = std::fs::read_to_string(&es.log).unwrap_or_default();
+            let l2 = std::fs::read_to_string(&es2.log).unwrap_or_default();
+            l1.contains("partitions assigned") && l2.contains("partitions assigned")
+        })
+        .await;
+        other = Some(es2);
+    }
+    let mut killed: Option<Instant> = None;
     let user = |u: usize| format!("m{u}");
     let seg = |s: usize| format!("s{s}");
 
@@ -694,6 +734,12 @@ async fn a_random_workload_makes_exactly_the_models_changes() {
     for (at, act) in &acts {
         let due = start + Duration::from_secs(*at as u64);
         tokio::time::sleep_until(due.into()).await;
+        if kill_at.is_some_and(|k| *at >= k) && killed.is_none() {
+            if let Some(es2) = other.as_mut() {
+                es2.sigkill();
+                killed = Some(Instant::now());
+            }
+        }
         let t = now();
         expire_until(&mut live, &mut want, t);
         match act {
@@ -734,6 +780,15 @@ async fn a_random_workload_makes_exactly_the_models_changes() {
             }
         }
     }
+    // The killed ES starts again once its session expired (tansu 0.6 drops a dead member at
+    // the first join after that): the group rebalances over both again.
+    let mut restarted = None;
+    if let Some(at) = killed {
+        tokio::time::sleep_until((at + Duration::from_secs(11)).into()).await;
+        let mut es2 = c.spawn("es", &env);
+        es2.ready().await;
+        restarted = Some(es2);
+    }
     expire_until(&mut live, &mut want, i64::MAX);
     want.sort();
 
@@ -768,7 +823,7 @@ async fn a_random_workload_makes_exactly_the_models_changes() {
         got.sort();
         got
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(if kill { 90 } else { 60 });
     loop {
         let got = read().await;
         if got == want {
@@ -779,5 +834,9 @@ async fn a_random_workload_makes_exactly_the_models_changes() {
             "seed {seed}: the topic's changes differ from the model's:\nwant {want:#?}\ngot {got:#?}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(es2) = restarted.as_ref() {
+        // The restarted ES serves again.
+        es_serving(es2).await;
     }
 }
