@@ -2,10 +2,12 @@
 //! periodic snapshots (see [`crate::checkpoint`]).
 //!
 //! Layout: user ids are interned into dense `u32`s ([`dict::UserDict`]); each segment maps
-//! user index → bucket of the latest ts ([`members`]: a 6-byte-slot open-addressing table, or
-//! for segments holding a large share of all users a dense array of 2-byte codes indexed by
-//! user), and keeps a [`ring::Ring`] of member counts per bucket with the window sum cached, so
-//! an estimate is O(1) at the time of the latest data and never touches the memberships.
+//! user index → bucket of the latest ts as a 2-byte code ([`members`], by the share of the
+//! users it spans that it holds: a 6-byte-slot open-addressing table for sparse segments, a
+//! packed bitmap-rank layout (a bit per user index, the codes of the members in key order) for
+//! the middle, a dense array of codes indexed by user for segments holding nearly all), and
+//! keeps a [`ring::Ring`] of member counts per bucket with the window sum cached, so an
+//! estimate is O(1) at the time of the latest data and never touches the memberships.
 
 mod analytics;
 mod catchup;
@@ -26,7 +28,7 @@ use userseg_domain::{Bucketing, Pair, UnixSeconds, Window};
 use userseg_usecase::{Mode, PortError, SegmentCount, SegmentCounter, SegmentWriter};
 
 pub use dict::{UserDict, Users};
-use members::{Code, Coder, Repr};
+use members::{Code, Coder, Layout, Repr};
 use ring::Ring;
 
 /// Memberships with `u16` codes when the ring leaves enough room below `u16::MAX` for sweeps to
@@ -154,21 +156,28 @@ fn expire_in<C: Code>(
 }
 
 impl Segment {
+    #[cfg(test)]
     fn new(ring_len: i64, window_buckets: i64) -> Segment {
-        Segment::with_capacity(ring_len, window_buckets, 0, 0)
+        Segment::with_capacity(ring_len, window_buckets, 0, 0, Layout::Auto)
     }
 
     /// A segment sized for `n` members among users below `universe`.
-    fn with_capacity(ring_len: i64, window_buckets: i64, n: usize, universe: usize) -> Segment {
+    fn with_capacity(
+        ring_len: i64,
+        window_buckets: i64,
+        n: usize,
+        universe: usize,
+        layout: Layout,
+    ) -> Segment {
         let ring = Ring::new(ring_len, window_buckets);
         let (members, coder) = if narrow_fits(ring.len()) {
             (
-                Members::Narrow(Repr::with_capacity(n, universe)),
+                Members::Narrow(Repr::with_capacity(n, universe, layout)),
                 Coder::new::<u16>(ring.top()),
             )
         } else {
             (
-                Members::Wide(Repr::with_capacity(n, universe)),
+                Members::Wide(Repr::with_capacity(n, universe, layout)),
                 Coder::new::<u32>(ring.top()),
             )
         };
@@ -293,6 +302,14 @@ impl Segment {
         }
     }
 
+    #[cfg(test)]
+    fn is_packed(&self) -> bool {
+        match &self.members {
+            Members::Narrow(r) => r.is_packed(),
+            Members::Wide(r) => r.is_packed(),
+        }
+    }
+
     fn memory_bytes(&self) -> usize {
         let m = match &self.members {
             Members::Narrow(r) => r.memory_bytes(),
@@ -328,6 +345,8 @@ pub struct MemStore {
     heavy: Arc<tokio::sync::Semaphore>,
     /// The change feed, once attached (see [`feed`]).
     pub(crate) feed: std::sync::OnceLock<feed::Feed>,
+    /// How new segments lay out their memberships.
+    layout: Layout,
 }
 
 /// Dictionary shards: a power of two, at least the cores we expect to use.
@@ -524,6 +543,16 @@ impl MemStore {
             erasures: Default::default(),
             heavy: Arc::new(tokio::sync::Semaphore::new(analytics::HEAVY_QUERIES)),
             feed: std::sync::OnceLock::new(),
+            layout: Layout::Auto,
+        }
+    }
+
+    /// A store whose segments use the packed layout whatever their size (tests).
+    #[cfg(test)]
+    pub(crate) fn packed(window: Window) -> MemStore {
+        MemStore {
+            layout: Layout::Packed,
+            ..MemStore::new(window)
         }
     }
 
@@ -542,9 +571,12 @@ impl MemStore {
         write(&self.segments)
             .entry(name.into())
             .or_insert_with(|| {
-                Arc::new(RwLock::new(Segment::new(
+                Arc::new(RwLock::new(Segment::with_capacity(
                     self.ring_len,
                     self.bucketing.window_buckets(),
+                    0,
+                    0,
+                    self.layout,
                 )))
             })
             .clone()
@@ -954,25 +986,60 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    async fn make_store(window: Window) -> userseg_usecase::store_suite::SuiteStore {
-        let s = EmbeddedStore(Arc::new(MemStore::new(window)));
+    fn suite_store(store: MemStore) -> userseg_usecase::store_suite::SuiteStore {
+        let s = EmbeddedStore(Arc::new(store));
         userseg_usecase::store_suite::SuiteStore {
             writer: Arc::new(s.clone()),
             counter: Arc::new(s),
         }
     }
 
-    userseg_usecase::store_test_suite!(make_store, seeds = 40, steps = 60);
-
-    async fn make_analytics(window: Window) -> userseg_usecase::analytics_suite::SuiteAnalytics {
-        let s = EmbeddedStore(Arc::new(MemStore::new(window)));
+    fn suite_analytics(store: MemStore) -> userseg_usecase::analytics_suite::SuiteAnalytics {
+        let s = EmbeddedStore(Arc::new(store));
         userseg_usecase::analytics_suite::SuiteAnalytics {
             writer: Arc::new(s.clone()),
             analytics: Arc::new(s),
         }
     }
 
+    async fn make_store(window: Window) -> userseg_usecase::store_suite::SuiteStore {
+        suite_store(MemStore::new(window))
+    }
+
+    userseg_usecase::store_test_suite!(make_store, seeds = 40, steps = 60);
+
+    async fn make_analytics(window: Window) -> userseg_usecase::analytics_suite::SuiteAnalytics {
+        suite_analytics(MemStore::new(window))
+    }
+
     userseg_usecase::analytics_test_suite!(make_analytics, seeds = 30, steps = 50);
+
+    /// The shared suites again, every segment in the packed layout whatever its size: counts,
+    /// lookups, lookbacks, expressions, overlaps, exports and deletions over it.
+    mod packed_layout {
+        use super::*;
+
+        async fn make_store(window: Window) -> userseg_usecase::store_suite::SuiteStore {
+            suite_store(MemStore::packed(window))
+        }
+
+        userseg_usecase::store_test_suite!(make_store, seeds = 20, steps = 60);
+
+        async fn make_analytics(
+            window: Window,
+        ) -> userseg_usecase::analytics_suite::SuiteAnalytics {
+            suite_analytics(MemStore::packed(window))
+        }
+
+        userseg_usecase::analytics_test_suite!(make_analytics, seeds = 20, steps = 50);
+
+        #[test]
+        fn every_segment_is_packed() {
+            let store = MemStore::packed(Window::DEFAULT);
+            store.apply(&[p(1, 1, 1_800_000_000)]).unwrap();
+            assert!(read(&read(&store.segments)["s1"]).is_packed());
+        }
+    }
 
     fn p(u: u32, s: u32, ts: i64) -> Pair {
         Pair {
@@ -1035,18 +1102,19 @@ mod tests {
     }
 
     proptest! {
-        /// Counts match the bucket-level model through table/dense switches (many users per
-        /// segment), expiry, large jumps of time (sweeps of the modular codes) and narrow and
+        /// Counts match the bucket-level model through table/packed/dense switches (many users
+        /// per segment) or in the packed layout throughout, expiry, large jumps of time (sweeps of the modular codes) and narrow and
         /// wide codes (short and long windows).
         #[test]
         fn counts_match_model_across_representations(
+            packed in any::<bool>(),
             window_pick in 0usize..3,
             users in 1u32..600,
             events in proptest::collection::vec((0u32..600, 0u32..3, 0u8..20, 0i64..1000), 1..1500),
         ) {
             let window = [3600u64, 14 * 86_400, 60 * 86_400][window_pick];
             let w = Window::from_secs(window).unwrap();
-            let store = MemStore::new(w);
+            let store = if packed { MemStore::packed(w) } else { MemStore::new(w) };
             let b = store.bucketing();
             let mut model = Model { ring_len: store.ring_len, latest: Default::default(), top: Default::default() };
             let mut now = 1_700_000_000i64;

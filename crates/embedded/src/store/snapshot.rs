@@ -19,6 +19,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use super::members::Layout;
 use super::{MemStore, Segment, Users};
 use userseg_domain::Window;
 
@@ -725,6 +726,7 @@ impl LoadCtx<'_> {
             self.window_buckets,
             grown(rec.n),
             grown(self.universe),
+            Layout::Auto,
         );
         seg.advance(rec.top, None);
         let mut left = rec.n;
@@ -781,7 +783,8 @@ mod tests {
 
     /// Loaded with room for the pairs the log will replay, the member tables take those new
     /// members without growing (no rehash of every entry right after a restart); loaded
-    /// without, they grow at once. Counts are the same either way.
+    /// without, they grow at once. Counts are the same either way. (Sparse segments: hash
+    /// tables; a packed layout grows by small steps without a rehash.)
     #[test]
     fn room_for_the_replay_is_made_at_load() {
         let dir = tempfile::tempdir().unwrap();
@@ -789,7 +792,7 @@ mod tests {
         let now = 1_800_000_000;
         let pair = |i: u32| Pair {
             user_id: format!("user-{i}"),
-            segment: format!("seg{}", i % 7),
+            segment: format!("seg{}", i % 700),
             ts: now - i64::from(i % 3000),
         };
         let store = MemStore::new(w);
@@ -869,7 +872,7 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_of_dense_and_table_segments_in_parallel() {
+    fn round_trip_of_dense_packed_and_table_segments_in_parallel() {
         let dir = tempfile::tempdir().unwrap();
         let w = Window::DEFAULT;
         let store = MemStore::new(w);
@@ -889,6 +892,13 @@ mod tests {
                         ts: ts - 7,
                     });
                 }
+                if i % 5 == 0 {
+                    v.push(Pair {
+                        user_id: format!("user-{i:012}"),
+                        segment: "fifth".into(),
+                        ts: ts - 11,
+                    });
+                }
                 v
             })
             .collect();
@@ -898,6 +908,11 @@ mod tests {
         let (loaded, offset) = load(&path, w).unwrap();
         assert_eq!(offset, 99);
         assert!(super::super::read(&super::super::read(&loaded.segments)["all"]).is_dense());
+        for s in [&store, &loaded] {
+            let segs = super::super::read(&s.segments);
+            assert!(super::super::read(&segs["fifth"]).is_packed());
+            assert!(!super::super::read(&segs["few0"]).is_packed());
+        }
         for at in [now, now + 100_000, now + 1_000_000, now + 1_300_000] {
             assert_eq!(loaded.count_all(at), store.count_all(at), "at {at}");
         }
